@@ -1,0 +1,3 @@
+"""jaxserve: an LLM inference engine and server on JAX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,32 @@
+"""The paged KV cache: one preallocated pytree, stacked over layers, donated to every step."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax.numpy as jnp
+
+from jaxserve.config import ModelConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+    k: jnp.ndarray  # [L, num_pages, page_size, Hkv, D]
+    v: jnp.ndarray  # [L, num_pages, page_size, Hkv, D]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:
+        shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def cache_bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype) -> int:
+    """Bytes of K and V one token occupies across all layers."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize

@@ -1,0 +1,1 @@
+"""Weights in and out: GGUF and HF safetensors readers, our orbax checkpoint, the model registry."""

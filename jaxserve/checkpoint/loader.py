@@ -1,0 +1,88 @@
+"""Resolve `--model` (registry name, GGUF file, HF folder or our checkpoint) and load it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.checkpoint import registry
+from jaxserve.checkpoint.gguf_reader import read_gguf
+from jaxserve.checkpoint.hf_reader import is_hf_folder, read_hf
+from jaxserve.checkpoint.native import is_checkpoint, load_checkpoint, save_checkpoint
+from jaxserve.config import ModelConfig
+from jaxserve.errors import UserError
+from jaxserve.models.llama import Params
+from jaxserve.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    cfg: ModelConfig
+    params: Params  # device arrays in the requested dtype
+    tokenizer: Tokenizer
+
+
+def default_dtype() -> str:
+    """float32 on CPU (exact reference numerics), bfloat16 on GPU/TPU."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def read_source(path: Path) -> tuple[ModelConfig, Params, Tokenizer]:
+    """Host (NumPy float32) weights from a GGUF file, an HF folder or our checkpoint."""
+    if not path.exists():
+        raise UserError(f"model path not found: {path}")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UserError(f"{path} is not a .gguf file")
+        return read_gguf(path)
+    if is_checkpoint(path):
+        return load_checkpoint(path)
+    if is_hf_folder(path):
+        return read_hf(path)
+    raise UserError(f"{path} is neither a jaxserve checkpoint nor a Hugging Face folder (config.json + *.safetensors)")
+
+
+def convert(src: Path, dst: Path) -> ModelConfig:
+    """Write our checkpoint format from any readable source."""
+    cfg, params, tokenizer = read_source(Path(src))
+    save_checkpoint(Path(dst), cfg, params, tokenizer)
+    return cfg
+
+
+def ensure_registered(name: str) -> Path:
+    """The cached checkpoint of a registry model, fetching and converting it on first use."""
+    entry = registry.REGISTRY[name]
+    ckpt = registry.checkpoint_dir(name)
+    if is_checkpoint(ckpt):
+        return ckpt
+    gguf_path = registry.cache_dir() / "downloads" / Path(entry.member).name
+    if not gguf_path.exists():
+        registry.download_gguf(entry, gguf_path)
+    convert(gguf_path, ckpt)
+    gguf_path.unlink()  # the converted checkpoint is all later runs read
+    return ckpt
+
+
+def resolve(spec: str) -> Path:
+    if spec in registry.REGISTRY:
+        return ensure_registered(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        known = ", ".join(sorted(registry.REGISTRY))
+        raise UserError(f"model {spec!r} is neither a known model name ({known}) nor an existing path")
+    return path
+
+
+def load_model(spec: str = registry.DEFAULT_MODEL, dtype: str | None = None) -> LoadedModel:
+    path = resolve(spec)
+    cfg, host_params, tokenizer = read_source(path)
+    try:
+        jdtype = jnp.dtype(dtype or default_dtype())
+    except TypeError:
+        raise UserError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)") from None
+    params = jax.tree.map(lambda x: jnp.asarray(x, jdtype), host_params)
+    return LoadedModel(name=spec if spec in registry.REGISTRY else path.name, cfg=cfg, params=params, tokenizer=tokenizer)

@@ -1,0 +1,179 @@
+"""`jaxserve` command line: generate, chat, convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from jaxserve.checkpoint.registry import DEFAULT_MODEL, cache_dir
+from jaxserve.errors import UserError
+from jaxserve.sampling_params import SamplingParams
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, GGUF file, HF folder or jaxserve checkpoint (default: {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length to allocate the KV cache for (default: the model's)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference engine on JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.set_defaults(func=_cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat (streams tokens, keeps history)")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system message")
+    chat.set_defaults(func=_cmd_chat)
+
+    conv = sub.add_parser("convert", help="convert a GGUF file or HF folder to a jaxserve checkpoint")
+    conv.add_argument("src", help="GGUF file, HF folder (config.json + safetensors) or jaxserve checkpoint")
+    conv.add_argument("dst", help="output folder")
+    conv.set_defaults(func=_cmd_convert)
+    return parser
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def _generator(args: argparse.Namespace):
+    from jaxserve.checkpoint.loader import load_model
+    from jaxserve.engine.generator import Generator
+
+    if args.page_size < 1:
+        raise UserError(f"--page-size must be >= 1, got {args.page_size}")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    model = load_model(args.model, args.dtype)
+    gen = Generator(model.cfg, model.params, model.tokenizer.eos_token_ids, args.max_model_len, args.page_size)
+    return model, gen
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from jaxserve.tokenizer import IncrementalDetokenizer
+
+    sp = _sampling(args)
+    model, gen = _generator(args)
+    tok = model.tokenizer
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        prompt_ids = tok.encode_chat(messages)
+    else:
+        prompt_ids = tok.encode(args.prompt)
+    gen.check_lengths(len(prompt_ids), sp.max_tokens)
+    detok = IncrementalDetokenizer(tok)
+    token_ids: list[int] = []
+    finish = None
+    for out in gen.generate(prompt_ids, sp):
+        finish = out.finish_reason
+        if finish == "stop":
+            break
+        token_ids.append(out.token_id)
+        if not args.json:
+            sys.stdout.write(detok.push(out.token_id))
+            sys.stdout.flush()
+    if args.json:
+        print(json.dumps({"text": tok.decode(token_ids), "token_ids": token_ids, "prompt_token_ids": prompt_ids, "finish_reason": finish}))
+    else:
+        print(detok.flush())
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from jaxserve.tokenizer import IncrementalDetokenizer
+
+    sp = _sampling(args)
+    model, gen = _generator(args)
+    tok = model.tokenizer
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    print("chatting with", model.name, "- empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return 0
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        prompt_ids = tok.encode_chat(history)
+        try:
+            gen.check_lengths(len(prompt_ids), sp.max_tokens)
+        except UserError as e:
+            print(f"jaxserve: error: {e}; start a new chat", file=sys.stderr)
+            return 2
+        detok = IncrementalDetokenizer(tok)
+        reply: list[int] = []
+        for out in gen.generate(prompt_ids, sp):
+            if out.finish_reason == "stop":
+                break
+            reply.append(out.token_id)
+            sys.stdout.write(detok.push(out.token_id))
+            sys.stdout.flush()
+        print(detok.flush(), flush=True)
+        history.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jaxserve.checkpoint.loader import convert
+
+    cfg = convert(Path(args.src), Path(args.dst))
+    print(f"wrote {args.dst} ({cfg.architecture}, {cfg.num_layers} layers, vocab {cfg.vocab_size})", file=sys.stderr)
+    return 0
+
+
+def _enable_compilation_cache() -> None:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _enable_compilation_cache()
+        return args.func(args)
+    except UserError as e:
+        print(f"jaxserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Frozen configuration dataclasses, built from a GGUF header, an HF config.json or YAML.
+
+Configs are hashable so they can be static arguments of jitted functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from jaxserve.errors import UserError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: `linear`, `llama3`, or explicit per-frequency `factors` (GGUF rope_freqs)."""
+
+    kind: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+    factors: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "llama3", "factors"):
+            raise UserError(f"unsupported rope scaling type {self.kind!r} (supported: linear, llama3)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    rope_scaling: RopeScaling | None = None
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UserError(
+                f"unsupported architecture {self.architecture!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        d = dict(d)
+        rs = d.pop("rope_scaling", None)
+        if rs is not None:
+            rs = RopeScaling(**{**rs, "factors": tuple(rs.get("factors", ()))})
+        return cls(**d, rope_scaling=rs)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
+        """From a Hugging Face `config.json` dict."""
+        model_type = hf.get("model_type", "llama")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise UserError(
+                f"unsupported architecture {model_type!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        num_heads = hf["num_attention_heads"]
+        return cls(
+            architecture=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            rope_scaling=_hf_rope_scaling(hf.get("rope_scaling")),
+        )
+
+    @classmethod
+    def from_gguf(
+        cls, meta: Mapping[str, Any], tensor_names: set[str], rope_factors: tuple[float, ...] = ()
+    ) -> ModelConfig:
+        """From GGUF metadata (`{arch}.*` keys) and the tensor names present in the file."""
+        arch = meta.get("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UserError(
+                f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+
+        def key(name: str, default: Any = None) -> Any:
+            value = meta.get(f"{arch}.{name}", default)
+            if value is None:
+                raise UserError(f"GGUF metadata is missing {arch}.{name}")
+            return value
+
+        hidden = int(key("embedding_length"))
+        num_heads = int(key("attention.head_count"))
+        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+        rope_scaling = None
+        if rope_factors:
+            rope_scaling = RopeScaling(kind="factors", factors=tuple(rope_factors))
+        elif meta.get(f"{arch}.rope.scaling.type") == "linear":
+            rope_scaling = RopeScaling(kind="linear", factor=float(key("rope.scaling.factor")))
+        elif meta.get(f"{arch}.rope.scaling.type") not in (None, "none"):
+            raise UserError(f"unsupported rope scaling type {meta[f'{arch}.rope.scaling.type']!r}")
+        return cls(
+            architecture=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_layers=int(key("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(key("attention.head_count_kv", num_heads)),
+            head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // num_heads),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            max_position_embeddings=int(key("context_length", 4096)),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            rope_scaling=rope_scaling,
+        )
+
+
+def _hf_rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
+    if not rs:
+        return None
+    kind = rs.get("rope_type") or rs.get("type")
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return RopeScaling(kind="linear", factor=float(rs["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            kind="llama3",
+            factor=float(rs["factor"]),
+            low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+        )
+    raise UserError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How a model is run: numerics and KV-cache geometry."""
+
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU
+    page_size: int = 16
+    max_model_len: int | None = None  # None: the model's context length
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a plain dict (keys are CLI option names with underscores)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping")
+    return {k.replace("-", "_"): v for k, v in data.items()}

@@ -1,0 +1,1 @@
+"""Running the model: jitted steps, buckets, generation loops."""

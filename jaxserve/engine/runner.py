@@ -1,0 +1,60 @@
+"""The jit boundary: one step function (forward + sampling) over fixed-shape, bucketed inputs.
+
+Everything that varies per request arrives as arrays; shapes come from a small set of buckets so a
+warmed-up runner never recompiles. The cache is donated and returned updated.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.cache.kv_cache import KVCache
+from jaxserve.config import ModelConfig
+from jaxserve.models.llama import ForwardBatch, Params, compute_logits, forward
+from jaxserve.ops.sampling import SamplingArrays, sample
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def step(
+    params: Params, cache: KVCache, batch: ForwardBatch, sampling: SamplingArrays, cfg: ModelConfig
+) -> tuple[jnp.ndarray, jnp.ndarray, KVCache]:
+    """Forward the batch and sample one token per row from each row's last valid token."""
+    hidden, cache = forward(params, cache, batch, cfg)  # [B, T, D]
+    last = jnp.clip(batch.kv_lens - 1 - batch.positions[:, 0], 0, batch.tokens.shape[1] - 1)  # [B]
+    h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
+    logits = compute_logits(params, h_last, cfg)  # [B, V]
+    tokens, logprobs = sample(logits, sampling, batch.kv_lens)
+    return tokens, logprobs, cache
+
+
+class ModelRunner:
+    """Owns the params, the KV cache and the jitted step; counts compilations."""
+
+    def __init__(self, cfg: ModelConfig, params: Params, num_pages: int, page_size: int) -> None:
+        self.cfg = cfg
+        self.params = params
+        self.dtype = jax.tree.leaves(params)[0].dtype
+        self.cache = KVCache.create(cfg, num_pages, page_size, self.dtype)
+        self._step = jax.jit(functools.partial(step, cfg=cfg), donate_argnums=(1,))
+
+    @property
+    def page_size(self) -> int:
+        return self.cache.page_size
+
+    @property
+    def num_compiles(self) -> int:
+        """Distinct input shapes the step has been traced for."""
+        return self._step._cache_size()
+
+    def run(self, batch: ForwardBatch, sampling: SamplingArrays) -> tuple[np.ndarray, np.ndarray]:
+        """One step; blocks until its tokens [B] and log-probs [B] are on the host."""
+        tokens, logprobs, self.cache = self._step(self.params, self.cache, batch, sampling)
+        return np.asarray(tokens), np.asarray(logprobs)

@@ -1,0 +1,131 @@
+"""Functional Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+
+Params are a plain pytree; per-layer weights are stacked on a leading [L] axis and the layers run
+under `jax.lax.scan`, so compile time does not grow with depth. Weights are stored [in, out].
+
+    params = {
+      "embed": [V, D],
+      "layers": {"attn_norm": [L, D], "wq": [L, D, Hq*Dh], "wk": [L, D, Hkv*Dh], "wv": [L, D, Hkv*Dh],
+                 "wo": [L, Hq*Dh, D], ("bq": [L, Hq*Dh], "bk", "bv": [L, Hkv*Dh],)
+                 "mlp_norm": [L, D], "w_gate": [L, D, F], "w_up": [L, D, F], "w_down": [L, F, D]},
+      "final_norm": [D],
+      ("lm_head": [D, V])  # absent when embeddings are tied
+    }
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.cache.kv_cache import KVCache
+from jaxserve.config import ModelConfig
+from jaxserve.ops.attention import paged_attention, write_slots
+from jaxserve.ops.rope import apply_rope, inv_frequencies
+
+Params = dict[str, Any]
+
+
+@flax.struct.dataclass
+class ForwardBatch:
+    """Fixed-shape token batch: row b holds new tokens of one sequence, padded to T."""
+
+    tokens: jnp.ndarray  # [B, T] int32
+    positions: jnp.ndarray  # [B, T] int32, absolute position of each token
+    page_table: jnp.ndarray  # [B, P] int32, pages of each sequence (0 = null page)
+    kv_lens: jnp.ndarray  # [B] int32, sequence length after this step; tokens at positions >= it are padding
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Shape of every parameter: the one description shared by init, loaders and sharding."""
+    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layers = {
+        "attn_norm": (L, D),
+        "wq": (L, D, q),
+        "wk": (L, D, kv),
+        "wv": (L, D, kv),
+        "wo": (L, q, D),
+        "mlp_norm": (L, D),
+        "w_gate": (L, D, F),
+        "w_up": (L, D, F),
+        "w_down": (L, F, D),
+    }
+    if cfg.qkv_bias:
+        layers.update(bq=(L, q), bk=(L, kv), bv=(L, kv))
+    shapes: Params = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32) -> Params:
+    """Random parameters (for tests and benchmarks): norms near 1, weights ~ N(0, 1/fan_in)."""
+    flat, treedef = jax.tree.flatten_with_path(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(flat))
+
+    def init(name: str, shape: tuple[int, ...], k: jax.Array) -> jnp.ndarray:
+        noise = jax.random.normal(k, shape)
+        if name.endswith("norm"):
+            return 1.0 + 0.1 * noise
+        if name in ("bq", "bk", "bv"):
+            return 0.1 * noise
+        if name == "embed":
+            return noise
+        return noise / np.sqrt(shape[-2])
+
+    return jax.tree.unflatten(treedef, [init(p[-1].key, s, k).astype(dtype) for (p, s), k in zip(flat, keys)])
+
+
+def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def forward(
+    params: Params, cache: KVCache, batch: ForwardBatch, cfg: ModelConfig
+) -> tuple[jnp.ndarray, KVCache]:
+    """Run the decoder over the batch, writing its K/V into the cache. Returns hidden [B, T, D]."""
+    b, t = batch.tokens.shape
+    dtype = params["embed"].dtype
+    inv_freq = inv_frequencies(cfg)
+    valid = batch.positions < batch.kv_lens[:, None]  # [B, T]
+    page, offset = write_slots(batch.page_table, batch.positions, valid, cache.page_size)
+    h = params["embed"][batch.tokens].astype(dtype)  # [B, T, D]
+
+    def layer(carry, xs):
+        h, k_cache, v_cache = carry
+        lp, i = xs
+        x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+        q = x @ lp["wq"]
+        k = x @ lp["wk"]
+        v = x @ lp["wv"]
+        if cfg.qkv_bias:
+            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), batch.positions, inv_freq)
+        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), batch.positions, inv_freq)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        k_cache = k_cache.at[i, page, offset].set(k.astype(k_cache.dtype))
+        v_cache = v_cache.at[i, page, offset].set(v.astype(v_cache.dtype))
+        attn = paged_attention(q, k_cache[i], v_cache[i], batch.page_table, batch.positions, batch.kv_lens)
+        h = h + attn.reshape(b, t, -1).astype(dtype) @ lp["wo"]
+        x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
+        h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+        return (h, k_cache, v_cache), None
+
+    xs = (params["layers"], jnp.arange(cfg.num_layers))
+    (h, k_cache, v_cache), _ = jax.lax.scan(layer, (h, cache.k, cache.v), xs)
+    return h, KVCache(k=k_cache, v=v_cache)
+
+
+def compute_logits(params: Params, hidden: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
+    """Final norm and LM head: hidden [..., D] -> float32 logits [..., V]."""
+    x = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
+    if cfg.tie_word_embeddings:
+        return jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", x, params["lm_head"], preferred_element_type=jnp.float32)

@@ -1,0 +1,1 @@
+"""Pure array operations used inside the jit boundary."""

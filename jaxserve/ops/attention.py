@@ -1,0 +1,48 @@
+"""Paged attention, reference implementation in jax.numpy (runs on every backend; the test oracle).
+
+Keys and values live in pages `[num_pages, page_size, kv_heads, head_dim]`; each sequence reads its
+pages through a page-table row. Page 0 is the null page: padding writes land there and it is never
+read unmasked.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def write_slots(
+    page_table: jnp.ndarray, positions: jnp.ndarray, valid: jnp.ndarray, page_size: int
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Cache coordinates (page [B, T], offset [B, T]) for each new token; invalid tokens go to page 0."""
+    slot = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
+    page = jnp.take_along_axis(page_table, slot, axis=1)  # [B, T]
+    page = jnp.where(valid, page, 0)
+    offset = jnp.where(valid, positions % page_size, 0)
+    return page, offset
+
+
+def paged_attention(
+    q: jnp.ndarray,  # [B, T, Hq, D]
+    k_pages: jnp.ndarray,  # [num_pages, page_size, Hkv, D] (one layer)
+    v_pages: jnp.ndarray,  # [num_pages, page_size, Hkv, D]
+    page_table: jnp.ndarray,  # [B, P] int32
+    positions: jnp.ndarray,  # [B, T] int32, position of each query token
+    kv_lens: jnp.ndarray,  # [B] int32, valid cached tokens per sequence (including this step's)
+) -> jnp.ndarray:  # [B, T, Hq, D]
+    """Causal GQA attention of new tokens over each sequence's cached pages."""
+    b, t, hq, d = q.shape
+    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    g = hq // hkv
+    s = page_table.shape[1] * page_size
+    k = k_pages[page_table].reshape(b, s, hkv, d)  # [B, S, Hkv, D]
+    v = v_pages[page_table].reshape(b, s, hkv, d)
+    qg = q.reshape(b, t, hkv, g, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5)
+    key_pos = jnp.arange(s, dtype=jnp.int32)
+    mask = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < kv_lens[:, None, None])
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)  # [B, Hkv, G, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hq, d).astype(q.dtype)

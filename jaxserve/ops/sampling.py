@@ -1,0 +1,61 @@
+"""Batched on-device sampling with per-row parameters.
+
+Randomness for row b is `fold_in(PRNGKey(seed[b]), position[b])`: a seeded request samples the same
+tokens whatever else shares the batch. Greedy rows (temperature 0) take the argmax.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class SamplingArrays:
+    temperature: jnp.ndarray  # [B] float32; 0 = greedy
+    top_k: jnp.ndarray  # [B] int32; <= 0 = off
+    top_p: jnp.ndarray  # [B] float32; 1 = off
+    min_p: jnp.ndarray  # [B] float32; 0 = off
+    seed: jnp.ndarray  # [B] uint32
+
+
+def filtered_logits(logits: jnp.ndarray, s: SamplingArrays) -> jnp.ndarray:
+    """Temperature-scaled logits [B, V] with tokens outside top-k / top-p / min-p set to -inf.
+
+    Order as in HF: temperature, then top-k, then top-p over the renormalised top-k set, then min-p.
+    """
+    vocab = logits.shape[-1]
+    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    scaled = logits / temp  # [B, V]
+    desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, vocab), vocab)[:, None]  # [B, 1]
+    rank = jnp.arange(vocab)[None, :]
+    in_top_k = rank < k
+    probs = jax.nn.softmax(jnp.where(in_top_k, desc, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each rank
+    keep = in_top_k & (before < s.top_p[:, None])  # a prefix of ranks; rank 0 always kept
+    n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)  # [B, 1]
+    min_p_threshold = desc[:, :1] + jnp.log(jnp.maximum(s.min_p, 1e-30))[:, None]
+    threshold = jnp.where(s.min_p[:, None] > 0, jnp.maximum(threshold, min_p_threshold), threshold)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def sample(
+    logits: jnp.ndarray,  # [B, V] float32
+    s: SamplingArrays,
+    positions: jnp.ndarray,  # [B] int32, position the sampled token will occupy
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Next tokens [B] int32 and their log-probabilities [B] under the unmodified model distribution."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_: None) -> jnp.ndarray:
+        keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.PRNGKey(seed), pos))(s.seed, positions)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(keys)  # [B, V]
+        drawn = jnp.argmax(filtered_logits(logits, s) + gumbel, axis=-1).astype(jnp.int32)
+        return jnp.where(s.temperature > 0, drawn, greedy)
+
+    tokens = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy, None)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
