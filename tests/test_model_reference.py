@@ -11,7 +11,7 @@ import pytest
 
 from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import ModelConfig, RopeScaling
-from jaxserve.models.llama import ForwardBatch, compute_logits, forward, init_params
+from jaxserve.models.llama import ForwardBatch, compute_logits, forward, init_params, unstack_layers
 from tests.numpy_reference import reference_logits
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3, head_dim=16, max_position_embeddings=256)
@@ -37,39 +37,47 @@ CONFIGS = {
 }
 
 
+PROMPT_LEN, DECODE_STEPS, PAGE_SIZE = 13, 20, 4
+
+
+def _tokens(cfg: ModelConfig) -> list[int]:
+    return np.random.default_rng(0).integers(0, cfg.vocab_size, PROMPT_LEN + DECODE_STEPS).tolist()
+
+
 @functools.partial(jax.jit, static_argnames="cfg")
 def _logits(params, cache, batch, cfg):
     hidden, cache = forward(params, cache, batch, cfg)
     return compute_logits(params, hidden, cfg), cache
 
 
+@pytest.mark.parametrize("layers", ["stacked-scan", "unrolled"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_prefill_and_decode_match_numpy(name: str) -> None:
+def test_prefill_and_decode_match_numpy(name: str, layers: str) -> None:
     cfg = CONFIGS[name]
     params = init_params(cfg, jax.random.PRNGKey(0))
+    expected = reference_logits(params, cfg, tokens := _tokens(cfg))  # [T, V]
+    if layers == "unrolled":
+        params = unstack_layers(params)
     rng = np.random.default_rng(1)
-    prompt_len, decode_steps, page_size = 13, 20, 4
-    tokens = rng.integers(0, cfg.vocab_size, prompt_len + decode_steps).tolist()
-    expected = reference_logits(params, cfg, tokens)  # [T, V]
 
     # Pages handed out out of order, so reads really go through the page table.
     num_pages = 16
-    pages = rng.permutation(np.arange(1, num_pages))[: -(-len(tokens) // page_size)]
+    pages = rng.permutation(np.arange(1, num_pages))[: -(-len(tokens) // PAGE_SIZE)]
     page_table = np.zeros((1, 16), np.int32)
     page_table[0, : len(pages)] = pages
-    cache = KVCache.create(cfg, num_pages, page_size, jnp.float32)
+    cache = KVCache.create(cfg, num_pages, PAGE_SIZE, jnp.float32)
 
     t = 16  # prefill bucket: 13 real tokens + 3 padding
     prefill = ForwardBatch(
-        tokens=np.asarray([tokens[:prompt_len] + [0] * (t - prompt_len)], np.int32),
+        tokens=np.asarray([tokens[:PROMPT_LEN] + [0] * (t - PROMPT_LEN)], np.int32),
         positions=np.arange(t, dtype=np.int32)[None],
         page_table=page_table,
-        kv_lens=np.asarray([prompt_len], np.int32),
+        kv_lens=np.asarray([PROMPT_LEN], np.int32),
     )
     logits, cache = _logits(params, cache, prefill, cfg)
-    np.testing.assert_allclose(np.asarray(logits)[0, :prompt_len], expected[:prompt_len], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits)[0, :PROMPT_LEN], expected[:PROMPT_LEN], atol=1e-4, rtol=0)
 
-    for pos in range(prompt_len, prompt_len + decode_steps):
+    for pos in range(PROMPT_LEN, PROMPT_LEN + DECODE_STEPS):
         batch = ForwardBatch(
             tokens=np.asarray([[tokens[pos]]], np.int32),
             positions=np.asarray([[pos]], np.int32),

@@ -98,9 +98,7 @@ def forward(
     page, offset = write_slots(batch.page_table, batch.positions, valid, cache.page_size)
     h = params["embed"][batch.tokens].astype(dtype)  # [B, T, D]
 
-    def layer(carry, xs):
-        h, k_cache, v_cache = carry
-        lp, i = xs
+    def layer(h, k_cache, v_cache, lp, i):
         x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
         q = x @ lp["wq"]
         k = x @ lp["wk"]
@@ -112,14 +110,22 @@ def forward(
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         k_cache = k_cache.at[i, page, offset].set(k.astype(k_cache.dtype))
         v_cache = v_cache.at[i, page, offset].set(v.astype(v_cache.dtype))
-        attn = paged_attention(q, k_cache[i], v_cache[i], batch.page_table, batch.positions, batch.kv_lens)
+        attn = paged_attention(q, k_cache, v_cache, i, batch.page_table, batch.positions, batch.kv_lens)
         h = h + attn.reshape(b, t, -1).astype(dtype) @ lp["wo"]
         x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
         h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
-        return (h, k_cache, v_cache), None
+        return h, k_cache, v_cache
 
-    xs = (params["layers"], jnp.arange(cfg.num_layers))
-    (h, k_cache, v_cache), _ = jax.lax.scan(layer, (h, cache.k, cache.v), xs)
+    k_cache, v_cache = cache.k, cache.v
+    if isinstance(params["layers"], dict):  # stacked [L, ...]: one traced layer, looped by scan
+        def scan_body(carry, xs):
+            return layer(*carry, *xs), None
+
+        xs = (params["layers"], jnp.arange(cfg.num_layers))
+        (h, k_cache, v_cache), _ = jax.lax.scan(scan_body, (h, k_cache, v_cache), xs)
+    else:  # per-layer buffers: unrolled, so no layer's weights are sliced (copied) out of a stack
+        for i, lp in enumerate(params["layers"]):
+            h, k_cache, v_cache = layer(h, k_cache, v_cache, lp, i)
     return h, KVCache(k=k_cache, v=v_cache)
 
 
@@ -129,3 +135,10 @@ def compute_logits(params: Params, hidden: jnp.ndarray, cfg: ModelConfig) -> jnp
     if cfg.tie_word_embeddings:
         return jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
     return jnp.einsum("...d,dv->...v", x, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def unstack_layers(params: Params) -> Params:
+    """Stacked [L, ...] layers -> a tuple of per-layer dicts (separate buffers; see `forward`)."""
+    layers = params["layers"]
+    num_layers = next(iter(layers.values())).shape[0]
+    return {**params, "layers": tuple({k: v[i] for k, v in layers.items()} for i in range(num_layers))}

@@ -24,19 +24,23 @@ def write_slots(
 
 def paged_attention(
     q: jnp.ndarray,  # [B, T, Hq, D]
-    k_pages: jnp.ndarray,  # [num_pages, page_size, Hkv, D] (one layer)
-    v_pages: jnp.ndarray,  # [num_pages, page_size, Hkv, D]
+    k_cache: jnp.ndarray,  # [L, num_pages, page_size, Hkv, D]
+    v_cache: jnp.ndarray,  # [L, num_pages, page_size, Hkv, D]
+    layer: int | jnp.ndarray,
     page_table: jnp.ndarray,  # [B, P] int32
     positions: jnp.ndarray,  # [B, T] int32, position of each query token
     kv_lens: jnp.ndarray,  # [B] int32, valid cached tokens per sequence (including this step's)
 ) -> jnp.ndarray:  # [B, T, Hq, D]
-    """Causal GQA attention of new tokens over each sequence's cached pages."""
+    """Causal GQA attention of new tokens over each sequence's cached pages of one layer.
+
+    Pages are gathered straight from the stacked cache, so no layer of it is sliced out (copied).
+    """
     b, t, hq, d = q.shape
-    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    page_size, hkv = k_cache.shape[2], k_cache.shape[3]
     g = hq // hkv
     s = page_table.shape[1] * page_size
-    k = k_pages[page_table].reshape(b, s, hkv, d)  # [B, S, Hkv, D]
-    v = v_pages[page_table].reshape(b, s, hkv, d)
+    k = k_cache[layer, page_table].reshape(b, s, hkv, d)  # [B, S, Hkv, D]
+    v = v_cache[layer, page_table].reshape(b, s, hkv, d)
     qg = q.reshape(b, t, hkv, g, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (d**-0.5)

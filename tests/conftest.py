@@ -1,0 +1,23 @@
+"""Shared fixtures: the real SmolLM2 (fetched and converted once into the cache) and tiny random models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+GOLDEN = Path(__file__).parent / "golden" / "smollm2_reference.json"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model as the CLI loads it (registry name -> cached jaxserve checkpoint)."""
+    from jaxserve.checkpoint.loader import load_model
+
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    return json.loads(GOLDEN.read_text())
