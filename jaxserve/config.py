@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import yaml
 
 from jaxserve.errors import UserError
@@ -137,13 +138,18 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=int(key("attention.head_count_kv", num_heads)),
             head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // num_heads),
-            rope_theta=float(key("rope.freq_base", 10000.0)),
-            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=_shortest_float(key("rope.freq_base", 10000.0)),
+            rms_norm_eps=_shortest_float(key("attention.layer_norm_rms_epsilon", 1e-5)),
             max_position_embeddings=int(key("context_length", 4096)),
             tie_word_embeddings="output.weight" not in tensor_names,
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
             rope_scaling=rope_scaling,
         )
+
+
+def _shortest_float(value: float) -> float:
+    """GGUF stores float32: 1e-5 reads back as 9.99999974e-06; recover the value that was written."""
+    return float(str(np.float32(value)))
 
 
 def _hf_rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-import pytest
 
-from jaxserve.cache.kv_cache import KVCache
 from jaxserve.engine.generator import Generator
-from jaxserve.models.llama import ForwardBatch, compute_logits, forward
 from jaxserve.sampling_params import SamplingParams
+from tests.tiny_models import prefill_logits
 
 NEAR_TIE = 0.01
 
@@ -49,24 +47,9 @@ def test_greedy_continuations_match_reference(smollm2, golden) -> None:
 
 
 def test_first_token_top5_logprobs_match_reference(smollm2, golden) -> None:
-    cfg, params = smollm2.cfg, smollm2.params
-
-    @jax.jit
-    def prompt_logits(params, cache, batch):
-        hidden, _ = forward(params, cache, batch, cfg)
-        return compute_logits(params, hidden, cfg)
-
     for case in golden["cases"]:
-        ids = case["prompt_ids"]
-        pages = -(-len(ids) // 16)
-        cache = KVCache.create(cfg, pages + 1, 16, params["embed"].dtype)
-        batch = ForwardBatch(
-            tokens=np.asarray([ids], np.int32),
-            positions=np.arange(len(ids), dtype=np.int32)[None],
-            page_table=np.arange(1, pages + 1, dtype=np.int32)[None],
-            kv_lens=np.asarray([len(ids)], np.int32),
-        )
-        logprobs = np.asarray(jax.nn.log_softmax(prompt_logits(params, cache, batch)[0, -1]))
+        logits = prefill_logits(smollm2.cfg, smollm2.params, case["prompt_ids"])[-1]
+        logprobs = np.asarray(jax.nn.log_softmax(logits))
         top5 = np.argsort(-logprobs)[:5]
         assert top5.tolist() == case["first_top5_ids"]
         np.testing.assert_allclose(logprobs[top5], case["first_top5_logprobs"], atol=1e-3, rtol=0)

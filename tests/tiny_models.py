@@ -1,0 +1,196 @@
+"""Tiny random models written to disk in every source format the loaders read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.models.llama import Params, init_params
+
+
+def byte_level_vocab() -> list[str]:
+    """GPT-2's byte-to-unicode alphabet: every byte is one token."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + byte_level_vocab() + ["Ġt", "he", "Ġthe"]
+MERGES = ["Ġ t", "h e", "Ġt he"]
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+
+
+def tiny_config(architecture: str = "llama", **overrides) -> ModelConfig:
+    base = dict(
+        architecture=architecture,
+        vocab_size=len(TOKENS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        qkv_bias=architecture == "qwen2",
+    )
+    return ModelConfig(**{**base, **overrides})
+
+
+def tiny_params(cfg: ModelConfig, seed: int = 0) -> Params:
+    return jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(seed)))
+
+
+def permute_rope(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's conversion permutation (HF half-split rows -> interleaved pairs)."""
+    return w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _torch_layout(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
+    """HF tensor names and [out, in] layouts."""
+    hf = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]}
+    if not cfg.tie_word_embeddings:
+        hf["lm_head.weight"] = params["lm_head"].T
+    names = {
+        "attn_norm": "input_layernorm.weight", "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight",
+        "wv": "self_attn.v_proj.weight", "wo": "self_attn.o_proj.weight", "bq": "self_attn.q_proj.bias",
+        "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias", "mlp_norm": "post_attention_layernorm.weight",
+        "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight", "w_down": "mlp.down_proj.weight",
+    }
+    for name, stack in params["layers"].items():
+        for i in range(cfg.num_layers):
+            w = stack[i]
+            hf[f"model.layers.{i}.{names[name]}"] = w.T if w.ndim == 2 else w
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in hf.items()}
+
+
+def write_gguf(path: Path, cfg: ModelConfig, params: Params, qtype=None, arch: str | None = None) -> Path:
+    """A GGUF file like llama.cpp's converter writes (Q/K permuted for llama), weights in `qtype`."""
+    import gguf
+
+    qtype = qtype or gguf.GGMLQuantizationType.F32
+    arch = arch or cfg.architecture
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(TOKENS)
+    w.add_token_types([3, 3, 3] + [1] * (len(TOKENS) - 3))
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    gguf_names = {
+        "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer_names = {
+        "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+        "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    permute = cfg.architecture in ("llama", "mistral")
+    for name, tensor in _torch_layout(cfg, params).items():
+        if name in gguf_names:
+            out = gguf_names[name]
+        else:
+            _, _, i, rest = name.split(".", 3)
+            out = f"blk.{i}.{layer_names[rest]}"
+        if permute and out.endswith(("attn_q.weight", "attn_q.bias")):
+            tensor = permute_rope(tensor, cfg.num_heads)
+        elif permute and out.endswith(("attn_k.weight", "attn_k.bias")):
+            tensor = permute_rope(tensor, cfg.num_kv_heads)
+        if tensor.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(out, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(out, tensor)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_hf_folder(folder: Path, cfg: ModelConfig, params: Params, shards: int = 1) -> Path:
+    """config.json + safetensors (sharded with an index when shards > 1) + tokenizer files."""
+    from safetensors.numpy import save_file
+
+    from jaxserve.tokenizer import _gguf_byte_level_bpe
+
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_config = {
+        "model_type": cfg.architecture,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+    }
+    (folder / "config.json").write_text(json.dumps(hf_config))
+    tensors = _torch_layout(cfg, params)
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"))
+    else:
+        weight_map = {}
+        for s in range(shards):
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: tensors[n] for n in names[s::shards]}
+            save_file(part, str(folder / fname))
+            weight_map.update({n: fname for n in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    tk = _gguf_byte_level_bpe(TOKENS, MERGES, "default")
+    import tokenizers
+
+    tk.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in TOKENS[:3]])
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False, "chat_template": CHAT_TEMPLATE})
+    )
+    return folder
+
+
+def prefill_logits(cfg: ModelConfig, params: Params, ids: list[int], page_size: int = 16) -> np.ndarray:
+    """Logits [T, V] of a prompt run through the paged cache (pages 1..n in order)."""
+    import jax.numpy as jnp
+
+    from jaxserve.cache.kv_cache import KVCache
+    from jaxserve.models.llama import ForwardBatch, compute_logits, forward
+
+    pages = -(-len(ids) // page_size)
+    leaf = jax.tree.leaves(params)[0]
+    cache = KVCache.create(cfg, pages + 1, page_size, jnp.asarray(leaf).dtype)
+    batch = ForwardBatch(
+        tokens=np.asarray([ids], np.int32),
+        positions=np.arange(len(ids), dtype=np.int32)[None],
+        page_table=np.arange(1, pages + 1, dtype=np.int32)[None],
+        kv_lens=np.asarray([len(ids)], np.int32),
+    )
+    hidden, _ = jax.jit(forward, static_argnums=3)(params, cache, batch, cfg)
+    return np.asarray(compute_logits(params, hidden, cfg))[0]
