@@ -73,8 +73,11 @@ def _torch_layout(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, np.float32) for k, v in hf.items()}
 
 
-def write_gguf(path: Path, cfg: ModelConfig, params: Params, qtype=None, arch: str | None = None) -> Path:
-    """A GGUF file like llama.cpp's converter writes (Q/K permuted for llama), weights in `qtype`."""
+def write_gguf(
+    path: Path, cfg: ModelConfig, params: Params, qtype=None, arch: str | None = None, raw: dict | None = None
+) -> Path:
+    """A GGUF file like llama.cpp's converter writes (Q/K permuted for llama), weights in `qtype`;
+    `raw` maps GGUF tensor names to (bytes array, quant type) written as they are."""
     import gguf
 
     qtype = qtype or gguf.GGMLQuantizationType.F32
@@ -121,7 +124,9 @@ def write_gguf(path: Path, cfg: ModelConfig, params: Params, qtype=None, arch: s
             tensor = permute_rope(tensor, cfg.num_heads)
         elif permute and out.endswith(("attn_k.weight", "attn_k.bias")):
             tensor = permute_rope(tensor, cfg.num_kv_heads)
-        if tensor.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
+        if raw and out in raw:
+            w.add_tensor(out, raw[out][0], raw_dtype=raw[out][1])
+        elif tensor.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             w.add_tensor(out, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(out, tensor)

@@ -1,0 +1,131 @@
+"""The `jaxserve` command line: generation output, conversion, chat, and one clear error line for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from jaxserve.cli import main
+from tests.tiny_models import tiny_config, tiny_params, write_gguf
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    cfg = tiny_config("llama", tie_word_embeddings=True)
+    return write_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", cfg, tiny_params(cfg))
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_every_command() -> None:
+    proc = subprocess.run([sys.executable, "-m", "jaxserve", "--help"], capture_output=True, text=True, check=True)
+    for command in ("generate", "chat", "convert"):
+        assert command in proc.stdout
+
+
+def test_generate_json_through_console_entry(tiny_gguf: Path) -> None:
+    cmd = [sys.executable, "-m", "jaxserve", "generate", "--model", str(tiny_gguf), "--prompt", "the theme",
+           "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout)
+    assert set(result) == {"text", "token_ids", "prompt_token_ids", "finish_reason"}
+    assert result["prompt_token_ids"] == [119, 260, 261, 112, 104]
+    assert len(result["token_ids"]) == 6 and result["finish_reason"] == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(capsys, tiny_gguf: Path) -> None:
+    def tokens(seed: int) -> list[int]:
+        code, out, _ = _run(capsys, "generate", "--model", str(tiny_gguf), "--prompt", "the", "--max-tokens", "12",
+                            "--temperature", "50", "--top-p", "0.95", "--seed", str(seed), "--ignore-eos", "--json")
+        assert code == 0
+        return json.loads(out)["token_ids"]
+
+    assert tokens(7) == tokens(7)
+    assert tokens(7) != tokens(8)
+
+
+def test_convert_then_generate_from_checkpoint(capsys, tiny_gguf: Path, tmp_path: Path) -> None:
+    assert _run(capsys, "convert", str(tiny_gguf), str(tmp_path / "ckpt"))[0] == 0
+    args = ["--prompt", "the theme", "--max-tokens", "8", "--temperature", "0", "--ignore-eos", "--json"]
+    from_gguf = json.loads(_run(capsys, "generate", "--model", str(tiny_gguf), *args)[1])
+    from_ckpt = json.loads(_run(capsys, "generate", "--model", str(tmp_path / "ckpt"), *args)[1])
+    assert from_ckpt == from_gguf
+
+
+def test_chat_keeps_history_and_streams(tiny_gguf: Path) -> None:
+    cmd = [sys.executable, "-m", "jaxserve", "chat", "--model", str(tiny_gguf), "--max-tokens", "4",
+           "--temperature", "0", "--ignore-eos", "--system", "be brief"]
+    proc = subprocess.run(cmd, input="hello\nand again\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) >= 2  # one reply per turn
+
+
+def _truncated(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def _unsupported_arch(tmp: Path) -> Path:
+    cfg = tiny_config("llama")
+    return write_gguf(tmp / "gpt2.gguf", cfg, tiny_params(cfg), arch="gpt2")
+
+
+def _unsupported_quant(tmp: Path) -> Path:
+    cfg = tiny_config("llama")
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[Q.Q8_1]
+    raw = np.zeros((cfg.hidden_size, cfg.hidden_size // block_elems * block_bytes), np.uint8)
+    return write_gguf(tmp / "q81.gguf", cfg, tiny_params(cfg), raw={"blk.0.attn_output.weight": (raw, Q.Q8_1)})
+
+
+BAD_INPUT = {
+    "missing path": (lambda tmp, g: ["--model", str(tmp / "nope.gguf")], "not found"),
+    "missing model name": (lambda tmp, g: ["--model", "no-such-model"], "neither a known model name"),
+    "corrupt gguf": (lambda tmp, g: ["--model", str((tmp / "bad.gguf").write_text("not a gguf") and tmp / "bad.gguf")], "not a valid GGUF"),
+    "truncated gguf": (lambda tmp, g: ["--model", str(_truncated(g, tmp / "cut.gguf"))], "GGUF"),
+    "unsupported architecture": (lambda tmp, g: ["--model", str(_unsupported_arch(tmp))], "unsupported architecture 'gpt2'"),
+    "unsupported quant type": (lambda tmp, g: ["--model", str(_unsupported_quant(tmp))], "unsupported quantization type Q8_1"),
+    "prompt longer than context": (lambda tmp, g: ["--model", str(g), "--prompt", "x" * 200], "context"),
+    "prompt + max tokens beyond context": (lambda tmp, g: ["--model", str(g), "--max-tokens", "127"], "exceeds the context"),
+    "max tokens zero": (lambda tmp, g: ["--model", str(g), "--max-tokens", "0"], "max_tokens must be at least 1"),
+    "max tokens negative": (lambda tmp, g: ["--model", str(g), "--max-tokens", "-3"], "max_tokens must be at least 1"),
+    "negative temperature": (lambda tmp, g: ["--model", str(g), "--temperature", "-0.5"], "temperature must be >= 0"),
+    "top p out of range": (lambda tmp, g: ["--model", str(g), "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    "empty prompt": (lambda tmp, g: ["--model", str(g), "--prompt", ""], "prompt is empty"),
+    "not a model folder": (lambda tmp, g: ["--model", str(tmp)], "neither a jaxserve checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_gives_one_clear_line(capsys, tmp_path: Path, tiny_gguf: Path, case: str) -> None:
+    make_args, expected = BAD_INPUT[case]
+    args = make_args(tmp_path, tiny_gguf)
+    argv = ["generate", "--prompt", "hi", *args]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip() and "tensor/s" not in line]
+    assert len(lines) == 1 and lines[0].startswith("jaxserve: error:"), err
+    assert expected in lines[0]
+    assert "Traceback" not in err
+
+
+def test_offline_with_empty_cache_fails_clearly(tmp_path: Path) -> None:
+    env = {**os.environ, "JAXSERVE_CACHE": str(tmp_path / "cache"), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path)}
+    cmd = [sys.executable, "-m", "jaxserve", "generate", "--prompt", "hi"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert "jaxserve: error: cannot download model 'smollm2-135m-instruct'" in proc.stderr
+    assert "Traceback" not in proc.stderr
