@@ -8,11 +8,13 @@ import sys
 from typing import Sequence
 
 from jaxserve.checkpoint.registry import DEFAULT_MODEL, cache_dir
+from jaxserve.config import load_yaml
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML file of option defaults (command-line flags take precedence)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, GGUF file, HF folder or jaxserve checkpoint (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to allocate the KV cache for (default: the model's)")
@@ -163,9 +165,25 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse flags; with --config, YAML values become the defaults and flags still win."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        values = load_yaml(args.config)
+        sub = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices[args.command]
+        known = {a.dest for a in sub._actions} - {"help", "config"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"config file {args.config} has unknown options for '{args.command}': {', '.join(unknown)}")
+        sub.set_defaults(**values)
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = _parse(argv)
         _enable_compilation_cache()
         return args.func(args)
     except UserError as e:

@@ -129,3 +129,26 @@ def test_offline_with_empty_cache_fails_clearly(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "jaxserve: error: cannot download model 'smollm2-135m-instruct'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_parse(config: Path) -> None:
+    from jaxserve.cli import _parse
+
+    args = _parse(["generate", "--config", str(config), "--prompt", "x"])
+    assert args.model and args.page_size >= 1 and args.dtype in ("float32", "bfloat16")
+
+
+def test_config_values_are_defaults_and_flags_win(capsys, tiny_gguf: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: {tiny_gguf}\nmax_tokens: 3\ntemperature: 0\nignore_eos: true\n")
+    code, out, _ = _run(capsys, "generate", "--config", str(cfg), "--prompt", "the", "--json")
+    assert code == 0 and len(json.loads(out)["token_ids"]) == 3
+    code, out, _ = _run(capsys, "generate", "--config", str(cfg), "--prompt", "the", "--json", "--max-tokens", "5")
+    assert code == 0 and len(json.loads(out)["token_ids"]) == 5
+    cfg.write_text("max_tokens: 3\nbogus_option: 1\n")
+    code, _, err = _run(capsys, "generate", "--config", str(cfg), "--prompt", "the")
+    assert code == 2 and "unknown options for 'generate': bogus_option" in err

@@ -1,0 +1,124 @@
+"""Single-stream generation benchmark for the default model on this machine; prints and saves JSON.
+
+Figures: cold set-up (download + convert), warm load, compile, prefill tokens/s, decode tokens/s, and,
+when a Python with torch + transformers is available (this one, or --reference-python), transformers
+float32 decode tokens/s on the same GGUF in the same run, as a ratio.
+
+    python scripts/bench_generate.py [--reference-python /path/to/python] [--out bench_results/generate.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REFERENCE_DECODE = r"""
+import sys, time, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM, AutoTokenizer
+gguf, prompt, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+ids = torch.tensor([tok(prompt)["input_ids"]])
+def run():
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[0, -1].argmax()
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            out = model(nxt.view(1, 1), past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[0, -1].argmax()
+        return (n - 1) / (time.perf_counter() - t0)
+run()
+print(max(run() for _ in range(2)))
+"""
+
+PROMPT = "Write a detailed story about a lighthouse keeper who discovers a message in a bottle. " * 3
+
+
+def reference_decode(python: str, gguf: Path, n: int) -> float:
+    proc = subprocess.run([python, "-c", REFERENCE_DECODE, str(gguf), PROMPT, str(n)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference-python", help="a Python with torch and transformers (default: this one, if it has them)")
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=Path("bench_results/generate.json"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["JAXSERVE_CACHE"] = tmp  # cold: an empty cache
+        import jax
+
+        from jaxserve.checkpoint import registry
+        from jaxserve.checkpoint.loader import convert, load_model
+        from jaxserve.engine.generator import Generator
+        from jaxserve.sampling_params import SamplingParams
+
+        entry = registry.REGISTRY[registry.DEFAULT_MODEL]
+        gguf = Path(tmp) / "model.gguf"
+        t0 = time.perf_counter()
+        registry.download_gguf(entry, gguf)
+        t_download = time.perf_counter() - t0
+        convert(gguf, registry.checkpoint_dir(entry.name))
+        cold_setup = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        model = load_model(entry.name)
+        jax.block_until_ready(model.params)
+        warm_load = time.perf_counter() - t0
+
+        gen = Generator(model.cfg, model.params, model.tokenizer.eos_token_ids, max_model_len=2048)
+        prompt_ids = model.tokenizer.encode(PROMPT)
+        sp = SamplingParams(max_tokens=args.decode_tokens, temperature=0.0, ignore_eos=True)
+
+        def timed_run() -> list[float]:
+            stamps = [time.perf_counter()]
+            for _ in gen.generate(prompt_ids, sp):
+                stamps.append(time.perf_counter())
+            return stamps
+
+        cold = timed_run()  # compiles the prefill and decode buckets
+        warm = min((timed_run() for _ in range(3)), key=lambda s: s[-1] - s[1])  # best of 3
+        first_two_cold, first_two_warm = cold[2] - cold[0], warm[2] - warm[0]
+        prefill_s = warm[1] - warm[0]
+        decode_tps = (len(warm) - 2) / (warm[-1] - warm[1])
+
+        result = {
+            "model": entry.name,
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "dtype": str(jax.tree.leaves(model.params)[0].dtype),
+            "download_s": round(t_download, 2),
+            "cold_setup_s": round(cold_setup, 2),
+            "warm_load_s": round(warm_load, 2),
+            "compile_s": round(first_two_cold - first_two_warm, 2),
+            "prompt_tokens": len(prompt_ids),
+            "prefill_tokens_per_s": round(len(prompt_ids) / prefill_s, 1),
+            "decode_tokens": args.decode_tokens,
+            "decode_tokens_per_s": round(decode_tps, 1),
+            "step_compiles": gen.runner.num_compiles,
+        }
+        python = args.reference_python or (sys.executable if importlib.util.find_spec("torch") else None)
+        if python:
+            ref = reference_decode(python, gguf, args.decode_tokens)
+            result["transformers_decode_tokens_per_s"] = round(ref, 1)
+            result["decode_speedup_vs_transformers"] = round(decode_tps / ref, 2)
+    print(json.dumps(result, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
