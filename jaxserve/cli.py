@@ -95,7 +95,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompt_ids = tok.encode_chat(messages)
     else:
         prompt_ids = tok.encode(args.prompt)
-    gen.check_lengths(len(prompt_ids), sp.max_tokens)
     detok = IncrementalDetokenizer(tok)
     token_ids: list[int] = []
     finish = None

@@ -61,10 +61,6 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -169,15 +165,6 @@ def _hf_rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
             original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
         )
     raise UserError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """How a model is run: numerics and KV-cache geometry."""
-
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on GPU/TPU
-    page_size: int = 16
-    max_model_len: int | None = None  # None: the model's context length
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -25,8 +25,3 @@ class KVCache:
     def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:
         shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-
-
-def cache_bytes_per_token(cfg: ModelConfig, dtype: jnp.dtype) -> int:
-    """Bytes of K and V one token occupies across all layers."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize

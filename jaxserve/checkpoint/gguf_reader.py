@@ -43,14 +43,6 @@ def _open(path: Path) -> Any:
         raise UserError(f"{path} is not a valid GGUF file (corrupt or truncated): {e}") from None
 
 
-def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    reader = _open(path)
-    try:
-        return {name: field.contents() for name, field in reader.fields.items()}
-    except Exception as e:
-        raise UserError(f"{path} has unreadable GGUF metadata (corrupt or truncated): {e}") from None
-
-
 def _dequantize(tensor: Any) -> np.ndarray:
     from gguf.quants import dequantize
 
