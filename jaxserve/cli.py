@@ -31,7 +31,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and its sub-command parsers by name."""
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference engine on JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("src", help="GGUF file, HF folder (config.json + safetensors) or jaxserve checkpoint")
     conv.add_argument("dst", help="output folder")
     conv.set_defaults(func=_cmd_convert)
-    return parser
+    return parser, {"generate": gen, "chat": chat, "convert": conv}
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -166,16 +167,15 @@ def _enable_compilation_cache() -> None:
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse flags; with --config, YAML values become the defaults and flags still win."""
-    parser = build_parser()
+    parser, commands = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         values = load_yaml(args.config)
-        sub = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices[args.command]
-        known = {a.dest for a in sub._actions} - {"help", "config"}
+        known = set(vars(args)) - {"command", "func", "config"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"config file {args.config} has unknown options for '{args.command}': {', '.join(unknown)}")
-        sub.set_defaults(**values)
+        commands[args.command].set_defaults(**values)
         args = parser.parse_args(argv)
     return args
 

@@ -71,9 +71,9 @@ def resolve(spec: str) -> Path:
     if spec in registry.REGISTRY:
         return ensure_registered(spec)
     path = Path(spec).expanduser()
-    if not path.exists() and ("/" in spec or path.suffix):
-        raise UserError(f"model path not found: {path}")
     if not path.exists():
+        if "/" in spec or path.suffix:
+            raise UserError(f"model path not found: {path}")
         known = ", ".join(sorted(registry.REGISTRY))
         raise UserError(f"model {spec!r} is neither a known model name ({known}) nor an existing path")
     return path
@@ -81,8 +81,8 @@ def resolve(spec: str) -> Path:
 
 def load_model(spec: str = registry.DEFAULT_MODEL, dtype: str | None = None, unroll_layers: bool | None = None) -> LoadedModel:
     """Load and place a model. `unroll_layers` (default: on CPU) keeps each layer's weights in their
-    own buffers: XLA:CPU copies a layer's weights out of a stacked array inside `scan`, which halves
-    decode speed there; GPU/TPU keep the stacked layout and `scan`'s depth-independent compile time."""
+    own buffers: XLA:CPU copies a layer's weights out of a stacked array inside `scan`, which cost
+    SmolLM2 a third of its decode speed (22.8 vs 33.1 tok/s); GPU/TPU keep the stacked layout and `scan`'s depth-independent compile time."""
     path = resolve(spec)
     cfg, host_params, tokenizer = read_source(path)
     try:
@@ -90,6 +90,8 @@ def load_model(spec: str = registry.DEFAULT_MODEL, dtype: str | None = None, unr
     except TypeError:
         raise UserError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)") from None
     params = jax.tree.map(lambda x: jnp.asarray(x, jdtype), host_params)
-    if unroll_layers if unroll_layers is not None else jax.default_backend() == "cpu":
+    if unroll_layers is None:
+        unroll_layers = jax.default_backend() == "cpu"
+    if unroll_layers:
         params = unstack_layers(params)
     return LoadedModel(name=spec if spec in registry.REGISTRY else path.name, cfg=cfg, params=params, tokenizer=tokenizer)
