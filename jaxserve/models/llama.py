@@ -24,8 +24,8 @@ import numpy as np
 
 from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import ModelConfig
-from jaxserve.ops.attention import paged_attention, write_slots
-from jaxserve.ops.rope import apply_rope, inv_frequencies
+from jaxserve.ops.attention import attention_mask, paged_attention, write_slots
+from jaxserve.ops.rope import apply_rope, inv_frequencies, rope_tables
 
 Params = dict[str, Any]
 
@@ -93,7 +93,8 @@ def forward(
     """Run the decoder over the batch, writing its K/V into the cache. Returns hidden [B, T, D]."""
     b, t = batch.tokens.shape
     dtype = params["embed"].dtype
-    inv_freq = inv_frequencies(cfg)
+    cos, sin = rope_tables(batch.positions, inv_frequencies(cfg))
+    mask = attention_mask(batch.positions, batch.kv_lens, batch.page_table.shape[1] * cache.page_size)
     valid = batch.positions < batch.kv_lens[:, None]  # [B, T]
     page, offset = write_slots(batch.page_table, batch.positions, valid, cache.page_size)
     h = params["embed"][batch.tokens].astype(dtype)  # [B, T, D]
@@ -105,12 +106,12 @@ def forward(
         v = x @ lp["wv"]
         if cfg.qkv_bias:
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), batch.positions, inv_freq)
-        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), batch.positions, inv_freq)
+        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        k_cache = k_cache.at[i, page, offset].set(k.astype(k_cache.dtype))
-        v_cache = v_cache.at[i, page, offset].set(v.astype(v_cache.dtype))
-        attn = paged_attention(q, k_cache, v_cache, i, batch.page_table, batch.positions, batch.kv_lens)
+        k_cache = k_cache.at[i, page, offset].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
+        v_cache = v_cache.at[i, page, offset].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
+        attn = paged_attention(q, k_cache, v_cache, i, batch.page_table, mask)
         h = h + attn.reshape(b, t, -1).astype(dtype) @ lp["wo"]
         x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
         h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]

@@ -22,14 +22,22 @@ def write_slots(
     return page, offset
 
 
+def attention_mask(positions: jnp.ndarray, kv_lens: jnp.ndarray, num_keys: int) -> jnp.ndarray:
+    """Causal validity [B, T, S] of key slot s for each query: s <= its position and s < the sequence length.
+
+    Computed once per step and shared by all layers.
+    """
+    key_pos = jnp.arange(num_keys, dtype=jnp.int32)
+    return (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < kv_lens[:, None, None])
+
+
 def paged_attention(
     q: jnp.ndarray,  # [B, T, Hq, D]
     k_cache: jnp.ndarray,  # [L, num_pages, page_size, Hkv, D]
     v_cache: jnp.ndarray,  # [L, num_pages, page_size, Hkv, D]
     layer: int | jnp.ndarray,
     page_table: jnp.ndarray,  # [B, P] int32
-    positions: jnp.ndarray,  # [B, T] int32, position of each query token
-    kv_lens: jnp.ndarray,  # [B] int32, valid cached tokens per sequence (including this step's)
+    mask: jnp.ndarray,  # [B, T, P * page_size] bool, from `attention_mask`
 ) -> jnp.ndarray:  # [B, T, Hq, D]
     """Causal GQA attention of new tokens over each sequence's cached pages of one layer.
 
@@ -39,13 +47,12 @@ def paged_attention(
     page_size, hkv = k_cache.shape[2], k_cache.shape[3]
     g = hq // hkv
     s = page_table.shape[1] * page_size
-    k = k_cache[layer, page_table].reshape(b, s, hkv, d)  # [B, S, Hkv, D]
-    v = v_cache[layer, page_table].reshape(b, s, hkv, d)
+    # Page ids come from the host allocator and are always in range: skip XLA's bounds handling.
+    k = k_cache.at[layer, page_table].get(mode="promise_in_bounds").reshape(b, s, hkv, d)  # [B, S, Hkv, D]
+    v = v_cache.at[layer, page_table].get(mode="promise_in_bounds").reshape(b, s, hkv, d)
     qg = q.reshape(b, t, hkv, g, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (d**-0.5)
-    key_pos = jnp.arange(s, dtype=jnp.int32)
-    mask = (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < kv_lens[:, None, None])
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)  # [B, Hkv, G, T, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)

@@ -33,11 +33,14 @@ def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
-    """Rotate x [B, T, H, D] by positions [B, T]; computed in float32, returned in x's dtype."""
+def rope_tables(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos and sin [B, T, 1, D/2] for positions [B, T]: computed once per step, shared by all layers."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, D/2]
-    sin = jnp.sin(angles)[:, :, None, :]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotate x [B, T, H, D] by the tables of `rope_tables`; computed in float32, returned in x's dtype."""
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
