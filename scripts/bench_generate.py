@@ -2,9 +2,11 @@
 
 Figures: cold set-up (download + convert), warm load, compile, prefill tokens/s, decode tokens/s, and,
 when a Python with torch + transformers is available (this one, or --reference-python), transformers
-float32 decode tokens/s on the same GGUF in the same run, as a ratio.
+float32 decode tokens/s on the same GGUF in the same run, as a ratio. With --llama-cpp-python (a Python
+with llama-cpp-python), also llama.cpp's decode on the same weights dequantized to an F32 GGUF: what a
+hand-written C++ engine reaches on this machine's memory bandwidth.
 
-    python scripts/bench_generate.py [--reference-python /path/to/python] [--out bench_results/generate.json]
+    python scripts/bench_generate.py [--reference-python PY] [--llama-cpp-python PY] [--out bench_results/generate.json]
 """
 
 from __future__ import annotations
@@ -40,19 +42,61 @@ run()
 print(max(run() for _ in range(2)))
 """
 
+LLAMA_CPP_DECODE = r"""
+import sys, time
+from llama_cpp import Llama
+gguf, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+llm = Llama(model_path=gguf, n_threads=2, n_ctx=1024, verbose=False)
+ids = llm.tokenize(prompt.encode())
+def run():
+    llm.reset()
+    stamps = []
+    for _ in llm.generate(ids, temp=0.0, top_k=1):
+        stamps.append(time.perf_counter())
+        if len(stamps) == n:
+            return (n - 1) / (stamps[-1] - stamps[0])
+run()
+print(max(run() for _ in range(2)))
+"""
+
 PROMPT = "Write a detailed story about a lighthouse keeper who discovers a message in a bottle. " * 3
 
 
-def reference_decode(python: str, gguf: Path, n: int) -> float:
-    proc = subprocess.run([python, "-c", REFERENCE_DECODE, str(gguf), PROMPT, str(n)], capture_output=True, text=True)
+def other_engine_decode(python: str, script: str, gguf: Path, n: int) -> float:
+    """Decode tokens/s of another engine, run by `python` in its own process after ours has finished."""
+    proc = subprocess.run([python, "-c", script, str(gguf), PROMPT, str(n)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     return float(proc.stdout.strip().splitlines()[-1])
 
 
+def write_f32_gguf(src: Path, dst: Path) -> Path:
+    """The same GGUF with every tensor dequantized to F32 (metadata copied as is)."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub_type)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference-python", help="a Python with torch and transformers (default: this one, if it has them)")
+    parser.add_argument("--llama-cpp-python", help="a Python with llama-cpp-python, to measure llama.cpp F32 decode too")
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("bench_results/generate.json"))
     args = parser.parse_args()
@@ -112,9 +156,14 @@ def main() -> None:
         }
         python = args.reference_python or (sys.executable if importlib.util.find_spec("torch") else None)
         if python:
-            ref = reference_decode(python, gguf, args.decode_tokens)
+            ref = other_engine_decode(python, REFERENCE_DECODE, gguf, args.decode_tokens)
             result["transformers_decode_tokens_per_s"] = round(ref, 1)
             result["decode_speedup_vs_transformers"] = round(decode_tps / ref, 2)
+        if args.llama_cpp_python:
+            f32 = write_f32_gguf(gguf, Path(tmp) / "model-f32.gguf")
+            llama = other_engine_decode(args.llama_cpp_python, LLAMA_CPP_DECODE, f32, args.decode_tokens)
+            result["llama_cpp_f32_decode_tokens_per_s"] = round(llama, 1)
+            result["decode_ratio_vs_llama_cpp_f32"] = round(decode_tps / llama, 2)
     print(json.dumps(result, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
