@@ -46,7 +46,7 @@ def _tokens(cfg: ModelConfig) -> list[int]:
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _logits(params, cache, batch, cfg):
-    hidden, cache = forward(params, cache, batch, cfg)
+    (hidden,), cache = forward(params, cache, (batch,), cfg)
     return compute_logits(params, hidden, cfg), cache
 
 
@@ -86,3 +86,39 @@ def test_prefill_and_decode_match_numpy(name: str, layers: str) -> None:
         )
         logits, cache = _logits(params, cache, batch, cfg)
         np.testing.assert_allclose(np.asarray(logits)[0, 0], expected[pos], atol=1e-4, rtol=0, err_msg=f"decode {pos}")
+
+
+def test_mixed_groups_and_chunked_prefill_match_numpy() -> None:
+    """One step holding a prefill group beside a decode group, and a prompt prefilled in two chunks,
+    give the same logits as the NumPy reference on each whole sequence."""
+    cfg = CONFIGS["llama-gqa-untied"]
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (14, 10, 7)]  # A, B, C (last token of each is decoded)
+    expected = [reference_logits(params, cfg, s) for s in seqs]
+    cache = KVCache.create(cfg, 16, PAGE_SIZE, jnp.float32)
+    tables = np.zeros((3, 8), np.int32)
+    for row, pages in enumerate([[3, 9, 1, 14], [7, 2, 12], [5, 11]]):
+        tables[row, : len(pages)] = pages
+
+    def group(rows, starts, ends, t):
+        tokens = np.zeros((len(rows), t), np.int32)
+        positions = np.zeros((len(rows), t), np.int32)
+        for r, (row, a, b) in enumerate(zip(rows, starts, ends)):
+            tokens[r, : b - a] = seqs[row][a:b]
+            positions[r] = a + np.arange(t)
+        return ForwardBatch(tokens, positions, tables[list(rows)], np.asarray(ends, np.int32))
+
+    step = jax.jit(lambda p, c, gs: forward(p, c, gs, cfg))
+    # Step 1: prefill A and B (all but their last token) and the first chunk of C.
+    (h_ab, h_c), cache = step(params, cache, (group([0, 1], [0, 0], [13, 9], 16), group([2], [0], [3], 4)))
+    logits = compute_logits(params, h_ab, cfg)
+    np.testing.assert_allclose(np.asarray(logits)[0, :13], expected[0][:13], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits)[1, :9], expected[1][:9], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(compute_logits(params, h_c, cfg))[0, :3], expected[2][:3], atol=1e-4, rtol=0)
+    # Step 2: decode A and B (one token each) beside the second chunk of C.
+    (h_dec, h_c), cache = step(params, cache, (group([0, 1], [13, 9], [14, 10], 1), group([2], [3], [7], 4)))
+    dec = np.asarray(compute_logits(params, h_dec, cfg))[:, 0]
+    np.testing.assert_allclose(dec[0], expected[0][13], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(dec[1], expected[1][9], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(compute_logits(params, h_c, cfg))[0], expected[2][3:7], atol=1e-4, rtol=0)

@@ -197,5 +197,5 @@ def prefill_logits(cfg: ModelConfig, params: Params, ids: list[int], page_size: 
         page_table=np.arange(1, pages + 1, dtype=np.int32)[None],
         kv_lens=np.asarray([len(ids)], np.int32),
     )
-    hidden, _ = jax.jit(forward, static_argnums=3)(params, cache, batch, cfg)
+    (hidden,), _ = jax.jit(forward, static_argnums=3)(params, cache, (batch,), cfg)
     return np.asarray(compute_logits(params, hidden, cfg))[0]

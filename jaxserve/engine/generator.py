@@ -83,7 +83,7 @@ class Generator:
                 kv_lens=np.asarray([n_prompt], np.int32),
             )
             for i in range(sp.max_tokens):
-                next_ids, logprobs = self.runner.run(batch, sampling)
+                next_ids, logprobs = self.runner.run((batch,), sampling)
                 token = int(next_ids[0])
                 finish = "stop" if token in stop_ids else ("length" if i + 1 == sp.max_tokens else None)
                 yield TokenOut(token, float(logprobs[0]), finish)

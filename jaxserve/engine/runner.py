@@ -7,6 +7,7 @@ warmed-up runner never recompiles. The cache is donated and returned updated.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +25,17 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def step(
-    params: Params, cache: KVCache, batch: ForwardBatch, sampling: SamplingArrays, cfg: ModelConfig
+    params: Params, cache: KVCache, groups: Sequence[ForwardBatch], sampling: SamplingArrays, cfg: ModelConfig
 ) -> tuple[jnp.ndarray, jnp.ndarray, KVCache]:
-    """Forward the batch and sample one token per row from each row's last valid token."""
-    hidden, cache = forward(params, cache, batch, cfg)  # [B, T, D]
-    last = jnp.clip(batch.kv_lens - 1 - batch.positions[:, 0], 0, batch.tokens.shape[1] - 1)  # [B]
-    h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
-    logits = compute_logits(params, h_last, cfg)  # [B, V]
-    tokens, logprobs = sample(logits, sampling, batch.kv_lens)
+    """Forward the groups and sample one token per row (rows in group order) from its last valid token."""
+    hidden, cache = forward(params, cache, groups, cfg)
+    last_rows = []
+    for g, h in zip(groups, hidden):  # h: [B, T, D]
+        last = jnp.clip(g.kv_lens - 1 - g.positions[:, 0], 0, g.tokens.shape[1] - 1)  # [B]
+        last_rows.append(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])  # [B, D]
+    logits = compute_logits(params, jnp.concatenate(last_rows), cfg)  # [R, V]
+    kv_lens = jnp.concatenate([g.kv_lens for g in groups])  # [R]
+    tokens, logprobs = sample(logits, sampling, kv_lens)
     return tokens, logprobs, cache
 
 
@@ -54,7 +58,7 @@ class ModelRunner:
         """Distinct input shapes the step has been traced for."""
         return self._step._cache_size()
 
-    def run(self, batch: ForwardBatch, sampling: SamplingArrays) -> tuple[np.ndarray, np.ndarray]:
-        """One step; blocks until its tokens [B] and log-probs [B] are on the host."""
-        tokens, logprobs, self.cache = self._step(self.params, self.cache, batch, sampling)
+    def run(self, groups: Sequence[ForwardBatch], sampling: SamplingArrays) -> tuple[np.ndarray, np.ndarray]:
+        """One step; blocks until its tokens [R] and log-probs [R] (one per row, in group order) are on the host."""
+        tokens, logprobs, self.cache = self._step(self.params, self.cache, tuple(groups), sampling)
         return np.asarray(tokens), np.asarray(logprobs)

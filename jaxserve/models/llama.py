@@ -15,7 +15,7 @@ under `jax.lax.scan`, so compile time does not grow with depth. Weights are stor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -88,16 +88,26 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
 
 
 def forward(
-    params: Params, cache: KVCache, batch: ForwardBatch, cfg: ModelConfig
-) -> tuple[jnp.ndarray, KVCache]:
-    """Run the decoder over the batch, writing its K/V into the cache. Returns hidden [B, T, D]."""
-    b, t = batch.tokens.shape
+    params: Params, cache: KVCache, groups: Sequence[ForwardBatch], cfg: ModelConfig
+) -> tuple[tuple[jnp.ndarray, ...], KVCache]:
+    """Run the decoder over one or more token groups, writing their K/V into the cache.
+
+    Groups differ in shape (e.g. a few prefill chunks [Bp, Tp] beside many decodes [Bd, 1]): the
+    dense layers run over all their tokens at once, so weights are read once per step, while attention
+    runs per group at its own shape. Returns each group's hidden states [B, T, D].
+    """
     dtype = params["embed"].dtype
-    cos, sin = rope_tables(batch.positions, inv_frequencies(cfg))
-    mask = attention_mask(batch.positions, batch.kv_lens, batch.page_table.shape[1] * cache.page_size)
-    valid = batch.positions < batch.kv_lens[:, None]  # [B, T]
-    page, offset = write_slots(batch.page_table, batch.positions, valid, cache.page_size)
-    h = params["embed"][batch.tokens].astype(dtype)  # [B, T, D]
+    shapes = [g.tokens.shape for g in groups]
+    sizes = [b * t for b, t in shapes]
+    splits = np.cumsum(sizes)[:-1].tolist()
+    flat = lambda xs: jnp.concatenate([x.reshape(-1, *x.shape[2:]) for x in xs])  # [B, T, ...] -> [N, ...]
+    positions = flat([g.positions for g in groups])  # [N]
+    cos, sin = rope_tables(positions[None], inv_frequencies(cfg))  # [1, N, 1, D/2]
+    masks = [attention_mask(g.positions, g.kv_lens, g.page_table.shape[1] * cache.page_size) for g in groups]
+    slots = [write_slots(g.page_table, g.positions, g.positions < g.kv_lens[:, None], cache.page_size) for g in groups]
+    page, offset = flat([p for p, _ in slots]), flat([o for _, o in slots])  # [N]
+    h = params["embed"][flat([g.tokens for g in groups])].astype(dtype)  # [N, D]
+    n = h.shape[0]
 
     def layer(h, k_cache, v_cache, lp, i):
         x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
@@ -106,13 +116,16 @@ def forward(
         v = x @ lp["wv"]
         if cfg.qkv_bias:
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-        q = apply_rope(q.reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = apply_rope(q.reshape(1, n, cfg.num_heads, cfg.head_dim), cos, sin)[0]  # [N, Hq, Dh]
+        k = apply_rope(k.reshape(1, n, cfg.num_kv_heads, cfg.head_dim), cos, sin)[0]
+        v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
         k_cache = k_cache.at[i, page, offset].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
         v_cache = v_cache.at[i, page, offset].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
-        attn = paged_attention(q, k_cache, v_cache, i, batch.page_table, mask)
-        h = h + attn.reshape(b, t, -1).astype(dtype) @ lp["wo"]
+        attn = [
+            paged_attention(qg.reshape(*shape, *qg.shape[1:]), k_cache, v_cache, i, g.page_table, mask).reshape(size, -1)
+            for qg, shape, size, g, mask in zip(jnp.split(q, splits), shapes, sizes, groups, masks)
+        ]
+        h = h + jnp.concatenate(attn).astype(dtype) @ lp["wo"]
         x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
         h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
         return h, k_cache, v_cache
@@ -127,7 +140,8 @@ def forward(
     else:  # per-layer buffers: unrolled, so no layer's weights are sliced (copied) out of a stack
         for i, lp in enumerate(params["layers"]):
             h, k_cache, v_cache = layer(h, k_cache, v_cache, lp, i)
-    return h, KVCache(k=k_cache, v=v_cache)
+    hidden = tuple(x.reshape(*shape, -1) for x, shape in zip(jnp.split(h, splits), shapes))
+    return hidden, KVCache(k=k_cache, v=v_cache)
 
 
 def compute_logits(params: Params, hidden: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
