@@ -11,7 +11,7 @@ from typing import Iterator
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.cache.page_allocator import PageAllocator
+from jaxserve.cache.block_manager import BlockManager
 from jaxserve.config import ModelConfig
 from jaxserve.engine.runner import ModelRunner, bucket
 from jaxserve.errors import UserError
@@ -41,7 +41,7 @@ class Generator:
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_pages = -(-self.max_model_len // page_size)
         self.runner = ModelRunner(cfg, params, num_pages=self.max_pages + 1, page_size=page_size)
-        self.allocator = PageAllocator(self.max_pages + 1)
+        self.blocks = BlockManager(self.max_pages + 1, enable_prefix_caching=False)
 
     def check_lengths(self, num_prompt_tokens: int, max_tokens: int) -> None:
         if num_prompt_tokens == 0:
@@ -60,7 +60,8 @@ class Generator:
         """Yield generated tokens one by one; the last carries the finish reason."""
         self.check_lengths(len(prompt_ids), sp.max_tokens)
         total = len(prompt_ids) + sp.max_tokens
-        pages = self.allocator.allocate(-(-total // self.runner.page_size))
+        pages = self.blocks.allocate(-(-total // self.runner.page_size))
+        assert pages is not None  # one sequence at a time in a cache sized for the context
         try:
             page_row = np.zeros((1, bucket(len(pages), 1)), np.int32)
             page_row[0, : len(pages)] = pages
@@ -97,4 +98,4 @@ class Generator:
                     kv_lens=np.asarray([pos + 1], np.int32),
                 )
         finally:
-            self.allocator.free(pages)
+            self.blocks.release(pages)
