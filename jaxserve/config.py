@@ -178,3 +178,23 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batching and KV-cache limits of the engine (names follow vLLM's flags)."""
+
+    max_num_seqs: int = 16  # running sequences per step
+    max_num_batched_tokens: int = 512  # tokens computed per step (decodes + prefill chunks)
+    max_prefill_seqs: int = 4  # prompts chunk-prefilled side by side in one step
+    page_size: int = 16
+    num_pages: int = 1024  # including the null page
+    max_model_len: int | None = None  # None: the model's context length
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "page_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_pages < 2:
+            raise UserError(f"num_pages must be >= 2, got {self.num_pages}")

@@ -1,0 +1,52 @@
+"""One request's state on the host: its tokens, its pages and how much of it the cache holds."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from jaxserve.cache.block_manager import BlockHash, block_hashes
+from jaxserve.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: int  # admission order; a preempted sequence keeps its place
+    priority: int = 0  # lower runs first
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0  # leading tokens whose K/V are in the cache
+    hashes: list[BlockHash] = field(default_factory=list)  # of this sequence's full blocks, as far as computed
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Scheduling order: priority, then arrival."""
+        return self.priority, self.arrival
+
+    def full_block_hashes(self, page_size: int, upto: int) -> list[BlockHash]:
+        """Hashes of the full blocks among the first `upto` tokens (extends the cached list)."""
+        have = len(self.hashes) * page_size
+        if upto - have >= page_size:
+            parent = self.hashes[-1] if self.hashes else b""
+            self.hashes += block_hashes(self.tokens[have:upto], page_size, parent)
+        return self.hashes[: upto // page_size]
