@@ -158,13 +158,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _enable_compilation_cache() -> None:
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse flags; with --config, YAML values become the defaults and flags still win."""
     parser, commands = build_parser()
@@ -183,7 +176,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parse(argv)
-        _enable_compilation_cache()
+        from jaxserve.engine.runner import enable_compilation_cache
+
+        enable_compilation_cache(cache_dir() / "jax_cache")
         return args.func(args)
     except UserError as e:
         print(f"jaxserve: error: {e}", file=sys.stderr)

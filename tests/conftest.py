@@ -10,6 +10,15 @@ import pytest
 GOLDEN = Path(__file__).parent / "golden" / "smollm2_reference.json"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache() -> None:
+    """Reuse compiled steps across test runs (same cache as the CLI)."""
+    from jaxserve.checkpoint.registry import cache_dir
+    from jaxserve.engine.runner import enable_compilation_cache
+
+    enable_compilation_cache(cache_dir() / "jax_cache")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The default model as the CLI loads it (registry name -> cached jaxserve checkpoint)."""

@@ -7,6 +7,7 @@ warmed-up runner never recompiles. The cache is donated and returned updated.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -17,6 +18,12 @@ from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import ModelConfig
 from jaxserve.models.llama import ForwardBatch, Params, compute_logits, forward
 from jaxserve.ops.sampling import SamplingArrays, sample
+
+
+def enable_compilation_cache(folder: Path) -> None:
+    """JAX's persistent compilation cache: a restarted process loads its step executables from disk."""
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def bucket(n: int, minimum: int = 16) -> int:

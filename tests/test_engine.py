@@ -1,0 +1,103 @@
+"""The batched engine on SmolLM2: batching, batch invariance, preemption and prefix caching change
+nothing about a request's output."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine.generator import Generator
+from jaxserve.engine.llm import LLM
+from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.errors import UserError
+from jaxserve.sampling_params import SamplingParams
+
+WORDS = "the quick brown fox jumps over a lazy dog while curious cats watch from old windows of houses".split()
+
+
+def _prompts(n: int, seed: int, max_words: int = 60) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words))) for _ in range(n)]
+
+
+def _engine(model, **kw) -> LLM:
+    return LLM(model, EngineConfig(**{"num_pages": 256, "max_num_seqs": 16, "max_num_batched_tokens": 256, **kw}))
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2) -> LLM:
+    """One engine shared by the tests that use the default limits (its compiled steps are reused)."""
+    return _engine(smollm2)
+
+
+def test_batched_greedy_equals_one_at_a_time(smollm2, llm) -> None:
+    prompts = _prompts(24, seed=0)
+    rng = random.Random(1)
+    params = [SamplingParams(max_tokens=rng.randint(2, 12), temperature=0.0) for _ in prompts]
+    batched = llm.generate(prompts, params, use_tqdm=False)
+    gen = Generator(smollm2.cfg, smollm2.params, smollm2.tokenizer.eos_token_ids, max_model_len=256)
+    for prompt, sp, out in zip(prompts, params, batched):
+        alone = [o.token_id for o in gen.generate(smollm2.tokenizer.encode(prompt), sp) if o.finish_reason != "stop"]
+        assert out.token_ids == alone, prompt
+
+
+def test_seeded_sampling_is_batch_invariant(llm) -> None:
+    target = "Tell me a story about a lighthouse"
+    sp = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=1234)
+    alone = llm.generate([target], sp, use_tqdm=False)[0].token_ids
+    others = _prompts(15, seed=2)
+    rng = random.Random(3)
+    other_params = [SamplingParams(max_tokens=rng.randint(4, 20), temperature=1.0, top_k=rng.choice([-1, 20])) for _ in others]
+    crowd = llm.generate([target, *others], [sp, *other_params], use_tqdm=False)[0].token_ids
+    reordered = llm.generate([*others[:7], target, *others[7:]], [*other_params[:7], sp, *other_params[7:]], use_tqdm=False)[7].token_ids
+    assert alone == crowd == reordered
+    assert len(alone) == 16
+
+
+def test_preemption_keeps_outputs_identical(smollm2, llm) -> None:
+    prompts = _prompts(8, seed=4, max_words=40)
+    params = [SamplingParams(max_tokens=24, temperature=0.0 if i % 2 else 0.9, seed=i, ignore_eos=True) for i in range(8)]
+    roomy = llm.generate(prompts, params, use_tqdm=False)
+    tight = _engine(smollm2, num_pages=12)  # 11 usable pages of 16 tokens: not enough for all at once
+    squeezed = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in squeezed] == [o.token_ids for o in roomy]
+    tight.engine.blocks.check_consistency()
+    assert tight.engine.blocks.usage == 0.0
+
+
+def test_prefix_cache_computes_only_the_suffix(smollm2) -> None:
+    tok = smollm2.tokenizer
+    system = tok.encode(" ".join(WORDS * 40))[:512]
+    llm = _engine(smollm2, num_pages=128, max_num_batched_tokens=512)
+    engine = llm.engine
+    sp = SamplingParams(max_tokens=4, temperature=0.0)
+    first = llm.generate([system + tok.encode(" question one?")], sp, use_tqdm=False)
+    before = engine.num_computed_tokens
+    suffix = tok.encode(" and a second question?")
+    second = llm.generate([system + suffix], sp, use_tqdm=False)
+    computed = engine.num_computed_tokens - before
+    # The 512 shared tokens (32 full pages) come from the cache; only the suffix and the decode steps run.
+    assert computed == len(suffix) + (len(second[0].token_ids) - 1 + (second[0].finish_reason == "stop"))
+    uncached = _engine(smollm2, enable_prefix_caching=False).generate([system + suffix], sp, use_tqdm=False)
+    assert second[0].token_ids == uncached[0].token_ids
+    assert first[0].token_ids
+
+
+def test_requests_that_cannot_run_are_rejected_up_front(smollm2) -> None:
+    engine = LLMEngine(smollm2.cfg, smollm2.params, (2,), EngineConfig(num_pages=8, max_model_len=1024))
+    sp = SamplingParams(max_tokens=4)
+    with pytest.raises(UserError, match="prompt is empty"):
+        engine.add_request("a", [], sp)
+    with pytest.raises(UserError, match="exceeds the context length 1024"):
+        engine.add_request("b", [1] * 1022, sp)
+    with pytest.raises(UserError, match="the cache holds 112"):
+        engine.add_request("c", [1] * 200, sp)
+    with pytest.raises(UserError, match="token ids must be in"):
+        engine.add_request("d", [10**6], sp)
+    engine.add_request("e", [1, 2, 3], sp)
+    with pytest.raises(UserError, match="already in use"):
+        engine.add_request("e", [1, 2, 3], sp)
+    assert [r.request_id for r in engine.scheduler.waiting] == ["e"]
