@@ -1,6 +1,6 @@
 """Paged attention, reference implementation in jax.numpy (runs on every backend; the test oracle).
 
-Keys and values live in pages `[num_pages, page_size, kv_heads, head_dim]`; each sequence reads its
+Keys and values live in head-major pages `[kv_heads, num_pages, page_size, head_dim]` per layer; each sequence reads its
 pages through a page-table row. Page 0 is the null page: padding writes land there and it is never
 read unmasked.
 """
@@ -31,29 +31,45 @@ def attention_mask(positions: jnp.ndarray, kv_lens: jnp.ndarray, num_keys: int) 
     return (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < kv_lens[:, None, None])
 
 
+def _gather_pages(cache: jnp.ndarray, layer: int | jnp.ndarray, page_table: jnp.ndarray) -> jnp.ndarray:
+    """Pages [Hkv, B * P, page_size * D] of one layer, gathered as whole rows of the flattened cache.
+
+    Row gathers run about 4x faster than element-wise advanced indexing on XLA:CPU, and indexing the
+    flat cache directly never copies a layer out of the stack. Page ids come from the host allocator
+    and are always in range, so bounds handling is skipped.
+    """
+    num_layers, hkv, num_pages, page_size, d = cache.shape
+    rows = (layer * hkv + jnp.arange(hkv)[:, None]) * num_pages + page_table.reshape(1, -1)  # [Hkv, B * P]
+    flat = cache.reshape(num_layers * hkv * num_pages, page_size * d)
+    return flat.at[rows].get(mode="promise_in_bounds")
+
+
 def paged_attention(
     q: jnp.ndarray,  # [B, T, Hq, D]
-    k_cache: jnp.ndarray,  # [L, num_pages, page_size, Hkv, D]
-    v_cache: jnp.ndarray,  # [L, num_pages, page_size, Hkv, D]
+    k_cache: jnp.ndarray,  # [L, Hkv, num_pages, page_size, D]
+    v_cache: jnp.ndarray,  # [L, Hkv, num_pages, page_size, D]
     layer: int | jnp.ndarray,
     page_table: jnp.ndarray,  # [B, P] int32
     mask: jnp.ndarray,  # [B, T, P * page_size] bool, from `attention_mask`
 ) -> jnp.ndarray:  # [B, T, Hq, D]
     """Causal GQA attention of new tokens over each sequence's cached pages of one layer.
 
-    Pages are gathered straight from the stacked cache, so no layer of it is sliced out (copied).
+    Pages are gathered straight from the stacked cache (no layer is sliced out), and head-major pages
+    come out as [Hkv, B, S, D]: both attention matmuls then batch over (Hkv, B) with no transposes of
+    the gathered keys and values.
     """
     b, t, hq, d = q.shape
-    page_size, hkv = k_cache.shape[2], k_cache.shape[3]
+    hkv, page_size = k_cache.shape[1], k_cache.shape[3]
     g = hq // hkv
     s = page_table.shape[1] * page_size
-    # Page ids come from the host allocator and are always in range: skip XLA's bounds handling.
-    k = k_cache.at[layer, page_table].get(mode="promise_in_bounds").reshape(b, s, hkv, d)  # [B, S, Hkv, D]
-    v = v_cache.at[layer, page_table].get(mode="promise_in_bounds").reshape(b, s, hkv, d)
-    qg = q.reshape(b, t, hkv, g, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)  # [B, Hkv, G, T, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, hq, d).astype(q.dtype)
+    k = _gather_pages(k_cache, layer, page_table).reshape(hkv, b, s, d)  # [Hkv, B, S, D]
+    v = _gather_pages(v_cache, layer, page_table).reshape(hkv, b, s, d)
+    qh = q.reshape(b, t, hkv, g, d).transpose(2, 0, 3, 1, 4).reshape(hkv, b, g * t, d)  # [Hkv, B, G*T, D]
+    # Keys on the left ([S, D] @ [D, G*T]): with few queries per sequence this runs ~3x faster on
+    # XLA:CPU than queries on the left.
+    scores = jnp.einsum("hbsd,hbqd->hbsq", k, qh, preferred_element_type=jnp.float32) * (d**-0.5)
+    keep = jnp.broadcast_to(mask.transpose(0, 2, 1)[None, :, :, None, :], (hkv, b, s, g, t)).reshape(hkv, b, s, g * t)
+    scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)  # [Hkv, B, S, G*T]
+    probs = jax.nn.softmax(scores, axis=2).astype(v.dtype)
+    out = jnp.einsum("hbsq,hbsd->hbqd", probs, v, preferred_element_type=jnp.float32)  # [Hkv, B, G*T, D]
+    return out.reshape(hkv, b, g, t, d).transpose(1, 3, 0, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
