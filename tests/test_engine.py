@@ -101,3 +101,41 @@ def test_requests_that_cannot_run_are_rejected_up_front(smollm2) -> None:
     with pytest.raises(UserError, match="already in use"):
         engine.add_request("e", [1, 2, 3], sp)
     assert [r.request_id for r in engine.scheduler.waiting] == ["e"]
+
+
+def test_stress_with_shared_prefixes_and_aborts_returns_every_page() -> None:
+    """200 requests (half sharing a long prefix) with random aborts on a tiny model and a small cache:
+    everything finishes or is aborted, and every page ends free or evictable with consistent counts."""
+    from tests.tiny_models import tiny_config, tiny_params
+
+    cfg = tiny_config("llama", max_position_embeddings=256)
+    engine = LLMEngine(cfg, tiny_params(cfg), (2,), EngineConfig(num_pages=48, page_size=4, max_num_seqs=8, max_num_batched_tokens=64))
+    rng = random.Random(5)
+    shared = [rng.randrange(3, cfg.vocab_size) for _ in range(40)]
+    live: set[str] = set()
+    finished = aborted = 0
+    for i in range(200):
+        prompt = (shared if i % 2 else []) + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(1, 30))]
+        sp = SamplingParams(max_tokens=rng.randint(1, 20), temperature=rng.choice([0.0, 1.0]), seed=i)
+        engine.add_request(str(i), prompt, sp)
+        live.add(str(i))
+        for _ in range(rng.randint(0, 3)):
+            for out in engine.step():
+                if out.finish_reason:
+                    live.discard(out.request_id)
+                    finished += 1
+        if live and rng.random() < 0.2:
+            victim = rng.choice(sorted(live))
+            engine.abort(victim)
+            live.discard(victim)
+            aborted += 1
+        engine.blocks.check_consistency()
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finish_reason:
+                live.discard(out.request_id)
+                finished += 1
+    assert not live and finished + aborted == 200 and aborted > 10
+    assert engine.blocks.usage == 0.0 and engine.blocks.num_free == 47
+    assert engine.blocks.prefix_hits > 0 and engine.scheduler.num_preemptions > 0
+    engine.blocks.check_consistency()
