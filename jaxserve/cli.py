@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from typing import Sequence
@@ -70,24 +71,33 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def _generator(args: argparse.Namespace):
+def _single_stream(args: argparse.Namespace):
+    """The model and an engine sized for one sequence of the full context (what generate and chat run)."""
     from jaxserve.checkpoint.loader import load_model
-    from jaxserve.engine.generator import Generator
+    from jaxserve.config import EngineConfig
+    from jaxserve.engine.llm import LLM
 
     if args.page_size < 1:
         raise UserError(f"--page-size must be >= 1, got {args.page_size}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
     model = load_model(args.model, args.dtype)
-    gen = Generator(model.cfg, model.params, model.tokenizer.eos_token_ids, args.max_model_len, args.page_size)
-    return model, gen
+    max_len = min(args.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
+    engine = EngineConfig(
+        max_num_seqs=1,
+        max_num_batched_tokens=2048,
+        page_size=args.page_size,
+        num_pages=-(-max_len // args.page_size) + 1,
+        max_model_len=max_len,
+    )
+    return model, LLM(model, engine)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from jaxserve.tokenizer import IncrementalDetokenizer
 
     sp = _sampling(args)
-    model, gen = _generator(args)
+    model, llm = _single_stream(args)
     tok = model.tokenizer
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -99,7 +109,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     detok = IncrementalDetokenizer(tok)
     token_ids: list[int] = []
     finish = None
-    for out in gen.generate(prompt_ids, sp):
+    for out in llm.stream(prompt_ids, sp):
         finish = out.finish_reason
         if finish == "stop":
             break
@@ -118,7 +128,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     from jaxserve.tokenizer import IncrementalDetokenizer
 
     sp = _sampling(args)
-    model, gen = _generator(args)
+    model, llm = _single_stream(args)
     tok = model.tokenizer
     history = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
@@ -132,13 +142,14 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line.rstrip("\n")})
         prompt_ids = tok.encode_chat(history)
         try:
-            gen.check_lengths(len(prompt_ids), sp.max_tokens)
+            outputs = llm.stream(prompt_ids, sp, request_id=f"turn-{len(history)}")
+            first = next(outputs)  # the request is checked when it is added, before any output
         except UserError as e:
             print(f"jaxserve: error: {e}; start a new chat", file=sys.stderr)
             return 2
         detok = IncrementalDetokenizer(tok)
         reply: list[int] = []
-        for out in gen.generate(prompt_ids, sp):
+        for out in itertools.chain([first], outputs):
             if out.finish_reason == "stop":
                 break
             reply.append(out.token_id)

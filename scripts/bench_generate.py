@@ -107,7 +107,8 @@ def main() -> None:
 
         from jaxserve.checkpoint import registry
         from jaxserve.checkpoint.loader import convert, load_model
-        from jaxserve.engine.generator import Generator
+        from jaxserve.config import EngineConfig
+        from jaxserve.engine.llm import LLM
         from jaxserve.sampling_params import SamplingParams
 
         entry = registry.REGISTRY[registry.DEFAULT_MODEL]
@@ -123,13 +124,13 @@ def main() -> None:
         jax.block_until_ready(model.params)
         warm_load = time.perf_counter() - t0
 
-        gen = Generator(model.cfg, model.params, model.tokenizer.eos_token_ids, max_model_len=2048)
+        llm = LLM(model, EngineConfig(max_num_seqs=1, num_pages=129, max_model_len=2048))
         prompt_ids = model.tokenizer.encode(PROMPT)
         sp = SamplingParams(max_tokens=args.decode_tokens, temperature=0.0, ignore_eos=True)
 
         def timed_run() -> list[float]:
             stamps = [time.perf_counter()]
-            for _ in gen.generate(prompt_ids, sp):
+            for _ in llm.stream(prompt_ids, sp):
                 stamps.append(time.perf_counter())
             return stamps
 
@@ -152,7 +153,7 @@ def main() -> None:
             "prefill_tokens_per_s": round(len(prompt_ids) / prefill_s, 1),
             "decode_tokens": args.decode_tokens,
             "decode_tokens_per_s": round(decode_tps, 1),
-            "step_compiles": gen.runner.num_compiles,
+            "step_compiles": llm.engine.runner.num_compiles,
         }
         python = args.reference_python or (sys.executable if importlib.util.find_spec("torch") else None)
         if python:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jaxserve.engine.generator import Generator
+from jaxserve.config import EngineConfig
+from jaxserve.engine.llm import LLM
 from jaxserve.sampling_params import SamplingParams
 from tests.tiny_models import prefill_logits
 
@@ -29,11 +30,11 @@ def test_prompts_tokenize_like_reference(smollm2, golden) -> None:
 
 
 def test_greedy_continuations_match_reference(smollm2, golden) -> None:
-    gen = Generator(smollm2.cfg, smollm2.params, smollm2.tokenizer.eos_token_ids, max_model_len=512)
+    llm = LLM(smollm2, EngineConfig(max_num_seqs=1, num_pages=33, max_model_len=512))
     tolerated = []
     for n, case in enumerate(golden["cases"]):
         sp = SamplingParams(max_tokens=golden["new_tokens"], temperature=0.0, ignore_eos=True)
-        ours = [out.token_id for out in gen.generate(case["prompt_ids"], sp)]
+        ours = llm.generate([case["prompt_ids"]], sp, use_tqdm=False)[0].token_ids
         assert len(ours) == golden["new_tokens"]
         for step, (a, b) in enumerate(zip(ours, case["output_ids"])):
             if a != b:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence as Seq
+from typing import Iterator, Sequence as Seq
 
 from tqdm import tqdm
 
 from jaxserve.checkpoint.loader import LoadedModel, load_model
 from jaxserve.checkpoint.registry import DEFAULT_MODEL
 from jaxserve.config import EngineConfig
-from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.engine.llm_engine import LLMEngine, StepOutput
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -28,6 +28,16 @@ class LLM:
         self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype)
         tok = self.model.tokenizer
         self.engine = LLMEngine(self.model.cfg, self.model.params, tok.eos_token_ids, engine)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "stream") -> Iterator[StepOutput]:
+        """One request's tokens as they come; the last output carries the finish reason."""
+        self.engine.add_request(request_id, prompt_ids, params)
+        while True:
+            for out in self.engine.step():
+                if out.request_id == request_id:
+                    yield out
+                    if out.finish_reason:
+                        return
 
     def generate(
         self,
