@@ -111,7 +111,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     finish = None
     for out in llm.stream(prompt_ids, sp):
         finish = out.finish_reason
-        if finish == "stop":
+        if out.token_id is None:
             break
         token_ids.append(out.token_id)
         if not args.json:
@@ -150,7 +150,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         detok = IncrementalDetokenizer(tok)
         reply: list[int] = []
         for out in itertools.chain([first], outputs):
-            if out.finish_reason == "stop":
+            if out.token_id is None:
                 break
             reply.append(out.token_id)
             sys.stdout.write(detok.push(out.token_id))

@@ -138,3 +138,10 @@ def test_stress_with_shared_prefixes_and_aborts_returns_every_page() -> None:
     assert engine.blocks.usage == 0.0 and engine.blocks.num_free == 47
     assert engine.blocks.prefix_hits > 0 and engine.scheduler.num_preemptions > 0
     engine.blocks.check_consistency()
+
+
+def test_a_bad_prompt_in_a_batch_queues_nothing(llm) -> None:
+    with pytest.raises(UserError, match="prompt is empty"):
+        llm.generate(["fine", [], "also fine"], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+    assert llm.generate(["fine"], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)[0].token_ids

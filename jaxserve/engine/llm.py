@@ -51,15 +51,19 @@ class LLM:
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
         ids = [p if isinstance(p, list) else tok.encode(p) for p in prompts]
-        outputs: dict[str, list] = {}
+        outputs: dict[str, list] = {f"offline-{i}": [] for i in range(len(ids))}
         finish: dict[str, str] = {}
-        for i, (prompt_ids, sp) in enumerate(zip(ids, per_prompt)):
-            self.engine.add_request(f"offline-{i}", prompt_ids, sp)
-            outputs[f"offline-{i}"] = []
+        try:
+            for request_id, prompt_ids, sp in zip(outputs, ids, per_prompt):
+                self.engine.add_request(request_id, prompt_ids, sp)
+        except ValueError:
+            for request_id in outputs:  # a bad prompt leaves nothing of this call queued
+                self.engine.abort(request_id)
+            raise
         with tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm) as bar:
             while len(finish) < len(prompts):
                 for out in self.engine.step():
-                    if out.finish_reason != "stop":
+                    if out.token_id is not None:
                         outputs[out.request_id].append((out.token_id, out.logprob))
                     if out.finish_reason:
                         finish[out.request_id] = out.finish_reason

@@ -24,7 +24,7 @@ class StepOutput:
     """What one step added to one request."""
 
     request_id: str
-    token_id: int
+    token_id: int | None  # None when the step sampled a stop token, which is not part of the output
     logprob: float
     finish_reason: str | None  # None while running; "stop", "length" or "abort"
 
@@ -103,7 +103,7 @@ class LLMEngine:
         if reason:
             self.scheduler.finish(seq, reason)
             del self.seqs[seq.request_id]
-        return StepOutput(seq.request_id, token, logprob, reason)
+        return StepOutput(seq.request_id, None if reason == "stop" else token, logprob, reason)
 
     def _inputs(self, chunks: list[Chunk]) -> tuple[list[ForwardBatch], SamplingArrays, list[int]]:
         """Fixed-shape groups for this step: decodes [Bd, 1], then prefill chunks [Bp, Tp]; one page-table
