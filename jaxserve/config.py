@@ -188,7 +188,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens computed per step (decodes + prefill chunks)
     max_prefill_seqs: int = 4  # prompts chunk-prefilled side by side in one step
     page_size: int = 16
-    num_pages: int = 1024  # including the null page
+    num_pages: int = 1024  # including the null page; ignored when kv_cache_memory is set
+    kv_cache_memory: float | None = None  # bytes (> 1), or a fraction (<= 1) of free accelerator memory
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
 
@@ -198,3 +199,5 @@ class EngineConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_pages < 2:
             raise UserError(f"num_pages must be >= 2, got {self.num_pages}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise UserError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")

@@ -145,3 +145,18 @@ def test_a_bad_prompt_in_a_batch_queues_nothing(llm) -> None:
         llm.generate(["fine", [], "also fine"], SamplingParams(max_tokens=2), use_tqdm=False)
     assert not llm.engine.has_unfinished()
     assert llm.generate(["fine"], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)[0].token_ids
+
+
+def test_kv_cache_sized_from_memory() -> None:
+    from jaxserve.cache.kv_cache import page_bytes
+    from tests.tiny_models import tiny_config, tiny_params
+
+    cfg = tiny_config("llama")
+    per_page = page_bytes(cfg, 16, "float32")  # 2 * 2 layers * 2 heads * 16 * 16 dims * 4 bytes
+    assert per_page == 2 * 2 * 2 * 16 * 16 * 4
+    engine = LLMEngine(cfg, tiny_params(cfg), (2,), EngineConfig(kv_cache_memory=per_page * 10 + 5))
+    assert engine.num_pages == 10 and engine.blocks.num_free == 9
+    with pytest.raises(UserError, match="holds 1 pages"):
+        LLMEngine(cfg, tiny_params(cfg), (2,), EngineConfig(kv_cache_memory=per_page * 1.5))
+    with pytest.raises(UserError, match="give a size in bytes"):  # CPU reports no free memory
+        LLMEngine(cfg, tiny_params(cfg), (2,), EngineConfig(kv_cache_memory=0.5))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 
 from jaxserve.config import ModelConfig
+from jaxserve.errors import UserError
 
 
 @flax.struct.dataclass
@@ -25,3 +27,25 @@ class KVCache:
     def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:
         shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def page_bytes(cfg: ModelConfig, page_size: int, dtype: jnp.dtype) -> int:
+    """Bytes of K and V one page holds across all layers."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+def pages_for_memory(cfg: ModelConfig, page_size: int, dtype: jnp.dtype, memory: float) -> int:
+    """Pages (including the null page) that fit in `memory`: bytes when > 1, else a fraction of the
+    accelerator memory still free now (after weights are placed)."""
+    if memory <= 1:
+        stats = jax.devices()[0].memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            raise UserError(
+                f"kv_cache_memory {memory} is a fraction of free accelerator memory, which "
+                f"{jax.default_backend()} does not report; give a size in bytes"
+            )
+        memory = memory * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    pages = int(memory // page_bytes(cfg, page_size, dtype))
+    if pages < 2:
+        raise UserError(f"kv_cache_memory of {int(memory)} bytes holds {pages} pages; at least 2 are needed")
+    return pages

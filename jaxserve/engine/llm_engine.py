@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.cache.block_manager import BlockManager
+from jaxserve.cache.kv_cache import page_bytes, pages_for_memory
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.runner import ModelRunner, bucket
 from jaxserve.engine.scheduler import Chunk, Scheduler
@@ -17,6 +20,8 @@ from jaxserve.errors import UserError
 from jaxserve.models.llama import ForwardBatch, Params
 from jaxserve.ops.sampling import SamplingArrays
 from jaxserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,21 @@ class LLMEngine:
         self.cfg = engine
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = min(engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.runner = ModelRunner(cfg, params, engine.num_pages, engine.page_size)
-        self.blocks = BlockManager(engine.num_pages, engine.enable_prefix_caching)
+        dtype = jax.tree.leaves(params)[0].dtype
+        self.num_pages = (
+            engine.num_pages
+            if engine.kv_cache_memory is None
+            else pages_for_memory(cfg, engine.page_size, dtype, engine.kv_cache_memory)
+        )
+        self.runner = ModelRunner(cfg, params, self.num_pages, engine.page_size)
+        self.blocks = BlockManager(self.num_pages, engine.enable_prefix_caching)
+        log.info(
+            "KV cache: %d pages of %d tokens = %d tokens (%.1f MiB)",
+            self.num_pages - 1,
+            engine.page_size,
+            (self.num_pages - 1) * engine.page_size,
+            self.num_pages * page_bytes(cfg, engine.page_size, dtype) / 2**20,
+        )
         self.scheduler = Scheduler(engine, self.blocks)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
@@ -58,8 +76,8 @@ class LLMEngine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
                 f"length {self.max_model_len}"
             )
-        if -(-total // self.cfg.page_size) > self.cfg.num_pages - 1:
-            raise UserError(f"the request needs {total} tokens of KV cache; the cache holds {(self.cfg.num_pages - 1) * self.cfg.page_size}")
+        if -(-total // self.cfg.page_size) > self.num_pages - 1:
+            raise UserError(f"the request needs {total} tokens of KV cache; the cache holds {(self.num_pages - 1) * self.cfg.page_size}")
         seq = Sequence(request_id, list(prompt_ids), params, arrival=next(self._arrivals), priority=priority)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
