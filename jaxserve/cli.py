@@ -20,6 +20,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to allocate the KV cache for (default: the model's)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
+    p.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=None,
+        help="KV cache size: bytes, or a fraction (<= 1) of free accelerator memory (default: room for the context)",
+    )
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=False, help="compile every step shape before the first request")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -30,6 +37,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--min-tokens", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the output")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -68,6 +80,11 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
         min_p=args.min_p,
         seed=args.seed,
         ignore_eos=args.ignore_eos,
+        min_tokens=args.min_tokens,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        stop=tuple(args.stop),
     )
 
 
@@ -88,14 +105,16 @@ def _single_stream(args: argparse.Namespace):
         max_num_batched_tokens=2048,
         page_size=args.page_size,
         num_pages=-(-max_len // args.page_size) + 1,
+        kv_cache_memory=args.kv_cache_memory,
         max_model_len=max_len,
     )
-    return model, LLM(model, engine)
+    llm = LLM(model, engine)
+    if args.warmup:
+        llm.engine.warmup()
+    return model, llm
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from jaxserve.tokenizer import IncrementalDetokenizer
-
     sp = _sampling(args)
     model, llm = _single_stream(args)
     tok = model.tokenizer
@@ -106,27 +125,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         prompt_ids = tok.encode_chat(messages)
     else:
         prompt_ids = tok.encode(args.prompt)
-    detok = IncrementalDetokenizer(tok)
     token_ids: list[int] = []
-    finish = None
+    text, finish = "", None
     for out in llm.stream(prompt_ids, sp):
         finish = out.finish_reason
-        if out.token_id is None:
-            break
-        token_ids.append(out.token_id)
+        token_ids += [out.token_id] if out.token_id is not None else []
+        text += out.text
         if not args.json:
-            sys.stdout.write(detok.push(out.token_id))
+            sys.stdout.write(out.text)
             sys.stdout.flush()
     if args.json:
-        print(json.dumps({"text": tok.decode(token_ids), "token_ids": token_ids, "prompt_token_ids": prompt_ids, "finish_reason": finish}))
+        print(json.dumps({"text": text, "token_ids": token_ids, "prompt_token_ids": prompt_ids, "finish_reason": finish}))
     else:
-        print(detok.flush())
+        print()
     return 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from jaxserve.tokenizer import IncrementalDetokenizer
-
     sp = _sampling(args)
     model, llm = _single_stream(args)
     tok = model.tokenizer
@@ -147,16 +162,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         except UserError as e:
             print(f"jaxserve: error: {e}; start a new chat", file=sys.stderr)
             return 2
-        detok = IncrementalDetokenizer(tok)
-        reply: list[int] = []
+        reply = ""
         for out in itertools.chain([first], outputs):
-            if out.token_id is None:
-                break
-            reply.append(out.token_id)
-            sys.stdout.write(detok.push(out.token_id))
+            reply += out.text
+            sys.stdout.write(out.text)
             sys.stdout.flush()
-        print(detok.flush(), flush=True)
-        history.append({"role": "assistant", "content": tok.decode(reply)})
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply})
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:

@@ -187,6 +187,7 @@ class EngineConfig:
     max_num_seqs: int = 16  # running sequences per step
     max_num_batched_tokens: int = 512  # tokens computed per step (decodes + prefill chunks)
     max_prefill_seqs: int = 4  # prompts chunk-prefilled side by side in one step
+    prefill_row_len: int = 64  # prefill chunks run as rows of this many tokens (one compiled width)
     page_size: int = 16
     num_pages: int = 1024  # including the null page; ignored when kv_cache_memory is set
     kv_cache_memory: float | None = None  # bytes (> 1), or a fraction (<= 1) of free accelerator memory
@@ -194,10 +195,15 @@ class EngineConfig:
     enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "page_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "prefill_row_len", "page_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_pages < 2:
             raise UserError(f"num_pages must be >= 2, got {self.num_pages}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise UserError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
+
+    @property
+    def max_prefill_rows(self) -> int:
+        """Prefill rows one step can hold within the token budget."""
+        return max(1, self.max_num_batched_tokens // self.prefill_row_len)

@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from jaxserve.errors import UserError
+
+MAX_LOGPROBS = 20  # most top log-probs a request may ask for (OpenAI's limit for top_logprobs)
+_GOLDEN = 0x9E3779B9  # spreads the seeds of a request's n samples
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -16,8 +28,18 @@ class SamplingParams:
     top_k: int = -1
     min_p: float = 0.0
     seed: int | None = None
+    n: int = 1  # samples of one prompt; they share its KV pages
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # divides positive / multiplies negative logits of prompt and output tokens
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # top log-probs per output token (0: only the sampled token's)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    min_tokens: int = 0  # stop tokens and stop strings are ignored before this many tokens
+    stop: tuple[str, ...] = ()  # stop strings, matched on the detokenized output and cut from it
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
     # Filled in when `seed` is None so that every draw of an unseeded request is still reproducible
     # from its logged seed.
     effective_seed: int = field(default=-1, compare=False)
@@ -27,17 +49,36 @@ class SamplingParams:
             if not ok:
                 raise UserError(f"{name} {why}, got {getattr(self, name)!r}")
 
-        check(isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool), "max_tokens", "must be an integer")
-        check(self.max_tokens >= 1, "max_tokens", "must be at least 1")
-        check(isinstance(self.temperature, (int, float)) and self.temperature >= 0, "temperature", "must be >= 0")
-        check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "must be -1 (off) or a positive integer")
-        check(isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        check(_is_num(self.temperature) and self.temperature >= 0, "temperature", "must be a number >= 0")
+        check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k", "must be -1 (off) or an integer >= 1")
+        check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        check(self.seed is None or _is_int(self.seed), "seed", "must be an integer")
+        check(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
+        for name in ("presence_penalty", "frequency_penalty"):
+            check(_is_num(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name, "must be in [-2, 2]")
+        check(_is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty", "must be in (0, 10]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name, f"must be an integer in [0, {MAX_LOGPROBS}]")
+        check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be an integer in [0, max_tokens]")
+        check(isinstance(self.logit_bias, Mapping), "logit_bias", "must map token ids to numbers")
+        bias = {}
+        for key, value in self.logit_bias.items():
+            token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
+            check(_is_int(token) and token >= 0 and _is_num(value) and -100 <= value <= 100, "logit_bias", "must map token ids to numbers in [-100, 100]")
+            bias[token] = float(value)
+        object.__setattr__(self, "logit_bias", bias)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        check(isinstance(stop, (list, tuple)) and all(isinstance(s, str) and s for s in stop), "stop", "must be a non-empty string or a list of them")
+        object.__setattr__(self, "stop", tuple(stop))
         check(
-            self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
-            "seed",
-            "must be an integer",
+            isinstance(self.stop_token_ids, (list, tuple)) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            "must be a list of token ids",
         )
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.effective_seed < 0:
             seed = self.seed if self.seed is not None else random.getrandbits(32)
             object.__setattr__(self, "effective_seed", seed % (1 << 32))
@@ -45,3 +86,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether sampling needs this request's per-token logit adjustments (penalties, bias, min_tokens)."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.logit_bias or self.min_tokens
+        )
+
+    def sample_seed(self, index: int) -> int:
+        """Seed of the index-th of the n samples (the first uses the request's own seed)."""
+        return (self.effective_seed + index * _GOLDEN) % (1 << 32)

@@ -40,7 +40,7 @@ def throughput(llm: LLM, reqs: list[list[int]], sp: SamplingParams) -> dict:
     start = time.perf_counter()
     outs = llm.generate(reqs, sp, use_tqdm=True)
     elapsed = time.perf_counter() - start
-    generated = sum(len(o.token_ids) for o in outs)
+    generated = sum(len(s.token_ids) for o in outs for s in o.outputs)
     return {"requests": len(reqs), "seconds": round(elapsed, 2), "output_tokens_per_s": round(generated / elapsed, 1)}
 
 

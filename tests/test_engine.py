@@ -39,18 +39,18 @@ def test_batched_greedy_equals_one_at_a_time(smollm2, llm) -> None:
     single = _engine(smollm2, max_num_seqs=1)
     for prompt, sp, out in zip(prompts, params, batched):
         alone = single.generate([prompt], sp, use_tqdm=False)[0]  # an engine that only ever runs one request
-        assert out.token_ids == alone.token_ids, prompt
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids, prompt
 
 
 def test_seeded_sampling_is_batch_invariant(llm) -> None:
     target = "Tell me a story about a lighthouse"
     sp = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=1234)
-    alone = llm.generate([target], sp, use_tqdm=False)[0].token_ids
+    alone = llm.generate([target], sp, use_tqdm=False)[0].outputs[0].token_ids
     others = _prompts(15, seed=2)
     rng = random.Random(3)
     other_params = [SamplingParams(max_tokens=rng.randint(4, 20), temperature=1.0, top_k=rng.choice([-1, 20])) for _ in others]
-    crowd = llm.generate([target, *others], [sp, *other_params], use_tqdm=False)[0].token_ids
-    reordered = llm.generate([*others[:7], target, *others[7:]], [*other_params[:7], sp, *other_params[7:]], use_tqdm=False)[7].token_ids
+    crowd = llm.generate([target, *others], [sp, *other_params], use_tqdm=False)[0].outputs[0].token_ids
+    reordered = llm.generate([*others[:7], target, *others[7:]], [*other_params[:7], sp, *other_params[7:]], use_tqdm=False)[7].outputs[0].token_ids
     assert alone == crowd == reordered
     assert len(alone) == 16
 
@@ -62,7 +62,7 @@ def test_preemption_keeps_outputs_identical(smollm2, llm) -> None:
     tight = _engine(smollm2, num_pages=12)  # 11 usable pages of 16 tokens: not enough for all at once
     squeezed = tight.generate(prompts, params, use_tqdm=False)
     assert tight.engine.scheduler.num_preemptions > 0
-    assert [o.token_ids for o in squeezed] == [o.token_ids for o in roomy]
+    assert [o.outputs[0].token_ids for o in squeezed] == [o.outputs[0].token_ids for o in roomy]
     tight.engine.blocks.check_consistency()
     assert tight.engine.blocks.usage == 0.0
 
@@ -79,14 +79,14 @@ def test_prefix_cache_computes_only_the_suffix(smollm2) -> None:
     second = llm.generate([system + suffix], sp, use_tqdm=False)
     computed = engine.num_computed_tokens - before
     # The 512 shared tokens (32 full pages) come from the cache; only the suffix and the decode steps run.
-    assert computed == len(suffix) + (len(second[0].token_ids) - 1 + (second[0].finish_reason == "stop"))
+    assert computed == len(suffix) + (len(second[0].outputs[0].token_ids) - 1 + (second[0].outputs[0].finish_reason == "stop"))
     uncached = _engine(smollm2, enable_prefix_caching=False).generate([system + suffix], sp, use_tqdm=False)
-    assert second[0].token_ids == uncached[0].token_ids
-    assert first[0].token_ids
+    assert second[0].outputs[0].token_ids == uncached[0].outputs[0].token_ids
+    assert first[0].outputs[0].token_ids
 
 
 def test_requests_that_cannot_run_are_rejected_up_front(smollm2) -> None:
-    engine = LLMEngine(smollm2.cfg, smollm2.params, (2,), EngineConfig(num_pages=8, max_model_len=1024))
+    engine = LLMEngine(smollm2.cfg, smollm2.params, EngineConfig(num_pages=8, max_model_len=1024), eos_token_ids=(2,))
     sp = SamplingParams(max_tokens=4)
     with pytest.raises(UserError, match="prompt is empty"):
         engine.add_request("a", [], sp)
@@ -108,7 +108,7 @@ def test_stress_with_shared_prefixes_and_aborts_returns_every_page() -> None:
     from tests.tiny_models import tiny_config, tiny_params
 
     cfg = tiny_config("llama", max_position_embeddings=256)
-    engine = LLMEngine(cfg, tiny_params(cfg), (2,), EngineConfig(num_pages=48, page_size=4, max_num_seqs=8, max_num_batched_tokens=64))
+    engine = LLMEngine(cfg, tiny_params(cfg), EngineConfig(num_pages=48, page_size=4, max_num_seqs=8, max_num_batched_tokens=64), eos_token_ids=(2,))
     rng = random.Random(5)
     shared = [rng.randrange(3, cfg.vocab_size) for _ in range(40)]
     live: set[str] = set()
@@ -144,7 +144,7 @@ def test_a_bad_prompt_in_a_batch_queues_nothing(llm) -> None:
     with pytest.raises(UserError, match="prompt is empty"):
         llm.generate(["fine", [], "also fine"], SamplingParams(max_tokens=2), use_tqdm=False)
     assert not llm.engine.has_unfinished()
-    assert llm.generate(["fine"], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)[0].token_ids
+    assert llm.generate(["fine"], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_kv_cache_sized_from_memory() -> None:
@@ -154,9 +154,9 @@ def test_kv_cache_sized_from_memory() -> None:
     cfg = tiny_config("llama")
     per_page = page_bytes(cfg, 16, "float32")  # 2 * 2 layers * 2 heads * 16 * 16 dims * 4 bytes
     assert per_page == 2 * 2 * 2 * 16 * 16 * 4
-    engine = LLMEngine(cfg, tiny_params(cfg), (2,), EngineConfig(kv_cache_memory=per_page * 10 + 5))
+    engine = LLMEngine(cfg, tiny_params(cfg), EngineConfig(kv_cache_memory=per_page * 10 + 5), eos_token_ids=(2,))
     assert engine.num_pages == 10 and engine.blocks.num_free == 9
     with pytest.raises(UserError, match="holds 1 pages"):
-        LLMEngine(cfg, tiny_params(cfg), (2,), EngineConfig(kv_cache_memory=per_page * 1.5))
+        LLMEngine(cfg, tiny_params(cfg), EngineConfig(kv_cache_memory=per_page * 1.5), eos_token_ids=(2,))
     with pytest.raises(UserError, match="give a size in bytes"):  # CPU reports no free memory
-        LLMEngine(cfg, tiny_params(cfg), (2,), EngineConfig(kv_cache_memory=0.5))
+        LLMEngine(cfg, tiny_params(cfg), EngineConfig(kv_cache_memory=0.5), eos_token_ids=(2,))

@@ -34,7 +34,7 @@ def test_greedy_continuations_match_reference(smollm2, golden) -> None:
     tolerated = []
     for n, case in enumerate(golden["cases"]):
         sp = SamplingParams(max_tokens=golden["new_tokens"], temperature=0.0, ignore_eos=True)
-        ours = llm.generate([case["prompt_ids"]], sp, use_tqdm=False)[0].token_ids
+        ours = llm.generate([case["prompt_ids"]], sp, use_tqdm=False)[0].outputs[0].token_ids
         assert len(ours) == golden["new_tokens"]
         for step, (a, b) in enumerate(zip(ours, case["output_ids"])):
             if a != b:

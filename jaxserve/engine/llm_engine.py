@@ -2,43 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
-from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.cache.block_manager import BlockManager
 from jaxserve.cache.kv_cache import page_bytes, pages_for_memory
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.engine.runner import ModelRunner, bucket
+from jaxserve.engine.outputs import StepOutput, TopLogprobs
+from jaxserve.engine.runner import ModelRunner, StepShapes
 from jaxserve.engine.scheduler import Chunk, Scheduler
 from jaxserve.engine.sequence import Sequence, Status
 from jaxserve.errors import UserError
 from jaxserve.models.llama import ForwardBatch, Params
-from jaxserve.ops.sampling import SamplingArrays
+from jaxserve.ops.sampling import LogitAdjust, SamplingArrays
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class StepOutput:
-    """What one step added to one request."""
-
-    request_id: str
-    token_id: int | None  # None when the step sampled a stop token, which is not part of the output
-    logprob: float
-    finish_reason: str | None  # None while running; "stop", "length" or "abort"
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that could still grow into a stop string."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
 
 
 class LLMEngine:
-    def __init__(self, cfg: ModelConfig, params: Params, eos_token_ids: tuple[int, ...], engine: EngineConfig) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        engine: EngineConfig,
+        tokenizer: Tokenizer | None = None,
+        eos_token_ids: tuple[int, ...] | None = None,
+    ) -> None:
         self.model_cfg = cfg
         self.cfg = engine
-        self.eos_token_ids = frozenset(eos_token_ids)
+        self.tokenizer = tokenizer
+        eos = eos_token_ids if eos_token_ids is not None else (tokenizer.eos_token_ids if tokenizer else ())
+        self.eos_token_ids = frozenset(eos)
         self.max_model_len = min(engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         dtype = jax.tree.leaves(params)[0].dtype
         self.num_pages = (
@@ -46,30 +50,38 @@ class LLMEngine:
             if engine.kv_cache_memory is None
             else pages_for_memory(cfg, engine.page_size, dtype, engine.kv_cache_memory)
         )
-        self.runner = ModelRunner(cfg, params, self.num_pages, engine.page_size)
+        self.shapes = StepShapes.from_config(engine, self.max_model_len)
+        self.runner = ModelRunner(cfg, params, self.num_pages, engine.page_size, self.shapes)
         self.blocks = BlockManager(self.num_pages, engine.enable_prefix_caching)
         log.info(
-            "KV cache: %d pages of %d tokens = %d tokens (%.1f MiB)",
+            "KV cache: %d pages of %d tokens = %d tokens (%.1f MiB); %d step shapes",
             self.num_pages - 1,
             engine.page_size,
             (self.num_pages - 1) * engine.page_size,
             self.num_pages * page_bytes(cfg, engine.page_size, dtype) / 2**20,
+            len(self.shapes.combos()),
         )
         self.scheduler = Scheduler(engine, self.blocks)
-        self.seqs: dict[str, Sequence] = {}
+        self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._arrivals = itertools.count()
         self.num_computed_tokens = 0  # tokens whose K/V the device computed (prefix hits excluded)
 
     # ---- requests ------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
-        """Queue a request; every check happens here, before it can touch a batch."""
+    def check_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise UserError naming what is wrong with a request; touches no state."""
+        vocab = self.model_cfg.vocab_size
         if request_id in self.seqs:
             raise UserError(f"request id {request_id!r} is already in use")
         if not prompt_ids:
             raise UserError("the prompt is empty")
-        if any(not 0 <= t < self.model_cfg.vocab_size for t in prompt_ids):
-            raise UserError(f"prompt token ids must be in [0, {self.model_cfg.vocab_size})")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise UserError(f"prompt token ids must be integers in [0, {vocab})")
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if any(t >= vocab for t in ids):
+                raise UserError(f"{name} token ids must be in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise UserError("stop strings need a tokenizer; this engine has none")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise UserError(
@@ -78,17 +90,32 @@ class LLMEngine:
             )
         if -(-total // self.cfg.page_size) > self.num_pages - 1:
             raise UserError(f"the request needs {total} tokens of KV cache; the cache holds {(self.num_pages - 1) * self.cfg.page_size}")
-        seq = Sequence(request_id, list(prompt_ids), params, arrival=next(self._arrivals), priority=priority)
-        self.seqs[request_id] = seq
-        self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+        """Queue a request (its n samples); every check happens here, before it can touch a batch."""
+        self.check_request(request_id, prompt_ids, params)
+        arrival = next(self._arrivals)
+        samples: list[Sequence] = []
+        for index in range(params.n):
+            sp = params if index == 0 else dataclasses.replace(params, prompt_logprobs=None)
+            detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
+            leader = samples[0] if samples else None
+            samples.append(Sequence(request_id, list(prompt_ids), sp, arrival, priority, index, leader, detok))
+        self.seqs[request_id] = samples
+        for seq in samples:
+            self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
-        seq = self.seqs.pop(request_id, None)
-        if seq is not None and seq.status is not Status.FINISHED:
-            self.scheduler.finish(seq, "abort")
+        for seq in self.seqs.pop(request_id, []):
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every step shape now, so that serving never waits on the compiler."""
+        self.runner.warmup(progress)
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -96,62 +123,152 @@ class LLMEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
-        groups, sampling, rows = self._inputs(chunks)
-        tokens, logprobs = self.runner.run(groups, sampling)
+        groups, last_row, prompt_slots = self._batch(chunks)
+        logits, prefill_hidden = self.runner.forward(groups)
+        sampled = [c for c in chunks if c.completes]
+        extras = any(c.seq.params.adjusts_logits or c.seq.params.logprobs is not None for c in sampled)
+        rows = logits.shape[0]
+        sampling, positions = self._sampling(sampled, last_row, rows)
+        adjust = self._adjust(sampled, last_row, rows) if extras else None
+        tokens, logprobs, *top = self.runner.sample(logits, sampling, positions, adjust, top=extras)
+        if prompt_slots:
+            self._collect_prompt_logprobs(prefill_hidden, prompt_slots)
         outputs = []
-        for chunk, row in zip(chunks, rows):
-            seq, token, logprob = chunk.seq, tokens[row], logprobs[row]
+        for chunk in chunks:
+            seq, row = chunk.seq, last_row[id(chunk)]
             seq.num_computed += chunk.length
             self.num_computed_tokens += chunk.length
             self.scheduler.register_computed(seq)
             if chunk.completes:
-                outputs.append(self._append(seq, int(token), float(logprob)))
+                k = seq.params.logprobs or 0
+                alternatives = tuple(zip(top[0][row, :k].tolist(), top[1][row, :k].tolist())) if k else ()
+                outputs.append(self._append(seq, int(tokens[row]), float(logprobs[row]), alternatives))
         return outputs
 
-    def _append(self, seq: Sequence, token: int, logprob: float) -> StepOutput:
+    def _append(self, seq: Sequence, token: int, logprob: float, top: TopLogprobs) -> StepOutput:
         p = seq.params
-        reason = None
+        first = not seq.output_ids
+        reason, token_out, stopped_by_string = None, None, False
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            reason = "stop"
+            reason = "stop"  # min_tokens banned these until it was reached
         else:
+            token_out = token
             seq.output_ids.append(token)
-            seq.output_logprobs.append(logprob)
-            if len(seq.output_ids) == p.max_tokens or seq.num_tokens >= self.max_model_len:
+            if seq.detokenizer:
+                before = len(seq.text)
+                seq.text += seq.detokenizer.push(token)
+                stopped_by_string = self._match_stop(seq, before)
+            if stopped_by_string:
+                reason = "stop"
+            elif len(seq.output_ids) == p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
+        if reason and seq.detokenizer and not stopped_by_string:
+            seq.text += seq.detokenizer.flush()  # an incomplete character held back at the end
+        end = len(seq.text) if reason else len(seq.text) - _held_back(seq.text, p.stop)
+        text, seq.sent = seq.text[seq.sent : end], max(seq.sent, end)
+        prompt = None
+        if first and p.prompt_logprobs is not None:
+            k = p.prompt_logprobs
+            prompt = tuple((lp, tuple(zip(ids[:k], lps[:k]))) for lp, ids, lps in seq.prompt_logprobs)
         if reason:
             self.scheduler.finish(seq, reason)
-            del self.seqs[seq.request_id]
-        return StepOutput(seq.request_id, None if reason == "stop" else token, logprob, reason)
+            if all(s.status is Status.FINISHED for s in self.seqs.get(seq.request_id, [])):
+                self.seqs.pop(seq.request_id, None)
+        return StepOutput(seq.request_id, seq.index, token_out, logprob, reason, text, top, prompt)
 
-    def _inputs(self, chunks: list[Chunk]) -> tuple[list[ForwardBatch], SamplingArrays, list[int]]:
-        """Fixed-shape groups for this step: decodes [Bd, 1], then prefill chunks [Bp, Tp]; one page-table
-        width P for both. Padding rows have length 0 and write only to the null page. Also returns each
-        chunk's row in the step's output."""
-        width = bucket(max(len(c.seq.pages) for c in chunks), 1)
-        decode = [c for c in chunks if c.length == 1]
-        prefill = [c for c in chunks if c.length > 1]
-        groups, padded, row_of = [], [], {}
-        for part, t in ((decode, 1), (prefill, bucket(max((c.length for c in prefill), default=1)))):
-            if not part:
-                continue
-            b = bucket(len(part), 1)
-            tokens = np.zeros((b, t), np.int32)
-            positions = np.zeros((b, t), np.int32)
-            tables = np.zeros((b, width), np.int32)
-            kv_lens = np.zeros(b, np.int32)
-            for r, c in enumerate(part):
-                row_of[id(c)] = len(padded) + r
-                tokens[r, : c.length] = c.seq.tokens[c.start : c.start + c.length]
-                positions[r] = c.start + np.arange(t)
+    def _match_stop(self, seq: Sequence, before: int) -> bool:
+        """Cut the output text at the first stop string that the last token completed."""
+        stops = seq.params.stop
+        if not stops or len(seq.output_ids) < seq.params.min_tokens:
+            return False
+        start = max(0, before - max(map(len, stops)) + 1)
+        found = [i for i in (seq.text.find(s, start) for s in stops) if i >= 0]
+        if not found:
+            return False
+        seq.text = seq.text[: min(found)]
+        return True
+
+    # ---- step inputs ---------------------------------------------------------------------
+
+    def _batch(self, chunks: list[Chunk]) -> tuple[list[ForwardBatch], dict[int, int], list[tuple[Sequence, int, int]]]:
+        """Fixed-shape groups for this step: one-token decode rows [Bd, 1], then prefill rows [Bp, T]
+        (a chunk spans one or more rows), all over page tables of one width. Padding rows have length
+        0 and write only to the null page. Also returns the row of each chunk's last token (by chunk
+        id) and, for prompt log-probs, (sequence, prompt position, index into the prefill rows)."""
+        s = self.shapes
+        decode = [c for c in chunks if not c.rows]
+        prefill = [c for c in chunks if c.rows]
+        bd = StepShapes.fit(len(decode), s.decode_rows)
+        bp = StepShapes.fit(sum(c.rows for c in prefill), s.prefill_rows)
+        groups, last_row, prompt_slots = [], {}, []
+
+        def rows(b: int, t: int) -> tuple[np.ndarray, ...]:
+            return np.zeros((b, t), np.int32), np.zeros((b, t), np.int32), np.zeros((b, s.table_width), np.int32), np.zeros(b, np.int32)
+
+        if bd:
+            tokens, positions, tables, kv_lens = rows(bd, 1)
+            for r, c in enumerate(decode):
+                tokens[r, 0] = c.seq.prompt_ids[c.start] if c.start < len(c.seq.prompt_ids) else c.seq.output_ids[c.start - len(c.seq.prompt_ids)]
+                positions[r, 0] = c.start
                 tables[r, : len(c.seq.pages)] = c.seq.pages
-                kv_lens[r] = c.start + c.length
+                kv_lens[r] = c.start + 1
+                last_row[id(c)] = r
             groups.append(ForwardBatch(tokens, positions, tables, kv_lens))
-            padded += [c.seq.params for c in part] + [None] * (b - len(part))
-        sampling = SamplingArrays(
-            temperature=jnp.asarray([p.temperature if p else 0.0 for p in padded], jnp.float32),
-            top_k=jnp.asarray([p.top_k if p else -1 for p in padded], jnp.int32),
-            top_p=jnp.asarray([p.top_p if p else 1.0 for p in padded], jnp.float32),
-            min_p=jnp.asarray([p.min_p if p else 0.0 for p in padded], jnp.float32),
-            seed=jnp.asarray([p.effective_seed if p else 0 for p in padded], jnp.uint32),
-        )
-        return groups, sampling, [row_of[id(c)] for c in chunks]
+        if bp:
+            t = s.row_len
+            tokens, positions, tables, kv_lens = rows(bp, t)
+            r = 0
+            for c in prefill:
+                seq = c.seq
+                ids = seq.tokens
+                for first in range(c.start, c.start + c.length, t):
+                    n = min(t, c.start + c.length - first)
+                    tokens[r, :n] = ids[first : first + n]
+                    positions[r] = first + np.arange(t)
+                    tables[r, : len(seq.pages)] = seq.pages
+                    kv_lens[r] = first + n
+                    if seq.wants_prompt_logprobs(first):
+                        done = len(seq.prompt_logprobs)  # positions before this are collected
+                        prompt_slots += [(seq, q, r * t + q - first) for q in range(max(first, done), min(first + n, len(seq.prompt_ids) - 1))]
+                    r += 1
+                last_row[id(c)] = bd + r - 1
+            groups.append(ForwardBatch(tokens, positions, tables, kv_lens))
+        return groups, last_row, prompt_slots
+
+    def _sampling(self, sampled: list[Chunk], last_row: dict[int, int], rows: int) -> tuple[SamplingArrays, np.ndarray]:
+        """Per-row sampling arrays (padding rows greedy) and the position each sampled token takes."""
+        temperature, top_p, min_p = np.zeros(rows, np.float32), np.ones(rows, np.float32), np.zeros(rows, np.float32)
+        top_k, seed, positions = np.full(rows, -1, np.int32), np.zeros(rows, np.uint32), np.zeros(rows, np.int32)
+        for c in sampled:
+            r, p = last_row[id(c)], c.seq.params
+            temperature[r], top_p[r], min_p[r], top_k[r] = p.temperature, p.top_p, p.min_p, p.top_k
+            seed[r], positions[r] = p.sample_seed(c.seq.index), c.start + c.length
+        return SamplingArrays(temperature, top_k, top_p, min_p, seed), positions
+
+    def _adjust(self, sampled: list[Chunk], last_row: dict[int, int], rows: int) -> LogitAdjust:
+        """Dense per-row penalties and biases (identity for rows that ask for none)."""
+        vocab = self.model_cfg.vocab_size
+        repetition, bias = np.ones((rows, vocab), np.float32), np.zeros((rows, vocab), np.float32)
+        for c in sampled:
+            r, p, seq = last_row[id(c)], c.seq.params, c.seq
+            if p.repetition_penalty != 1:
+                repetition[r, np.unique(seq.tokens)] = p.repetition_penalty
+            if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+                counts = np.bincount(seq.output_ids, minlength=vocab).astype(np.float32)
+                bias[r] -= p.presence_penalty * (counts > 0) + p.frequency_penalty * counts
+            for token, b in p.logit_bias.items():
+                bias[r, token] += b
+            if len(seq.output_ids) < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_token_ids))
+                bias[r, banned] = -np.inf
+        return LogitAdjust(repetition, bias)
+
+    def _collect_prompt_logprobs(self, hidden, slots: list[tuple[Sequence, int, int]]) -> None:
+        """Log-probs of the next prompt token at each slot, appended in position order."""
+        targets = np.zeros(hidden.shape[0], np.int32)
+        for seq, pos, i in slots:
+            targets[i] = seq.prompt_ids[pos + 1]
+        chosen, top_ids, top_lps = self.runner.prompt_logprobs(hidden, targets)
+        for seq, pos, i in slots:
+            if pos == len(seq.prompt_logprobs):
+                seq.prompt_logprobs.append((float(chosen[i]), top_ids[i].tolist(), top_lps[i].tolist()))

@@ -1,23 +1,30 @@
-"""The jit boundary: one step function (forward + sampling) over fixed-shape, bucketed inputs.
+"""The jit boundary: a model step and a sampler over fixed-shape, bucketed inputs.
 
-Everything that varies per request arrives as arrays; shapes come from a small set of buckets so a
-warmed-up runner never recompiles. The cache is donated and returned updated.
+Everything that varies per request arrives as arrays; shapes come from `StepShapes`, a small set fixed
+by the engine config, so a warmed-up runner never recompiles. The model step forwards the batch and
+returns each row's next-token logits (kept on the device); the sampler turns them into tokens. The
+cache is donated and returned updated.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from jaxserve.cache.kv_cache import KVCache
-from jaxserve.config import ModelConfig
+from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.models.llama import ForwardBatch, Params, compute_logits, forward
-from jaxserve.ops.sampling import SamplingArrays, sample
+from jaxserve.ops.attention import table_width
+from jaxserve.ops.sampling import LogitAdjust, SamplingArrays, sample
+from jaxserve.sampling_params import MAX_LOGPROBS
 
 
 def enable_compilation_cache(folder: Path) -> None:
@@ -26,35 +33,76 @@ def enable_compilation_cache(folder: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    return max(minimum, 1 << max(0, n - 1).bit_length())
+def _sizes(limit: int) -> tuple[int, ...]:
+    """Powers of two below `limit`, then `limit` itself."""
+    return tuple(sorted({1 << i for i in range(limit.bit_length()) if 1 << i < limit} | {limit}))
 
 
-def step(
-    params: Params, cache: KVCache, groups: Sequence[ForwardBatch], sampling: SamplingArrays, cfg: ModelConfig
-) -> tuple[jnp.ndarray, jnp.ndarray, KVCache]:
-    """Forward the groups and sample one token per row (rows in group order) from its last valid token."""
+@dataclass(frozen=True)
+class StepShapes:
+    """Every batch shape a step can take: decode rows [Bd, 1] and prefill rows [Bp, row_len], over
+    page tables of one width. A step has decode rows, prefill rows or both; 0 means absent."""
+
+    decode_rows: tuple[int, ...]
+    prefill_rows: tuple[int, ...]
+    row_len: int
+    table_width: int
+
+    @classmethod
+    def from_config(cls, engine: EngineConfig, max_model_len: int) -> StepShapes:
+        return cls(
+            decode_rows=_sizes(engine.max_num_seqs),
+            prefill_rows=_sizes(engine.max_prefill_rows),
+            row_len=engine.prefill_row_len,
+            table_width=table_width(max_model_len, engine.page_size),
+        )
+
+    @staticmethod
+    def fit(n: int, sizes: tuple[int, ...]) -> int:
+        """The smallest size that holds n rows (0 for none)."""
+        return next(s for s in (0, *sizes) if s >= n)
+
+    def combos(self) -> list[tuple[int, int]]:
+        """(decode rows, prefill rows) of every step program."""
+        return [c for c in itertools.product((0, *self.decode_rows), (0, *self.prefill_rows)) if any(c)]
+
+
+def model_step(
+    params: Params, cache: KVCache, groups: Sequence[ForwardBatch], cfg: ModelConfig
+) -> tuple[jnp.ndarray, jnp.ndarray | None, KVCache]:
+    """Forward the groups; return the logits [R, V] at each row's last valid token (rows in group
+    order), the hidden states [Bp * T, D] of the prefill group (for prompt log-probs; None without
+    one) and the updated cache."""
     hidden, cache = forward(params, cache, groups, cfg)
     last_rows = []
     for g, h in zip(groups, hidden):  # h: [B, T, D]
         last = jnp.clip(g.kv_lens - 1 - g.positions[:, 0], 0, g.tokens.shape[1] - 1)  # [B]
         last_rows.append(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])  # [B, D]
     logits = compute_logits(params, jnp.concatenate(last_rows), cfg)  # [R, V]
-    kv_lens = jnp.concatenate([g.kv_lens for g in groups])  # [R]
-    tokens, logprobs = sample(logits, sampling, kv_lens)
-    return tokens, logprobs, cache
+    prefill = hidden[-1].reshape(-1, hidden[-1].shape[-1]) if groups[-1].tokens.shape[1] > 1 else None
+    return logits, prefill, cache
+
+
+def prompt_logprobs(params: Params, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, ...]:
+    """Log-probs [N] of each next prompt token `targets` [N] after hidden states [N, D], and the top
+    MAX_LOGPROBS ids and log-probs [N, K]."""
+    logprobs = jax.nn.log_softmax(compute_logits(params, hidden, cfg), axis=-1)  # [N, V]
+    top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    return jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
 
 
 class ModelRunner:
-    """Owns the params, the KV cache and the jitted step; counts compilations."""
+    """Owns the params, the KV cache and the jitted programs; counts compilations."""
 
-    def __init__(self, cfg: ModelConfig, params: Params, num_pages: int, page_size: int) -> None:
+    def __init__(self, cfg: ModelConfig, params: Params, num_pages: int, page_size: int, shapes: StepShapes) -> None:
         self.cfg = cfg
         self.params = params
+        self.shapes = shapes
         self.dtype = jax.tree.leaves(params)[0].dtype
         self.cache = KVCache.create(cfg, num_pages, page_size, self.dtype)
-        self._step = jax.jit(functools.partial(step, cfg=cfg), donate_argnums=(1,))
+        self._step = jax.jit(functools.partial(model_step, cfg=cfg), donate_argnums=(1,))
+        self._sample = jax.jit(sample, static_argnames="num_top")
+        self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs, cfg=cfg))
 
     @property
     def page_size(self) -> int:
@@ -62,10 +110,50 @@ class ModelRunner:
 
     @property
     def num_compiles(self) -> int:
-        """Distinct input shapes the step has been traced for."""
-        return self._step._cache_size()
+        """Distinct input shapes the jitted programs have been traced for."""
+        return sum(f._cache_size() for f in (self._step, self._sample, self._prompt_logprobs))
 
-    def run(self, groups: Sequence[ForwardBatch], sampling: SamplingArrays) -> tuple[np.ndarray, np.ndarray]:
-        """One step; blocks until its tokens [R] and log-probs [R] (one per row, in group order) are on the host."""
-        tokens, logprobs, self.cache = self._step(self.params, self.cache, tuple(groups), sampling)
-        return np.asarray(tokens), np.asarray(logprobs)
+    def forward(self, groups: Sequence[ForwardBatch]) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """Dispatch one model step; returns device arrays (row logits, prefill hidden states)."""
+        logits, prefill, self.cache = self._step(self.params, self.cache, tuple(groups))
+        return logits, prefill
+
+    def sample(
+        self, logits: jnp.ndarray, sampling: SamplingArrays, positions: np.ndarray, adjust: LogitAdjust | None, top: bool
+    ) -> tuple[np.ndarray, ...]:
+        """Tokens [R] and log-probs [R] on the host; with `top`, also top ids and log-probs [R, MAX_LOGPROBS]."""
+        out = self._sample(logits, sampling, positions, adjust, num_top=MAX_LOGPROBS if top else 0)
+        return tuple(np.asarray(x) for x in out)
+
+    def prompt_logprobs(self, hidden: jnp.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(np.asarray(x) for x in self._prompt_logprobs(self.params, hidden, targets))
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every program the engine can call (step shapes x sampler variants), on padding
+        rows that write only to the null page."""
+        vocab, s = self.cfg.vocab_size, self.shapes
+
+        def rows(b: int, t: int) -> ForwardBatch:
+            zeros = np.zeros((b, t), np.int32)
+            return ForwardBatch(zeros, zeros, np.zeros((b, s.table_width), np.int32), np.zeros(b, np.int32))
+
+        combos = s.combos()
+        with tqdm(total=len(combos), desc="warming up", unit="shape", disable=not progress) as bar:
+            for bd, bp in combos:
+                groups = [g for g in (bd and rows(bd, 1), bp and rows(bp, s.row_len)) if g]
+                logits, prefill = self.forward(groups)
+                r = bd + bp
+                sampling = SamplingArrays(
+                    temperature=np.ones(r, np.float32),
+                    top_k=np.full(r, -1, np.int32),
+                    top_p=np.ones(r, np.float32),
+                    min_p=np.zeros(r, np.float32),
+                    seed=np.zeros(r, np.uint32),
+                )
+                positions = np.zeros(r, np.int32)
+                self.sample(logits, sampling, positions, None, top=False)
+                adjust = LogitAdjust(np.ones((r, vocab), np.float32), np.zeros((r, vocab), np.float32))
+                self.sample(logits, sampling, positions, adjust, top=True)
+                if prefill is not None:
+                    self.prompt_logprobs(prefill, np.zeros(prefill.shape[0], np.int32))
+                bar.update()

@@ -6,6 +6,11 @@ position is the sequence's next token. A decode is a chunk of one; a long prompt
 chunks beside running decodes (chunked prefill) within the per-step token budget. When pages run
 out, the lowest-priority, latest-arrived running sequence is preempted: its pages are released and
 it is recomputed later from its tokens, so its output is the same as if it had never stopped.
+
+Prefill chunks run as rows of `prefill_row_len` tokens: a chunk that does not finish its prompt fills
+whole rows, and a step holds at most `max_prefill_rows` of them. The n samples of one request share
+its prompt's pages: later samples wait until the first has computed the prompt, then find its pages
+in the prefix cache.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class Chunk:
     seq: Sequence
     start: int  # first token fed
     length: int  # tokens fed
+    rows: int  # prefill rows it takes; 0 = a one-token decode row
 
     @property
     def completes(self) -> bool:
@@ -63,44 +69,57 @@ class Scheduler:
         self.num_preemptions += 1
         self.add(seq)
 
+    def _chunk(self, seq: Sequence, start: int, budget: int, rows_left: int) -> Chunk | None:
+        """The largest chunk of `seq` from `start` that fits the token budget and free prefill rows."""
+        pending, row = seq.num_tokens - start, self.cfg.prefill_row_len
+        if pending == 1 and not seq.wants_prompt_logprobs(start):
+            return Chunk(seq, start, 1, 0)
+        n = min(pending, budget, rows_left * row)
+        if row < n < pending:
+            n -= n % row  # a chunk that leaves more to compute fills whole rows
+        return Chunk(seq, start, n, -(-n // row)) if n else None
+
     def schedule(self) -> list[Chunk]:
         """This step's chunks: running sequences first (in order), then newly admitted ones."""
-        budget = self.cfg.max_num_batched_tokens
+        budget, rows_left, prefills = self.cfg.max_num_batched_tokens, self.cfg.max_prefill_rows, 0
         chunks: list[Chunk] = []
-        prefills = 0
         self.running.sort(key=lambda s: s.order)
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
                 continue  # preempted earlier in this loop, or out of budget
-            pending = seq.num_tokens - seq.num_computed
-            if pending > 1 and prefills == self.cfg.max_prefill_seqs:
+            if seq.num_tokens - seq.num_computed > 1 and prefills == self.cfg.max_prefill_seqs:
                 continue
-            n = min(pending, budget)
-            if not self._grow(seq, seq.num_computed + n, scheduled=chunks):
-                continue  # preempted itself
-            chunks.append(Chunk(seq, seq.num_computed, n))
-            prefills += n > 1
-            budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
-            if prefills == self.cfg.max_prefill_seqs:
+            chunk = self._chunk(seq, seq.num_computed, budget, rows_left)
+            if chunk is None or not self._grow(seq, chunk.start + chunk.length, scheduled=chunks):
+                continue  # no rows left, or preempted itself
+            chunks.append(chunk)
+            prefills += chunk.rows > 0
+            rows_left -= chunk.rows
+            budget -= chunk.length
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) == self.cfg.max_num_seqs or prefills == self.cfg.max_prefill_seqs:
                 break
-            seq = self.waiting[0]
-            hit = self.blocks.match_prefix(seq.full_block_hashes(self.cfg.page_size, seq.num_tokens))
+            if seq.waits_for_leader():
+                continue
+            hashes = [] if seq.params.prompt_logprobs is not None else seq.full_block_hashes(self.cfg.page_size, seq.num_tokens)
+            hit = self.blocks.match_prefix(hashes)
             if len(hit) * self.cfg.page_size >= seq.num_tokens:
                 hit = hit[:-1]  # always compute at least one token: its logits give the next token
-            cached = len(hit) * self.cfg.page_size
-            n = min(seq.num_tokens - cached, budget)
+            chunk = self._chunk(seq, len(hit) * self.cfg.page_size, budget, rows_left)
+            if chunk is None:
+                break
             self.blocks.acquire(hit)
-            fresh = self.blocks.allocate(self._pages_for(cached + n) - len(hit))
+            fresh = self.blocks.allocate(self._pages_for(chunk.start + chunk.length) - len(hit))
             if fresh is None:
                 self.blocks.release(hit)
                 break
-            self.waiting.pop(0)
-            seq.pages, seq.num_computed, seq.status = hit + fresh, cached, Status.RUNNING
+            self.waiting.remove(seq)
+            seq.pages, seq.num_computed, seq.status = hit + fresh, chunk.start, Status.RUNNING
             self.running.append(seq)
-            chunks.append(Chunk(seq, cached, n))
-            prefills += n > 1
-            budget -= n
+            chunks.append(chunk)
+            prefills += chunk.rows > 0
+            rows_left -= chunk.rows
+            budget -= chunk.length
         return chunks
 
     def _grow(self, seq: Sequence, num_tokens: int, scheduled: list[Chunk]) -> bool:

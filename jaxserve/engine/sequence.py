@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from jaxserve.cache.block_manager import BlockHash, block_hashes
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.tokenizer import IncrementalDetokenizer
 
 
 class Status(enum.Enum):
@@ -17,13 +18,20 @@ class Status(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
+    """One of a request's n samples."""
+
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     arrival: int  # admission order; a preempted sequence keeps its place
     priority: int = 0  # lower runs first
+    index: int = 0  # which of the request's n samples
+    leader: Sequence | None = None  # sample 0 of the request, whose prompt pages the others share
+    detokenizer: IncrementalDetokenizer | None = None
     output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
+    text: str = ""  # detokenized output so far
+    sent: int = 0  # characters of `text` already released to the caller
+    prompt_logprobs: list = field(default_factory=list)  # per prompt position after the first, once computed
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     hashes: list[BlockHash] = field(default_factory=list)  # of this sequence's full blocks, as far as computed
@@ -37,6 +45,15 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def wants_prompt_logprobs(self, start: int) -> bool:
+        """Whether a chunk from `start` computes prompt log-probs not collected yet."""
+        return self.params.prompt_logprobs is not None and start < len(self.prompt_ids) - 1 and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
+
+    def waits_for_leader(self) -> bool:
+        """Later samples start once the first has computed the shared prompt (so they hit its pages)."""
+        lead = self.leader
+        return lead is not None and lead.status is not Status.FINISHED and lead.num_computed < len(lead.prompt_ids)
 
     @property
     def order(self) -> tuple[int, int]:

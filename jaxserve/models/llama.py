@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import ModelConfig
-from jaxserve.ops.attention import attention_mask, paged_attention, write_slots
+from jaxserve.ops.attention import paged_attention, write_slots
 from jaxserve.ops.rope import apply_rope, inv_frequencies, rope_tables
 
 Params = dict[str, Any]
@@ -103,7 +103,6 @@ def forward(
     flat = lambda xs: jnp.concatenate([x.reshape(-1, *x.shape[2:]) for x in xs])  # [B, T, ...] -> [N, ...]
     positions = flat([g.positions for g in groups])  # [N]
     cos, sin = rope_tables(positions[None], inv_frequencies(cfg))  # [1, N, 1, D/2]
-    masks = [attention_mask(g.positions, g.kv_lens, g.page_table.shape[1] * cache.page_size) for g in groups]
     slots = [write_slots(g.page_table, g.positions, g.positions < g.kv_lens[:, None], cache.page_size) for g in groups]
     page, offset = flat([p for p, _ in slots]), flat([o for _, o in slots])  # [N]
     h = params["embed"][flat([g.tokens for g in groups])].astype(dtype)  # [N, D]
@@ -123,8 +122,9 @@ def forward(
         k_cache = k_cache.at[i, heads, page[:, None], offset[:, None]].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
         v_cache = v_cache.at[i, heads, page[:, None], offset[:, None]].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
         attn = [
-            paged_attention(qg.reshape(*shape, *qg.shape[1:]), k_cache, v_cache, i, g.page_table, mask).reshape(size, -1)
-            for qg, shape, size, g, mask in zip(jnp.split(q, splits), shapes, sizes, groups, masks)
+            paged_attention(qg.reshape(*shape, *qg.shape[1:]), k_cache, v_cache, i, g.page_table, g.positions, g.kv_lens)
+            .reshape(size, -1)
+            for qg, shape, size, g in zip(jnp.split(q, splits), shapes, sizes, groups)
         ]
         h = h + jnp.concatenate(attn).astype(dtype) @ lp["wo"]
         x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)

@@ -1,14 +1,38 @@
 """Paged attention, reference implementation in jax.numpy (runs on every backend; the test oracle).
 
-Keys and values live in head-major pages `[kv_heads, num_pages, page_size, head_dim]` per layer; each sequence reads its
-pages through a page-table row. Page 0 is the null page: padding writes land there and it is never
-read unmasked.
+Keys and values live in head-major pages `[kv_heads, num_pages, page_size, head_dim]` per layer; each
+sequence reads its pages through a page-table row. Page 0 is the null page: padding writes land there
+and it is never read unmasked.
+
+Page tables have one fixed width (the most pages a sequence can hold), so context length never shapes
+a compiled step. Attention walks the pages in blocks with an online softmax and stops after the
+block that holds the longest sequence in the batch: the trip count is data, not shape, and work
+follows the real context length. Blocks past a row's length are fully masked and leave its result
+bit-for-bit unchanged, so a row's output does not depend on what else is in the batch.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+_MASKED = -1e30  # finite, so a fully masked block never produces inf - inf
+BLOCK_TOKENS = 128  # keys per attention block
+
+
+def block_pages(width: int, page_size: int) -> int:
+    """Pages per attention block: about BLOCK_TOKENS keys, dividing the page-table width."""
+    n = max(1, min(width, BLOCK_TOKENS // page_size))
+    while width % n:
+        n -= 1
+    return n
+
+
+def table_width(max_len: int, page_size: int) -> int:
+    """Page-table width for sequences of up to max_len tokens, a whole number of attention blocks."""
+    pages = -(-max_len // page_size)
+    per_block = max(1, BLOCK_TOKENS // page_size)
+    return -(-pages // per_block) * per_block
 
 
 def write_slots(
@@ -20,15 +44,6 @@ def write_slots(
     page = jnp.where(valid, page, 0)
     offset = jnp.where(valid, positions % page_size, 0)
     return page, offset
-
-
-def attention_mask(positions: jnp.ndarray, kv_lens: jnp.ndarray, num_keys: int) -> jnp.ndarray:
-    """Causal validity [B, T, S] of key slot s for each query: s <= its position and s < the sequence length.
-
-    Computed once per step and shared by all layers.
-    """
-    key_pos = jnp.arange(num_keys, dtype=jnp.int32)
-    return (key_pos[None, None, :] <= positions[:, :, None]) & (key_pos[None, None, :] < kv_lens[:, None, None])
 
 
 def _gather_pages(cache: jnp.ndarray, layer: int | jnp.ndarray, page_table: jnp.ndarray) -> jnp.ndarray:
@@ -50,26 +65,45 @@ def paged_attention(
     v_cache: jnp.ndarray,  # [L, Hkv, num_pages, page_size, D]
     layer: int | jnp.ndarray,
     page_table: jnp.ndarray,  # [B, P] int32
-    mask: jnp.ndarray,  # [B, T, P * page_size] bool, from `attention_mask`
+    positions: jnp.ndarray,  # [B, T] int32
+    kv_lens: jnp.ndarray,  # [B] int32
 ) -> jnp.ndarray:  # [B, T, Hq, D]
     """Causal GQA attention of new tokens over each sequence's cached pages of one layer.
 
-    Pages are gathered straight from the stacked cache (no layer is sliced out), and head-major pages
-    come out as [Hkv, B, S, D]: both attention matmuls then batch over (Hkv, B) with no transposes of
-    the gathered keys and values.
+    Head-major pages gather as [Hkv, B, S, D], so both matmuls batch over (Hkv, B) with no transposes
+    of keys or values; keys go on the left ([S, D] @ [D, G*T]), which with few queries per sequence
+    runs ~3x faster on XLA:CPU than queries on the left.
     """
     b, t, hq, d = q.shape
     hkv, page_size = k_cache.shape[1], k_cache.shape[3]
     g = hq // hkv
-    s = page_table.shape[1] * page_size
-    k = _gather_pages(k_cache, layer, page_table).reshape(hkv, b, s, d)  # [Hkv, B, S, D]
-    v = _gather_pages(v_cache, layer, page_table).reshape(hkv, b, s, d)
-    qh = q.reshape(b, t, hkv, g, d).transpose(2, 0, 3, 1, 4).reshape(hkv, b, g * t, d)  # [Hkv, B, G*T, D]
-    # Keys on the left ([S, D] @ [D, G*T]): with few queries per sequence this runs ~3x faster on
-    # XLA:CPU than queries on the left.
-    scores = jnp.einsum("hbsd,hbqd->hbsq", k, qh, preferred_element_type=jnp.float32) * (d**-0.5)
-    keep = jnp.broadcast_to(mask.transpose(0, 2, 1)[None, :, :, None, :], (hkv, b, s, g, t)).reshape(hkv, b, s, g * t)
-    scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)  # [Hkv, B, S, G*T]
-    probs = jax.nn.softmax(scores, axis=2).astype(v.dtype)
-    out = jnp.einsum("hbsq,hbsd->hbqd", probs, v, preferred_element_type=jnp.float32)  # [Hkv, B, G*T, D]
+    per_block = block_pages(page_table.shape[1], page_size)
+    s = per_block * page_size
+    qh = q.reshape(b, t, hkv, g, d).transpose(2, 0, 3, 1, 4).reshape(hkv, b, g * t, d) * jnp.asarray(d**-0.5, q.dtype)
+    qpos = jnp.broadcast_to(positions[:, None, :], (b, g, t)).reshape(1, b, 1, g * t)  # position of each query column
+
+    def block(i: jnp.ndarray, carry: tuple) -> tuple:
+        m, l, acc = carry  # running max, normaliser [Hkv, B, 1, G*T]; weighted values [Hkv, B, G*T, D]
+        table = jax.lax.dynamic_slice_in_dim(page_table, i * per_block, per_block, axis=1)  # [B, per_block]
+        k = _gather_pages(k_cache, layer, table).reshape(hkv, b, s, d)  # [Hkv, B, S, D]
+        v = _gather_pages(v_cache, layer, table).reshape(hkv, b, s, d)
+        key_pos = (i * s + jnp.arange(s, dtype=jnp.int32))[None, None, :, None]  # [1, 1, S, 1]
+        keep = (key_pos <= qpos) & (key_pos < kv_lens[None, :, None, None])  # [1, B, S, G*T]
+        scores = jnp.einsum("hbsd,hbqd->hbsq", k, qh, preferred_element_type=jnp.float32)
+        scores = jnp.where(keep, scores, _MASKED)  # [Hkv, B, S, G*T]
+        m_new = jnp.maximum(m, scores.max(axis=2, keepdims=True))
+        p = jnp.exp(scores - m_new)
+        scale = jnp.exp(m - m_new)
+        l = l * scale + p.sum(axis=2, keepdims=True)
+        pv = jnp.einsum("hbsq,hbsd->hbqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, l, acc * scale.transpose(0, 1, 3, 2) + pv
+
+    num_blocks = (jnp.max(kv_lens) + s - 1) // s
+    init = (
+        jnp.full((hkv, b, 1, g * t), _MASKED, jnp.float32),
+        jnp.zeros((hkv, b, 1, g * t), jnp.float32),
+        jnp.zeros((hkv, b, g * t, d), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, num_blocks, block, init)
+    out = acc / jnp.maximum(l, 1e-30).transpose(0, 1, 3, 2)  # [Hkv, B, G*T, D]; padding rows have l = 0
     return out.reshape(hkv, b, g, t, d).transpose(1, 3, 0, 2, 4).reshape(b, t, hq, d).astype(q.dtype)

@@ -1,7 +1,9 @@
 """Batched on-device sampling with per-row parameters.
 
 Randomness for row b is `fold_in(PRNGKey(seed[b]), position[b])`: a seeded request samples the same
-tokens whatever else shares the batch. Greedy rows (temperature 0) take the argmax.
+tokens whatever else shares the batch. Greedy rows (temperature 0) take the argmax. Penalties and
+logit bias come as dense per-row arrays, built on the host only for steps that need them.
+Log-probabilities are always those of the unmodified model distribution.
 """
 
 from __future__ import annotations
@@ -18,6 +20,19 @@ class SamplingArrays:
     top_p: jnp.ndarray  # [B] float32; 1 = off
     min_p: jnp.ndarray  # [B] float32; 0 = off
     seed: jnp.ndarray  # [B] uint32
+
+
+@flax.struct.dataclass
+class LogitAdjust:
+    """Per-row logit changes, applied before temperature: repetition scaling, then an additive bias."""
+
+    repetition: jnp.ndarray  # [B, V] float32; penalty for tokens seen in prompt or output, else 1
+    bias: jnp.ndarray  # [B, V] float32; logit_bias - presence - frequency * count, -inf for banned tokens
+
+
+def adjust_logits(logits: jnp.ndarray, a: LogitAdjust) -> jnp.ndarray:
+    """HF-style repetition penalty (positive logits divided, negative multiplied), then the bias."""
+    return jnp.where(logits > 0, logits / a.repetition, logits * a.repetition) + a.bias
 
 
 def filtered_logits(logits: jnp.ndarray, s: SamplingArrays) -> jnp.ndarray:
@@ -46,8 +61,14 @@ def sample(
     logits: jnp.ndarray,  # [B, V] float32
     s: SamplingArrays,
     positions: jnp.ndarray,  # [B] int32, position the sampled token will occupy
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Next tokens [B] int32 and their log-probabilities [B] under the unmodified model distribution."""
+    adjust: LogitAdjust | None = None,
+    num_top: int = 0,
+) -> tuple[jnp.ndarray, ...]:
+    """Next tokens [B] int32 and their log-probabilities [B]; with num_top > 0 also the top token ids
+    [B, num_top] and their log-probabilities [B, num_top]."""
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if adjust is not None:
+        logits = adjust_logits(logits, adjust)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_: None) -> jnp.ndarray:
@@ -57,5 +78,8 @@ def sample(
         return jnp.where(s.temperature > 0, drawn, greedy)
 
     tokens = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy, None)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    if not num_top:
+        return tokens, chosen
+    top_lp, top_ids = jax.lax.top_k(logprobs, num_top)
+    return tokens, chosen, top_ids.astype(jnp.int32), top_lp

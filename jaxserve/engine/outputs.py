@@ -1,0 +1,65 @@
+"""What the engine hands back: per-step outputs, and whole results assembled from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TopLogprobs = tuple[tuple[int, float], ...]  # (token id, log-prob), most likely first
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step added to one sample of a request."""
+
+    request_id: str
+    index: int  # which of the request's n samples
+    token_id: int | None  # None when the step sampled a stop token, which is not part of the output
+    logprob: float
+    finish_reason: str | None  # None while running; "stop", "length" or "abort"
+    text: str = ""  # newly released text (held back while it may be the start of a stop string)
+    top_logprobs: TopLogprobs = ()  # when the request asked for logprobs
+    # On a sample's first output when the request asked for prompt_logprobs: for each prompt token
+    # after the first, its log-prob and the top alternatives.
+    prompt_logprobs: tuple[tuple[float, TopLogprobs], ...] | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One finished (or, while collecting, growing) sample."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # of each token in token_ids
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, when asked for
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A request's prompt and its n samples, assembled from step outputs with `add`."""
+
+    request_id: str
+    prompt_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: tuple[tuple[float, TopLogprobs], ...] | None = None
+
+    @classmethod
+    def empty(cls, request_id: str, prompt_ids: list[int], n: int) -> RequestOutput:
+        return cls(request_id, prompt_ids, [CompletionOutput(i) for i in range(n)])
+
+    def add(self, out: StepOutput) -> None:
+        sample = self.outputs[out.index]
+        if out.token_id is not None:
+            sample.token_ids.append(out.token_id)
+            sample.logprobs.append(out.logprob)
+            if out.top_logprobs:
+                sample.top_logprobs.append(out.top_logprobs)
+        sample.text += out.text
+        sample.finish_reason = out.finish_reason
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason for o in self.outputs)
