@@ -51,7 +51,7 @@ def worst_stream_gap(llm: LLM, streams: list[list[int]], long_prompt: list[int])
     sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     for i, ids in enumerate(streams):
         engine.add_request(f"s{i}", ids, sp)
-    while any(len(engine.seqs[f"s{i}"].output_ids) < 4 for i in range(len(streams))):
+    while any(len(engine.seqs[f"s{i}"][0].output_ids) < 4 for i in range(len(streams))):
         engine.step()  # all streams are decoding
     last = {f"s{i}": time.perf_counter() for i in range(len(streams))}
     compiles = engine.runner.num_compiles

@@ -160,3 +160,20 @@ def test_kv_cache_sized_from_memory() -> None:
         LLMEngine(cfg, tiny_params(cfg), EngineConfig(kv_cache_memory=per_page * 1.5), eos_token_ids=(2,))
     with pytest.raises(UserError, match="give a size in bytes"):  # CPU reports no free memory
         LLMEngine(cfg, tiny_params(cfg), EngineConfig(kv_cache_memory=0.5), eos_token_ids=(2,))
+
+
+def test_stop_strings_cut_the_text_and_never_reach_the_stream(llm) -> None:
+    prompt = llm.model.tokenizer.encode_chat([{"role": "user", "content": "Describe the sea in two sentences."}])
+    free = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0), use_tqdm=False)[0].outputs[0]
+    assert len(free.text) > 60, free.text
+    middle = len(free.text) // 2
+    stop = free.text[middle : middle + 4]  # likely spans a token boundary
+    cut = free.text.index(stop)
+    pieces = list(llm.stream(prompt, SamplingParams(max_tokens=40, temperature=0.0, stop=(stop, "never-seen")), request_id="stop"))
+    text = "".join(p.text for p in pieces)
+    assert text == free.text[:cut] and pieces[-1].finish_reason == "stop"
+    assert all(stop not in p.text for p in pieces)
+    streamed = ""
+    for p in pieces[:-1]:  # nothing released early could later turn out to be part of the stop string
+        streamed += p.text
+        assert free.text.startswith(streamed) and len(streamed) <= cut

@@ -105,10 +105,14 @@ class LLMEngine:
         for seq in samples:
             self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> list[StepOutput]:
+        """Stop a request's unfinished samples and free their pages; returns their final outputs."""
+        outputs = []
         for seq in self.seqs.pop(request_id, []):
             if seq.status is not Status.FINISHED:
                 self.scheduler.finish(seq, "abort")
+                outputs.append(StepOutput(request_id, seq.index, None, 0.0, "abort", seq.text[seq.sent :]))
+        return outputs
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)

@@ -1,0 +1,142 @@
+"""The engine for servers: `async for out in engine.generate(...)`, with device work off the event loop.
+
+One background thread owns the `LLMEngine` and runs its step loop; asyncio callers talk to it only
+through a thread-safe command queue (add, abort) and receive outputs through per-request asyncio
+queues filled with `call_soon_threadsafe`. Requests are checked in the caller, so a bad one raises
+before it reaches the engine thread. A caller that stops iterating (a client that went away) aborts
+its request, and its pages are freed before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator
+
+from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.engine.outputs import StepOutput
+from jaxserve.errors import UserError
+from jaxserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed; requests in flight got this error and no new ones are accepted."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will consume outputs."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Abort whatever is still running and stop the engine thread."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # ---- requests ------------------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> AsyncIterator[StepOutput]:
+        """Outputs of every sample of one request as steps produce them, until all have finished."""
+        if self.error is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self.error}")
+        if request_id in self._streams:
+            raise UserError(f"request id {request_id!r} is already in use")
+        self.engine.check_request(request_id, prompt_ids, params)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._send(("add", request_id, prompt_ids, params, priority))
+        unfinished = set(range(params.n))
+        try:
+            while unfinished:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    unfinished.clear()
+                    raise out
+                if out.finish_reason:
+                    unfinished.discard(out.index)
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if unfinished:  # the caller stopped listening: free the request's pages
+                self._send(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends with finish_reason "abort" and its pages free at the next step."""
+        self._send(("abort", request_id))
+
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # ---- the engine thread ---------------------------------------------------------------
+
+    def _deliver(self, request_id: str, item: StepOutput | BaseException) -> None:
+        """On the event loop: hand an output to its request's stream, if anyone still listens."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)
+
+    def _post(self, request_id: str, item: StepOutput | BaseException) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, request_id, item)
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _, request_id, prompt_ids, params, priority = command
+                try:
+                    self.engine.add_request(request_id, prompt_ids, params, priority)
+                except UserError as e:  # checked in the caller already; only a race gets here
+                    self._post(request_id, e)
+            else:
+                for out in self.engine.abort(command[1]):
+                    self._post(out.request_id, out)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._apply_commands()
+                if not self.engine.has_unfinished():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._post(out.request_id, out)
+        except BaseException as e:  # the engine's state is unknown now: fail everything in flight
+            log.exception("engine loop failed")
+            self.error = e
+            dead = EngineDeadError(f"the engine stopped after an error: {e}")
+            for request_id in list(self._streams):
+                self._post(request_id, dead)

@@ -1,0 +1,119 @@
+"""AsyncEngine: concurrent streams equal offline results, aborts free pages, the event loop keeps running."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.engine.llm import LLM
+from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.errors import UserError
+from jaxserve.sampling_params import SamplingParams
+from tests.tiny_models import tiny_config, tiny_params
+
+
+def _tiny_engine() -> LLMEngine:
+    cfg = tiny_config("llama", max_position_embeddings=512)
+    return LLMEngine(cfg, tiny_params(cfg), EngineConfig(num_pages=64, max_num_seqs=8, max_num_batched_tokens=128), eos_token_ids=(2,))
+
+
+async def _collect(engine: AsyncEngine, request_id: str, ids: list[int], sp: SamplingParams) -> list:
+    return [out async for out in engine.generate(request_id, ids, sp)]
+
+
+def test_concurrent_streams_equal_the_offline_engine() -> None:
+    prompts = [[5 + i, 6, 7 + i] * (i + 1) for i in range(6)]
+    params = [SamplingParams(max_tokens=6 + i, temperature=0.8, seed=i, n=1 + i % 2, ignore_eos=True) for i in range(6)]
+    offline = _tiny_engine()
+    for i, (ids, sp) in enumerate(zip(prompts, params)):
+        offline.add_request(str(i), ids, sp)
+    expected: dict[tuple[str, int], list[int]] = {}
+    while offline.has_unfinished():
+        for out in offline.step():
+            if out.token_id is not None:
+                expected.setdefault((out.request_id, out.index), []).append(out.token_id)
+
+    async def main() -> dict:
+        engine = AsyncEngine(_tiny_engine())
+        engine.start()
+        streams = await asyncio.gather(*(_collect(engine, str(i), ids, sp) for i, (ids, sp) in enumerate(zip(prompts, params))))
+        await engine.shutdown()
+        got: dict[tuple[str, int], list[int]] = {}
+        for outs in streams:
+            for out in outs:
+                if out.token_id is not None:
+                    got.setdefault((out.request_id, out.index), []).append(out.token_id)
+            assert {o.index for o in outs if o.finish_reason} == set(range(params[int(outs[0].request_id)].n))
+        return got
+
+    assert asyncio.run(main()) == expected
+
+
+def test_abort_and_disconnect_free_pages_and_bad_requests_raise_in_the_caller() -> None:
+    async def main() -> None:
+        inner = _tiny_engine()
+        engine = AsyncEngine(inner)
+        engine.start()
+        sp = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        with pytest.raises(UserError, match="prompt is empty"):
+            await anext(engine.generate("bad", [], sp))
+        # Abort from outside: the stream ends with finish_reason "abort".
+        outs = []
+        async for out in engine.generate("a", [5, 6, 7], sp):
+            outs.append(out)
+            if len(outs) == 3:
+                engine.abort("a")
+        assert outs[-1].finish_reason == "abort" and len(outs) < 400
+        # A caller that stops listening (a client that went away) aborts its request.
+        async with contextlib.aclosing(engine.generate("b", [5, 6, 7], sp)) as stream:
+            async for out in stream:
+                break
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not inner.has_unfinished():
+                break
+        assert not inner.has_unfinished() and inner.blocks.usage == 0.0
+        # The engine still serves.
+        outs = await _collect(engine, "c", [5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        assert outs[-1].finish_reason == "length"
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_device_work_never_blocks_the_event_loop(smollm2) -> None:
+    """While SmolLM2 prefills long prompts and decodes, a 5 ms ticker on the event loop keeps ticking."""
+    llm = LLM(smollm2, EngineConfig(num_pages=256, max_num_seqs=4, max_num_batched_tokens=512))
+    ids = smollm2.tokenizer.encode("a long and winding road " * 150)[:900]
+
+    async def main() -> tuple[float, float]:
+        engine = AsyncEngine(llm.engine)
+        engine.start()
+        gaps, running = [], True
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while running:
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        start = time.perf_counter()
+        sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        await asyncio.gather(*(_collect(engine, f"r{i}", ids[i:], sp) for i in range(4)))
+        elapsed = time.perf_counter() - start
+        running = False
+        await tick
+        await engine.shutdown()
+        return max(gaps), elapsed
+
+    worst_gap, elapsed = asyncio.run(main())
+    assert elapsed > 1.0  # real device work happened
+    assert worst_gap < 0.25, worst_gap
