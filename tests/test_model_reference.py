@@ -88,9 +88,11 @@ def test_prefill_and_decode_match_numpy(name: str, layers: str) -> None:
         np.testing.assert_allclose(np.asarray(logits)[0, 0], expected[pos], atol=1e-4, rtol=0, err_msg=f"decode {pos}")
 
 
-def test_mixed_groups_and_chunked_prefill_match_numpy() -> None:
+@pytest.mark.parametrize("decode_kernel", [False, True], ids=["reference", "pallas-kernel"])
+def test_mixed_groups_and_chunked_prefill_match_numpy(decode_kernel: bool) -> None:
     """One step holding a prefill group beside a decode group, and a prompt prefilled in two chunks,
-    give the same logits as the NumPy reference on each whole sequence."""
+    give the same logits as the NumPy reference on each whole sequence. The decode group runs through
+    the reference attention or the Pallas decode kernel (compiled on GPU, interpreted elsewhere)."""
     cfg = CONFIGS["llama-gqa-untied"]
     params = init_params(cfg, jax.random.PRNGKey(1))
     rng = np.random.default_rng(2)
@@ -109,7 +111,7 @@ def test_mixed_groups_and_chunked_prefill_match_numpy() -> None:
             positions[r] = a + np.arange(t)
         return ForwardBatch(tokens, positions, tables[list(rows)], np.asarray(ends, np.int32))
 
-    step = jax.jit(lambda p, c, gs: forward(p, c, gs, cfg))
+    step = jax.jit(lambda p, c, gs: forward(p, c, gs, cfg, decode_kernel=decode_kernel))
     # Step 1: prefill A and B (all but their last token) and the first chunk of C.
     (h_ab, h_c), cache = step(params, cache, (group([0, 1], [0, 0], [13, 9], 16), group([2], [0], [3], 4)))
     logits = compute_logits(params, h_ab, cfg)

@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import ModelConfig
-from jaxserve.ops.attention import paged_attention, write_slots
+from jaxserve.ops.attention import decode_attention, paged_attention, use_decode_kernel, write_slots
 from jaxserve.ops.rope import apply_rope, inv_frequencies, rope_tables
 
 Params = dict[str, Any]
@@ -88,14 +88,22 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
 
 
 def forward(
-    params: Params, cache: KVCache, groups: Sequence[ForwardBatch], cfg: ModelConfig
+    params: Params, cache: KVCache, groups: Sequence[ForwardBatch], cfg: ModelConfig, decode_kernel: bool | None = None
 ) -> tuple[tuple[jnp.ndarray, ...], KVCache]:
     """Run the decoder over one or more token groups, writing their K/V into the cache.
 
     Groups differ in shape (e.g. a few prefill chunks [Bp, Tp] beside many decodes [Bd, 1]): the
     dense layers run over all their tokens at once, so weights are read once per step, while attention
-    runs per group at its own shape. Returns each group's hidden states [B, T, D].
+    runs per group at its own shape. One-token groups use the Pallas decode kernel when
+    `decode_kernel` (default: on GPU). Returns each group's hidden states [B, T, D].
     """
+    kernel = use_decode_kernel() if decode_kernel is None else decode_kernel
+
+    def attend(q, k_cache, v_cache, i, g):  # q: [B, T, Hq, Dh]
+        if kernel and q.shape[1] == 1:
+            return decode_attention(q, k_cache, v_cache, i, g.page_table, g.kv_lens)
+        return paged_attention(q, k_cache, v_cache, i, g.page_table, g.positions, g.kv_lens)
+
     dtype = params["embed"].dtype
     shapes = [g.tokens.shape for g in groups]
     sizes = [b * t for b, t in shapes]
@@ -122,8 +130,7 @@ def forward(
         k_cache = k_cache.at[i, heads, page[:, None], offset[:, None]].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
         v_cache = v_cache.at[i, heads, page[:, None], offset[:, None]].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
         attn = [
-            paged_attention(qg.reshape(*shape, *qg.shape[1:]), k_cache, v_cache, i, g.page_table, g.positions, g.kv_lens)
-            .reshape(size, -1)
+            attend(qg.reshape(*shape, *qg.shape[1:]), k_cache, v_cache, i, g).reshape(size, -1)
             for qg, shape, size, g in zip(jnp.split(q, splits), shapes, sizes, groups)
         ]
         h = h + jnp.concatenate(attn).astype(dtype) @ lp["wo"]

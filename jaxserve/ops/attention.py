@@ -1,5 +1,8 @@
 """Paged attention, reference implementation in jax.numpy (runs on every backend; the test oracle).
 
+On GPU, one-token (decode) rows use JAX's Pallas paged-attention kernel instead (`decode_attention`),
+which reads pages in place; prefill rows and every other backend use the reference.
+
 Keys and values live in head-major pages `[kv_heads, num_pages, page_size, head_dim]` per layer; each
 sequence reads its pages through a page-table row. Page 0 is the null page: padding writes land there
 and it is never read unmasked.
@@ -107,3 +110,38 @@ def paged_attention(
     _, l, acc = jax.lax.fori_loop(0, num_blocks, block, init)
     out = acc / jnp.maximum(l, 1e-30).transpose(0, 1, 3, 2)  # [Hkv, B, G*T, D]; padding rows have l = 0
     return out.reshape(hkv, b, g, t, d).transpose(1, 3, 0, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
+
+
+def use_decode_kernel() -> bool:
+    """Whether decode rows take the Pallas kernel: on GPU, where it compiles to Triton."""
+    return jax.default_backend() == "gpu"
+
+
+def decode_attention(
+    q: jnp.ndarray,  # [B, 1, Hq, D]
+    k_cache: jnp.ndarray,  # [L, Hkv, num_pages, page_size, D]
+    v_cache: jnp.ndarray,  # [L, Hkv, num_pages, page_size, D]
+    layer: int | jnp.ndarray,
+    page_table: jnp.ndarray,  # [B, P] int32
+    kv_lens: jnp.ndarray,  # [B] int32
+) -> jnp.ndarray:  # [B, 1, Hq, D]
+    """Attention of one new token per row through the Pallas GPU paged-attention kernel (flash-decoding
+    over page blocks, split across the page table). Off GPU it runs in Pallas' interpreter, which is
+    how tests hold it to the reference on CPU."""
+    from jax.experimental.pallas.ops.gpu import paged_attention as pallas
+
+    width, d = page_table.shape[1], q.shape[-1]
+    per_block = block_pages(width, k_cache.shape[3])
+    blocks = width // per_block
+    splits = max(k for k in range(1, min(blocks, 16) + 1) if blocks % k == 0)
+    out = pallas.paged_attention(
+        q[:, 0] * jnp.asarray(d**-0.5, q.dtype),  # the kernel does not scale scores
+        k_cache[layer],
+        v_cache[layer],
+        page_table,
+        kv_lens,
+        pages_per_compute_block=per_block,
+        k_splits=splits,
+        interpret=jax.default_backend() != "gpu",
+    )
+    return out[:, None]
