@@ -198,6 +198,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "prefill_row_len", "page_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_row_len < 2:
+            raise UserError(f"prefill_row_len must be >= 2 (one-token rows are decode rows), got {self.prefill_row_len}")
         if self.num_pages < 2:
             raise UserError(f"num_pages must be >= 2, got {self.num_pages}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

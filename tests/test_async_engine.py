@@ -117,3 +117,29 @@ def test_device_work_never_blocks_the_event_loop(smollm2) -> None:
     worst_gap, elapsed = asyncio.run(main())
     assert elapsed > 1.0  # real device work happened
     assert worst_gap < 0.25, worst_gap
+
+
+def test_shutdown_ends_streams_in_flight_and_ids_can_be_reused() -> None:
+    async def main() -> None:
+        engine = AsyncEngine(_tiny_engine())
+        engine.start()
+        sp = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        # An id whose earlier request was just abandoned starts clean (no stale abort reaches it).
+        async with contextlib.aclosing(engine.generate("x", [5, 6, 7], sp)) as stream:
+            await anext(stream)
+        outs = await _collect(engine, "x", [5, 6, 7], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+        assert [o.finish_reason for o in outs] == [None] * 4 + ["length"]
+
+        async def long_stream() -> list:
+            return await _collect(engine, "long", [5, 6, 7], sp)
+
+        task = asyncio.create_task(long_stream())
+        while engine.engine.num_computed_tokens < 20:
+            await asyncio.sleep(0.01)
+        await engine.shutdown()
+        outs = await asyncio.wait_for(task, timeout=10)
+        assert outs[-1].finish_reason == "abort" and len(outs) < 400
+        with pytest.raises(RuntimeError, match="not running"):
+            await anext(engine.generate("after", [5], sp))
+
+    asyncio.run(main())

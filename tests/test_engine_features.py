@@ -237,3 +237,15 @@ def test_bad_requests_leave_others_untouched(tiny) -> None:
         for out in engine.step():
             results.setdefault(out.request_id, []).append(out)
     assert results["good"][-1].finish_reason
+
+
+def test_priority_orders_admission(tiny) -> None:
+    """With one running slot, a lower priority value is admitted first; equal priorities keep arrival order."""
+    engine = _engine(tiny, max_num_seqs=1)
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    for request_id, priority in (("a", 0), ("b", 0), ("urgent", -1), ("late", 1)):
+        engine.add_request(request_id, [5, 6, 7], sp, priority=priority)
+    order = []
+    while engine.has_unfinished():
+        order += [out.request_id for out in engine.step() if out.finish_reason]
+    assert order == ["urgent", "a", "b", "late"]

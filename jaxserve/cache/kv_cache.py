@@ -12,8 +12,8 @@ from jaxserve.errors import UserError
 
 @flax.struct.dataclass
 class KVCache:
-    k: jnp.ndarray  # [L, Hkv, num_pages, page_size, D]: head-major, see ops/attention.py
-    v: jnp.ndarray  # [L, Hkv, num_pages, page_size, D]
+    k: jnp.ndarray  # [Hkv, L, num_pages, page_size, D]: head-major, see ops/attention.py
+    v: jnp.ndarray  # [Hkv, L, num_pages, page_size, D]
 
     @property
     def num_pages(self) -> int:
@@ -25,7 +25,7 @@ class KVCache:
 
     @classmethod
     def create(cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: jnp.dtype) -> KVCache:
-        shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+        shape = (cfg.num_kv_heads, cfg.num_layers, num_pages, page_size, cfg.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 

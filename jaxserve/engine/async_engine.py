@@ -10,6 +10,8 @@ its request, and its pages are freed before the next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -32,7 +34,11 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
+        # Streams by engine-side id: each call gets a fresh one, so outputs still in flight for an
+        # ended request can never reach a new request that reuses its id.
         self._streams: dict[str, asyncio.Queue] = {}
+        self._active: set[str] = set()  # caller request ids in flight
+        self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -47,9 +53,7 @@ class AsyncEngine:
         self._thread.start()
 
     async def shutdown(self) -> None:
-        """Abort whatever is still running and stop the engine thread."""
-        for request_id in list(self._streams):
-            self.abort(request_id)
+        """Stop the engine thread; requests still running end with finish_reason "abort"."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
@@ -57,7 +61,7 @@ class AsyncEngine:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._streams)
+        return len(self._active)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -67,12 +71,16 @@ class AsyncEngine:
         """Outputs of every sample of one request as steps produce them, until all have finished."""
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.error}")
-        if request_id in self._streams:
+        if self._stopping or self._thread is None or not self._thread.is_alive():
+            raise EngineDeadError("the engine is not running")
+        if request_id in self._active:
             raise UserError(f"request id {request_id!r} is already in use")
-        self.engine.check_request(request_id, prompt_ids, params)
+        engine_id = f"{request_id}#{next(self._ids)}"
+        self.engine.check_request(engine_id, prompt_ids, params)
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._send(("add", request_id, prompt_ids, params, priority))
+        self._streams[engine_id] = stream
+        self._active.add(request_id)
+        self._send(("add", engine_id, prompt_ids, params, priority))
         unfinished = set(range(params.n))
         try:
             while unfinished:
@@ -82,15 +90,17 @@ class AsyncEngine:
                     raise out
                 if out.finish_reason:
                     unfinished.discard(out.index)
-                yield out
+                yield dataclasses.replace(out, request_id=request_id)
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.pop(engine_id, None)
+            self._active.discard(request_id)
             if unfinished:  # the caller stopped listening: free the request's pages
-                self._send(("abort", request_id))
+                self._send(("abort", engine_id))
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with finish_reason "abort" and its pages free at the next step."""
-        self._send(("abort", request_id))
+        for engine_id in [e for e in self._streams if e.rpartition("#")[0] == request_id]:
+            self._send(("abort", engine_id))
 
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
@@ -98,15 +108,21 @@ class AsyncEngine:
 
     # ---- the engine thread ---------------------------------------------------------------
 
-    def _deliver(self, request_id: str, item: StepOutput | BaseException) -> None:
+    def _deliver(self, engine_id: str, item: StepOutput | BaseException) -> None:
         """On the event loop: hand an output to its request's stream, if anyone still listens."""
-        stream = self._streams.get(request_id)
+        stream = self._streams.get(engine_id)
         if stream is not None:
             stream.put_nowait(item)
 
-    def _post(self, request_id: str, item: StepOutput | BaseException) -> None:
+    def _fail_all(self, error: BaseException) -> None:
+        """On the event loop: end every stream with `error` (registration happens on this thread too,
+        so no stream can slip in between)."""
+        for stream in self._streams.values():
+            stream.put_nowait(error)
+
+    def _post(self, engine_id: str, item: StepOutput | BaseException) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, request_id, item)
+        self._loop.call_soon_threadsafe(self._deliver, engine_id, item)
 
     def _apply_commands(self) -> None:
         while True:
@@ -115,16 +131,17 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _, request_id, prompt_ids, params, priority = command
+                _, engine_id, prompt_ids, params, priority = command
                 try:
-                    self.engine.add_request(request_id, prompt_ids, params, priority)
+                    self.engine.add_request(engine_id, prompt_ids, params, priority)
                 except UserError as e:  # checked in the caller already; only a race gets here
-                    self._post(request_id, e)
+                    self._post(engine_id, e)
             else:
                 for out in self.engine.abort(command[1]):
                     self._post(out.request_id, out)
 
     def _run(self) -> None:
+        assert self._loop is not None
         try:
             while not self._stopping:
                 self._apply_commands()
@@ -134,9 +151,11 @@ class AsyncEngine:
                     continue
                 for out in self.engine.step():
                     self._post(out.request_id, out)
+            self._apply_commands()
+            for engine_id in list(self.engine.seqs):  # shutting down: end what still runs
+                for out in self.engine.abort(engine_id):
+                    self._post(out.request_id, out)
         except BaseException as e:  # the engine's state is unknown now: fail everything in flight
             log.exception("engine loop failed")
             self.error = e
-            dead = EngineDeadError(f"the engine stopped after an error: {e}")
-            for request_id in list(self._streams):
-                self._post(request_id, dead)
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine stopped after an error: {e}"))

@@ -130,11 +130,11 @@ class LLMEngine:
         groups, last_row, prompt_slots = self._batch(chunks)
         logits, prefill_hidden = self.runner.forward(groups)
         sampled = [c for c in chunks if c.completes]
-        extras = any(c.seq.params.adjusts_logits or c.seq.params.logprobs is not None for c in sampled)
         rows = logits.shape[0]
         sampling, positions = self._sampling(sampled, last_row, rows)
-        adjust = self._adjust(sampled, last_row, rows) if extras else None
-        tokens, logprobs, *top = self.runner.sample(logits, sampling, positions, adjust, top=extras)
+        adjust = self._adjust(sampled, last_row, rows) if any(c.seq.params.adjusts_logits for c in sampled) else None
+        want_top = any(c.seq.params.logprobs is not None for c in sampled)
+        tokens, logprobs, *top = self.runner.sample(logits, sampling, positions, adjust, top=want_top)
         if prompt_slots:
             self._collect_prompt_logprobs(prefill_hidden, prompt_slots)
         outputs = []
@@ -185,8 +185,7 @@ class LLMEngine:
         stops = seq.params.stop
         if not stops or len(seq.output_ids) < seq.params.min_tokens:
             return False
-        start = max(0, before - max(map(len, stops)) + 1)
-        found = [i for i in (seq.text.find(s, start) for s in stops) if i >= 0]
+        found = [i for s in stops if (i := seq.text.find(s, max(0, before - len(s) + 1))) >= 0]
         if not found:
             return False
         seq.text = seq.text[: min(found)]

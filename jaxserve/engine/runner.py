@@ -151,9 +151,9 @@ class ModelRunner:
                     seed=np.zeros(r, np.uint32),
                 )
                 positions = np.zeros(r, np.int32)
-                self.sample(logits, sampling, positions, None, top=False)
                 adjust = LogitAdjust(np.ones((r, vocab), np.float32), np.zeros((r, vocab), np.float32))
-                self.sample(logits, sampling, positions, adjust, top=True)
+                for variant, top in itertools.product((None, adjust), (False, True)):
+                    self.sample(logits, sampling, positions, variant, top=top)
                 if prefill is not None:
                     self.prompt_logprobs(prefill, np.zeros(prefill.shape[0], np.int32))
                 bar.update()

@@ -5,7 +5,9 @@ a sequence a chunk of them, and when the chunk reaches the end, the token sample
 position is the sequence's next token. A decode is a chunk of one; a long prompt is prefilled in
 chunks beside running decodes (chunked prefill) within the per-step token budget. When pages run
 out, the lowest-priority, latest-arrived running sequence is preempted: its pages are released and
-it is recomputed later from its tokens, so its output is the same as if it had never stopped.
+it is recomputed later from its tokens, so its output is the same as if it had never stopped (bit for
+bit where prefill and decode rows share one attention implementation: on CPU and TPU; on GPU, decode
+rows use the Pallas kernel, whose rounding can differ from the recompute's).
 
 Prefill chunks run as rows of `prefill_row_len` tokens: a chunk that does not finish its prompt fills
 whole rows, and a step holds at most `max_prefill_rows` of them. The n samples of one request share
@@ -101,7 +103,8 @@ class Scheduler:
                 break
             if seq.waits_for_leader():
                 continue
-            hashes = [] if seq.params.prompt_logprobs is not None else seq.full_block_hashes(self.cfg.page_size, seq.num_tokens)
+            # Prompt log-probs need every prompt position computed, so such a request skips the cache.
+            hashes = [] if seq.wants_prompt_logprobs(0) else seq.full_block_hashes(self.cfg.page_size, seq.num_tokens)
             hit = self.blocks.match_prefix(hashes)
             if len(hit) * self.cfg.page_size >= seq.num_tokens:
                 hit = hit[:-1]  # always compute at least one token: its logits give the next token

@@ -3,8 +3,10 @@
 On GPU, one-token (decode) rows use JAX's Pallas paged-attention kernel instead (`decode_attention`),
 which reads pages in place; prefill rows and every other backend use the reference.
 
-Keys and values live in head-major pages `[kv_heads, num_pages, page_size, head_dim]` per layer; each
-sequence reads its pages through a page-table row. Page 0 is the null page: padding writes land there
+Keys and values live in head-major pages, `[kv_heads, layers, num_pages, page_size, head_dim]`: per KV
+head, the pages of all layers form one slab, so a layer's page p is page `layer * num_pages + p` of
+the slab and no layer is ever sliced (copied) out. Each sequence reads its pages through a page-table
+row. Page 0 is the null page: padding writes land there
 and it is never read unmasked.
 
 Page tables have one fixed width (the most pages a sequence can hold), so context length never shapes
@@ -56,16 +58,16 @@ def _gather_pages(cache: jnp.ndarray, layer: int | jnp.ndarray, page_table: jnp.
     flat cache directly never copies a layer out of the stack. Page ids come from the host allocator
     and are always in range, so bounds handling is skipped.
     """
-    num_layers, hkv, num_pages, page_size, d = cache.shape
-    rows = (layer * hkv + jnp.arange(hkv)[:, None]) * num_pages + page_table.reshape(1, -1)  # [Hkv, B * P]
-    flat = cache.reshape(num_layers * hkv * num_pages, page_size * d)
+    hkv, num_layers, num_pages, page_size, d = cache.shape
+    rows = (jnp.arange(hkv)[:, None] * num_layers + layer) * num_pages + page_table.reshape(1, -1)  # [Hkv, B * P]
+    flat = cache.reshape(hkv * num_layers * num_pages, page_size * d)
     return flat.at[rows].get(mode="promise_in_bounds")
 
 
 def paged_attention(
     q: jnp.ndarray,  # [B, T, Hq, D]
-    k_cache: jnp.ndarray,  # [L, Hkv, num_pages, page_size, D]
-    v_cache: jnp.ndarray,  # [L, Hkv, num_pages, page_size, D]
+    k_cache: jnp.ndarray,  # [Hkv, L, num_pages, page_size, D]
+    v_cache: jnp.ndarray,  # [Hkv, L, num_pages, page_size, D]
     layer: int | jnp.ndarray,
     page_table: jnp.ndarray,  # [B, P] int32
     positions: jnp.ndarray,  # [B, T] int32
@@ -78,7 +80,7 @@ def paged_attention(
     runs ~3x faster on XLA:CPU than queries on the left.
     """
     b, t, hq, d = q.shape
-    hkv, page_size = k_cache.shape[1], k_cache.shape[3]
+    hkv, page_size = k_cache.shape[0], k_cache.shape[3]
     g = hq // hkv
     per_block = block_pages(page_table.shape[1], page_size)
     s = per_block * page_size
@@ -98,7 +100,10 @@ def paged_attention(
         p = jnp.exp(scores - m_new)
         scale = jnp.exp(m - m_new)
         l = l * scale + p.sum(axis=2, keepdims=True)
-        pv = jnp.einsum("hbsq,hbsd->hbqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        if t == 1:  # one query per row: a fused multiply-reduce beats a tiny batched matmul on XLA:CPU
+            pv = (p[..., None] * v[:, :, :, None, :].astype(jnp.float32)).sum(axis=2)  # [Hkv, B, G, D]
+        else:
+            pv = jnp.einsum("hbsq,hbsd->hbqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_new, l, acc * scale.transpose(0, 1, 3, 2) + pv
 
     num_blocks = (jnp.max(kv_lens) + s - 1) // s
@@ -119,8 +124,8 @@ def use_decode_kernel() -> bool:
 
 def decode_attention(
     q: jnp.ndarray,  # [B, 1, Hq, D]
-    k_cache: jnp.ndarray,  # [L, Hkv, num_pages, page_size, D]
-    v_cache: jnp.ndarray,  # [L, Hkv, num_pages, page_size, D]
+    k_cache: jnp.ndarray,  # [Hkv, L, num_pages, page_size, D]
+    v_cache: jnp.ndarray,  # [Hkv, L, num_pages, page_size, D]
     layer: int | jnp.ndarray,
     page_table: jnp.ndarray,  # [B, P] int32
     kv_lens: jnp.ndarray,  # [B] int32
@@ -130,15 +135,16 @@ def decode_attention(
     how tests hold it to the reference on CPU."""
     from jax.experimental.pallas.ops.gpu import paged_attention as pallas
 
-    width, d = page_table.shape[1], q.shape[-1]
-    per_block = block_pages(width, k_cache.shape[3])
+    hkv, num_layers, num_pages, page_size, d = k_cache.shape
+    width = page_table.shape[1]
+    per_block = block_pages(width, page_size)
     blocks = width // per_block
     splits = max(k for k in range(1, min(blocks, 16) + 1) if blocks % k == 0)
     out = pallas.paged_attention(
         q[:, 0] * jnp.asarray(d**-0.5, q.dtype),  # the kernel does not scale scores
-        k_cache[layer],
-        v_cache[layer],
-        page_table,
+        k_cache.reshape(hkv, num_layers * num_pages, page_size, d),  # all layers' pages, no copy
+        v_cache.reshape(hkv, num_layers * num_pages, page_size, d),
+        page_table + layer * num_pages,
         kv_lens,
         pages_per_compute_block=per_block,
         k_splits=splits,

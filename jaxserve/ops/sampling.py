@@ -66,7 +66,7 @@ def sample(
 ) -> tuple[jnp.ndarray, ...]:
     """Next tokens [B] int32 and their log-probabilities [B]; with num_top > 0 also the top token ids
     [B, num_top] and their log-probabilities [B, num_top]."""
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    raw, lse = logits, jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, V], [B, 1]
     if adjust is not None:
         logits = adjust_logits(logits, adjust)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -78,8 +78,8 @@ def sample(
         return jnp.where(s.temperature > 0, drawn, greedy)
 
     tokens = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy, None)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    chosen = (jnp.take_along_axis(raw, tokens[:, None], axis=-1) - lse)[:, 0]
     if not num_top:
         return tokens, chosen
-    top_lp, top_ids = jax.lax.top_k(logprobs, num_top)
-    return tokens, chosen, top_ids.astype(jnp.int32), top_lp
+    top_logits, top_ids = jax.lax.top_k(raw, num_top)
+    return tokens, chosen, top_ids.astype(jnp.int32), top_logits - lse
