@@ -1,4 +1,4 @@
-# Quick start: `make serve` (set up + chat with the default model), `make test` (set up + run the tests).
+# Quick start: `make serve` (set up + serve the default model on 127.0.0.1:8000), `make test` (set up + run the tests).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/jaxserve chat
+	$(VENV)/bin/jaxserve serve
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

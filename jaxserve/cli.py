@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -29,19 +30,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=False, help="compile every step shape before the first request")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--min-tokens", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the output")
+SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, server: bool = False) -> None:
+    """Sampling flags. For `serve` they are defaults for requests that leave a field out, and only
+    those given (by flag, environment or YAML) apply."""
+
+    def add(flag: str, default, **kw) -> None:
+        p.add_argument(flag, default=argparse.SUPPRESS if server else default, **kw)
+
+    add("--max-tokens", 128, type=int)
+    add("--temperature", 1.0, type=float, help="0 = greedy")
+    add("--top-p", 1.0, type=float)
+    add("--top-k", -1, type=int)
+    add("--min-p", 0.0, type=float)
+    add("--seed", None, type=int)
+    add("--ignore-eos", False, action="store_true")
+    add("--min-tokens", 0, type=int)
+    add("--repetition-penalty", 1.0, type=float)
+    add("--presence-penalty", 0.0, type=float)
+    add("--frequency-penalty", 0.0, type=float)
+    add("--stop", [], action="append", help="stop string (repeatable); cut from the output")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -64,11 +74,29 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     chat.add_argument("--system", default=None, help="system message")
     chat.set_defaults(func=_cmd_chat)
 
+    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _add_model_args(srv)
+    _add_sampling_args(srv, server=True)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeatable; env JAXSERVE_API_KEY, comma-separated)")
+    srv.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
+    srv.add_argument("--max-num-seqs", type=int, default=16, help="running sequences per step")
+    srv.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens computed per step")
+    srv.add_argument("--num-pages", type=int, default=1024, help="KV-cache pages (when --kv-cache-memory is not given)")
+    srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 429")
+    srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
+    srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
+    srv.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin (repeatable, '*' for any; default: CORS off)")
+    srv.set_defaults(func=_cmd_serve, warmup=True)
+
     conv = sub.add_parser("convert", help="convert a GGUF file or HF folder to a jaxserve checkpoint")
     conv.add_argument("src", help="GGUF file, HF folder (config.json + safetensors) or jaxserve checkpoint")
     conv.add_argument("dst", help="output folder")
     conv.set_defaults(func=_cmd_convert)
-    return parser, {"generate": gen, "chat": chat, "convert": conv}
+    return parser, {"generate": gen, "chat": chat, "serve": srv, "convert": conv}
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -171,6 +199,61 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from jaxserve.checkpoint.loader import load_model
+    from jaxserve.config import EngineConfig, ServerConfig
+    from jaxserve.logs import setup_json_logging
+    from jaxserve.server.app import Server, serve
+
+    setup_json_logging()
+    server_cfg = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(args.api_key),
+        served_model_name=args.served_model_name,
+        max_waiting=args.max_waiting,
+        request_timeout=args.request_timeout,
+        drain_timeout=args.drain_timeout,
+        max_body_bytes=args.max_body_bytes,
+        cors_origins=tuple(args.cors_origin),
+        warmup=args.warmup,
+        default_sampling=tuple((k, getattr(args, k)) for k in SAMPLING_OPTIONS if hasattr(args, k)),
+    )
+    engine_cfg = EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        kv_cache_memory=args.kv_cache_memory,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+    model = load_model(args.model, args.dtype)
+    asyncio.run(serve(Server(model, engine_cfg, server_cfg)))
+    return 0
+
+
+def _env_defaults(parser: argparse.ArgumentParser) -> dict:
+    """Option values from JAXSERVE_<OPTION> environment variables (lists comma-separated)."""
+    values = {}
+    for action in parser._actions:
+        raw = os.environ.get(f"JAXSERVE_{action.dest.upper()}")
+        if raw is None or action.dest in ("help", "func"):
+            continue
+        if isinstance(action, argparse._AppendAction):
+            values[action.dest] = [v for v in raw.split(",") if v]
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            values[action.dest] = raw.lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                values[action.dest] = action.type(raw) if action.type else raw
+            except ValueError:
+                raise UserError(f"environment variable JAXSERVE_{action.dest.upper()}={raw!r} is not a valid {action.dest}") from None
+    return values
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -182,18 +265,21 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse flags; with --config, YAML values become the defaults and flags still win."""
+    """Parse flags. Precedence, highest first: flags, JAXSERVE_* environment variables (for `serve`),
+    the --config YAML file, built-in defaults."""
     parser, commands = build_parser()
     args = parser.parse_args(argv)
+    command = commands[args.command]
     if getattr(args, "config", None):
         values = load_yaml(args.config)
         known = set(vars(args)) - {"command", "func", "config"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"config file {args.config} has unknown options for '{args.command}': {', '.join(unknown)}")
-        commands[args.command].set_defaults(**values)
-        args = parser.parse_args(argv)
-    return args
+        command.set_defaults(**values)
+    if args.command == "serve":
+        command.set_defaults(**_env_defaults(command))
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

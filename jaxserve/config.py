@@ -209,3 +209,33 @@ class EngineConfig:
     def max_prefill_rows(self) -> int:
         """Prefill rows one step can hold within the token budget."""
         return max(1, self.max_num_batched_tokens // self.prefill_row_len)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP front end: address, access control and request limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    served_model_name: str | None = None  # None: the model's own name
+    max_waiting: int = 256  # queued requests beyond which new ones get 429
+    request_timeout: float | None = 600.0  # seconds per request; None: no limit
+    drain_timeout: float = 30.0  # seconds SIGTERM waits for requests in flight
+    max_body_bytes: int = 4 * 2**20
+    cors_origins: tuple[str, ...] = ()  # empty: CORS off
+    warmup: bool = True  # compile every step shape before /ready says yes
+    default_sampling: tuple[tuple[str, Any], ...] = ()  # (field, value) used when a request leaves the field out
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise UserError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_waiting", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("request_timeout", "drain_timeout"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"{name} must be > 0, got {value}")
+        if any(not k for k in self.api_keys):
+            raise UserError("API keys must not be empty")

@@ -15,7 +15,7 @@ import itertools
 import logging
 import queue
 import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.outputs import StepOutput
@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine loop failed; requests in flight got this error and no new ones are accepted."""
+
+
+class RequestFailedError(RuntimeError):
+    """One request failed inside the engine; the engine and every other request carry on."""
 
 
 class AsyncEngine:
@@ -43,6 +47,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
+        self.on_step: Callable[[int], None] | None = None  # called on the engine thread with each step's batch size
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -88,6 +93,9 @@ class AsyncEngine:
                 if isinstance(out, BaseException):
                     unfinished.clear()
                     raise out
+                if out.finish_reason == "error":
+                    unfinished.clear()
+                    raise RequestFailedError(out.text)
                 if out.finish_reason:
                     unfinished.discard(out.index)
                 yield dataclasses.replace(out, request_id=request_id)
@@ -149,8 +157,11 @@ class AsyncEngine:
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                for out in outputs:
                     self._post(out.request_id, out)
+                if self.on_step is not None:
+                    self.on_step(self.engine.last_batch_size)
             self._apply_commands()
             for engine_id in list(self.engine.seqs):  # shutting down: end what still runs
                 for out in self.engine.abort(engine_id):

@@ -65,6 +65,7 @@ class LLMEngine:
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._arrivals = itertools.count()
         self.num_computed_tokens = 0  # tokens whose K/V the device computed (prefix hits excluded)
+        self.last_batch_size = 0  # sequences in the latest step
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -105,13 +106,15 @@ class LLMEngine:
         for seq in samples:
             self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> list[StepOutput]:
-        """Stop a request's unfinished samples and free their pages; returns their final outputs."""
+    def abort(self, request_id: str, reason: str = "abort", message: str = "") -> list[StepOutput]:
+        """Stop a request's unfinished samples and free their pages; returns their final outputs (with
+        `message` as text when the reason is "error")."""
         outputs = []
         for seq in self.seqs.pop(request_id, []):
             if seq.status is not Status.FINISHED:
-                self.scheduler.finish(seq, "abort")
-                outputs.append(StepOutput(request_id, seq.index, None, 0.0, "abort", seq.text[seq.sent :]))
+                self.scheduler.finish(seq, reason)
+                text = message if reason == "error" else seq.text[seq.sent :]
+                outputs.append(StepOutput(request_id, seq.index, None, 0.0, reason, text))
         return outputs
 
     def has_unfinished(self) -> bool:
@@ -125,6 +128,7 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         chunks = self.scheduler.schedule()
+        self.last_batch_size = len(chunks)
         if not chunks:
             return []
         groups, last_row, prompt_slots = self._batch(chunks)
@@ -140,13 +144,19 @@ class LLMEngine:
         outputs = []
         for chunk in chunks:
             seq, row = chunk.seq, last_row[id(chunk)]
+            if seq.status is Status.FINISHED:
+                continue  # its request failed earlier in this loop
             seq.num_computed += chunk.length
             self.num_computed_tokens += chunk.length
             self.scheduler.register_computed(seq)
             if chunk.completes:
                 k = seq.params.logprobs or 0
                 alternatives = tuple(zip(top[0][row, :k].tolist(), top[1][row, :k].tolist())) if k else ()
-                outputs.append(self._append(seq, int(tokens[row]), float(logprobs[row]), alternatives))
+                try:
+                    outputs.append(self._append(seq, int(tokens[row]), float(logprobs[row]), alternatives))
+                except Exception as e:  # a host-side failure (say, detokenizing) fails only its own request
+                    log.exception("request %s failed", seq.request_id)
+                    outputs += self.abort(seq.request_id, "error", f"{type(e).__name__}: {e}")
         return outputs
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: TopLogprobs) -> StepOutput:

@@ -1,0 +1,377 @@
+"""The OpenAI-compatible HTTP server on aiohttp.
+
+Every inference request is parsed and checked in full before anything reaches the engine (a bad one
+gets a 400 and touches nothing), then streamed from the `AsyncEngine`. A client that goes away cancels
+its handler, which aborts its requests and frees their pages. SIGTERM drains: new requests get 503,
+requests in flight get up to `drain_timeout` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import signal
+import time
+from importlib.metadata import version
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from jaxserve.checkpoint.loader import LoadedModel
+from jaxserve.config import EngineConfig, ServerConfig
+from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.engine.outputs import RequestOutput, StepOutput
+from jaxserve.errors import UserError
+from jaxserve.server.metrics import Metrics
+from jaxserve.server.protocol import ApiError, Renderer, Request, parse_chat, parse_completion
+
+log = logging.getLogger("jaxserve.server")
+
+_OPEN_PATHS = {"/health", "/ready"}  # answered without an API key (probes)
+_INFERENCE = {"/v1/completions", "/v1/chat/completions"}
+
+
+class Server:
+    def __init__(self, model: LoadedModel, engine: EngineConfig, cfg: ServerConfig) -> None:
+        self.cfg = cfg
+        self.model_name = cfg.served_model_name or model.name
+        self.tokenizer = model.tokenizer
+        self.llm = LLMEngine(model.cfg, model.params, engine, model.tokenizer)
+        self.engine = AsyncEngine(self.llm)
+        self.metrics = Metrics(self.engine, self.model_name)
+        self.ready = False
+        self.draining = False
+        self.created = int(time.time())
+
+    # ---- application ---------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._errors, self._cors, self._auth])
+        app.add_routes(
+            [
+                web.post("/v1/completions", self.completions),
+                web.post("/v1/chat/completions", self.chat),
+                web.get("/v1/models", self.models),
+                web.get("/v1/models/{model}", self.model),
+                web.post("/tokenize", self.tokenize),
+                web.post("/detokenize", self.detokenize),
+                web.get("/health", self.health),
+                web.get("/ready", self.ready_probe),
+                web.get("/metrics", self.metrics_page),
+                web.get("/version", self.version),
+            ]
+        )
+        return app
+
+    async def start(self) -> None:
+        """Start the engine, then compile every step shape (off the event loop) and become ready."""
+        self.engine.start()
+        if self.cfg.warmup:
+            await asyncio.get_running_loop().run_in_executor(None, self.llm.warmup)
+        self.ready = True
+        log.info("ready", extra={"model": self.model_name, "compiles": self.llm.runner.num_compiles})
+
+    async def drain(self) -> None:
+        """Refuse new requests, give those in flight up to drain_timeout, then stop the engine."""
+        self.draining = True
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        while self.engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained", extra={"unfinished": self.engine.num_in_flight})
+        await self.engine.shutdown()
+
+    # ---- middlewares ---------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """Every failure becomes an OpenAI error body; every answer is counted."""
+        try:
+            response = await handler(request)
+        except ApiError as e:
+            response = self._error(e)
+        except web.HTTPException as e:
+            kind = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}.get(e.status, "invalid_request_error")
+            message = f"no route {request.method} {request.path}" if e.status == 404 else e.reason
+            if e.status == 413:
+                message = f"request body larger than {self.cfg.max_body_bytes} bytes"
+            response = self._error(ApiError(e.status, message, type=kind))
+        except Exception as e:  # a bug in one request: a 500 for it, the server carries on
+            log.exception("unhandled error", extra={"path": request.path})
+            response = self._error(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"))
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "unmatched"
+        self.metrics.http.labels(endpoint, str(response.status)).inc()
+        return response
+
+    @web.middleware
+    async def _cors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and ("*" in self.cfg.cors_origins or origin in self.cfg.cors_origins)
+        if allowed and request.method == "OPTIONS":
+            response: web.StreamResponse = web.Response(status=204)
+        else:
+            response = await handler(request)
+        if allowed and not response.prepared:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        return response
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        if self.cfg.api_keys and request.path not in _OPEN_PATHS:
+            header = request.headers.get("Authorization", "")
+            token = header[7:].encode() if header.startswith("Bearer ") else b""
+            # Compare against every key in constant time, without stopping at the first match.
+            matches = [hmac.compare_digest(token, key.encode()) for key in self.cfg.api_keys]
+            if not any(matches):
+                raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", type="authentication_error", code="invalid_api_key")
+        return await handler(request)
+
+    def _error(self, e: ApiError) -> web.Response:
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return web.json_response(e.body(), status=e.status, headers=headers)
+
+    # ---- inference -----------------------------------------------------------------------
+
+    async def _body(self, request: web.Request) -> dict:
+        """The JSON object sent, over the server's default sampling fields."""
+        try:
+            raw = await request.read()
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiError(400, "the request body is not valid UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return {**dict(self.cfg.default_sampling), **{k: v for k, v in body.items() if v is not None}}
+
+    def _admit(self, body: dict) -> None:
+        """Refusals that come before parsing: not ready, draining, unknown model, queue full."""
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", type="service_unavailable")
+        if not self.ready:
+            raise ApiError(503, "the model is still warming up; retry when /ready answers 200", type="service_unavailable")
+        if self.engine.error is not None:
+            raise ApiError(503, f"the engine stopped after an error: {self.engine.error}", type="service_unavailable")
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'", "model", "not_found_error", "model_not_found")
+        waiting = self.engine.num_in_flight - len(self.llm.scheduler.running)
+        if waiting >= self.cfg.max_waiting:
+            raise ApiError(429, f"too many requests waiting ({waiting}); retry later", type="rate_limit_error")
+
+    def _check(self, req: Request) -> None:
+        """Engine-level checks (context length, token ids) for every prompt, before any starts."""
+        for prompt in req.prompts:
+            try:
+                self.llm.check_request(f"check-{req.request_id}", prompt, req.params)
+            except UserError as e:
+                code = "context_length_exceeded" if "context length" in str(e) else None
+                raise ApiError(400, str(e), "messages" if req.kind == "chat" else "prompt", code=code) from None
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        self._admit(body)
+        return await self._serve(request, parse_completion(body, self.tokenizer, self.model_name, self.llm.max_model_len))
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        self._admit(body)
+        return await self._serve(request, parse_chat(body, self.tokenizer, self.model_name, self.llm.max_model_len))
+
+    async def _serve(self, request: web.Request, req: Request) -> web.StreamResponse:
+        self._check(req)
+        log.info("request", extra={"request_id": req.request_id, "kind": req.kind, "prompts": len(req.prompts), "n": req.params.n, "stream": req.stream})
+        if req.stream:
+            return await self._stream(request, req)
+        results = [RequestOutput.empty(f"{req.request_id}-{i}", p, req.params.n) for i, p in enumerate(req.prompts)]
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout):
+                async for i, out in self._outputs(req):
+                    results[i].add(out)
+        except TimeoutError:
+            raise ApiError(504, f"the request took longer than {self.cfg.request_timeout} s", type="timeout_error") from None
+        except RequestFailedError as e:
+            raise ApiError(500, f"the request failed: {e}", type="internal_server_error") from None
+        except EngineDeadError as e:
+            raise ApiError(503, str(e), type="service_unavailable") from None
+        return web.json_response(Renderer(req, self.tokenizer).response(results))
+
+    async def _outputs(self, req: Request):
+        """(prompt index, step output) of every prompt of the request, merged as they come; records
+        latency and token metrics. Leaving early cancels (and so aborts) every prompt's request."""
+        queue: asyncio.Queue = asyncio.Queue()
+        name = self.model_name
+        arrival = time.perf_counter()
+
+        async def run(i: int, prompt: list[int]) -> None:
+            last = None
+            self.metrics.prompt_tokens.labels(name).inc(len(prompt))
+            try:
+                async for out in self.engine.generate(f"{req.request_id}-{i}", prompt, req.params):
+                    now = time.perf_counter()
+                    if out.token_id is not None:
+                        self.metrics.generation_tokens.labels(name).inc()
+                        (self.metrics.ttft if last is None else self.metrics.itl).labels(name).observe(now - (last or arrival))
+                        last = now
+                    if out.finish_reason:
+                        self.metrics.requests.labels(name, out.finish_reason).inc()
+                        self.metrics.e2e.labels(name).observe(now - arrival)
+                    await queue.put((i, out))
+                await queue.put((i, None))
+            except BaseException as e:
+                await queue.put((i, e))
+                raise
+
+        tasks = [asyncio.create_task(run(i, p)) for i, p in enumerate(req.prompts)]
+        try:
+            pending = len(tasks)
+            while pending:
+                i, item = await queue.get()
+                if item is None:
+                    pending -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream(self, request: web.Request, req: Request) -> web.StreamResponse:
+        """Server-sent events: one chunk per step output, then usage (if asked), then [DONE]."""
+        render = Renderer(req, self.tokenizer)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        n = req.params.n
+
+        async def send(obj: dict | str) -> None:
+            await response.write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode())
+
+        started: set[int] = set()
+        offsets: dict[int, int] = {}
+        generated = 0
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout):
+                async for i, out in self._outputs(req):
+                    index = i * n + out.index
+                    choice = self._chunk_choice(render, req, i, index, out, first=index not in started, offsets=offsets)
+                    started.add(index)
+                    generated += out.token_id is not None and not req.drop_generated
+                    if choice is not None:
+                        await send(render.chunk([choice]))
+            if req.include_usage:
+                await send(render.usage_chunk(sum(map(len, req.prompts)), generated))
+        except (TimeoutError, RequestFailedError, EngineDeadError) as e:
+            message = f"the request took longer than {self.cfg.request_timeout} s" if isinstance(e, TimeoutError) else str(e)
+            await send(ApiError(500, message, type="internal_server_error").body())
+        await send("[DONE]")
+        await response.write_eof()
+        return response
+
+    def _chunk_choice(self, render: Renderer, req: Request, i: int, index: int, out: StepOutput, first: bool, offsets: dict[int, int]) -> dict | None:
+        """One streamed choice for a step output (None when it adds nothing to say)."""
+        token = [] if out.token_id is None or req.drop_generated else [out.token_id]
+        text = "" if req.drop_generated else out.text
+        if req.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text or token else {})
+            logprobs = render.chat_logprobs(token, [out.logprob] * len(token), [out.top_logprobs] * len(token)) if req.logprobs is not None else None
+            if not delta and not out.finish_reason:
+                return None
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": out.finish_reason}
+        ids, lps, tops = token, [out.logprob] * len(token), [out.top_logprobs] * len(token)
+        if first and req.echo:
+            text = self.tokenizer.decode(req.prompts[i], skip_special_tokens=False) + text
+            if out.prompt_logprobs is not None:
+                ids = req.prompts[i] + ids
+                lps = [None] + [lp for lp, _ in out.prompt_logprobs] + lps
+                tops = [None] + [top for _, top in out.prompt_logprobs] + tops
+        if not text and not ids and not out.finish_reason:
+            return None
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = render.completion_logprobs(ids, lps, tops, offsets.get(index, 0))
+        offsets[index] = offsets.get(index, 0) + len(text)
+        finish = "length" if req.drop_generated and out.finish_reason else out.finish_reason
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    # ---- other endpoints -----------------------------------------------------------------
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "jaxserve", "max_model_len": self.llm.max_model_len}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        if request.match_info["model"] != self.model_name:
+            raise ApiError(404, f"the model '{request.match_info['model']}' does not exist", "model", "not_found_error", "model_not_found")
+        return web.json_response(self._model_card())
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self._admit_model(body)
+        if isinstance(body.get("prompt"), str):
+            ids = self.tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True) is not False)
+        elif "messages" in body:
+            ids = parse_chat({**body, "max_tokens": 1}, self.tokenizer, self.model_name, self.llm.max_model_len).prompts[0]
+        else:
+            raise ApiError(400, "send 'prompt' (a string) or 'messages'", "prompt")
+        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.llm.max_model_len})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self._admit_model(body)
+        ids = body.get("tokens")
+        vocab = self.llm.model_cfg.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise ApiError(400, f"'tokens' must be an array of token ids in [0, {vocab})", "tokens")
+        return web.json_response({"prompt": self.tokenizer.decode(ids, skip_special_tokens=False)})
+
+    def _admit_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'", "model", "not_found_error", "model_not_found")
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.engine.error is not None:
+            return web.json_response({"status": "engine failed", "error": str(self.engine.error)}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def ready_probe(self, request: web.Request) -> web.Response:
+        ok = self.ready and not self.draining and self.engine.error is None
+        status = "ready" if ok else ("draining" if self.draining else "warming up")
+        return web.json_response({"status": status}, status=200 if ok else 503)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": version("jaxserve")})
+
+
+async def serve(server: Server) -> None:
+    """Listen, warm up, serve until SIGTERM or SIGINT, then drain and stop."""
+    cfg = server.cfg
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    log.info("listening", extra={"url": f"http://{cfg.host}:{cfg.port}", "model": server.model_name})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    warm = asyncio.create_task(server.start())
+    await stop.wait()
+    log.info("signal received; draining", extra={"in_flight": server.engine.num_in_flight})
+    if not warm.done():
+        warm.cancel()
+    await server.drain()
+    await runner.cleanup()

@@ -1,0 +1,285 @@
+"""OpenAI request bodies in, engine requests out; engine results in, OpenAI response bodies out.
+
+Parsing checks every field it reads (type and range) and raises `ApiError` naming the parameter, so
+a malformed request is answered with a 400 before it reaches the engine. Fields this server does not
+know are ignored, as OpenAI's own server does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxserve.engine.outputs import CompletionOutput, RequestOutput, TopLogprobs
+from jaxserve.errors import UserError
+from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxserve.tokenizer import Tokenizer
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+_MISSING = object()
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array", dict: "an object"}
+
+
+def _field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    """body[name] checked against `kind` (ints count as floats, bools never as numbers); None when absent
+    or null."""
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = any(
+        isinstance(value, k) and not (isinstance(value, bool) and k is not bool) or (k is float and isinstance(value, int) and not isinstance(value, bool))
+        for k in kinds
+    )
+    if not ok:
+        raise ApiError(400, f"'{name}' must be {' or '.join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)}", name)
+    return float(value) if kinds == (float,) else value
+
+
+@dataclass(frozen=True)
+class Request:
+    """One parsed completions or chat request."""
+
+    kind: str  # "completion" | "chat"
+    model: str
+    prompts: list[list[int]]  # token ids of each prompt (completions may send several)
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    echo: bool = False  # completions: prepend the prompt to the text
+    logprobs: int | None = None  # top alternatives per token in the response (None: no logprobs)
+    drop_generated: bool = False  # max_tokens 0 with echo: score the prompt, return no new tokens
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _sampling(body: dict, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+    stop = _field(body, "stop", (str, list), ())
+    if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "'stop' must be a string or an array of strings", "stop")
+    bias = _field(body, "logit_bias", dict, {})
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=_field(body, "temperature", float, 1.0),
+            top_p=_field(body, "top_p", float, 1.0),
+            top_k=_field(body, "top_k", int, -1),
+            min_p=_field(body, "min_p", float, 0.0),
+            seed=_field(body, "seed", int),
+            n=_field(body, "n", int, 1),
+            presence_penalty=_field(body, "presence_penalty", float, 0.0),
+            frequency_penalty=_field(body, "frequency_penalty", float, 0.0),
+            repetition_penalty=_field(body, "repetition_penalty", float, 1.0),
+            logit_bias=bias,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            min_tokens=_field(body, "min_tokens", int, 0),
+            stop=tuple(stop) if isinstance(stop, list) else stop,
+            stop_token_ids=tuple(_field(body, "stop_token_ids", list, [])),
+            ignore_eos=_field(body, "ignore_eos", bool, False),
+            skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
+        )
+    except UserError as e:
+        raise ApiError(400, str(e), str(e).split()[0]) from None
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    stream = _field(body, "stream", bool, False)
+    options = _field(body, "stream_options", dict, {})
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be a boolean", "stream_options")
+    return stream, include_usage
+
+
+def _max_tokens(body: dict, names: tuple[str, ...], default: int | None, room: int) -> int:
+    """The first of `names` present, else `default`, else all the room the context leaves."""
+    for name in names:
+        value = _field(body, name, int)
+        if value is not None:
+            if value < 0:
+                raise ApiError(400, f"'{name}' must be >= 0, got {value}", name)
+            return value
+    return default if default is not None else max(room, 1)
+
+
+def parse_completion(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Request:
+    prompt = body.get("prompt", _MISSING)
+    if prompt is _MISSING or prompt is None:
+        raise ApiError(400, "'prompt' is required", "prompt")
+    if isinstance(prompt, str):
+        prompts = [tok.encode(prompt)]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = [tok.encode(p) for p in prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [list(prompt)]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
+        prompts = [list(p) for p in prompt]
+    else:
+        raise ApiError(400, "'prompt' must be a string, an array of strings, an array of token ids or an array of such arrays", "prompt")
+    if any(not p for p in prompts):
+        raise ApiError(400, "'prompt' must not be empty", "prompt")
+    echo = _field(body, "echo", bool, False)
+    logprobs = _field(body, "logprobs", int)
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise ApiError(400, f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+    room = max_model_len - max(len(p) for p in prompts)
+    max_tokens = _max_tokens(body, ("max_tokens",), 16, room)
+    drop = max_tokens == 0
+    if drop and not echo:
+        raise ApiError(400, "'max_tokens' must be >= 1 (0 is allowed only with echo)", "max_tokens")
+    stream, include_usage = _stream_options(body)
+    params = _sampling(body, max(max_tokens, 1), logprobs, logprobs if echo and logprobs is not None else None)
+    return Request("completion", model, prompts, params, stream, include_usage, echo, logprobs, drop)
+
+
+_ROLES = {"system", "developer", "user", "assistant"}
+
+
+def _message_text(message: dict, index: int) -> str:
+    content = message.get("content")
+    if content is None and message.get("role") == "assistant":
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{index}].content parts must be {{'type': 'text', 'text': ...}}", "messages")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ApiError(400, f"messages[{index}].content must be a string or an array of text parts", "messages")
+
+
+def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Request:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array", "messages")
+    rendered = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", "messages")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {sorted(_ROLES)}, got {role!r}", "messages")
+        rendered.append({"role": "system" if role == "developer" else role, "content": _message_text(m, i)})
+    try:
+        prompt = tok.encode_chat(rendered)
+    except UserError as e:
+        raise ApiError(400, f"the chat template rejected the messages: {e}", "messages") from None
+    logprobs = _field(body, "logprobs", bool, False)
+    top = _field(body, "top_logprobs", int)
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise ApiError(400, f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
+    if top and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), None, max_model_len - len(prompt))
+    if max_tokens == 0:
+        raise ApiError(400, "'max_tokens' must be >= 1", "max_tokens")
+    stream, include_usage = _stream_options(body)
+    count = (top or 0) if logprobs else None
+    params = _sampling(body, max_tokens, count, None)
+    return Request("chat", model, [prompt], params, stream, include_usage, logprobs=count)
+
+
+# ---- responses -----------------------------------------------------------------------------
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+class Renderer:
+    """Builds OpenAI response objects (whole, or streamed chunks) for one request."""
+
+    def __init__(self, req: Request, tok: Tokenizer) -> None:
+        self.req, self.tok = req, tok
+        prefix = "cmpl" if req.kind == "completion" else "chatcmpl"
+        self.id = f"{prefix}-{req.request_id}"
+        self.object = "text_completion" if req.kind == "completion" else "chat.completion"
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.req.created, "model": self.req.model}
+
+    def token(self, token_id: int) -> str:
+        return self.tok.decode([token_id], skip_special_tokens=False)
+
+    # Completions log-probs: parallel arrays; chat: one entry per token.
+    def completion_logprobs(self, ids: list[int], lps: list[float | None], tops: list[TopLogprobs | None], offset: int) -> dict:
+        tokens = [self.token(t) for t in ids]
+        offsets, pos = [], offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": lps,
+            "top_logprobs": [None if top is None else {self.token(t): lp for t, lp in top} for top in tops],
+            "text_offset": offsets,
+        }
+
+    def chat_logprobs(self, ids: list[int], lps: list[float], tops: list[TopLogprobs]) -> dict:
+        def entry(t: int, lp: float) -> dict:
+            s = self.token(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]} for t, lp, top in zip(ids, lps, tops)]}
+
+    def _tops(self, sample: CompletionOutput) -> list[TopLogprobs]:
+        return sample.top_logprobs if sample.top_logprobs else [()] * len(sample.token_ids)
+
+    def completion_choice(self, index: int, prompt: RequestOutput, sample: CompletionOutput) -> dict:
+        req = self.req
+        text, logprobs = sample.text, None
+        ids, lps, tops = sample.token_ids, sample.logprobs, self._tops(sample)
+        if req.drop_generated:
+            text, ids, lps, tops = "", [], [], []
+        if req.echo:
+            prompt_text = self.tok.decode(prompt.prompt_ids, skip_special_tokens=False)
+            text = prompt_text + text
+        if req.logprobs is not None:
+            if req.echo:
+                scored = prompt.prompt_logprobs or ()
+                p_lps = [None] + [lp for lp, _ in scored]
+                p_tops = [None] + [top for _, top in scored]
+                logprobs = self.completion_logprobs(prompt.prompt_ids + ids, p_lps + lps, p_tops + list(tops), 0)
+            else:
+                logprobs = self.completion_logprobs(ids, lps, list(tops), 0)
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": "length" if req.drop_generated else sample.finish_reason}
+
+    def chat_choice(self, index: int, sample: CompletionOutput) -> dict:
+        logprobs = self.chat_logprobs(sample.token_ids, sample.logprobs, self._tops(sample)) if self.req.logprobs is not None else None
+        return {"index": index, "message": {"role": "assistant", "content": sample.text}, "logprobs": logprobs, "finish_reason": sample.finish_reason}
+
+    def response(self, results: list[RequestOutput]) -> dict:
+        """The whole (non-streamed) response; choice index = prompt index * n + sample index."""
+        choices = []
+        for result in results:
+            for sample in result.outputs:
+                index = len(choices)
+                if self.req.kind == "completion":
+                    choices.append(self.completion_choice(index, result, sample))
+                else:
+                    choices.append(self.chat_choice(index, sample))
+        generated = 0 if self.req.drop_generated else sum(len(s.token_ids) for r in results for s in r.outputs)
+        return {**self._head(self.object), "choices": choices, "usage": usage(sum(len(r.prompt_ids) for r in results), generated)}
+
+    def chunk(self, choices: list[dict]) -> dict:
+        return {**self._head(self.object + ("" if self.req.kind == "completion" else ".chunk")), "choices": choices}
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return {**self.chunk([]), "usage": usage(prompt_tokens, completion_tokens)}
