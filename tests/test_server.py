@@ -250,22 +250,53 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client) 
     assert client.with_options(max_retries=0).completions.create(prompt="ok", model=MODEL, max_tokens=2, extra_body={"unknown_field": 1}).choices
 
 
-def test_client_disconnect_mid_stream_frees_pages(server) -> None:
-    async def run() -> tuple[float, float]:
+async def _stream_text(session: aiohttp.ClientSession, url: str, body: dict, stop_after: int | None = None) -> tuple[str, str | None]:
+    """Text and finish reason of a streamed completion; with stop_after, hang up after that many events."""
+    text, finish, events = "", None, 0
+    async with session.post(url + "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status == 200
+        async for line in r.content:
+            if not line.startswith(b"data: "):
+                continue
+            events += 1
+            if stop_after is not None and events > stop_after:
+                r.close()  # hang up mid-stream
+                break
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                break
+            choice = json.loads(data)["choices"][0]
+            text += choice["text"]
+            finish = choice["finish_reason"] or finish
+    return text, finish
+
+
+def _metric_values(text: str) -> dict[str, float]:
+    return {line.split("{")[0]: float(line.split()[-1]) for line in text.splitlines() if line.startswith("jaxserve:") and "{" in line}
+
+
+def test_64_concurrent_streams_equal_offline_and_16_hangups_free_the_cache(server, offline) -> None:
+    words = "the quick brown fox jumps over a lazy dog while curious cats watch".split()
+    prompts = [" ".join(words[i % 7 : i % 7 + 2 + i % 5]) + f" {i}" for i in range(64)]
+    expected = [o.outputs[0] for o in offline.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)]
+
+    async def run() -> tuple[list, dict[str, float], int]:
         headers = {"Authorization": f"Bearer {KEY}"}
         async with aiohttp.ClientSession(headers=headers) as s:
-            r = await s.post(server.url + "/v1/completions", json={"prompt": "Count to a thousand:", "max_tokens": 1500, "ignore_eos": True, "stream": True})
-            for _ in range(3):
-                await r.content.readline()
-            r.close()  # the client goes away mid-stream
-        for _ in range(100):
-            await asyncio.sleep(0.1)
-            async with aiohttp.ClientSession(headers=headers) as s:
+            streams = [_stream_text(s, server.url, {"prompt": p, "max_tokens": 12, "temperature": 0}) for p in prompts]
+            hangups = [_stream_text(s, server.url, {"prompt": f"Count slowly to {i}00:", "max_tokens": 1000, "ignore_eos": True}, stop_after=3) for i in range(16)]
+            results = await asyncio.gather(*streams, *hangups)
+            for _ in range(100):  # pages come back within an engine step of each hang-up
                 async with s.get(server.url + "/metrics") as m:
-                    values = {line.split("{")[0]: float(line.split()[-1]) for line in (await m.text()).splitlines() if line.startswith("jaxserve:") and "{" in line}
-            if values["jaxserve:num_requests_running"] == 0:
-                break
-        return values["jaxserve:num_requests_running"], values["jaxserve:kv_cache_usage_perc"]
+                    values = _metric_values(await m.text())
+                if values["jaxserve:num_requests_running"] == 0 and values["jaxserve:num_requests_waiting"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            async with s.get(server.url + "/health") as h:
+                health = h.status
+        return results[:64], values, health
 
-    running, usage = asyncio.run(run())
-    assert running == 0 and usage == 0.0
+    results, values, health = asyncio.run(run())
+    assert [(t, f) for t, f in results] == [(e.text, e.finish_reason) for e in expected]
+    assert values["jaxserve:num_requests_running"] == 0 and values["jaxserve:kv_cache_usage_perc"] == 0.0
+    assert health == 200

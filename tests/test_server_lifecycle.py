@@ -30,7 +30,7 @@ def test_warmup_then_429_then_sigterm_drains(tmp_path) -> None:
     # A context length no earlier run used: its step shapes are not in the compile cache, so warm-up
     # takes long enough to be observed.
     max_len = 640 + 128 * (time.time_ns() // 1000 % 40)
-    args = [*SMALL[:-1], str(max_len), "--max-waiting", "1", "--drain-timeout", "60"]
+    args = [*SMALL[:-1], str(max_len), "--max-waiting", "8", "--drain-timeout", "60"]
     server = ServerProcess(args, tmp_path / "log.txt")
     try:
         # While warming up the server is alive but not ready, and refuses inference with 503.
@@ -46,39 +46,58 @@ def test_warmup_then_429_then_sigterm_drains(tmp_path) -> None:
         logs = server.log_records()
         assert any(r["msg"] == "listening" for r in logs) and any(r["msg"] == "ready" for r in logs)
 
-        async def crowd() -> list[tuple[int, dict]]:
+        # A burst of 100 requests against one running slot and 8 waiting places: the excess gets 429
+        # with Retry-After, and every accepted request completes.
+        async def burst() -> list[tuple[int, dict, str | None]]:
             async with aiohttp.ClientSession() as s:
-                first = asyncio.create_task(_complete(s, server.url, max_tokens=60, ignore_eos=True))
-                await asyncio.sleep(0.5)  # running (one slot)
-                second = asyncio.create_task(_complete(s, server.url, max_tokens=60, ignore_eos=True))
-                await asyncio.sleep(0.5)  # waiting (the queue holds one)
-                async with s.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
-                    third = (r.status, await r.json(), r.headers.get("Retry-After"))
-                return [await first, await second, third]
 
-        first, second, third = asyncio.run(crowd())
-        assert first[0] == 200 and second[0] == 200
-        assert third[0] == 429 and third[1]["error"]["type"] == "rate_limit_error" and third[2] == "1"
+                async def one(i: int) -> tuple[int, dict, str | None]:
+                    async with s.post(server.url + "/v1/completions", json={"prompt": f"Number {i}:", "max_tokens": 4, "ignore_eos": True}) as r:
+                        return r.status, await r.json(), r.headers.get("Retry-After")
 
-        # SIGTERM while a request is in flight: it still completes, new requests get 503, exit code 0.
-        async def drain() -> tuple[tuple[int, dict], int]:
+                return await asyncio.gather(*(one(i) for i in range(100)))
+
+        results = asyncio.run(burst())
+        accepted = [body for status, body, _ in results if status == 200]
+        refused = [(body, retry) for status, body, retry in results if status == 429]
+        assert len(accepted) + len(refused) == 100 and len(refused) > 50 and len(accepted) >= 9
+        assert all(body["usage"]["completion_tokens"] == 4 for body in accepted)
+        assert all(body["error"]["type"] == "rate_limit_error" and retry == "1" for body, retry in refused)
+
+        # SIGTERM during 8 streams: they all finish, new requests get 503, the process exits 0.
+        async def drain() -> tuple[list, int]:
             async with aiohttp.ClientSession() as s:
-                running = asyncio.create_task(_complete(s, server.url, max_tokens=40, ignore_eos=True))
-                await asyncio.sleep(0.5)
+                streams = [asyncio.create_task(_stream(s, server.url, i)) for i in range(8)]
+                await asyncio.sleep(1.0)
                 server.proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.3)
                 async with s.post(server.url + "/v1/completions", json={"prompt": "late", "max_tokens": 2}) as r:
                     late = r.status
-                return await running, late
+                return await asyncio.gather(*streams), late
 
-        (status, body), late = asyncio.run(drain())
-        assert status == 200 and body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 40
+        streams, late = asyncio.run(drain())
         assert late == 503
-        assert server.proc.wait(timeout=60) == 0
+        assert all(finish == "length" and tokens == 16 for finish, tokens in streams), streams
+        assert server.proc.wait(timeout=120) == 0
         assert any(r["msg"] == "drained" and r["unfinished"] == 0 for r in server.log_records())
         assert all("request_id" in r for r in server.log_records() if r["msg"] == "request")
     finally:
         server.stop()
+
+
+async def _stream(session: aiohttp.ClientSession, url: str, i: int) -> tuple[str | None, int]:
+    """Finish reason and token count of a streamed completion."""
+    finish, usage = None, 0
+    body = {"prompt": f"Story {i}:", "max_tokens": 16, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    async with session.post(url + "/v1/completions", json=body) as r:
+        async for line in r.content:
+            if line.startswith(b"data: {"):
+                chunk = json.loads(line[6:])
+                if chunk["choices"]:
+                    finish = chunk["choices"][0]["finish_reason"] or finish
+                if chunk.get("usage"):
+                    usage = chunk["usage"]["completion_tokens"]
+    return finish, usage
 
 
 def test_a_failing_request_gets_500_and_the_others_finish(smollm2, monkeypatch) -> None:

@@ -45,6 +45,7 @@ class Server:
         self.ready = False
         self.draining = False
         self.created = int(time.time())
+        self.in_flight = 0  # engine requests (one per prompt) accepted and not yet answered
 
     # ---- application ---------------------------------------------------------------------
 
@@ -78,9 +79,9 @@ class Server:
         """Refuse new requests, give those in flight up to drain_timeout, then stop the engine."""
         self.draining = True
         deadline = time.monotonic() + self.cfg.drain_timeout
-        while self.engine.num_in_flight and time.monotonic() < deadline:
+        while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        log.info("drained", extra={"unfinished": self.engine.num_in_flight})
+        log.info("drained", extra={"unfinished": self.in_flight})
         await self.engine.shutdown()
 
     # ---- middlewares ---------------------------------------------------------------------
@@ -161,7 +162,7 @@ class Server:
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'", "model", "not_found_error", "model_not_found")
-        waiting = self.engine.num_in_flight - len(self.llm.scheduler.running)
+        waiting = self.in_flight - len(self.llm.scheduler.running)
         if waiting >= self.cfg.max_waiting:
             raise ApiError(429, f"too many requests waiting ({waiting}); retry later", type="rate_limit_error")
 
@@ -186,6 +187,14 @@ class Server:
 
     async def _serve(self, request: web.Request, req: Request) -> web.StreamResponse:
         self._check(req)
+        # Counted from here (no await since the admission check), so a burst cannot overshoot max_waiting.
+        self.in_flight += len(req.prompts)
+        try:
+            return await self._generate(request, req)
+        finally:
+            self.in_flight -= len(req.prompts)
+
+    async def _generate(self, request: web.Request, req: Request) -> web.StreamResponse:
         log.info("request", extra={"request_id": req.request_id, "kind": req.kind, "prompts": len(req.prompts), "n": req.params.n, "stream": req.stream})
         if req.stream:
             return await self._stream(request, req)
@@ -370,7 +379,7 @@ async def serve(server: Server) -> None:
         loop.add_signal_handler(sig, stop.set)
     warm = asyncio.create_task(server.start())
     await stop.wait()
-    log.info("signal received; draining", extra={"in_flight": server.engine.num_in_flight})
+    log.info("signal received; draining", extra={"in_flight": server.in_flight})
     if not warm.done():
         warm.cancel()
     await server.drain()
