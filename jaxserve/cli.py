@@ -82,7 +82,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     srv.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeatable; env JAXSERVE_API_KEY, comma-separated)")
     srv.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
     srv.add_argument("--max-num-seqs", type=int, default=16, help="running sequences per step")
-    srv.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens computed per step")
+    srv.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens computed per step (default: 256 on CPU, where smaller steps keep first-token latency low; 2048 on GPU/TPU)",
+    )
     srv.add_argument("--num-pages", type=int, default=1024, help="KV-cache pages (when --kv-cache-memory is not given)")
     srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 429")
@@ -221,9 +226,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         default_sampling=tuple((k, getattr(args, k)) for k in SAMPLING_OPTIONS if hasattr(args, k)),
     )
+    import jax
+
+    budget = args.max_num_batched_tokens or (256 if jax.default_backend() == "cpu" else 2048)
     engine_cfg = EngineConfig(
         max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=budget,
         page_size=args.page_size,
         num_pages=args.num_pages,
         kv_cache_memory=args.kv_cache_memory,

@@ -116,13 +116,17 @@ def forward(
     h = params["embed"][flat([g.tokens for g in groups])].astype(dtype)  # [N, D]
     n = h.shape[0]
 
+    q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+
     def layer(h, k_cache, v_cache, lp, i):
         x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-        q = x @ lp["wq"]
-        k = x @ lp["wk"]
-        v = x @ lp["wv"]
-        if cfg.qkv_bias:
-            q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+        if "wqkv" in lp:  # fused layout (see unstack_layers)
+            qkv = x @ lp["wqkv"] + (lp["bqkv"] if cfg.qkv_bias else 0)
+            q, k, v = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
+        else:
+            q, k, v = x @ lp["wq"], x @ lp["wk"], x @ lp["wv"]
+            if cfg.qkv_bias:
+                q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
         q = apply_rope(q.reshape(1, n, cfg.num_heads, cfg.head_dim), cos, sin)[0]  # [N, Hq, Dh]
         k = apply_rope(k.reshape(1, n, cfg.num_kv_heads, cfg.head_dim), cos, sin)[0]
         v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
@@ -135,7 +139,8 @@ def forward(
         ]
         h = h + jnp.concatenate(attn).astype(dtype) @ lp["wo"]
         x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-        h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+        gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1) if "w_gate_up" in lp else (x @ lp["w_gate"], x @ lp["w_up"])
+        h = h + (jax.nn.silu(gate) * up) @ lp["w_down"]
         return h, k_cache, v_cache
 
     k_cache, v_cache = cache.k, cache.v
@@ -161,7 +166,17 @@ def compute_logits(params: Params, hidden: jnp.ndarray, cfg: ModelConfig) -> jnp
 
 
 def unstack_layers(params: Params) -> Params:
-    """Stacked [L, ...] layers -> a tuple of per-layer dicts (separate buffers; see `forward`)."""
+    """Stacked [L, ...] layers -> a tuple of per-layer dicts (separate buffers; see `forward`), with
+    q/k/v and gate/up each concatenated into one matrix: at small batch, XLA:CPU runs a few wide dots
+    much faster than many narrow ones."""
     layers = params["layers"]
     num_layers = next(iter(layers.values())).shape[0]
-    return {**params, "layers": tuple({k: v[i] for k, v in layers.items()} for i in range(num_layers))}
+    fused = []
+    for i in range(num_layers):
+        lp = {k: v[i] for k, v in layers.items()}
+        lp["wqkv"] = jnp.concatenate([lp.pop("wq"), lp.pop("wk"), lp.pop("wv")], axis=-1)
+        if "bq" in lp:
+            lp["bqkv"] = jnp.concatenate([lp.pop("bq"), lp.pop("bk"), lp.pop("bv")], axis=-1)
+        lp["w_gate_up"] = jnp.concatenate([lp.pop("w_gate"), lp.pop("w_up")], axis=-1)
+        fused.append(lp)
+    return {**params, "layers": tuple(fused)}

@@ -112,7 +112,8 @@ def paged_attention(
         jnp.zeros((hkv, b, 1, g * t), jnp.float32),
         jnp.zeros((hkv, b, g * t, d), jnp.float32),
     )
-    _, l, acc = jax.lax.fori_loop(0, num_blocks, block, init)
+    # The first block runs outside the loop: most decode batches need no loop at all.
+    _, l, acc = jax.lax.fori_loop(1, num_blocks, block, block(jnp.int32(0), init))
     out = acc / jnp.maximum(l, 1e-30).transpose(0, 1, 3, 2)  # [Hkv, B, G*T, D]; padding rows have l = 0
     return out.reshape(hkv, b, g, t, d).transpose(1, 3, 0, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
 
