@@ -70,3 +70,44 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         return self.proc.wait()
+
+
+class InProcessServer:
+    """A `Server` on a free port in a background event loop of this process, so a test can reach
+    into it (inject faults, read engine state). Use as a context manager."""
+
+    def __init__(self, model, engine_cfg, **server_options) -> None:
+        from jaxserve.config import ServerConfig
+        from jaxserve.server.app import Server
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = Server(model, engine_cfg, ServerConfig(port=self.port, warmup=False, **server_options))
+
+    def __enter__(self) -> InProcessServer:
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        async def start() -> web.AppRunner:
+            runner = web.AppRunner(self.server.app(), handler_cancellation=True)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            await self.server.start()
+            return runner
+
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.runner = self._run(start())
+        return self
+
+    def _run(self, coro):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
+
+    def __exit__(self, *exc) -> None:
+        self._run(self.server.engine.shutdown())
+        self._run(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)

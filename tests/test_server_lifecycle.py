@@ -9,14 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import aiohttp
 import pytest
 
-from jaxserve.config import EngineConfig, ServerConfig
-from tests.server_process import ServerProcess, free_port, get, post
+from jaxserve.config import EngineConfig
+from tests.server_process import InProcessServer, ServerProcess, get, post
 
 SMALL = ["--max-num-seqs", "1", "--max-num-batched-tokens", "128", "--num-pages", "64", "--max-model-len", "512"]
 
@@ -100,12 +99,12 @@ async def _stream(session: aiohttp.ClientSession, url: str, i: int) -> tuple[str
     return finish, usage
 
 
+ENGINE = EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, num_pages=64, max_model_len=512)
+
+
 def test_a_failing_request_gets_500_and_the_others_finish(smollm2, monkeypatch) -> None:
     """Inject a host-side failure into one request (its stop-string check raises) while others run."""
-    from aiohttp import web
-
     from jaxserve.engine.llm_engine import LLMEngine
-    from jaxserve.server.app import Server
 
     original = LLMEngine._match_stop
 
@@ -115,40 +114,49 @@ def test_a_failing_request_gets_500_and_the_others_finish(smollm2, monkeypatch) 
         return original(self, seq, before)
 
     monkeypatch.setattr(LLMEngine, "_match_stop", flaky)
-    port = free_port()
-    server = Server(smollm2, EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, num_pages=64, max_model_len=512), ServerConfig(port=port, warmup=False))
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
+    with InProcessServer(smollm2, ENGINE) as live:
 
-    async def run_server() -> web.AppRunner:
-        runner = web.AppRunner(server.app(), handler_cancellation=True)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        await server.start()
-        started.set()
-        return runner
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    runner = asyncio.run_coroutine_threadsafe(run_server(), loop).result(timeout=120)
-    url = f"http://127.0.0.1:{port}"
-    try:
         async def clients() -> list[tuple[int, dict]]:
             async with aiohttp.ClientSession() as s:
-                good = [_complete(s, url, max_tokens=12, ignore_eos=True, seed=i) for i in range(3)]
-                bad = _complete(s, url, max_tokens=12, stop=["BOOM"], ignore_eos=True)
+                good = [_complete(s, live.url, max_tokens=12, ignore_eos=True, seed=i) for i in range(3)]
+                bad = _complete(s, live.url, max_tokens=12, stop=["BOOM"], ignore_eos=True)
                 return await asyncio.gather(*good, bad)
 
         *good, bad = asyncio.run(clients())
         assert bad[0] == 500 and "injected failure" in bad[1]["error"]["message"]
         assert all(status == 200 and body["usage"]["completion_tokens"] == 12 for status, body in good)
-        status, body = asyncio.run(_once(url))
+        status, body = asyncio.run(_once(live.url))
         assert status == 200 and body["choices"][0]["text"] is not None
-        assert server.llm.blocks.usage == 0.0
-    finally:
-        asyncio.run_coroutine_threadsafe(server.engine.shutdown(), loop).result(timeout=60)
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=60)
-        loop.call_soon_threadsafe(loop.stop)
+        assert live.server.llm.blocks.usage == 0.0
+
+
+def test_request_timeout_and_cors(smollm2) -> None:
+    with InProcessServer(smollm2, ENGINE, request_timeout=0.5, cors_origins=("http://app.example",)) as live:
+
+        async def run() -> tuple:
+            async with aiohttp.ClientSession() as s:
+                slow = await _complete(s, live.url, max_tokens=400, ignore_eos=True)
+                text = ""
+                body = {"prompt": "Go on:", "max_tokens": 400, "ignore_eos": True, "stream": True}
+                async with s.post(live.url + "/v1/completions", json=body) as r:
+                    text = await r.text()
+                preflight = await s.options(live.url + "/v1/completions", headers={"Origin": "http://app.example"})
+                allowed = await s.get(live.url + "/health", headers={"Origin": "http://app.example"})
+                other = await s.get(live.url + "/health", headers={"Origin": "http://evil.example"})
+                return slow, text, preflight, allowed, other
+
+        (status, body), stream, preflight, allowed, other = asyncio.run(run())
+        assert status == 504 and body["error"]["type"] == "timeout_error"
+        events = [line[6:] for line in stream.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and "longer than 0.5 s" in json.loads(events[-2])["error"]["message"]
+        assert preflight.status == 204 and preflight.headers["Access-Control-Allow-Origin"] == "http://app.example"
+        assert allowed.headers.get("Access-Control-Allow-Origin") == "http://app.example"
+        assert "Access-Control-Allow-Origin" not in other.headers
+        for _ in range(50):  # the timed-out requests were aborted: their pages come back
+            if live.server.llm.blocks.usage == 0.0 and not live.server.llm.has_unfinished():
+                break
+            time.sleep(0.05)
+        assert live.server.llm.blocks.usage == 0.0
 
 
 async def _once(url: str) -> tuple[int, dict]:
