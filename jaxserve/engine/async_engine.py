@@ -64,10 +64,6 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._active)
-
     # ---- requests ------------------------------------------------------------------------
 
     async def generate(

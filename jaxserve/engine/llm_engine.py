@@ -250,13 +250,12 @@ class LLMEngine:
 
     def _sampling(self, sampled: list[Chunk], last_row: dict[int, int], rows: int) -> tuple[SamplingArrays, np.ndarray]:
         """Per-row sampling arrays (padding rows greedy) and the position each sampled token takes."""
-        temperature, top_p, min_p = np.zeros(rows, np.float32), np.ones(rows, np.float32), np.zeros(rows, np.float32)
-        top_k, seed, positions = np.full(rows, -1, np.int32), np.zeros(rows, np.uint32), np.zeros(rows, np.int32)
+        s, positions = SamplingArrays.greedy(rows), np.zeros(rows, np.int32)
         for c in sampled:
             r, p = last_row[id(c)], c.seq.params
-            temperature[r], top_p[r], min_p[r], top_k[r] = p.temperature, p.top_p, p.min_p, p.top_k
-            seed[r], positions[r] = p.sample_seed(c.seq.index), c.start + c.length
-        return SamplingArrays(temperature, top_k, top_p, min_p, seed), positions
+            s.temperature[r], s.top_p[r], s.min_p[r], s.top_k[r] = p.temperature, p.top_p, p.min_p, p.top_k
+            s.seed[r], positions[r] = p.sample_seed(c.seq.index), c.start + c.length
+        return s, positions
 
     def _adjust(self, sampled: list[Chunk], last_row: dict[int, int], rows: int) -> LogitAdjust:
         """Dense per-row penalties and biases (identity for rows that ask for none)."""

@@ -98,15 +98,10 @@ class ModelRunner:
         self.cfg = cfg
         self.params = params
         self.shapes = shapes
-        self.dtype = jax.tree.leaves(params)[0].dtype
-        self.cache = KVCache.create(cfg, num_pages, page_size, self.dtype)
+        self.cache = KVCache.create(cfg, num_pages, page_size, jax.tree.leaves(params)[0].dtype)
         self._step = jax.jit(functools.partial(model_step, cfg=cfg), donate_argnums=(1,))
         self._sample = jax.jit(sample, static_argnames="num_top")
         self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs, cfg=cfg))
-
-    @property
-    def page_size(self) -> int:
-        return self.cache.page_size
 
     @property
     def num_compiles(self) -> int:
@@ -143,14 +138,7 @@ class ModelRunner:
                 groups = [g for g in (bd and rows(bd, 1), bp and rows(bp, s.row_len)) if g]
                 logits, prefill = self.forward(groups)
                 r = bd + bp
-                sampling = SamplingArrays(
-                    temperature=np.ones(r, np.float32),
-                    top_k=np.full(r, -1, np.int32),
-                    top_p=np.ones(r, np.float32),
-                    min_p=np.zeros(r, np.float32),
-                    seed=np.zeros(r, np.uint32),
-                )
-                positions = np.zeros(r, np.int32)
+                sampling, positions = SamplingArrays.greedy(r), np.zeros(r, np.int32)
                 adjust = LogitAdjust(np.ones((r, vocab), np.float32), np.zeros((r, vocab), np.float32))
                 for variant, top in itertools.product((None, adjust), (False, True)):
                     self.sample(logits, sampling, positions, variant, top=top)

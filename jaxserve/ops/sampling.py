@@ -11,6 +11,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @flax.struct.dataclass
@@ -20,6 +21,17 @@ class SamplingArrays:
     top_p: jnp.ndarray  # [B] float32; 1 = off
     min_p: jnp.ndarray  # [B] float32; 0 = off
     seed: jnp.ndarray  # [B] uint32
+
+    @classmethod
+    def greedy(cls, rows: int) -> SamplingArrays:
+        """Host arrays for `rows` greedy rows with every filter off (padding; filled in per request)."""
+        return cls(
+            temperature=np.zeros(rows, np.float32),
+            top_k=np.full(rows, -1, np.int32),
+            top_p=np.ones(rows, np.float32),
+            min_p=np.zeros(rows, np.float32),
+            seed=np.zeros(rows, np.uint32),
+        )
 
 
 @flax.struct.dataclass

@@ -159,9 +159,7 @@ class Server:
             raise ApiError(503, "the model is still warming up; retry when /ready answers 200", type="service_unavailable")
         if self.engine.error is not None:
             raise ApiError(503, f"the engine stopped after an error: {self.engine.error}", type="service_unavailable")
-        model = body.get("model")
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'", "model", "not_found_error", "model_not_found")
+        self._admit_model(body)
         waiting = self.in_flight - len(self.llm.scheduler.running)
         if waiting >= self.cfg.max_waiting:
             raise ApiError(429, f"too many requests waiting ({waiting}); retry later", type="rate_limit_error")
@@ -296,11 +294,8 @@ class Server:
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": out.finish_reason}
         ids, lps, tops = token, [out.logprob] * len(token), [out.top_logprobs] * len(token)
         if first and req.echo:
-            text = self.tokenizer.decode(req.prompts[i], skip_special_tokens=False) + text
-            if out.prompt_logprobs is not None:
-                ids = req.prompts[i] + ids
-                lps = [None] + [lp for lp, _ in out.prompt_logprobs] + lps
-                tops = [None] + [top for _, top in out.prompt_logprobs] + tops
+            p_text, p_ids, p_lps, p_tops = render.echo(req.prompts[i], out.prompt_logprobs)
+            text, ids, lps, tops = p_text + text, p_ids + ids, p_lps + lps, p_tops + tops
         if not text and not ids and not out.finish_reason:
             return None
         logprobs = None

@@ -239,6 +239,14 @@ class Renderer:
 
         return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]} for t, lp, top in zip(ids, lps, tops)]}
 
+    def echo(self, prompt_ids: list[int], scored: tuple | None) -> tuple[str, list[int], list, list]:
+        """The prompt as echoed text and, when it was scored, its tokens with their log-probs and top
+        alternatives (the first token has none)."""
+        text = self.tok.decode(prompt_ids, skip_special_tokens=False)
+        if scored is None:
+            return text, [], [], []
+        return text, list(prompt_ids), [None] + [lp for lp, _ in scored], [None] + [top for _, top in scored]
+
     def _tops(self, sample: CompletionOutput) -> list[TopLogprobs]:
         return sample.top_logprobs if sample.top_logprobs else [()] * len(sample.token_ids)
 
@@ -249,16 +257,10 @@ class Renderer:
         if req.drop_generated:
             text, ids, lps, tops = "", [], [], []
         if req.echo:
-            prompt_text = self.tok.decode(prompt.prompt_ids, skip_special_tokens=False)
-            text = prompt_text + text
+            p_text, p_ids, p_lps, p_tops = self.echo(prompt.prompt_ids, prompt.prompt_logprobs)
+            text, ids, lps, tops = p_text + text, p_ids + ids, p_lps + lps, p_tops + list(tops)
         if req.logprobs is not None:
-            if req.echo:
-                scored = prompt.prompt_logprobs or ()
-                p_lps = [None] + [lp for lp, _ in scored]
-                p_tops = [None] + [top for _, top in scored]
-                logprobs = self.completion_logprobs(prompt.prompt_ids + ids, p_lps + lps, p_tops + list(tops), 0)
-            else:
-                logprobs = self.completion_logprobs(ids, lps, list(tops), 0)
+            logprobs = self.completion_logprobs(ids, lps, list(tops), 0)
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": "length" if req.drop_generated else sample.finish_reason}
 
     def chat_choice(self, index: int, sample: CompletionOutput) -> dict:
