@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from jaxserve.checkpoint.registry import DEFAULT_MODEL, cache_dir
-from jaxserve.config import load_yaml
+from jaxserve.config import QUANTIZATIONS, load_yaml
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 
@@ -19,6 +19,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML file of option defaults (command-line flags take precedence)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, GGUF file, HF folder or jaxserve checkpoint (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=QUANTIZATIONS,
+        help="int8: dense layers and LM head as int8 weights times int8 activations (on CPUs with VNNI/AMX, ~2x throughput; outputs differ slightly from float)",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="context length to allocate the KV cache for (default: the model's)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
     p.add_argument(
@@ -131,7 +137,7 @@ def _single_stream(args: argparse.Namespace):
         raise UserError(f"--page-size must be >= 1, got {args.page_size}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, quantization=args.quantization)
     max_len = min(args.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
     engine = EngineConfig(
         max_num_seqs=1,
@@ -238,7 +244,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
     )
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, quantization=args.quantization)
     asyncio.run(serve(Server(model, engine_cfg, server_cfg)))
     return 0
 

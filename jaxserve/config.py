@@ -16,6 +16,7 @@ import yaml
 from jaxserve.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+QUANTIZATIONS = ("int8",)  # weight formats `load_model` can convert dense layers to
 
 
 @dataclass(frozen=True)

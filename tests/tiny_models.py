@@ -189,8 +189,7 @@ def prefill_logits(cfg: ModelConfig, params: Params, ids: list[int], page_size: 
     from jaxserve.models.llama import ForwardBatch, compute_logits, forward
 
     pages = -(-len(ids) // page_size)
-    leaf = jax.tree.leaves(params)[0]
-    cache = KVCache.create(cfg, pages + 1, page_size, jnp.asarray(leaf).dtype)
+    cache = KVCache.create(cfg, pages + 1, page_size, jnp.asarray(params["embed"]).dtype)
     batch = ForwardBatch(
         tokens=np.asarray([ids], np.int32),
         positions=np.arange(len(ids), dtype=np.int32)[None],

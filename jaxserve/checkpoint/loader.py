@@ -12,9 +12,10 @@ from jaxserve.checkpoint import registry
 from jaxserve.checkpoint.gguf_reader import read_gguf
 from jaxserve.checkpoint.hf_reader import is_hf_folder, read_hf
 from jaxserve.checkpoint.native import is_checkpoint, load_checkpoint, save_checkpoint
-from jaxserve.config import ModelConfig
+from jaxserve.config import QUANTIZATIONS, ModelConfig
 from jaxserve.errors import UserError
 from jaxserve.models.llama import Params, unstack_layers
+from jaxserve.models.quantize import CALIBRATION_TEXT, quantize_model
 from jaxserve.tokenizer import Tokenizer
 
 
@@ -79,10 +80,14 @@ def resolve(spec: str) -> Path:
     return path
 
 
-def load_model(spec: str = registry.DEFAULT_MODEL, dtype: str | None = None, unroll_layers: bool | None = None) -> LoadedModel:
-    """Load and place a model. `unroll_layers` (default: on CPU) keeps each layer's weights in their
+def load_model(
+    spec: str = registry.DEFAULT_MODEL, dtype: str | None = None, unroll_layers: bool | None = None, quantization: str | None = None
+) -> LoadedModel:
+    """Load and place a model, optionally with int8 dense layers (`quantization="int8"`). `unroll_layers` (default: on CPU) keeps each layer's weights in their
     own buffers: XLA:CPU copies a layer's weights out of a stacked array inside `scan`, which cost
     SmolLM2 a third of its decode speed (22.8 vs 33.1 tok/s); GPU/TPU keep the stacked layout and `scan`'s depth-independent compile time."""
+    if quantization not in (None, *QUANTIZATIONS):
+        raise UserError(f"unknown quantization {quantization!r} (use {', '.join(QUANTIZATIONS)})")
     path = resolve(spec)
     cfg, host_params, tokenizer = read_source(path)
     try:
@@ -94,4 +99,6 @@ def load_model(spec: str = registry.DEFAULT_MODEL, dtype: str | None = None, unr
         unroll_layers = jax.default_backend() == "cpu"
     if unroll_layers:
         params = unstack_layers(params)
+    if quantization:
+        params = quantize_model(params, cfg, tokenizer.encode(CALIBRATION_TEXT), quantization)
     return LoadedModel(name=spec if spec in registry.REGISTRY else path.name, cfg=cfg, params=params, tokenizer=tokenizer)

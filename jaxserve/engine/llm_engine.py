@@ -44,7 +44,7 @@ class LLMEngine:
         eos = eos_token_ids if eos_token_ids is not None else (tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids = frozenset(eos)
         self.max_model_len = min(engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        dtype = jax.tree.leaves(params)[0].dtype
+        dtype = params["embed"].dtype
         self.num_pages = (
             engine.num_pages
             if engine.kv_cache_memory is None

@@ -98,7 +98,7 @@ class ModelRunner:
         self.cfg = cfg
         self.params = params
         self.shapes = shapes
-        self.cache = KVCache.create(cfg, num_pages, page_size, jax.tree.leaves(params)[0].dtype)
+        self.cache = KVCache.create(cfg, num_pages, page_size, params["embed"].dtype)
         self._step = jax.jit(functools.partial(model_step, cfg=cfg), donate_argnums=(1,))
         self._sample = jax.jit(sample, static_argnames="num_top")
         self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs, cfg=cfg))

@@ -25,6 +25,7 @@ import numpy as np
 from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import ModelConfig
 from jaxserve.ops.attention import decode_attention, paged_attention, use_decode_kernel, write_slots
+from jaxserve.ops.quant import linear
 from jaxserve.ops.rope import apply_rope, inv_frequencies, rope_tables
 
 Params = dict[str, Any]
@@ -88,14 +89,21 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
 
 
 def forward(
-    params: Params, cache: KVCache, groups: Sequence[ForwardBatch], cfg: ModelConfig, decode_kernel: bool | None = None
-) -> tuple[tuple[jnp.ndarray, ...], KVCache]:
+    params: Params,
+    cache: KVCache,
+    groups: Sequence[ForwardBatch],
+    cfg: ModelConfig,
+    decode_kernel: bool | None = None,
+    observe: bool = False,
+) -> tuple:
     """Run the decoder over one or more token groups, writing their K/V into the cache.
 
     Groups differ in shape (e.g. a few prefill chunks [Bp, Tp] beside many decodes [Bd, 1]): the
     dense layers run over all their tokens at once, so weights are read once per step, while attention
     runs per group at its own shape. One-token groups use the Pallas decode kernel when
-    `decode_kernel` (default: on GPU). Returns each group's hidden states [B, T, D].
+    `decode_kernel` (default: on GPU). Returns each group's hidden states [B, T, D] and the cache;
+    with `observe`, also per layer the max |activation| of each channel entering the dense layers,
+    {"attn": [D], "mlp": [D], "down": [F]} (stacked [L, ...] under scan), which int8 calibrates on.
     """
     kernel = use_decode_kernel() if decode_kernel is None else decode_kernel
 
@@ -120,11 +128,12 @@ def forward(
 
     def layer(h, k_cache, v_cache, lp, i):
         x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+        seen = {"attn": jnp.max(jnp.abs(x), axis=0)} if observe else {}
         if "wqkv" in lp:  # fused layout (see unstack_layers)
-            qkv = x @ lp["wqkv"] + (lp["bqkv"] if cfg.qkv_bias else 0)
+            qkv = linear(x, lp["wqkv"]) + (lp["bqkv"] if cfg.qkv_bias else 0)
             q, k, v = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
         else:
-            q, k, v = x @ lp["wq"], x @ lp["wk"], x @ lp["wv"]
+            q, k, v = linear(x, lp["wq"]), linear(x, lp["wk"]), linear(x, lp["wv"])
             if cfg.qkv_bias:
                 q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
         q = apply_rope(q.reshape(1, n, cfg.num_heads, cfg.head_dim), cos, sin)[0]  # [N, Hq, Dh]
@@ -137,24 +146,35 @@ def forward(
             attend(qg.reshape(*shape, *qg.shape[1:]), k_cache, v_cache, i, g).reshape(size, -1)
             for qg, shape, size, g in zip(jnp.split(q, splits), shapes, sizes, groups)
         ]
-        h = h + jnp.concatenate(attn).astype(dtype) @ lp["wo"]
+        h = h + linear(jnp.concatenate(attn).astype(dtype), lp["wo"])
         x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-        gate, up = jnp.split(x @ lp["w_gate_up"], 2, axis=-1) if "w_gate_up" in lp else (x @ lp["w_gate"], x @ lp["w_up"])
-        h = h + (jax.nn.silu(gate) * up) @ lp["w_down"]
-        return h, k_cache, v_cache
+        if "w_gate_up" in lp:
+            gate, up = jnp.split(linear(x, lp["w_gate_up"]), 2, axis=-1)
+        else:
+            gate, up = linear(x, lp["w_gate"]), linear(x, lp["w_up"])
+        act = jax.nn.silu(gate) * up
+        if observe:
+            seen.update(mlp=jnp.max(jnp.abs(x), axis=0), down=jnp.max(jnp.abs(act), axis=0))
+        h = h + linear(act, lp["w_down"])
+        return h, k_cache, v_cache, seen
 
     k_cache, v_cache = cache.k, cache.v
     if isinstance(params["layers"], dict):  # stacked [L, ...]: one traced layer, looped by scan
         def scan_body(carry, xs):
-            return layer(*carry, *xs), None
+            *carry, seen = layer(*carry, *xs)
+            return tuple(carry), seen
 
         xs = (params["layers"], jnp.arange(cfg.num_layers))
-        (h, k_cache, v_cache), _ = jax.lax.scan(scan_body, (h, k_cache, v_cache), xs)
+        (h, k_cache, v_cache), observed = jax.lax.scan(scan_body, (h, k_cache, v_cache), xs)  # values [L, ...]
     else:  # per-layer buffers: unrolled, so no layer's weights are sliced (copied) out of a stack
+        observed = []
         for i, lp in enumerate(params["layers"]):
-            h, k_cache, v_cache = layer(h, k_cache, v_cache, lp, i)
+            h, k_cache, v_cache, seen = layer(h, k_cache, v_cache, lp, i)
+            observed.append(seen)
+        observed = tuple(observed)
     hidden = tuple(x.reshape(*shape, -1) for x, shape in zip(jnp.split(h, splits), shapes))
-    return hidden, KVCache(k=k_cache, v=v_cache)
+    out = (hidden, KVCache(k=k_cache, v=v_cache))
+    return (*out, observed) if observe else out
 
 
 def compute_logits(params: Params, hidden: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
@@ -180,3 +200,4 @@ def unstack_layers(params: Params) -> Params:
         lp["w_gate_up"] = jnp.concatenate([lp.pop("w_gate"), lp.pop("w_up")], axis=-1)
         fused.append(lp)
     return {**params, "layers": tuple(fused)}
+

@@ -1,0 +1,49 @@
+"""Int8 weight-and-activation (W8A8) linear layers.
+
+On CPUs with VNNI/AMX, XLA runs an int8 x int8 -> int32 dot about 4x faster than the same float32
+dot, and the weights take a quarter of the memory traffic. Weights get one scale per output column
+(fixed at load); activations get one scale per row (computed in the step), so every row's result
+depends on that row alone and batch invariance holds.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax.numpy as jnp
+
+@flax.struct.dataclass
+class Int8Weight:
+    """A [..., in, out] weight as int8 values times a per-output-column scale."""
+
+    q: jnp.ndarray  # [..., in, out] int8
+    scale: jnp.ndarray  # [..., out] float32
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+
+def quantize(w: jnp.ndarray) -> Int8Weight:
+    """Symmetric per-column int8: w ~= q * scale, |q| <= 127."""
+    w = w.astype(jnp.float32)  # [..., in, out]
+    scale = jnp.max(jnp.abs(w), axis=-2) / 127.0  # [..., out]
+    scale = jnp.where(scale == 0, 1.0, scale)
+    q = jnp.clip(jnp.round(w / scale[..., None, :]), -127, 127).astype(jnp.int8)
+    return Int8Weight(q=q, scale=scale)
+
+
+def linear(x: jnp.ndarray, w: jnp.ndarray | Int8Weight) -> jnp.ndarray:
+    """x [..., in] @ w [in, out] -> [..., out] in x's dtype; int8 weights quantize x per row."""
+    if not isinstance(w, Int8Weight):
+        return x @ w
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)  # [..., 1]
+    amax = jnp.where(amax == 0, 1.0, amax)
+    row_scale = amax * (1 / 127)
+    xq = jnp.round(xf * (127 / amax)).astype(jnp.int8).reshape(-1, x.shape[-1])  # [N, in]
+    if xq.shape[0] == 1:  # XLA:CPU's int8 matrix-vector path is 5x slower than a two-row product
+        acc = jnp.matmul(jnp.pad(xq, ((0, 1), (0, 0))), w.q, preferred_element_type=jnp.int32)[:1]
+    else:
+        acc = jnp.matmul(xq, w.q, preferred_element_type=jnp.int32)  # [N, out]; integer sums: exact in any order
+    acc = acc.reshape(*x.shape[:-1], -1)
+    return (acc.astype(jnp.float32) * row_scale * w.scale).astype(x.dtype)

@@ -1,0 +1,111 @@
+"""Int8 (W8A8) dense layers: close to float, and exact whatever else is in the batch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.checkpoint.loader import load_model
+from jaxserve.config import EngineConfig
+from jaxserve.engine.llm import LLM
+from jaxserve.errors import UserError
+from jaxserve.models.quantize import CALIBRATION_TEXT, observe_activations, quantize_model, smooth_layer
+from jaxserve.ops.quant import Int8Weight, linear, quantize
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.models.llama import unstack_layers
+from tests.tiny_models import prefill_logits, tiny_config, tiny_params
+
+PASSAGE = (
+    "The lighthouse stood at the edge of the cliff for two hundred years. Every night its keeper climbed "
+    "the spiral stairs, trimmed the wick and wound the clockwork that turned the great lens. Ships far out "
+    "at sea saw the beam sweep across the water and knew where the rocks were. When the keeper grew old, "
+    "his daughter took over the work, and she kept the light burning through the worst storm the coast had "
+    "ever seen. In the morning the fishermen came up the path to thank her."
+)
+
+
+def test_int8_linear_is_close_to_float() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 64)).astype(np.float32)
+    w = rng.normal(size=(64, 48)).astype(np.float32) / 8
+    got = np.asarray(linear(jnp.asarray(x), quantize(jnp.asarray(w))))
+    want = x @ w
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
+    assert not np.array_equal(got, want)  # it really ran in int8
+
+
+def test_int8_rows_do_not_depend_on_the_batch() -> None:
+    """Integer sums are exact and each row has its own activation scale: a row's result is the same
+    bits alone (the padded one-row path) and in any batch (compiled, as in the engine's step)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(8, 64)).astype(np.float32) * rng.uniform(0.1, 10, size=(8, 1)).astype(np.float32))
+    w = quantize(jnp.asarray(rng.normal(size=(64, 32)).astype(np.float32)))
+    step = jax.jit(linear)
+    batch = np.asarray(step(x, w))
+    for i in range(8):
+        np.testing.assert_array_equal(np.asarray(step(x[i : i + 1], w))[0], batch[i])
+    np.testing.assert_array_equal(np.asarray(step(x[::-1], w))[::-1], batch)
+
+
+def test_quantize_per_column_scale_and_zero_columns() -> None:
+    w = jnp.asarray(np.array([[1.0, 0.0, -4.0], [-0.5, 0.0, 2.0]], np.float32))
+    q = quantize(w)
+    assert q.q.dtype == jnp.int8 and q.shape == (2, 3)
+    np.testing.assert_allclose(np.asarray(q.scale), [1 / 127, 1.0, 4 / 127], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(q.q), [[127, 0, -127], [-64, 0, 64]])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_smoothing_keeps_the_float_model_exact(fused: bool) -> None:
+    """SmoothQuant only moves scale between activations and weights: in float the model is unchanged."""
+    cfg = tiny_config(qkv_bias=True)
+    params = tiny_params(cfg)
+    params = unstack_layers(params) if fused else params
+    ids = list(range(3, 40))
+    observed = observe_activations(params, cfg, ids)
+    layers = params["layers"]
+    smoothed = smooth_layer(layers, observed) if not fused else tuple(smooth_layer(lp, o) for lp, o in zip(layers, observed))
+    moved = smoothed if not fused else smoothed[0]
+    assert not np.allclose(np.asarray(moved["attn_norm"]), np.asarray((layers if not fused else layers[0])["attn_norm"]))
+    np.testing.assert_allclose(
+        prefill_logits(cfg, {**params, "layers": smoothed}, ids), prefill_logits(cfg, params, ids), rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.fixture(scope="module")
+def smollm2_int8(smollm2):
+    params = quantize_model(smollm2.params, smollm2.cfg, smollm2.tokenizer.encode(CALIBRATION_TEXT))
+    return type(smollm2)(name=smollm2.name, cfg=smollm2.cfg, params=params, tokenizer=smollm2.tokenizer)
+
+
+def test_int8_smollm2_tracks_float(smollm2, smollm2_int8) -> None:
+    """Teacher-forced over a real passage: next-token choices agree with float at nearly every
+    position and the distributions stay close."""
+    ids = smollm2.tokenizer.encode(PASSAGE)
+    assert isinstance(smollm2_int8.params["layers"][0]["w_down"], Int8Weight)
+    ref = prefill_logits(smollm2.cfg, smollm2.params, ids).astype(np.float64)
+    got = prefill_logits(smollm2.cfg, smollm2_int8.params, ids).astype(np.float64)
+    log_p = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+    log_q = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
+    kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
+    agree = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
+    print(f"int8 vs float over {len(ids)} tokens: top-1 agreement {agree:.3f}, mean KL {kl:.4f}")
+    assert agree >= 0.9
+    assert kl < 0.05
+
+
+def test_int8_engine_batched_equals_one_at_a_time(smollm2_int8) -> None:
+    prompts = ["Write a haiku about rain.", "What is 12 times 7?", PASSAGE, "Name three colours.", "Hello!"]
+    params = [SamplingParams(max_tokens=12, temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True) for i in range(len(prompts))]
+    engine = EngineConfig(num_pages=128, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512)
+    batched = LLM(smollm2_int8, engine).generate(prompts, params, use_tqdm=False)
+    single = LLM(smollm2_int8, EngineConfig(num_pages=64, max_num_seqs=1, max_num_batched_tokens=256, max_model_len=512))
+    for prompt, sp, out in zip(prompts, params, batched):
+        assert out.outputs[0].token_ids == single.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids, prompt
+
+
+def test_unknown_quantization_is_a_clear_error() -> None:
+    with pytest.raises(UserError, match="unknown quantization 'int4'"):
+        load_model("smollm2-135m-instruct", quantization="int4")
