@@ -213,6 +213,24 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How devices are split: `data_parallel_size` independent engine replicas, each running the
+    model tensor-parallel over `tensor_parallel_size` devices."""
+
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_devices(self) -> int:
+        return self.tensor_parallel_size * self.data_parallel_size
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """HTTP front end: address, access control and request limits."""
 

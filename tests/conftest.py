@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# Eight fake CPU devices for the tensor-parallel tests; set before anything imports JAX. One-device
+# work runs on the first, as it would without the flag.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 
 GOLDEN = Path(__file__).parent / "golden" / "smollm2_reference.json"
 

@@ -16,6 +16,7 @@ from jaxserve.config import QUANTIZATIONS, ModelConfig
 from jaxserve.errors import UserError
 from jaxserve.models.llama import Params, unstack_layers
 from jaxserve.models.quantize import CALIBRATION_TEXT, quantize_model
+from jaxserve.parallel.sharding import check_tensor_parallel, replicate_kv_heads
 from jaxserve.tokenizer import Tokenizer
 
 
@@ -81,11 +82,20 @@ def resolve(spec: str) -> Path:
 
 
 def load_model(
-    spec: str = registry.DEFAULT_MODEL, dtype: str | None = None, unroll_layers: bool | None = None, quantization: str | None = None
+    spec: str = registry.DEFAULT_MODEL,
+    dtype: str | None = None,
+    unroll_layers: bool | None = None,
+    quantization: str | None = None,
+    tensor_parallel_size: int = 1,
 ) -> LoadedModel:
-    """Load and place a model, optionally with int8 dense layers (`quantization="int8"`). `unroll_layers` (default: on CPU) keeps each layer's weights in their
-    own buffers: XLA:CPU copies a layer's weights out of a stacked array inside `scan`, which cost
-    SmolLM2 a third of its decode speed (22.8 vs 33.1 tok/s); GPU/TPU keep the stacked layout and `scan`'s depth-independent compile time."""
+    """Load a model, optionally with int8 dense layers (`quantization="int8"`), laid out for
+    `tensor_parallel_size` devices (KV heads copied when there are fewer than devices; the returned
+    config says how many the cache holds).
+
+    `unroll_layers` (default: on CPU without tensor parallelism) keeps each layer's weights in their
+    own buffers, with q/k/v and gate/up fused: XLA:CPU copies a layer's weights out of a stacked
+    array inside `scan`, which cost SmolLM2 a third of its decode speed (22.8 vs 33.1 tok/s). GPU/TPU,
+    and sharded models, keep the stacked layout and `scan`'s depth-independent compile time."""
     if quantization not in (None, *QUANTIZATIONS):
         raise UserError(f"unknown quantization {quantization!r} (use {', '.join(QUANTIZATIONS)})")
     path = resolve(spec)
@@ -94,9 +104,11 @@ def load_model(
         jdtype = jnp.dtype(dtype or default_dtype())
     except TypeError:
         raise UserError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)") from None
+    check_tensor_parallel(cfg, tensor_parallel_size)
     params = jax.tree.map(lambda x: jnp.asarray(x, jdtype), host_params)
+    params, cfg = replicate_kv_heads(params, cfg, tensor_parallel_size)
     if unroll_layers is None:
-        unroll_layers = jax.default_backend() == "cpu"
+        unroll_layers = jax.default_backend() == "cpu" and tensor_parallel_size == 1
     if unroll_layers:
         params = unstack_layers(params)
     if quantization:

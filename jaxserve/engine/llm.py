@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence as Seq
 
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxserve.checkpoint.loader import LoadedModel, load_model
@@ -15,9 +16,16 @@ from jaxserve.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str | LoadedModel = DEFAULT_MODEL, engine: EngineConfig = EngineConfig(), dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str | LoadedModel = DEFAULT_MODEL,
+        engine: EngineConfig = EngineConfig(),
+        dtype: str | None = None,
+        mesh: Mesh | None = None,
+    ) -> None:
+        """`mesh`: the devices of one replica (`jaxserve.parallel.mesh`); default one device."""
         self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype)
-        self.engine = LLMEngine(self.model.cfg, self.model.params, engine, self.model.tokenizer)
+        self.engine = LLMEngine(self.model.cfg, self.model.params, engine, self.model.tokenizer, mesh=mesh)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "stream") -> Iterator[StepOutput]:
         """One single-sample request's outputs as they come; the last carries the finish reason."""

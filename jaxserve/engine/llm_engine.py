@@ -8,6 +8,7 @@ import logging
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxserve.cache.block_manager import BlockManager
 from jaxserve.cache.kv_cache import page_bytes, pages_for_memory
@@ -37,6 +38,7 @@ class LLMEngine:
         engine: EngineConfig,
         tokenizer: Tokenizer | None = None,
         eos_token_ids: tuple[int, ...] | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
         self.model_cfg = cfg
         self.cfg = engine
@@ -51,7 +53,7 @@ class LLMEngine:
             else pages_for_memory(cfg, engine.page_size, dtype, engine.kv_cache_memory)
         )
         self.shapes = StepShapes.from_config(engine, self.max_model_len)
-        self.runner = ModelRunner(cfg, params, self.num_pages, engine.page_size, self.shapes)
+        self.runner = ModelRunner(cfg, params, self.num_pages, engine.page_size, self.shapes, mesh)
         self.blocks = BlockManager(self.num_pages, engine.enable_prefix_caching)
         log.info(
             "KV cache: %d pages of %d tokens = %d tokens (%.1f MiB); %d step shapes",

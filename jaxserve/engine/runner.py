@@ -17,6 +17,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from jaxserve.cache.kv_cache import KVCache
@@ -24,6 +26,8 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.models.llama import ForwardBatch, Params, compute_logits, forward
 from jaxserve.ops.attention import table_width
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays, sample
+from jaxserve.parallel.mesh import make_mesh
+from jaxserve.parallel.sharding import CACHE_SPEC, param_shardings
 from jaxserve.sampling_params import MAX_LOGPROBS
 
 
@@ -92,16 +96,33 @@ def prompt_logprobs(params: Params, hidden: jnp.ndarray, targets: jnp.ndarray, c
 
 
 class ModelRunner:
-    """Owns the params, the KV cache and the jitted programs; counts compilations."""
+    """Owns the params, the KV cache and the jitted programs on one replica's mesh; counts compilations.
 
-    def __init__(self, cfg: ModelConfig, params: Params, num_pages: int, page_size: int, shapes: StepShapes) -> None:
+    Every program declares its shardings: params and cache split per `jaxserve.parallel.sharding`,
+    step inputs and outputs replicated. A single device is the 1 x 1 mesh, on the same path."""
+
+    def __init__(
+        self, cfg: ModelConfig, params: Params, num_pages: int, page_size: int, shapes: StepShapes, mesh: Mesh | None = None
+    ) -> None:
         self.cfg = cfg
-        self.params = params
         self.shapes = shapes
-        self.cache = KVCache.create(cfg, num_pages, page_size, params["embed"].dtype)
-        self._step = jax.jit(functools.partial(model_step, cfg=cfg), donate_argnums=(1,))
-        self._sample = jax.jit(sample, static_argnames="num_top")
-        self._prompt_logprobs = jax.jit(functools.partial(prompt_logprobs, cfg=cfg))
+        self.mesh = mesh if mesh is not None else make_mesh()
+        param_sh = param_shardings(params, self.mesh, cfg)
+        cache_sh = NamedSharding(self.mesh, CACHE_SPEC)
+        replicated = NamedSharding(self.mesh, P())
+        self.params = jax.device_put(params, param_sh)
+        dtype = params["embed"].dtype
+        self.cache = jax.jit(lambda: KVCache.create(cfg, num_pages, page_size, dtype), out_shardings=cache_sh)()
+        self._step = jax.jit(
+            functools.partial(model_step, cfg=cfg),
+            in_shardings=(param_sh, cache_sh, replicated),
+            out_shardings=(replicated, replicated, cache_sh),
+            donate_argnums=(1,),
+        )
+        self._sample = jax.jit(sample, static_argnames="num_top", in_shardings=replicated, out_shardings=replicated)
+        self._prompt_logprobs = jax.jit(
+            functools.partial(prompt_logprobs, cfg=cfg), in_shardings=(param_sh, replicated, replicated), out_shardings=replicated
+        )
 
     @property
     def num_compiles(self) -> int:

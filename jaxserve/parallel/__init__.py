@@ -1,0 +1,1 @@
+"""Device meshes and sharding: tensor parallelism inside a replica, data parallelism across them."""

@@ -1,0 +1,86 @@
+"""Which axis of every parameter, and of the KV cache, is split over the mesh's "model" axis.
+
+Megatron-style tensor parallelism, declared rather than hand-scattered: q/k/v and gate/up are
+column-parallel (each device owns whole heads and a slice of the FFN), o and down are row-parallel
+(XLA all-reduces their partial sums), the embedding and LM head split over the vocabulary. The KV
+cache splits over KV heads, so attention never leaves a device. When a model has fewer KV heads than
+devices, each KV head is copied to the devices whose query heads read it (as vLLM does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxserve.config import ModelConfig
+from jaxserve.errors import UserError
+from jaxserve.models.llama import Params
+from jaxserve.ops.quant import Int8Weight
+from jaxserve.parallel.mesh import MODEL
+
+COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")  # [..., in, out]: out split
+ROW = ("wo", "w_down")  # [..., in, out]: in split
+BIAS = ("bq", "bk", "bv")  # [..., out]: out split, like their columns
+CACHE_SPEC = P(MODEL)  # KVCache arrays [Hkv, L, pages, page, D]: KV heads split
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
+    """A clear error unless `tp` splits the model into whole heads and equal FFN slices."""
+    kv_ok = cfg.num_kv_heads % tp == 0 or tp % cfg.num_kv_heads == 0
+    if cfg.num_heads % tp or not kv_ok or cfg.intermediate_size % tp:
+        raise UserError(
+            f"tensor_parallel_size {tp} must divide the model's {cfg.num_heads} query heads, divide or be a "
+            f"multiple of its {cfg.num_kv_heads} KV heads, and divide its FFN size {cfg.intermediate_size}"
+        )
+
+
+def replicate_kv_heads(params: Params, cfg: ModelConfig, tp: int) -> tuple[Params, ModelConfig]:
+    """With fewer KV heads than devices, repeat each KV head tp / Hkv times in wk/wv (and biases), so
+    device d holds the KV head its query heads use; the model computes the same function."""
+    if cfg.num_kv_heads >= tp:
+        return params, cfg
+    reps, dh = tp // cfg.num_kv_heads, cfg.head_dim
+
+    def repeat(w: jnp.ndarray) -> jnp.ndarray:  # [..., Hkv * Dh] -> [..., tp * Dh]
+        heads = w.reshape(*w.shape[:-1], cfg.num_kv_heads, dh)
+        return jnp.repeat(heads, reps, axis=-2).reshape(*w.shape[:-1], tp * dh)
+
+    layers = dict(params["layers"])
+    for name in ("wk", "wv", "bk", "bv"):
+        if name in layers:
+            layers[name] = repeat(layers[name])
+    return {**params, "layers": layers}, dataclasses.replace(cfg, num_kv_heads=tp)
+
+
+def _spec(name: str, ndim: int, tp: int, vocab: int) -> tuple:
+    """Mesh axis (or None) for each of an array's `ndim` axes; leading stacked-layer axes never split."""
+    lead = (None,) * (ndim - 2)
+    if name in COLUMN:
+        return (*lead, None, MODEL)
+    if name in ROW:
+        return (*lead, MODEL, None)
+    if name in BIAS:
+        return (*(None,) * (ndim - 1), MODEL)
+    if name == "embed" and vocab % tp == 0:
+        return (MODEL, None)
+    if name == "lm_head" and vocab % tp == 0:
+        return (None, MODEL)
+    return (None,) * ndim  # norms, fused single-device matrices (see load_model), indivisible vocabularies
+
+
+def param_shardings(params: Params, mesh: Mesh, cfg: ModelConfig) -> Params:
+    """A NamedSharding for every leaf of `params` (stacked or per-layer, float or int8)."""
+    tp = mesh.shape[MODEL]
+
+    def for_weight(path, w):
+        name = path[-1].key
+        if isinstance(w, Int8Weight):  # q splits like the float matrix; scale [..., out] like its output
+            spec = _spec(name, w.q.ndim, tp, cfg.vocab_size)
+            return Int8Weight(q=NamedSharding(mesh, P(*spec)), scale=NamedSharding(mesh, P(*spec[:-2], spec[-1])))
+        return NamedSharding(mesh, P(*_spec(name, w.ndim, tp, cfg.vocab_size)))
+
+    return jax.tree_util.tree_map_with_path(for_weight, params, is_leaf=lambda x: isinstance(x, Int8Weight))
