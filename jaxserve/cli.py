@@ -25,6 +25,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=QUANTIZATIONS,
         help="int8: dense layers and LM head as int8 weights times int8 activations (on CPUs with VNNI/AMX, ~2x throughput; outputs differ slightly from float)",
     )
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices each model replica is split over (must divide the heads)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to allocate the KV cache for (default: the model's)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
     p.add_argument(
@@ -87,6 +88,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeatable; env JAXSERVE_API_KEY, comma-separated)")
     srv.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
+    srv.add_argument("--data-parallel-size", type=int, default=1, help="independent engine replicas, each on its own tensor-parallel devices")
     srv.add_argument("--max-num-seqs", type=int, default=16, help="running sequences per step")
     srv.add_argument(
         "--max-num-batched-tokens",
@@ -130,14 +132,16 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
 def _single_stream(args: argparse.Namespace):
     """The model and an engine sized for one sequence of the full context (what generate and chat run)."""
     from jaxserve.checkpoint.loader import load_model
-    from jaxserve.config import EngineConfig
+    from jaxserve.config import EngineConfig, ParallelConfig
     from jaxserve.engine.llm import LLM
+    from jaxserve.parallel.mesh import make_mesh
 
     if args.page_size < 1:
         raise UserError(f"--page-size must be >= 1, got {args.page_size}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
-    model = load_model(args.model, args.dtype, quantization=args.quantization)
+    mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size))
+    model = load_model(args.model, args.dtype, quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
     max_len = min(args.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
     engine = EngineConfig(
         max_num_seqs=1,
@@ -147,7 +151,7 @@ def _single_stream(args: argparse.Namespace):
         kv_cache_memory=args.kv_cache_memory,
         max_model_len=max_len,
     )
-    llm = LLM(model, engine)
+    llm = LLM(model, engine, mesh=mesh)
     if args.warmup:
         llm.engine.warmup()
     return model, llm
@@ -214,8 +218,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from jaxserve.checkpoint.loader import load_model
-    from jaxserve.config import EngineConfig, ServerConfig
+    from jaxserve.config import EngineConfig, ParallelConfig, ServerConfig
     from jaxserve.logs import setup_json_logging
+    from jaxserve.parallel.mesh import make_mesh, replica_meshes
     from jaxserve.server.app import Server, serve
 
     setup_json_logging()
@@ -244,8 +249,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
     )
-    model = load_model(args.model, args.dtype, quantization=args.quantization)
-    asyncio.run(serve(Server(model, engine_cfg, server_cfg)))
+    mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size))
+    model = load_model(args.model, args.dtype, quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
+    asyncio.run(serve(Server(model, engine_cfg, server_cfg, replica_meshes(mesh))))
     return 0
 
 

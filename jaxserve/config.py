@@ -231,6 +231,27 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host membership (`jax.distributed`): process 0 serves, the others follow its steps."""
+
+    coordinator_address: str | None = None  # host:port of process 0's coordinator
+    num_processes: int = 1
+    process_id: int = 0
+    timeout: float = 300.0  # seconds to wait for every process to join
+    heartbeat_timeout: float = 10.0  # seconds of silence after which a process counts as dead
+
+    def __post_init__(self) -> None:
+        if self.num_processes < 1:
+            raise UserError(f"num_processes must be >= 1, got {self.num_processes}")
+        if not 0 <= self.process_id < self.num_processes:
+            raise UserError(f"process_id {self.process_id} is out of range for {self.num_processes} processes (0..{self.num_processes - 1})")
+        if self.num_processes > 1 and not self.coordinator_address:
+            raise UserError(f"{self.num_processes} processes need a coordinator address (host:port of process 0)")
+        if self.coordinator_address and not self.coordinator_address.rpartition(":")[2].isdigit():
+            raise UserError(f"coordinator address {self.coordinator_address!r} is not host:port")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """HTTP front end: address, access control and request limits."""
 

@@ -108,6 +108,11 @@ class InProcessServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
 
     def __exit__(self, *exc) -> None:
-        self._run(self.server.engine.shutdown())
+        import asyncio
+
+        async def stop() -> None:
+            await asyncio.gather(*(r.shutdown() for r in self.server.replicas))
+
+        self._run(stop())
         self._run(self.runner.cleanup())
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -84,3 +84,35 @@ def test_mesh_larger_than_the_devices_is_a_clear_error() -> None:
         make_mesh(ParallelConfig(tensor_parallel_size=8, data_parallel_size=2))
     with pytest.raises(UserError, match="tensor_parallel_size must be >= 1"):
         ParallelConfig(tensor_parallel_size=0)
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,", "List three primes:", "Water boils at", "import numpy as np"]
+
+
+@pytest.mark.parametrize("layout", [["--tensor-parallel-size", "3"], ["--tensor-parallel-size", "3", "--data-parallel-size", "2"]])
+def test_smollm2_served_tensor_and_data_parallel_equals_one_device(layout, smollm2, tmp_path) -> None:
+    """Greedy SmolLM2 (9 query / 3 KV heads) split over 3 fake devices, and two such replicas on 6,
+    through the real server and the official client: the single-device offline outputs."""
+    import concurrent.futures
+
+    import openai
+
+    from jaxserve.engine.llm import LLM
+    from jaxserve.sampling_params import SamplingParams
+    from tests.server_process import ServerProcess, get
+
+    limits = ["--max-num-seqs", "4", "--max-num-batched-tokens", "128", "--num-pages", "128", "--max-model-len", "512"]
+    server = ServerProcess([*limits, *layout, "--no-warmup"], tmp_path / "log.txt")
+    try:
+        server.wait()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent: both replicas get work
+            answers = list(pool.map(lambda p: client.completions.create(model="smollm2-135m-instruct", prompt=p, max_tokens=16, temperature=0), PROMPTS))
+        engines = [line for line in get(server.url + "/metrics")[1].splitlines() if line.startswith("jaxserve:prefix_cache_queries_total{")]
+    finally:
+        assert server.stop() == 0
+    offline = LLM(smollm2, EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, num_pages=128, max_model_len=512))
+    expected = offline.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0), use_tqdm=False)
+    assert [a.choices[0].text for a in answers] == [e.outputs[0].text for e in expected]
+    replicas = int(layout[-1]) if "--data-parallel-size" in layout else 1
+    assert len(engines) == replicas and all(float(line.split()[-1]) > 0 for line in engines), engines  # every replica served

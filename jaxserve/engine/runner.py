@@ -119,7 +119,7 @@ class ModelRunner:
             out_shardings=(replicated, replicated, cache_sh),
             donate_argnums=(1,),
         )
-        self._sample = jax.jit(sample, static_argnames="num_top", in_shardings=replicated, out_shardings=replicated)
+        self._sample = jax.jit(sample, static_argnums=4, in_shardings=replicated, out_shardings=replicated)  # 4: num_top
         self._prompt_logprobs = jax.jit(
             functools.partial(prompt_logprobs, cfg=cfg), in_shardings=(param_sh, replicated, replicated), out_shardings=replicated
         )
@@ -138,7 +138,7 @@ class ModelRunner:
         self, logits: jnp.ndarray, sampling: SamplingArrays, positions: np.ndarray, adjust: LogitAdjust | None, top: bool
     ) -> tuple[np.ndarray, ...]:
         """Tokens [R] and log-probs [R] on the host; with `top`, also top ids and log-probs [R, MAX_LOGPROBS]."""
-        out = self._sample(logits, sampling, positions, adjust, num_top=MAX_LOGPROBS if top else 0)
+        out = self._sample(logits, sampling, positions, adjust, MAX_LOGPROBS if top else 0)
         return tuple(np.asarray(x) for x in out)
 
     def prompt_logprobs(self, hidden: jnp.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:

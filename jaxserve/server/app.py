@@ -15,9 +15,10 @@ import logging
 import signal
 import time
 from importlib.metadata import version
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from aiohttp import web
+from jax.sharding import Mesh
 
 from jaxserve.checkpoint.loader import LoadedModel
 from jaxserve.config import EngineConfig, ServerConfig
@@ -35,17 +36,20 @@ _INFERENCE = {"/v1/completions", "/v1/chat/completions"}
 
 
 class Server:
-    def __init__(self, model: LoadedModel, engine: EngineConfig, cfg: ServerConfig) -> None:
+    def __init__(self, model: LoadedModel, engine: EngineConfig, cfg: ServerConfig, meshes: Sequence[Mesh] | None = None) -> None:
+        """`meshes`: one per data-parallel engine replica (`jaxserve.parallel.mesh.replica_meshes`);
+        default one replica on one device. A request goes, whole, to the least loaded replica."""
         self.cfg = cfg
         self.model_name = cfg.served_model_name or model.name
         self.tokenizer = model.tokenizer
-        self.llm = LLMEngine(model.cfg, model.params, engine, model.tokenizer)
-        self.engine = AsyncEngine(self.llm)
-        self.metrics = Metrics(self.engine, self.model_name)
+        self.replicas = [AsyncEngine(LLMEngine(model.cfg, model.params, engine, model.tokenizer, mesh=m)) for m in (meshes or [None])]
+        self.llm = self.replicas[0].engine  # limits and request checks, the same in every replica
+        self.metrics = Metrics(self.replicas, self.model_name)
         self.ready = False
         self.draining = False
         self.created = int(time.time())
         self.in_flight = 0  # engine requests (one per prompt) accepted and not yet answered
+        self.load = [0] * len(self.replicas)  # the same, per replica
 
     # ---- application ---------------------------------------------------------------------
 
@@ -69,9 +73,11 @@ class Server:
 
     async def start(self) -> None:
         """Start the engine, then compile every step shape (off the event loop) and become ready."""
-        self.engine.start()
+        for replica in self.replicas:
+            replica.start()
         if self.cfg.warmup:
-            await asyncio.get_running_loop().run_in_executor(None, self.llm.warmup)
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.run_in_executor(None, r.engine.warmup) for r in self.replicas))
         self.ready = True
         log.info("ready", extra={"model": self.model_name, "compiles": self.llm.runner.num_compiles})
 
@@ -82,7 +88,11 @@ class Server:
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         log.info("drained", extra={"unfinished": self.in_flight})
-        await self.engine.shutdown()
+        await asyncio.gather(*(r.shutdown() for r in self.replicas))
+
+    @property
+    def engine_error(self) -> BaseException | None:
+        return next((r.error for r in self.replicas if r.error is not None), None)
 
     # ---- middlewares ---------------------------------------------------------------------
 
@@ -157,10 +167,10 @@ class Server:
             raise ApiError(503, "the server is shutting down", type="service_unavailable")
         if not self.ready:
             raise ApiError(503, "the model is still warming up; retry when /ready answers 200", type="service_unavailable")
-        if self.engine.error is not None:
-            raise ApiError(503, f"the engine stopped after an error: {self.engine.error}", type="service_unavailable")
+        if self.engine_error is not None:
+            raise ApiError(503, f"the engine stopped after an error: {self.engine_error}", type="service_unavailable")
         self._admit_model(body)
-        waiting = self.in_flight - len(self.llm.scheduler.running)
+        waiting = self.in_flight - sum(len(r.engine.scheduler.running) for r in self.replicas)
         if waiting >= self.cfg.max_waiting:
             raise ApiError(429, f"too many requests waiting ({waiting}); retry later", type="rate_limit_error")
 
@@ -186,20 +196,23 @@ class Server:
     async def _serve(self, request: web.Request, req: Request) -> web.StreamResponse:
         self._check(req)
         # Counted from here (no await since the admission check), so a burst cannot overshoot max_waiting.
+        replica = min(range(len(self.replicas)), key=self.load.__getitem__)
         self.in_flight += len(req.prompts)
+        self.load[replica] += len(req.prompts)
         try:
-            return await self._generate(request, req)
+            return await self._generate(request, req, self.replicas[replica])
         finally:
             self.in_flight -= len(req.prompts)
+            self.load[replica] -= len(req.prompts)
 
-    async def _generate(self, request: web.Request, req: Request) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, req: Request, engine: AsyncEngine) -> web.StreamResponse:
         log.info("request", extra={"request_id": req.request_id, "kind": req.kind, "prompts": len(req.prompts), "n": req.params.n, "stream": req.stream})
         if req.stream:
-            return await self._stream(request, req)
+            return await self._stream(request, req, engine)
         results = [RequestOutput.empty(f"{req.request_id}-{i}", p, req.params.n) for i, p in enumerate(req.prompts)]
         try:
             async with asyncio.timeout(self.cfg.request_timeout):
-                async for i, out in self._outputs(req):
+                async for i, out in self._outputs(req, engine):
                     results[i].add(out)
         except TimeoutError:
             raise ApiError(504, f"the request took longer than {self.cfg.request_timeout} s", type="timeout_error") from None
@@ -209,7 +222,7 @@ class Server:
             raise ApiError(503, str(e), type="service_unavailable") from None
         return web.json_response(Renderer(req, self.tokenizer).response(results))
 
-    async def _outputs(self, req: Request):
+    async def _outputs(self, req: Request, engine: AsyncEngine):
         """(prompt index, step output) of every prompt of the request, merged as they come; records
         latency and token metrics. Leaving early cancels (and so aborts) every prompt's request."""
         queue: asyncio.Queue = asyncio.Queue()
@@ -220,7 +233,7 @@ class Server:
             last = None
             self.metrics.prompt_tokens.labels(name).inc(len(prompt))
             try:
-                async for out in self.engine.generate(f"{req.request_id}-{i}", prompt, req.params):
+                async for out in engine.generate(f"{req.request_id}-{i}", prompt, req.params):
                     now = time.perf_counter()
                     if out.token_id is not None:
                         self.metrics.generation_tokens.labels(name).inc()
@@ -251,7 +264,7 @@ class Server:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _stream(self, request: web.Request, req: Request) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, req: Request, engine: AsyncEngine) -> web.StreamResponse:
         """Server-sent events: one chunk per step output, then usage (if asked), then [DONE]."""
         render = Renderer(req, self.tokenizer)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -266,7 +279,7 @@ class Server:
         generated = 0
         try:
             async with asyncio.timeout(self.cfg.request_timeout):
-                async for i, out in self._outputs(req):
+                async for i, out in self._outputs(req, engine):
                     index = i * n + out.index
                     choice = self._chunk_choice(render, req, i, index, out, first=index not in started, offsets=offsets)
                     started.add(index)
@@ -344,12 +357,12 @@ class Server:
             raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'", "model", "not_found_error", "model_not_found")
 
     async def health(self, request: web.Request) -> web.Response:
-        if self.engine.error is not None:
-            return web.json_response({"status": "engine failed", "error": str(self.engine.error)}, status=503)
+        if self.engine_error is not None:
+            return web.json_response({"status": "engine failed", "error": str(self.engine_error)}, status=503)
         return web.json_response({"status": "ok"})
 
     async def ready_probe(self, request: web.Request) -> web.Response:
-        ok = self.ready and not self.draining and self.engine.error is None
+        ok = self.ready and not self.draining and self.engine_error is None
         status = "ready" if ok else ("draining" if self.draining else "warming up")
         return web.json_response({"status": status}, status=200 if ok else 503)
 

@@ -7,7 +7,7 @@ at scrape time by a collector, so it is never stale and costs nothing between sc
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -20,37 +20,36 @@ _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine: AsyncEngine, model: str) -> None:
-        self.engine, self.model = engine, model
+    """Engine state of every data-parallel replica, one sample each under an `engine` label."""
+
+    def __init__(self, replicas: Sequence[AsyncEngine], model: str) -> None:
+        self.replicas, self.model = replicas, model
 
     def collect(self) -> Iterator:
-        inner = self.engine.engine
-        blocks, labels = inner.blocks, [self.model]
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(f"jaxserve:{name}", doc, labels=["model_name"])
-            g.add_metric(labels, value)
-            return g
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(f"jaxserve:{name}", doc, labels=["model_name"])
-            c.add_metric(labels, value)
-            return c
-
-        running = len(inner.scheduler.running)
-        yield gauge("num_requests_running", "Sequences in the running batch.", running)
-        yield gauge("num_requests_waiting", "Sequences waiting to be scheduled.", len(inner.scheduler.waiting))
-        yield gauge("kv_cache_usage_perc", "Fraction of KV-cache pages in use (0-1).", blocks.usage)
-        yield counter("prefix_cache_queries", "Full blocks looked up in the prefix cache.", blocks.prefix_queries)
-        yield counter("prefix_cache_hits", "Full blocks found in the prefix cache.", blocks.prefix_hits)
-        rate = blocks.prefix_hits / blocks.prefix_queries if blocks.prefix_queries else 0.0
-        yield gauge("prefix_cache_hit_rate", "Prefix-cache hits / queries since start (0-1).", rate)
-        yield counter("num_preemptions", "Sequences preempted (recomputed later) since start.", inner.scheduler.num_preemptions)
-        yield gauge("num_compiles", "Programs compiled since start (flat after warm-up).", inner.runner.num_compiles)
+        engines = [r.engine for r in self.replicas]
+        families = {
+            "num_requests_running": ("gauge", "Sequences in the running batch.", lambda e: len(e.scheduler.running)),
+            "num_requests_waiting": ("gauge", "Sequences waiting to be scheduled.", lambda e: len(e.scheduler.waiting)),
+            "kv_cache_usage_perc": ("gauge", "Fraction of KV-cache pages in use (0-1).", lambda e: e.blocks.usage),
+            "prefix_cache_queries": ("counter", "Full blocks looked up in the prefix cache.", lambda e: e.blocks.prefix_queries),
+            "prefix_cache_hits": ("counter", "Full blocks found in the prefix cache.", lambda e: e.blocks.prefix_hits),
+            "prefix_cache_hit_rate": (
+                "gauge",
+                "Prefix-cache hits / queries since start (0-1).",
+                lambda e: e.blocks.prefix_hits / e.blocks.prefix_queries if e.blocks.prefix_queries else 0.0,
+            ),
+            "num_preemptions": ("counter", "Sequences preempted (recomputed later) since start.", lambda e: e.scheduler.num_preemptions),
+            "num_compiles": ("gauge", "Programs compiled since start (flat after warm-up).", lambda e: e.runner.num_compiles),
+        }
+        for name, (kind, doc, read) in families.items():
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(f"jaxserve:{name}", doc, labels=["model_name", "engine"])
+            for i, engine in enumerate(engines):
+                family.add_metric([self.model, str(i)], read(engine))
+            yield family
 
 
 class Metrics:
-    def __init__(self, engine: AsyncEngine, model: str) -> None:
+    def __init__(self, replicas: Sequence[AsyncEngine], model: str) -> None:
         self.registry = CollectorRegistry()
         self.model = model
         r, m = self.registry, ["model_name"]
@@ -62,8 +61,9 @@ class Metrics:
         self.prompt_tokens = Counter("jaxserve:prompt_tokens", "Prompt tokens of admitted requests.", m, registry=r)
         self.generation_tokens = Counter("jaxserve:generation_tokens", "Generated tokens.", m, registry=r)
         self.batch_size = Histogram("jaxserve:batch_size", "Sequences per engine step.", m, buckets=_BATCH, registry=r)
-        r.register(_EngineCollector(engine, model))
-        engine.on_step = lambda n: self.batch_size.labels(model).observe(n)
+        r.register(_EngineCollector(replicas, model))
+        for replica in replicas:
+            replica.on_step = lambda n: self.batch_size.labels(model).observe(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
