@@ -89,6 +89,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     srv.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeatable; env JAXSERVE_API_KEY, comma-separated)")
     srv.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
     srv.add_argument("--data-parallel-size", type=int, default=1, help="independent engine replicas, each on its own tensor-parallel devices")
+    srv.add_argument("--coordinator-address", default=None, help="host:port of process 0, for a multi-process group (jax.distributed)")
+    srv.add_argument("--num-processes", type=int, default=1, help="processes in the group; process 0 serves HTTP, the others follow")
+    srv.add_argument("--process-id", type=int, default=0, help="this process's rank in the group")
+    srv.add_argument("--distributed-timeout", type=float, default=300.0, help="seconds to wait for every process to join")
     srv.add_argument("--max-num-seqs", type=int, default=16, help="running sequences per step")
     srv.add_argument(
         "--max-num-batched-tokens",
@@ -218,12 +222,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from jaxserve.checkpoint.loader import load_model
-    from jaxserve.config import EngineConfig, ParallelConfig, ServerConfig
+    from jaxserve.config import DistributedConfig, EngineConfig, ParallelConfig, ServerConfig
+    from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.logs import setup_json_logging
+    from jaxserve.parallel.distributed import PeerLostError, StepChannel, connect, follow, initialize
     from jaxserve.parallel.mesh import make_mesh, replica_meshes
     from jaxserve.server.app import Server, serve
 
     setup_json_logging()
+    dist = DistributedConfig(args.coordinator_address, args.num_processes, args.process_id, args.distributed_timeout)
+    if dist.num_processes > 1 and args.data_parallel_size > 1:
+        raise UserError("data parallelism across processes is not supported: run one process group per replica behind a load balancer")
+    channel = peer = None  # the step channel, opened first: a process that never comes is a clear error here
+    if dist.num_processes > 1:
+        channel, peer = (StepChannel(dist), None) if dist.process_id == 0 else (None, connect(dist))
+    initialize(dist)  # before anything touches a device
     server_cfg = ServerConfig(
         host=args.host,
         port=args.port,
@@ -251,8 +264,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size))
     model = load_model(args.model, args.dtype, quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
-    asyncio.run(serve(Server(model, engine_cfg, server_cfg, replica_meshes(mesh))))
-    return 0
+    if dist.process_id > 0:  # a follower: the same runner as process 0's, driven by its calls
+        runner = LLMEngine(model.cfg, model.params, engine_cfg, model.tokenizer, mesh=mesh).runner
+        try:
+            follow(runner, peer)
+        except PeerLostError as e:
+            raise UserError(f"process {dist.process_id}: {e}; exiting") from None
+        return 0
+    server = Server(model, engine_cfg, server_cfg, replica_meshes(mesh))
+    server.llm.runner.channel = channel
+    status = 1
+    try:
+        status = asyncio.run(serve(server))
+    finally:
+        if channel is not None:  # followers stop cleanly only after a clean stop
+            channel.close(stop_followers=status == 0)
+    return status
 
 
 def _env_defaults(parser: argparse.ArgumentParser) -> dict:

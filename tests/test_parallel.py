@@ -29,8 +29,8 @@ def _run(cfg, params, tp: int, ids: list[int]) -> tuple[np.ndarray, np.ndarray, 
     tokens = np.zeros((1, t), np.int32)
     tokens[0, : len(ids)] = ids
     batch = ForwardBatch(tokens, np.arange(t, dtype=np.int32)[None], table, np.asarray([len(ids)], np.int32))
-    logits, hidden = runner.forward([batch])
-    return np.asarray(logits), np.asarray(hidden)[: len(ids)], runner
+    runner.forward([batch])
+    return np.asarray(runner._logits), np.asarray(runner._prefill)[: len(ids)], runner
 
 
 @pytest.mark.parametrize(("tp", "vocab"), [(2, 262), (4, 262), (8, 512)])

@@ -134,15 +134,15 @@ class LLMEngine:
         if not chunks:
             return []
         groups, last_row, prompt_slots = self._batch(chunks)
-        logits, prefill_hidden = self.runner.forward(groups)
+        self.runner.forward(groups)
         sampled = [c for c in chunks if c.completes]
-        rows = logits.shape[0]
+        rows = sum(g.tokens.shape[0] for g in groups)
         sampling, positions = self._sampling(sampled, last_row, rows)
         adjust = self._adjust(sampled, last_row, rows) if any(c.seq.params.adjusts_logits for c in sampled) else None
         want_top = any(c.seq.params.logprobs is not None for c in sampled)
-        tokens, logprobs, *top = self.runner.sample(logits, sampling, positions, adjust, top=want_top)
+        tokens, logprobs, *top = self.runner.sample(sampling, positions, adjust, want_top)
         if prompt_slots:
-            self._collect_prompt_logprobs(prefill_hidden, prompt_slots)
+            self._collect_prompt_logprobs(groups[-1].tokens.size, prompt_slots)
         outputs = []
         for chunk in chunks:
             seq, row = chunk.seq, last_row[id(chunk)]
@@ -277,12 +277,13 @@ class LLMEngine:
                 bias[r, banned] = -np.inf
         return LogitAdjust(repetition, bias)
 
-    def _collect_prompt_logprobs(self, hidden, slots: list[tuple[Sequence, int, int]]) -> None:
-        """Log-probs of the next prompt token at each slot, appended in position order."""
-        targets = np.zeros(hidden.shape[0], np.int32)
+    def _collect_prompt_logprobs(self, num_positions: int, slots: list[tuple[Sequence, int, int]]) -> None:
+        """Log-probs of the next prompt token at each slot (of the step's `num_positions` prefill
+        positions), appended in position order."""
+        targets = np.zeros(num_positions, np.int32)
         for seq, pos, i in slots:
             targets[i] = seq.prompt_ids[pos + 1]
-        chosen, top_ids, top_lps = self.runner.prompt_logprobs(hidden, targets)
+        chosen, top_ids, top_lps = self.runner.prompt_logprobs(targets)
         for seq, pos, i in slots:
             if pos == len(seq.prompt_logprobs):
                 seq.prompt_logprobs.append((float(chosen[i]), top_ids[i].tolist(), top_lps[i].tolist()))

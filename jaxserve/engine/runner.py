@@ -12,7 +12,7 @@ import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.models.llama import ForwardBatch, Params, compute_logits, forward
 from jaxserve.ops.attention import table_width
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays, sample
+from jaxserve.parallel.distributed import StepChannel
 from jaxserve.parallel.mesh import make_mesh
 from jaxserve.parallel.sharding import CACHE_SPEC, param_shardings
 from jaxserve.sampling_params import MAX_LOGPROBS
@@ -95,11 +96,27 @@ def prompt_logprobs(params: Params, hidden: jnp.ndarray, targets: jnp.ndarray, c
     return jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
 
 
+def _place(x: Any, sharding: NamedSharding) -> jax.Array:
+    """Host or single-device data as a global array. Across processes every process passes the same
+    value and keeps its own shards."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x[index]))
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated result on the host (this process's copy; whole on every process)."""
+    return np.asarray(x.addressable_data(0))
+
+
 class ModelRunner:
     """Owns the params, the KV cache and the jitted programs on one replica's mesh; counts compilations.
 
     Every program declares its shardings: params and cache split per `jaxserve.parallel.sharding`,
-    step inputs and outputs replicated. A single device is the 1 x 1 mesh, on the same path."""
+    step inputs and outputs replicated. A single device is the 1 x 1 mesh, on the same path. The
+    latest step's logits and hidden states stay on the device for `sample` and `prompt_logprobs`, so
+    every call takes host data only; with a `channel` (multi-host process 0) each call is sent to
+    the other processes before it runs, and they replay it (`jaxserve.parallel.distributed`)."""
 
     def __init__(
         self, cfg: ModelConfig, params: Params, num_pages: int, page_size: int, shapes: StepShapes, mesh: Mesh | None = None
@@ -107,10 +124,12 @@ class ModelRunner:
         self.cfg = cfg
         self.shapes = shapes
         self.mesh = mesh if mesh is not None else make_mesh()
+        self.channel: StepChannel | None = None
         param_sh = param_shardings(params, self.mesh, cfg)
         cache_sh = NamedSharding(self.mesh, CACHE_SPEC)
-        replicated = NamedSharding(self.mesh, P())
-        self.params = jax.device_put(params, param_sh)
+        self._replicated = replicated = NamedSharding(self.mesh, P())
+        self._local = self._replicated.is_fully_addressable
+        self.params = jax.tree.map(_place, params, param_sh)
         dtype = params["embed"].dtype
         self.cache = jax.jit(lambda: KVCache.create(cfg, num_pages, page_size, dtype), out_shardings=cache_sh)()
         self._step = jax.jit(
@@ -123,26 +142,39 @@ class ModelRunner:
         self._prompt_logprobs = jax.jit(
             functools.partial(prompt_logprobs, cfg=cfg), in_shardings=(param_sh, replicated, replicated), out_shardings=replicated
         )
+        self._logits: jax.Array | None = None  # [R, V] of the latest step
+        self._prefill: jax.Array | None = None  # [Bp * T, D] of the latest step (None without prefill rows)
 
     @property
     def num_compiles(self) -> int:
         """Distinct input shapes the jitted programs have been traced for."""
         return sum(f._cache_size() for f in (self._step, self._sample, self._prompt_logprobs))
 
-    def forward(self, groups: Sequence[ForwardBatch]) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-        """Dispatch one model step; returns device arrays (row logits, prefill hidden states)."""
-        logits, prefill, self.cache = self._step(self.params, self.cache, tuple(groups))
-        return logits, prefill
+    def _call(self, name: str, *args: Any) -> None:
+        """Send the call to the other processes of a multi-host group before making it."""
+        if self.channel is not None:
+            self.channel.send(name, args)
 
-    def sample(
-        self, logits: jnp.ndarray, sampling: SamplingArrays, positions: np.ndarray, adjust: LogitAdjust | None, top: bool
-    ) -> tuple[np.ndarray, ...]:
-        """Tokens [R] and log-probs [R] on the host; with `top`, also top ids and log-probs [R, MAX_LOGPROBS]."""
-        out = self._sample(logits, sampling, positions, adjust, MAX_LOGPROBS if top else 0)
-        return tuple(np.asarray(x) for x in out)
+    def _global(self, tree: Any) -> Any:
+        """Host inputs as replicated arrays: needed when the mesh spans processes."""
+        return tree if self._local else jax.tree.map(lambda x: _place(x, self._replicated), tree)
 
-    def prompt_logprobs(self, hidden: jnp.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(np.asarray(x) for x in self._prompt_logprobs(self.params, hidden, targets))
+    def forward(self, groups: Sequence[ForwardBatch]) -> None:
+        """Dispatch one model step over the row groups; its outputs stay on the device."""
+        self._call("forward", groups)
+        self._logits, self._prefill, self.cache = self._step(self.params, self.cache, self._global(tuple(groups)))
+
+    def sample(self, sampling: SamplingArrays, positions: np.ndarray, adjust: LogitAdjust | None, top: bool) -> tuple[np.ndarray, ...]:
+        """The latest step's tokens [R] and log-probs [R] on the host; with `top`, also top ids and
+        log-probs [R, MAX_LOGPROBS]."""
+        self._call("sample", sampling, positions, adjust, top)
+        sampling, positions, adjust = self._global((sampling, positions, adjust))
+        return tuple(_host(x) for x in self._sample(self._logits, sampling, positions, adjust, MAX_LOGPROBS if top else 0))
+
+    def prompt_logprobs(self, targets: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Log-prob of `targets` [Bp * T] after each prefill position of the latest step, and the top ones."""
+        self._call("prompt_logprobs", targets)
+        return tuple(_host(x) for x in self._prompt_logprobs(self.params, self._prefill, self._global(targets)))
 
     def warmup(self, progress: bool = True) -> None:
         """Compile every program the engine can call (step shapes x sampler variants), on padding
@@ -157,12 +189,12 @@ class ModelRunner:
         with tqdm(total=len(combos), desc="warming up", unit="shape", disable=not progress) as bar:
             for bd, bp in combos:
                 groups = [g for g in (bd and rows(bd, 1), bp and rows(bp, s.row_len)) if g]
-                logits, prefill = self.forward(groups)
+                self.forward(groups)
                 r = bd + bp
                 sampling, positions = SamplingArrays.greedy(r), np.zeros(r, np.int32)
                 adjust = LogitAdjust(np.ones((r, vocab), np.float32), np.zeros((r, vocab), np.float32))
                 for variant, top in itertools.product((None, adjust), (False, True)):
-                    self.sample(logits, sampling, positions, variant, top=top)
-                if prefill is not None:
-                    self.prompt_logprobs(prefill, np.zeros(prefill.shape[0], np.int32))
+                    self.sample(sampling, positions, variant, top)
+                if bp:
+                    self.prompt_logprobs(np.zeros(bp * s.row_len, np.int32))
                 bar.update()

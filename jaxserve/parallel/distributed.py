@@ -84,10 +84,12 @@ class StepChannel:
             except OSError as e:
                 raise PeerLostError(f"a follower process (connection {i}) went away: {e}") from None
 
-    def close(self) -> None:
+    def close(self, stop_followers: bool = True) -> None:
+        """Tell the followers to exit 0, or (after a failure) just hang up, which they report as an error."""
         for peer in self.peers:
             try:
-                peer.send(("stop", ()))
+                if stop_followers:
+                    peer.send(("stop", ()))
                 peer.close()
             except OSError:
                 pass
@@ -114,4 +116,7 @@ def follow(runner: Any, conn: Connection) -> None:
             raise PeerLostError(f"process 0 went away: {e or 'connection closed'}") from None
         if name == "stop":
             return
-        getattr(runner, name)(*args)
+        try:
+            getattr(runner, name)(*args)
+        except jax.errors.JaxRuntimeError as e:  # a collective with a process that is gone
+            raise PeerLostError(f"a step failed across the group: {str(e).splitlines()[0]}") from None

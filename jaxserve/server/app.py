@@ -17,6 +17,7 @@ import time
 from importlib.metadata import version
 from typing import Any, Awaitable, Callable, Sequence
 
+import jax
 from aiohttp import web
 from jax.sharding import Mesh
 
@@ -26,6 +27,7 @@ from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFa
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.outputs import RequestOutput, StepOutput
 from jaxserve.errors import UserError
+from jaxserve.parallel.distributed import PeerLostError
 from jaxserve.server.metrics import Metrics
 from jaxserve.server.protocol import ApiError, Renderer, Request, parse_chat, parse_completion
 
@@ -373,8 +375,9 @@ class Server:
         return web.json_response({"version": version("jaxserve")})
 
 
-async def serve(server: Server) -> None:
-    """Listen, warm up, serve until SIGTERM or SIGINT, then drain and stop."""
+async def serve(server: Server) -> int:
+    """Listen, warm up, serve until SIGTERM or SIGINT, then drain and stop; the exit status. A lost
+    multi-host peer also stops the server (status 1): the group cannot compute without it."""
     cfg = server.cfg
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None, shutdown_timeout=5)
     await runner.setup()
@@ -386,9 +389,26 @@ async def serve(server: Server) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     warm = asyncio.create_task(server.start())
+    status = 0
+
+    async def watch() -> None:  # a failed warm-up, or any engine failure in a multi-host group, ends the process
+        nonlocal status
+        group = jax.process_count() > 1
+        while True:
+            error = server.engine_error or (warm.exception() if warm.done() and not warm.cancelled() else None)
+            if error is not None and (group or not server.ready or isinstance(error, PeerLostError)):
+                log.error("stopping after an error: %s", error)
+                status = 1
+                stop.set()
+                return
+            await asyncio.sleep(0.2)
+
+    watcher = asyncio.create_task(watch())
     await stop.wait()
-    log.info("signal received; draining", extra={"in_flight": server.in_flight})
+    watcher.cancel()
+    log.info("draining", extra={"in_flight": server.in_flight})
     if not warm.done():
         warm.cancel()
     await server.drain()
     await runner.cleanup()
+    return status
