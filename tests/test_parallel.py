@@ -30,7 +30,7 @@ def _run(cfg, params, tp: int, ids: list[int]) -> tuple[np.ndarray, np.ndarray, 
     tokens[0, : len(ids)] = ids
     batch = ForwardBatch(tokens, np.arange(t, dtype=np.int32)[None], table, np.asarray([len(ids)], np.int32))
     runner.forward([batch])
-    return np.asarray(runner._logits), np.asarray(runner._prefill)[: len(ids)], runner
+    return np.asarray(runner.logits), np.asarray(runner._prefill)[: len(ids)], runner
 
 
 @pytest.mark.parametrize(("tp", "vocab"), [(2, 262), (4, 262), (8, 512)])

@@ -159,6 +159,15 @@ class ModelRunner:
         """Host inputs as replicated arrays: needed when the mesh spans processes."""
         return tree if self._local else jax.tree.map(lambda x: _place(x, self._replicated), tree)
 
+    @property
+    def logits(self) -> jax.Array | None:
+        """The latest step's logits [R, V], on the device."""
+        return self._logits
+
+    def step_hlo(self, groups: Sequence[ForwardBatch]) -> str:
+        """The compiled step program for these groups' shapes, as HLO text (to inspect collectives)."""
+        return self._step.lower(self.params, self.cache, tuple(groups)).compile().as_text()
+
     def forward(self, groups: Sequence[ForwardBatch]) -> None:
         """Dispatch one model step over the row groups; its outputs stay on the device."""
         self._call("forward", groups)

@@ -139,9 +139,10 @@ def forward(
         q = apply_rope(q.reshape(1, n, cfg.num_heads, cfg.head_dim), cos, sin)[0]  # [N, Hq, Dh]
         k = apply_rope(k.reshape(1, n, cfg.num_kv_heads, cfg.head_dim), cos, sin)[0]
         v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
-        heads = jnp.arange(cfg.num_kv_heads)[None, :]  # cache coordinates [N, Hkv] for the [N, Hkv, Dh] values
-        k_cache = k_cache.at[heads, i, page[:, None], offset[:, None]].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
-        v_cache = v_cache.at[heads, i, page[:, None], offset[:, None]].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
+        # [Hkv, N, Dh] into cache[:, i, page, offset]: the head axis stays whole, so a cache split
+        # over KV heads is written where it lives
+        k_cache = k_cache.at[:, i, page, offset].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="promise_in_bounds")
+        v_cache = v_cache.at[:, i, page, offset].set(v.swapaxes(0, 1).astype(v_cache.dtype), mode="promise_in_bounds")
         attn = [
             attend(qg.reshape(*shape, *qg.shape[1:]), k_cache, v_cache, i, g).reshape(size, -1)
             for qg, shape, size, g in zip(jnp.split(q, splits), shapes, sizes, groups)

@@ -57,16 +57,16 @@ def write_slots(
 
 
 def _gather_pages(cache: jnp.ndarray, layer: int | jnp.ndarray, page_table: jnp.ndarray) -> jnp.ndarray:
-    """Pages [Hkv, B * P, page_size * D] of one layer, gathered as whole rows of the flattened cache.
+    """Pages [Hkv, B * P, page_size * D] of one layer, gathered as whole rows of each head's slab.
 
     Row gathers run about 4x faster than element-wise advanced indexing on XLA:CPU, and indexing the
-    flat cache directly never copies a layer out of the stack. Page ids come from the host allocator
-    and are always in range, so bounds handling is skipped.
+    slab directly never copies a layer out of the stack. The KV-head axis stays its own axis, so
+    with the cache split over KV heads (tensor parallelism) each device gathers only its heads.
+    Page ids come from the host allocator and are always in range, so bounds handling is skipped.
     """
     hkv, num_layers, num_pages, page_size, d = cache.shape
-    rows = (jnp.arange(hkv)[:, None] * num_layers + layer) * num_pages + page_table.reshape(1, -1)  # [Hkv, B * P]
-    flat = cache.reshape(hkv * num_layers * num_pages, page_size * d)
-    return flat.at[rows].get(mode="promise_in_bounds")
+    slab = cache.reshape(hkv, num_layers * num_pages, page_size * d)
+    return slab.at[:, layer * num_pages + page_table.reshape(-1)].get(mode="promise_in_bounds")
 
 
 def paged_attention(
