@@ -23,7 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--quantization",
         default=None,
         choices=QUANTIZATIONS,
-        help="int8: dense layers and LM head as int8 weights times int8 activations (on CPUs with VNNI/AMX, ~2x throughput; outputs differ slightly from float)",
+        help="int8: dense layers as int8 weights times int8 activations, SmoothQuant-calibrated at load; the LM head stays float (outputs differ slightly from float)",
     )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices each model replica is split over (must divide the heads)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to allocate the KV cache for (default: the model's)")

@@ -52,7 +52,7 @@ def test_int8_rows_do_not_depend_on_the_batch() -> None:
 def test_quantize_per_column_scale_and_zero_columns() -> None:
     w = jnp.asarray(np.array([[1.0, 0.0, -4.0], [-0.5, 0.0, 2.0]], np.float32))
     q = quantize(w)
-    assert q.q.dtype == jnp.int8 and q.shape == (2, 3)
+    assert q.q.dtype == jnp.int8 and q.q.shape == (2, 3)
     np.testing.assert_allclose(np.asarray(q.scale), [1 / 127, 1.0, 4 / 127], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(q.q), [[127, 0, -127], [-64, 0, 64]])
 

@@ -188,13 +188,7 @@ def prefill_logits(cfg: ModelConfig, params: Params, ids: list[int], page_size: 
     from jaxserve.cache.kv_cache import KVCache
     from jaxserve.models.llama import ForwardBatch, compute_logits, forward
 
-    pages = -(-len(ids) // page_size)
-    cache = KVCache.create(cfg, pages + 1, page_size, jnp.asarray(params["embed"]).dtype)
-    batch = ForwardBatch(
-        tokens=np.asarray([ids], np.int32),
-        positions=np.arange(len(ids), dtype=np.int32)[None],
-        page_table=np.arange(1, pages + 1, dtype=np.int32)[None],
-        kv_lens=np.asarray([len(ids)], np.int32),
-    )
+    batch = ForwardBatch.prompt(ids, page_size)
+    cache = KVCache.create(cfg, batch.page_table.shape[1] + 1, page_size, jnp.asarray(params["embed"]).dtype)
     (hidden,), _ = jax.jit(forward, static_argnums=3)(params, cache, (batch,), cfg)
     return np.asarray(compute_logits(params, hidden, cfg))[0]

@@ -112,5 +112,5 @@ def load_model(
     if unroll_layers:
         params = unstack_layers(params)
     if quantization:
-        params = quantize_model(params, cfg, tokenizer.encode(CALIBRATION_TEXT), quantization)
+        params = quantize_model(params, cfg, tokenizer.encode(CALIBRATION_TEXT))  # int8, the one method
     return LoadedModel(name=spec if spec in registry.REGISTRY else path.name, cfg=cfg, params=params, tokenizer=tokenizer)

@@ -40,6 +40,19 @@ class ForwardBatch:
     page_table: jnp.ndarray  # [B, P] int32, pages of each sequence (0 = null page)
     kv_lens: jnp.ndarray  # [B] int32, sequence length after this step; tokens at positions >= it are padding
 
+    @classmethod
+    def prompt(cls, token_ids: Sequence[int], page_size: int) -> ForwardBatch:
+        """One row holding a whole prompt on pages 1..n in order (the null page stays 0): for one-off
+        passes such as calibration, outside the engine's allocator."""
+        n = len(token_ids)
+        pages = -(-n // page_size)
+        return cls(
+            tokens=np.asarray([token_ids], np.int32),
+            positions=np.arange(n, dtype=np.int32)[None],
+            page_table=np.arange(1, pages + 1, dtype=np.int32)[None],
+            kv_lens=np.asarray([n], np.int32),
+        )
+
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """Shape of every parameter: the one description shared by init, loaders and sharding."""

@@ -18,7 +18,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import ModelConfig
@@ -42,15 +41,8 @@ DENSE = ("wq", "wk", "wv", "wqkv", "wo", "w_gate", "w_up", "w_gate_up", "w_down"
 def observe_activations(params: Params, cfg: ModelConfig, token_ids: list[int], page_size: int = 16) -> tuple | dict:
     """Per layer, the max |activation| of each channel entering the dense layers over one float
     prefill of `token_ids` (see `forward(observe=True)`)."""
-    n = len(token_ids)
-    pages = -(-n // page_size)
-    cache = KVCache.create(cfg, pages + 1, page_size, params["embed"].dtype)
-    batch = ForwardBatch(
-        tokens=np.asarray([token_ids], np.int32),
-        positions=np.arange(n, dtype=np.int32)[None],
-        page_table=np.arange(1, pages + 1, dtype=np.int32)[None],
-        kv_lens=np.asarray([n], np.int32),
-    )
+    batch = ForwardBatch.prompt(token_ids, page_size)
+    cache = KVCache.create(cfg, batch.page_table.shape[1] + 1, page_size, params["embed"].dtype)
     _, _, observed = jax.jit(functools.partial(forward, cfg=cfg, observe=True))(params, cache, (batch,))
     return observed
 
@@ -82,11 +74,9 @@ def smooth_layer(lp: dict, seen: dict, alpha: float = SMOOTHING_ALPHA) -> dict:
     return lp
 
 
-def quantize_model(params: Params, cfg: ModelConfig, calibration_ids: list[int], method: str = "int8") -> Params:
+def quantize_model(params: Params, cfg: ModelConfig, calibration_ids: list[int]) -> Params:
     """Every dense matrix as int8 (`jaxserve.ops.quant`) after SmoothQuant calibration on
     `calibration_ids`; embeddings, norms, biases and the LM head stay in float."""
-    if method != "int8":
-        raise ValueError(f"unknown quantization {method!r}")
     observed = observe_activations(params, cfg, calibration_ids)
 
     def convert(lp: dict, seen: dict) -> dict:

@@ -18,10 +18,6 @@ class Int8Weight:
     q: jnp.ndarray  # [..., in, out] int8
     scale: jnp.ndarray  # [..., out] float32
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.q.shape
-
 
 def quantize(w: jnp.ndarray) -> Int8Weight:
     """Symmetric per-column int8: w ~= q * scale, |q| <= 127."""

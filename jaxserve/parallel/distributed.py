@@ -12,7 +12,6 @@ The channel authenticates with a key derived from the coordinator address: run i
 from __future__ import annotations
 
 import hashlib
-import logging
 import threading
 import time
 from multiprocessing.connection import Client, Connection, Listener
@@ -22,9 +21,6 @@ import jax
 
 from jaxserve.config import DistributedConfig
 from jaxserve.errors import UserError
-
-log = logging.getLogger("jaxserve.distributed")
-
 
 class PeerLostError(RuntimeError):
     """Another process of the group went away; this one cannot go on."""

@@ -50,8 +50,7 @@ class Server:
         self.ready = False
         self.draining = False
         self.created = int(time.time())
-        self.in_flight = 0  # engine requests (one per prompt) accepted and not yet answered
-        self.load = [0] * len(self.replicas)  # the same, per replica
+        self.load = [0] * len(self.replicas)  # engine requests (one per prompt) accepted and not yet answered, per replica
 
     # ---- application ---------------------------------------------------------------------
 
@@ -91,6 +90,11 @@ class Server:
             await asyncio.sleep(0.05)
         log.info("drained", extra={"unfinished": self.in_flight})
         await asyncio.gather(*(r.shutdown() for r in self.replicas))
+
+    @property
+    def in_flight(self) -> int:
+        """Engine requests (one per prompt) accepted and not yet answered, over all replicas."""
+        return sum(self.load)
 
     @property
     def engine_error(self) -> BaseException | None:
@@ -199,12 +203,10 @@ class Server:
         self._check(req)
         # Counted from here (no await since the admission check), so a burst cannot overshoot max_waiting.
         replica = min(range(len(self.replicas)), key=self.load.__getitem__)
-        self.in_flight += len(req.prompts)
         self.load[replica] += len(req.prompts)
         try:
             return await self._generate(request, req, self.replicas[replica])
         finally:
-            self.in_flight -= len(req.prompts)
             self.load[replica] -= len(req.prompts)
 
     async def _generate(self, request: web.Request, req: Request, engine: AsyncEngine) -> web.StreamResponse:
