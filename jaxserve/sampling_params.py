@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from jaxserve.errors import UserError
+from jaxserve.structured.guide import Guide
 
 MAX_LOGPROBS = 20  # most top log-probs a request may ask for (OpenAI's limit for top_logprobs)
 _GOLDEN = 0x9E3779B9  # spreads the seeds of a request's n samples
@@ -40,6 +41,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    guide: Guide | None = None  # what the output must match (constrained decoding)
     # Filled in when `seed` is None so that every draw of an unseeded request is still reproducible
     # from its logged seed.
     effective_seed: int = field(default=-1, compare=False)

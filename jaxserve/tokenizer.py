@@ -38,6 +38,7 @@ class _Backend(Protocol):
     def token_to_id(self, token: str) -> int | None: ...
     def id_to_token(self, token_id: int) -> str | None: ...
     def save(self, folder: Path) -> None: ...
+    def grammar_vocabulary(self, tokenizer: Tokenizer) -> Any: ...
 
 
 class _HFBackend:
@@ -58,6 +59,9 @@ class _HFBackend:
 
     def save(self, folder: Path) -> None:
         self.tk.save(str(folder / "tokenizer.json"))
+
+    def grammar_vocabulary(self, tokenizer: Tokenizer) -> Any:
+        return self.tk.to_str()
 
 
 class _SentencePieceBackend:
@@ -100,6 +104,37 @@ class _SentencePieceBackend:
 
     def save(self, folder: Path) -> None:
         (folder / "tokenizer.model").write_bytes(self.model_bytes)
+
+    def grammar_vocabulary(self, tokenizer: Tokenizer) -> Any:
+        from llguidance import TokenizerWrapper
+
+        return TokenizerWrapper(_SentencePieceVocabulary(self.sp, tokenizer))
+
+
+class _SentencePieceVocabulary:
+    """A SentencePiece vocabulary as llguidance's `TokenizerWrapper` reads it: each token's bytes
+    ('\u2581' as a space, byte pieces as their byte; control and unknown pieces special)."""
+
+    def __init__(self, sp: Any, tokenizer: Tokenizer) -> None:
+        self.sp, self.tokenizer = sp, tokenizer
+        self.eos_token_id = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
+        self.bos_token_id = tokenizer.bos_token_id
+        self.tokens: list[bytes] = []
+        self.special_token_ids: list[int] = []
+        for i in range(sp.get_piece_size()):
+            piece = sp.id_to_piece(i)
+            if sp.is_control(i) or sp.is_unknown(i):
+                self.special_token_ids.append(i)
+                self.tokens.append(piece.encode())
+            elif sp.is_byte(i):
+                self.tokens.append(bytes([int(piece[3:5], 16)]))
+            else:
+                self.tokens.append(piece.replace("\u2581", " ").encode())
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError("text only")
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
 
 def _split_special(text: str, special: Mapping[str, int]) -> list[tuple[str, int | None]]:
@@ -157,6 +192,10 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens)
+
+    def grammar_tokenizer(self) -> Any:
+        """The vocabulary as llguidance's `LLTokenizer` takes it (for constrained decoding)."""
+        return self.backend.grammar_vocabulary(self)
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any

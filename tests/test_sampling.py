@@ -19,6 +19,7 @@ def _arrays(n: int, temperature=1.0, top_k=-1, top_p=1.0, min_p=0.0, seed=0) -> 
         top_p=full(top_p, jnp.float32),
         min_p=full(min_p, jnp.float32),
         seed=full(seed, jnp.uint32),
+        allowed=jnp.full((n, V // 32), -1, jnp.int32),
     )
 
 
@@ -84,3 +85,18 @@ def test_seed_and_position_both_change_the_draw() -> None:
     np.testing.assert_array_equal(draws(5, 3), draws(5, 3))
     assert not np.array_equal(draws(5, 3), draws(6, 3))
     assert not np.array_equal(draws(5, 3), draws(5, 4))
+
+
+def test_bitmask_allows_only_its_tokens_greedy_and_sampled() -> None:
+    logits = _logits(4)
+    allowed = np.zeros((4, V), bool)
+    allowed[0, [3, 40]] = allowed[1, [63]] = allowed[2, :] = allowed[3, [0, 31, 32]] = True
+    words = np.packbits(allowed, axis=1, bitorder="little").view(np.int32)  # [4, V / 32]
+    for temperature in (0.0, 1.0):
+        s = _arrays(4, temperature=temperature, seed=np.arange(4))
+        for position in range(20):
+            tokens, _ = sample(logits, s.replace(allowed=jnp.asarray(words)), jnp.full(4, position))
+            assert all(allowed[r, t] for r, t in enumerate(np.asarray(tokens))), tokens
+    greedy, _ = sample(logits, _arrays(4, temperature=0.0).replace(allowed=jnp.asarray(words)), jnp.zeros(4, jnp.int32))
+    assert int(greedy[2]) == int(np.argmax(logits[2]))  # an all-ones row is unconstrained
+    assert int(greedy[0]) == [3, 40][int(np.argmax(np.asarray(logits)[0, [3, 40]]))]

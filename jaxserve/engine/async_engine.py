@@ -47,7 +47,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.error: BaseException | None = None
-        self.on_step: Callable[[int], None] | None = None  # called on the engine thread with each step's batch size
+        self.on_step: Callable[[LLMEngine], None] | None = None  # called on the engine thread after each step
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -157,7 +157,7 @@ class AsyncEngine:
                 for out in outputs:
                     self._post(out.request_id, out)
                 if self.on_step is not None:
-                    self.on_step(self.engine.last_batch_size)
+                    self.on_step(self.engine)
             self._apply_commands()
             for engine_id in list(self.engine.seqs):  # shutting down: end what still runs
                 for out in self.engine.abort(engine_id):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import time
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ from jaxserve.errors import UserError
 from jaxserve.models.llama import ForwardBatch, Params
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.structured.matchers import GrammarCompiler
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,10 +66,12 @@ class LLMEngine:
             len(self.shapes.combos()),
         )
         self.scheduler = Scheduler(engine, self.blocks)
+        self.grammars = GrammarCompiler(tokenizer, cfg.vocab_size) if tokenizer else None
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._arrivals = itertools.count()
         self.num_computed_tokens = 0  # tokens whose K/V the device computed (prefix hits excluded)
         self.last_batch_size = 0  # sequences in the latest step
+        self.last_mask_seconds: float | None = None  # computing the latest step's grammar masks (None: none)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -85,6 +89,10 @@ class LLMEngine:
                 raise UserError(f"{name} token ids must be in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer; this engine has none")
+        if params.guide is not None:
+            if self.grammars is None:
+                raise UserError("constrained decoding needs a tokenizer; this engine has none")
+            self.grammars.compile(params.guide)  # cached: servers compile first, off the event loop
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise UserError(
@@ -103,7 +111,10 @@ class LLMEngine:
             sp = params if index == 0 else dataclasses.replace(params, prompt_logprobs=None)
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
             leader = samples[0] if samples else None
-            samples.append(Sequence(request_id, list(prompt_ids), sp, arrival, priority, index, leader, detok))
+            seq = Sequence(request_id, list(prompt_ids), sp, arrival, priority, index, leader, detok)
+            if params.guide is not None:
+                seq.matcher = self.grammars.matcher(params.guide)
+            samples.append(seq)
         self.seqs[request_id] = samples
         for seq in samples:
             self.scheduler.add(seq)
@@ -138,6 +149,7 @@ class LLMEngine:
         sampled = [c for c in chunks if c.completes]
         rows = sum(g.tokens.shape[0] for g in groups)
         sampling, positions = self._sampling(sampled, last_row, rows)
+        self._fill_masks(sampled, last_row, sampling.allowed)  # on the host while the device runs the step
         adjust = self._adjust(sampled, last_row, rows) if any(c.seq.params.adjusts_logits for c in sampled) else None
         want_top = any(c.seq.params.logprobs is not None for c in sampled)
         tokens, logprobs, *top = self.runner.sample(sampling, positions, adjust, want_top)
@@ -165,6 +177,8 @@ class LLMEngine:
         p = seq.params
         first = not seq.output_ids
         reason, token_out, stopped_by_string = None, None, False
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            raise RuntimeError(f"the grammar rejected token {token}: {seq.matcher.get_error()}")
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             reason = "stop"  # min_tokens banned these until it was reached
         else:
@@ -174,8 +188,8 @@ class LLMEngine:
                 before = len(seq.text)
                 seq.text += seq.detokenizer.push(token)
                 stopped_by_string = self._match_stop(seq, before)
-            if stopped_by_string:
-                reason = "stop"
+            if stopped_by_string or (seq.matcher is not None and seq.matcher.is_stopped()):
+                reason = "stop"  # a stop string, or a grammar that is complete and admits nothing more
             elif len(seq.output_ids) == p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
         if reason and seq.detokenizer and not stopped_by_string:
@@ -252,12 +266,21 @@ class LLMEngine:
 
     def _sampling(self, sampled: list[Chunk], last_row: dict[int, int], rows: int) -> tuple[SamplingArrays, np.ndarray]:
         """Per-row sampling arrays (padding rows greedy) and the position each sampled token takes."""
-        s, positions = SamplingArrays.greedy(rows), np.zeros(rows, np.int32)
+        s, positions = SamplingArrays.greedy(rows, self.model_cfg.vocab_size), np.zeros(rows, np.int32)
         for c in sampled:
             r, p = last_row[id(c)], c.seq.params
             s.temperature[r], s.top_p[r], s.min_p[r], s.top_k[r] = p.temperature, p.top_p, p.min_p, p.top_k
             s.seed[r], positions[r] = p.sample_seed(c.seq.index), c.start + c.length
         return s, positions
+
+    def _fill_masks(self, sampled: list[Chunk], last_row: dict[int, int], allowed: np.ndarray) -> None:
+        """Each constrained row's allowed tokens into `allowed` [R, words] (other rows stay all ones)."""
+        rows = [(c.seq.matcher, last_row[id(c)]) for c in sampled if c.seq.matcher is not None]
+        self.last_mask_seconds = None
+        if rows:
+            start = time.perf_counter()
+            self.grammars.fill(rows, allowed)
+            self.last_mask_seconds = time.perf_counter() - start
 
     def _adjust(self, sampled: list[Chunk], last_row: dict[int, int], rows: int) -> LogitAdjust:
         """Dense per-row penalties and biases (identity for rows that ask for none)."""

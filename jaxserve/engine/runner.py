@@ -200,7 +200,7 @@ class ModelRunner:
                 groups = [g for g in (bd and rows(bd, 1), bp and rows(bp, s.row_len)) if g]
                 self.forward(groups)
                 r = bd + bp
-                sampling, positions = SamplingArrays.greedy(r), np.zeros(r, np.int32)
+                sampling, positions = SamplingArrays.greedy(r, vocab), np.zeros(r, np.int32)
                 adjust = LogitAdjust(np.ones((r, vocab), np.float32), np.zeros((r, vocab), np.float32))
                 for variant, top in itertools.product((None, adjust), (False, True)):
                     self.sample(sampling, positions, variant, top)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from jaxserve.cache.block_manager import BlockHash, block_hashes
 from jaxserve.sampling_params import SamplingParams
@@ -28,6 +29,7 @@ class Sequence:
     index: int = 0  # which of the request's n samples
     leader: Sequence | None = None  # sample 0 of the request, whose prompt pages the others share
     detokenizer: IncrementalDetokenizer | None = None
+    matcher: Any = None  # llguidance.LLMatcher of a constrained sample, advanced by each output token
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # detokenized output so far
     sent: int = 0  # characters of `text` already released to the caller

@@ -3,6 +3,8 @@
 Randomness for row b is `fold_in(PRNGKey(seed[b]), position[b])`: a seeded request samples the same
 tokens whatever else shares the batch. Greedy rows (temperature 0) take the argmax. Penalties and
 logit bias come as dense per-row arrays, built on the host only for steps that need them.
+Constrained rows carry a bitmask of the tokens their grammar allows (bit t of word t // 32); every
+row always has one, all ones when unconstrained, so the sampler has one shape and never recompiles.
 Log-probabilities are always those of the unmodified model distribution.
 """
 
@@ -21,16 +23,19 @@ class SamplingArrays:
     top_p: jnp.ndarray  # [B] float32; 1 = off
     min_p: jnp.ndarray  # [B] float32; 0 = off
     seed: jnp.ndarray  # [B] uint32
+    allowed: jnp.ndarray  # [B, ceil(V / 32)] int32 bitmask of the tokens a row may take; -1 = all
 
     @classmethod
-    def greedy(cls, rows: int) -> SamplingArrays:
-        """Host arrays for `rows` greedy rows with every filter off (padding; filled in per request)."""
+    def greedy(cls, rows: int, vocab: int) -> SamplingArrays:
+        """Host arrays for `rows` greedy, unconstrained rows with every filter off (padding; filled in
+        per request)."""
         return cls(
             temperature=np.zeros(rows, np.float32),
             top_k=np.full(rows, -1, np.int32),
             top_p=np.ones(rows, np.float32),
             min_p=np.zeros(rows, np.float32),
             seed=np.zeros(rows, np.uint32),
+            allowed=np.full((rows, -(-vocab // 32)), -1, np.int32),
         )
 
 
@@ -45,6 +50,13 @@ class LogitAdjust:
 def adjust_logits(logits: jnp.ndarray, a: LogitAdjust) -> jnp.ndarray:
     """HF-style repetition penalty (positive logits divided, negative multiplied), then the bias."""
     return jnp.where(logits > 0, logits / a.repetition, logits * a.repetition) + a.bias
+
+
+def mask_logits(logits: jnp.ndarray, allowed: jnp.ndarray) -> jnp.ndarray:
+    """Logits [B, V] with the tokens outside each row's bitmask [B, ceil(V / 32)] set to -inf."""
+    bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [B, W, 32]
+    keep = bits.reshape(allowed.shape[0], -1)[:, : logits.shape[-1]].astype(bool)
+    return jnp.where(keep, logits, -jnp.inf)
 
 
 def filtered_logits(logits: jnp.ndarray, s: SamplingArrays) -> jnp.ndarray:
@@ -81,6 +93,7 @@ def sample(
     raw, lse = logits, jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, V], [B, 1]
     if adjust is not None:
         logits = adjust_logits(logits, adjust)
+    logits = mask_logits(logits, s.allowed)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_: None) -> jnp.ndarray:

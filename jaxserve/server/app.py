@@ -30,6 +30,7 @@ from jaxserve.errors import UserError
 from jaxserve.parallel.distributed import PeerLostError
 from jaxserve.server.metrics import Metrics
 from jaxserve.server.protocol import ApiError, Renderer, Request, parse_chat, parse_completion
+from jaxserve.server.tools import ToolCallParser
 
 log = logging.getLogger("jaxserve.server")
 
@@ -46,6 +47,8 @@ class Server:
         self.tokenizer = model.tokenizer
         self.replicas = [AsyncEngine(LLMEngine(model.cfg, model.params, engine, model.tokenizer, mesh=m)) for m in (meshes or [None])]
         self.llm = self.replicas[0].engine  # limits and request checks, the same in every replica
+        for replica in self.replicas[1:]:  # one grammar cache: a schema compiles once for all replicas
+            replica.engine.grammars = self.llm.grammars
         self.metrics = Metrics(self.replicas, self.model_name)
         self.ready = False
         self.draining = False
@@ -180,8 +183,16 @@ class Server:
         if waiting >= self.cfg.max_waiting:
             raise ApiError(429, f"too many requests waiting ({waiting}); retry later", type="rate_limit_error")
 
-    def _check(self, req: Request) -> None:
-        """Engine-level checks (context length, token ids) for every prompt, before any starts."""
+    async def _check(self, req: Request) -> None:
+        """Engine-level checks (grammar, context length, token ids) for every prompt, before any
+        starts. A new grammar compiles here, in a worker thread: the event loop and the engine step
+        never wait for it."""
+        guide = req.params.guide
+        if guide is not None and self.llm.grammars is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.llm.grammars.compile, guide)
+            except UserError as e:
+                raise ApiError(400, str(e), req.guide_param) from None
         for prompt in req.prompts:
             try:
                 self.llm.check_request(f"check-{req.request_id}", prompt, req.params)
@@ -200,11 +211,13 @@ class Server:
         return await self._serve(request, parse_chat(body, self.tokenizer, self.model_name, self.llm.max_model_len))
 
     async def _serve(self, request: web.Request, req: Request) -> web.StreamResponse:
-        self._check(req)
         # Counted from here (no await since the admission check), so a burst cannot overshoot max_waiting.
         replica = min(range(len(self.replicas)), key=self.load.__getitem__)
         self.load[replica] += len(req.prompts)
         try:
+            await self._check(req)
+            if req.params.guide is not None:
+                self.metrics.structured.labels(self.model_name, req.guide_param).inc()
             return await self._generate(request, req, self.replicas[replica])
         finally:
             self.load[replica] -= len(req.prompts)
@@ -280,12 +293,14 @@ class Server:
 
         started: set[int] = set()
         offsets: dict[int, int] = {}
+        parsers: dict[int, ToolCallParser] = {}  # chat with tools: per choice
         generated = 0
         try:
             async with asyncio.timeout(self.cfg.request_timeout):
                 async for i, out in self._outputs(req, engine):
                     index = i * n + out.index
-                    choice = self._chunk_choice(render, req, i, index, out, first=index not in started, offsets=offsets)
+                    tools = parsers.setdefault(index, ToolCallParser(req.tools)) if req.tools is not None else None
+                    choice = self._chunk_choice(render, req, i, index, out, first=index not in started, offsets=offsets, tools=tools)
                     started.add(index)
                     generated += out.token_id is not None and not req.drop_generated
                     if choice is not None:
@@ -299,16 +314,28 @@ class Server:
         await response.write_eof()
         return response
 
-    def _chunk_choice(self, render: Renderer, req: Request, i: int, index: int, out: StepOutput, first: bool, offsets: dict[int, int]) -> dict | None:
-        """One streamed choice for a step output (None when it adds nothing to say)."""
+    def _chunk_choice(
+        self, render: Renderer, req: Request, i: int, index: int, out: StepOutput, first: bool, offsets: dict[int, int], tools: ToolCallParser | None = None
+    ) -> dict | None:
+        """One streamed choice for a step output (None when it adds nothing to say). With `tools`,
+        text that forms tool calls is held back and sent, at the end, as `tool_calls` deltas."""
         token = [] if out.token_id is None or req.drop_generated else [out.token_id]
         text = "" if req.drop_generated else out.text
         if req.kind == "chat":
+            finish, calls = out.finish_reason, []
+            if tools is not None:
+                text = tools.feed(text)
+                if finish:
+                    rest, calls = tools.finish()
+                    text += rest
+                    finish = "tool_calls" if calls else finish
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text or token else {})
+            if calls:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
             logprobs = render.chat_logprobs(token, [out.logprob] * len(token), [out.top_logprobs] * len(token)) if req.logprobs is not None else None
-            if not delta and not out.finish_reason:
+            if not delta and not finish:
                 return None
-            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": out.finish_reason}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         ids, lps, tops = token, [out.logprob] * len(token), [out.top_logprobs] * len(token)
         if first and req.echo:
             p_text, p_ids, p_lps, p_tops = render.echo(req.prompts[i], out.prompt_logprobs)

@@ -14,9 +14,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.engine.llm_engine import LLMEngine
 
 _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_MASK = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
 class _EngineCollector(Collector):
@@ -61,9 +63,20 @@ class Metrics:
         self.prompt_tokens = Counter("jaxserve:prompt_tokens", "Prompt tokens of admitted requests.", m, registry=r)
         self.generation_tokens = Counter("jaxserve:generation_tokens", "Generated tokens.", m, registry=r)
         self.batch_size = Histogram("jaxserve:batch_size", "Sequences per engine step.", m, buckets=_BATCH, registry=r)
+        self.structured = Counter("jaxserve:structured_requests", "Requests with constrained output, by the field that asked.", m + ["kind"], registry=r)
+        self.grammar_compile = Histogram("jaxserve:grammar_compile_seconds", "Compiling a new grammar (cached ones are free).", m, buckets=_LATENCY, registry=r)
+        self.grammar_mask = Histogram("jaxserve:grammar_mask_seconds", "Computing a step's grammar token masks (steps with constrained rows).", m, buckets=_MASK, registry=r)
         r.register(_EngineCollector(replicas, model))
         for replica in replicas:
-            replica.on_step = lambda n: self.batch_size.labels(model).observe(n)
+            replica.on_step = self._on_step
+            if replica.engine.grammars is not None:
+                replica.engine.grammars.on_compile = self.grammar_compile.labels(model).observe
+
+    def _on_step(self, engine: LLMEngine) -> None:
+        """Called on an engine thread after each step."""
+        self.batch_size.labels(self.model).observe(engine.last_batch_size)
+        if engine.last_mask_seconds is not None:
+            self.grammar_mask.labels(self.model).observe(engine.last_mask_seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,7 @@ know are ignored, as OpenAI's own server does.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from typing import Any
 from jaxserve.engine.outputs import CompletionOutput, RequestOutput, TopLogprobs
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxserve.server.tools import ToolCallParser, ToolError, ToolPlan, call_text, parse_tools, result_text, template_tool
+from jaxserve.structured.guide import Guide
 from jaxserve.tokenizer import Tokenizer
 
 
@@ -62,11 +65,53 @@ class Request:
     echo: bool = False  # completions: prepend the prompt to the text
     logprobs: int | None = None  # top alternatives per token in the response (None: no logprobs)
     drop_generated: bool = False  # max_tokens 0 with echo: score the prompt, return no new tokens
+    guide_param: str | None = None  # the field that asked for constrained output (named in errors)
+    tools: ToolPlan | None = None  # chat: tool calls to parse from the output
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def _sampling(body: dict, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+# Fields that constrain the output: OpenAI's, then the extensions vLLM users send (top level, which is
+# where the openai client's `extra_body` puts them).
+_GUIDE_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def _guide(body: dict) -> tuple[Guide | None, str | None]:
+    """The request's output constraint and the field that set it."""
+    fields = [name for name in _GUIDE_FIELDS if body.get(name) is not None]
+    if len(fields) > 1:
+        raise ApiError(400, f"send at most one of {', '.join(fields)}", fields[1])
+    if not fields:
+        return None, None
+    name = fields[0]
+    value = body[name]
+    try:
+        if name == "response_format":
+            kind = value.get("type") if isinstance(value, dict) else None
+            if kind == "text":
+                return None, None
+            if kind == "json_object":
+                return Guide("json_object", ""), name
+            if kind != "json_schema":
+                raise ApiError(400, "'response_format.type' must be 'text', 'json_object' or 'json_schema'", name)
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+                raise ApiError(400, "'response_format.json_schema' must be an object with a 'schema' object", name)
+            if "name" in spec and not isinstance(spec["name"], str):
+                raise ApiError(400, "'response_format.json_schema.name' must be a string", name)
+            return Guide.json_schema(spec.get("schema", {"type": "object"})), name
+        if name == "guided_json":
+            return Guide.json_schema(value), name
+        if name == "guided_choice":
+            return Guide.choice(value), name
+        if not isinstance(value, str) or not value:
+            raise ApiError(400, f"'{name}' must be a non-empty string", name)
+        return Guide("regex" if name == "guided_regex" else "grammar", value), name
+    except UserError as e:
+        raise ApiError(400, f"'{name}': {e}", name) from None
+
+
+def _sampling(body: dict, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None, guide: Guide | None = None) -> SamplingParams:
     stop = _field(body, "stop", (str, list), ())
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
         raise ApiError(400, "'stop' must be a string or an array of strings", "stop")
@@ -91,6 +136,7 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, prompt_logprobs
             stop_token_ids=tuple(_field(body, "stop_token_ids", list, [])),
             ignore_eos=_field(body, "ignore_eos", bool, False),
             skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
+            guide=guide,
         )
     except UserError as e:
         raise ApiError(400, str(e), str(e).split()[0]) from None
@@ -142,11 +188,12 @@ def parse_completion(body: dict, tok: Tokenizer, model: str, max_model_len: int)
     if drop and not echo:
         raise ApiError(400, "'max_tokens' must be >= 1 (0 is allowed only with echo)", "max_tokens")
     stream, include_usage = _stream_options(body)
-    params = _sampling(body, max(max_tokens, 1), logprobs, logprobs if echo and logprobs is not None else None)
-    return Request("completion", model, prompts, params, stream, include_usage, echo, logprobs, drop)
+    guide, guide_param = _guide(body)
+    params = _sampling(body, max(max_tokens, 1), logprobs, logprobs if echo and logprobs is not None else None, guide)
+    return Request("completion", model, prompts, params, stream, include_usage, echo, logprobs, drop, guide_param)
 
 
-_ROLES = {"system", "developer", "user", "assistant"}
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 def _message_text(message: dict, index: int) -> str:
@@ -165,10 +212,28 @@ def _message_text(message: dict, index: int) -> str:
     raise ApiError(400, f"messages[{index}].content must be a string or an array of text parts", "messages")
 
 
-def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Request:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty array", "messages")
+def _tool_calls(message: dict, index: int) -> list[dict]:
+    """An assistant message's earlier tool calls, checked, with their arguments parsed (as HF chat
+    templates expect them)."""
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise ApiError(400, f"messages[{index}].tool_calls must be an array", "messages")
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments", ""), str):
+            raise ApiError(400, f"messages[{index}].tool_calls entries must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}", "messages")
+        try:
+            arguments = json.loads(fn.get("arguments") or "{}")
+        except json.JSONDecodeError:
+            raise ApiError(400, f"messages[{index}].tool_calls arguments must be a JSON string", "messages") from None
+        out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
+    return out
+
+
+def _chat_messages(messages: list, plan: ToolPlan | None, native_tools: bool) -> list[dict]:
+    """Messages for the chat template: checked, developer as system, and for a template without tool
+    support the tool prompt, calls and results as text."""
     rendered = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -176,9 +241,40 @@ def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Re
         role = m.get("role")
         if role not in _ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {sorted(_ROLES)}, got {role!r}", "messages")
-        rendered.append({"role": "system" if role == "developer" else role, "content": _message_text(m, i)})
+        text = "" if role == "assistant" and m.get("content") is None else _message_text(m, i)
+        message: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": text}
+        calls = _tool_calls(m, i) if role == "assistant" else []
+        if role == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise ApiError(400, f"messages[{i}].tool_call_id must be a string", "messages")
+        if native_tools:
+            message.update({"tool_calls": calls} if calls else {})
+            message.update({"tool_call_id": m["tool_call_id"]} if role == "tool" else {})
+        elif role == "tool":
+            message = {"role": "user", "content": result_text(text)}
+        elif calls:
+            message["content"] = "\n".join(([text] if text else []) + [call_text(c) for c in calls])
+        rendered.append(message)
+    if plan is not None and not native_tools:
+        if rendered[0]["role"] == "system":
+            rendered[0] = {**rendered[0], "content": rendered[0]["content"] + "\n\n" + plan.system_prompt()}
+        else:
+            rendered.insert(0, {"role": "system", "content": plan.system_prompt()})
+    return rendered
+
+
+def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Request:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array", "messages")
     try:
-        prompt = tok.encode_chat(rendered)
+        plan = parse_tools(body)
+    except ToolError as e:
+        raise ApiError(400, str(e), e.param) from None
+    native_tools = "tools" in (tok.chat_template or "")
+    rendered = _chat_messages(messages, plan, native_tools)
+    extra = {"tools": [template_tool(t) for t in plan.tools]} if plan is not None and native_tools else {}
+    try:
+        prompt = tok.encode_chat(rendered, **extra)
     except UserError as e:
         raise ApiError(400, f"the chat template rejected the messages: {e}", "messages") from None
     logprobs = _field(body, "logprobs", bool, False)
@@ -192,8 +288,13 @@ def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Re
         raise ApiError(400, "'max_tokens' must be >= 1", "max_tokens")
     stream, include_usage = _stream_options(body)
     count = (top or 0) if logprobs else None
-    params = _sampling(body, max_tokens, count, None)
-    return Request("chat", model, [prompt], params, stream, include_usage, logprobs=count)
+    guide, guide_param = _guide(body)
+    if plan is not None and plan.guide() is not None:
+        if guide is not None:
+            raise ApiError(400, f"'tool_choice' {plan.mode!r} constrains the output; it cannot be combined with '{guide_param}'", "tool_choice")
+        guide, guide_param = plan.guide(), "tools"
+    params = _sampling(body, max_tokens, count, None, guide)
+    return Request("chat", model, [prompt], params, stream, include_usage, logprobs=count, guide_param=guide_param, tools=plan)
 
 
 # ---- responses -----------------------------------------------------------------------------
@@ -265,7 +366,16 @@ class Renderer:
 
     def chat_choice(self, index: int, sample: CompletionOutput) -> dict:
         logprobs = self.chat_logprobs(sample.token_ids, sample.logprobs, self._tops(sample)) if self.req.logprobs is not None else None
-        return {"index": index, "message": {"role": "assistant", "content": sample.text}, "logprobs": logprobs, "finish_reason": sample.finish_reason}
+        message: dict[str, Any] = {"role": "assistant", "content": sample.text}
+        finish = sample.finish_reason
+        if self.req.tools is not None:
+            parser = ToolCallParser(self.req.tools)
+            content = parser.feed(sample.text)
+            rest, calls = parser.finish()
+            if calls:
+                message = {"role": "assistant", "content": (content + rest) or None, "tool_calls": calls}
+                finish = "tool_calls"
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
     def response(self, results: list[RequestOutput]) -> dict:
         """The whole (non-streamed) response; choice index = prompt index * n + sample index."""

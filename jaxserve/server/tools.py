@@ -1,0 +1,198 @@
+"""Tool calling on /v1/chat/completions: tool definitions into the prompt, tool calls out of the text.
+
+- `tool_choice` "required" or a named function: the output is constrained (a JSON schema) to a valid
+  call, so it parses whatever the model would have written; "required" takes a JSON array of
+  `{"name", "arguments"}` objects, a named function its arguments object.
+- "auto": calls are parsed from the model's text in the Hermes/Qwen format, `<tool_call>{"name": ...,
+  "arguments": {...}}</tool_call>`, the format the tool prompt asks for.
+- "none" (or no tools): plain chat; the tools are not shown to the model.
+
+A chat template that knows tools (its source reads `tools`) gets them as `tools=`, as HF's
+`apply_chat_template` passes them, and the history's assistant `tool_calls` and `tool` messages as
+they are. Other templates get the Hermes tool prompt in the system message and the calls and results
+as text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from jaxserve.structured.guide import Guide
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_CALL = re.compile(re.escape(_OPEN) + r"(.*?)(?:" + re.escape(_CLOSE) + r"|$)", re.S)
+
+_PROMPT = """# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{tools}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{{"name": <function-name>, "arguments": <args-json-object>}}
+</tool_call>"""
+
+
+class ToolError(ValueError):
+    """A malformed `tools` or `tool_choice` (the message says what is wrong; `param` names the field)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    tools: tuple[dict, ...]  # {"name", "description", "parameters"} of each function
+    mode: str  # "auto" | "required" | "named"
+    name: str | None = None  # the named function
+    parallel: bool = True  # "required" may return several calls
+
+    def guide(self) -> Guide | None:
+        """The constraint that makes the output a valid call (None for "auto")."""
+        if self.mode == "named":
+            return Guide.json_schema(next(t for t in self.tools if t["name"] == self.name)["parameters"])
+        if self.mode == "auto":
+            return None
+        call = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for t in self.tools
+        ]
+        schema = {"type": "array", "items": {"anyOf": call}, "minItems": 1, **({} if self.parallel else {"maxItems": 1})}
+        return Guide.json_schema(schema)
+
+    def system_prompt(self) -> str:
+        return _PROMPT.format(tools="\n".join(json.dumps(template_tool(t)) for t in self.tools))
+
+
+def template_tool(tool: dict) -> dict:
+    """A function in the OpenAI / HF chat-template shape."""
+    return {"type": "function", "function": tool}
+
+
+def parse_tools(body: dict) -> ToolPlan | None:
+    """The request's tools and tool_choice (None when no call can happen); ToolError when malformed."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise ToolError("'tool_choice' needs 'tools'", "tool_choice")
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise ToolError("'tools' must be a non-empty array", "tools")
+    functions = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise ToolError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", "tools")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ToolError(f"tools[{i}].function.name must be 1-64 letters, digits, '_' or '-', got {name!r}", "tools")
+        if any(f["name"] == name for f in functions):
+            raise ToolError(f"tools[{i}].function.name {name!r} is used twice", "tools")
+        parameters = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise ToolError(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+        description = fn.get("description", "")
+        if not isinstance(description, str):
+            raise ToolError(f"tools[{i}].function.description must be a string", "tools")
+        functions.append({"name": name, "description": description, "parameters": parameters})
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise ToolError("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    if choice is None or choice == "auto":
+        return ToolPlan(tuple(functions), "auto", parallel=parallel)
+    if choice == "none":
+        return None
+    if choice == "required":
+        return ToolPlan(tuple(functions), "required", parallel=parallel)
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise ToolError("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}", "tool_choice")
+    if not any(f["name"] == fn["name"] for f in functions):
+        raise ToolError(f"'tool_choice' names the function {fn['name']!r}, which is not among the tools", "tool_choice")
+    return ToolPlan(tuple(functions), "named", fn["name"], parallel)
+
+
+def call_text(call: dict) -> str:
+    """An assistant's earlier tool call as the Hermes text a template without tools shows."""
+    fn = call["function"]
+    return f"{_OPEN}\n{json.dumps({'name': fn['name'], 'arguments': fn['arguments']})}\n{_CLOSE}"
+
+
+def result_text(content: str) -> str:
+    """A tool's result as the Hermes text a template without tools shows (in a user turn)."""
+    return f"<tool_response>\n{content}\n</tool_response>"
+
+
+def _call(name: str, arguments: Any) -> dict:
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)},
+    }
+
+
+class ToolCallParser:
+    """One choice's output split into content and tool calls, fed text as it streams."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.text = ""  # all output so far
+        self.sent = 0  # characters released as content
+
+    def feed(self, text: str) -> str:
+        """Content to release now. Constrained output is all call; "auto" output is content up to a
+        `<tool_call>` tag (a possible start of the tag is held back)."""
+        self.text += text
+        if self.plan.mode != "auto":
+            return ""
+        tag = self.text.find(_OPEN)
+        end = tag if tag >= 0 else len(self.text) - max((k for k in range(1, len(_OPEN)) if self.text.endswith(_OPEN[:k])), default=0)
+        out, self.sent = self.text[self.sent : max(end, self.sent)], max(end, self.sent)
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """(content not yet released, tool calls). Output that does not parse as calls is content."""
+        calls = self._calls()
+        if calls is None:
+            out, self.sent = self.text[self.sent :], len(self.text)
+            return out, []
+        return "", calls
+
+    def _calls(self) -> list[dict] | None:
+        if self.plan.mode == "named":
+            try:
+                arguments = json.loads(self.text)
+            except json.JSONDecodeError:
+                return None
+            return [_call(self.plan.name, arguments)]
+        if self.plan.mode == "required":
+            try:
+                items = json.loads(self.text)
+            except json.JSONDecodeError:
+                return None
+            return [_call(item["name"], item["arguments"]) for item in items]
+        calls = []
+        for block in _CALL.findall(self.text[self.sent :]):
+            try:
+                item = json.loads(block)
+            except json.JSONDecodeError:
+                return None
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                return None
+            calls.append(_call(item["name"], item.get("arguments", item.get("parameters", {}))))
+        return calls or None

@@ -1,0 +1,1 @@
+"""Structured output: what a request's output must match, and its grammar matchers."""

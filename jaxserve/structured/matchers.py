@@ -1,0 +1,84 @@
+"""Grammar matchers for one tokenizer (llguidance): compiled once per distinct guide, copied per
+sequence, and filling the per-step token bitmasks.
+
+A compiled matcher is kept in an LRU cache keyed by the guide; each constrained sequence gets a deep
+copy, which costs microseconds, so only the first request with a new schema pays for compiling it.
+Compiling releases the GIL, and callers run it off the event loop and off the engine thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Callable, Sequence
+
+import llguidance
+import llguidance.numpy
+import numpy as np
+
+from jaxserve.errors import UserError
+from jaxserve.structured.guide import Guide
+from jaxserve.tokenizer import Tokenizer
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words of one row's allowed-token bitmask."""
+    return -(-vocab_size // 32)
+
+
+class GrammarCompiler:
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, capacity: int = 256) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.capacity = capacity
+        self._compiled: collections.OrderedDict[Guide, llguidance.LLMatcher] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._ll: llguidance.LLTokenizer | None = None
+        self._executor: llguidance.LLExecutor | None = None
+        self.on_compile: Callable[[float], None] | None = None  # seconds of each fresh compile
+
+    @property
+    def ll_tokenizer(self) -> llguidance.LLTokenizer:
+        """Built on first use (~0.2 s for a 49k vocabulary), so servers that never constrain never pay."""
+        with self._lock:
+            if self._ll is None:
+                self._ll = llguidance.LLTokenizer(
+                    self.tokenizer.grammar_tokenizer(), n_vocab=self.vocab_size, eos_token=list(self.tokenizer.eos_token_ids)
+                )
+            return self._ll
+
+    def compile(self, guide: Guide) -> llguidance.LLMatcher:
+        """The compiled matcher of `guide` (cached); UserError saying what is wrong with a bad one."""
+        with self._lock:
+            if guide in self._compiled:
+                self._compiled.move_to_end(guide)
+                return self._compiled[guide]
+        start = time.perf_counter()
+        try:
+            grammar = guide.grammar()
+        except ValueError as e:
+            raise UserError(f"invalid {guide.description}: {e}") from None
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
+        if error:
+            raise UserError(f"invalid {guide.description}: {error.strip()}")
+        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise UserError(f"invalid {guide.description}: {matcher.get_error()}")
+        if self.on_compile is not None:
+            self.on_compile(time.perf_counter() - start)
+        with self._lock:
+            self._compiled[guide] = matcher
+            while len(self._compiled) > self.capacity:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def matcher(self, guide: Guide) -> llguidance.LLMatcher:
+        """A fresh matcher for one sequence."""
+        return self.compile(guide).deep_copy()
+
+    def fill(self, rows: Sequence[tuple[llguidance.LLMatcher, int]], mask: np.ndarray) -> None:
+        """Write the allowed-token bits of each (matcher, row) into `mask` [R, words], in parallel."""
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        llguidance.numpy.fill_next_token_bitmask_par(self._executor, list(rows), mask)
