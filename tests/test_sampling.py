@@ -92,11 +92,12 @@ def test_bitmask_allows_only_its_tokens_greedy_and_sampled() -> None:
     allowed = np.zeros((4, V), bool)
     allowed[0, [3, 40]] = allowed[1, [63]] = allowed[2, :] = allowed[3, [0, 31, 32]] = True
     words = np.packbits(allowed, axis=1, bitorder="little").view(np.int32)  # [4, V / 32]
+    run = jax.jit(sample)
     for temperature in (0.0, 1.0):
         s = _arrays(4, temperature=temperature, seed=np.arange(4))
         for position in range(20):
-            tokens, _ = sample(logits, s.replace(allowed=jnp.asarray(words)), jnp.full(4, position))
+            tokens, _ = run(logits, s.replace(allowed=jnp.asarray(words)), jnp.full(4, position))
             assert all(allowed[r, t] for r, t in enumerate(np.asarray(tokens))), tokens
-    greedy, _ = sample(logits, _arrays(4, temperature=0.0).replace(allowed=jnp.asarray(words)), jnp.zeros(4, jnp.int32))
+    greedy, _ = run(logits, _arrays(4, temperature=0.0).replace(allowed=jnp.asarray(words)), jnp.zeros(4, jnp.int32))
     assert int(greedy[2]) == int(np.argmax(logits[2]))  # an all-ones row is unconstrained
     assert int(greedy[0]) == [3, 40][int(np.argmax(np.asarray(logits)[0, [3, 40]]))]
