@@ -223,6 +223,9 @@ BAD_REQUESTS = [
     ("message not an object", "/v1/chat/completions", {"messages": ["hi"]}, 400, "messages"),
     ("top_logprobs without logprobs", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ("top_logprobs too many", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 30}, 400, "top_logprobs"),
+    ("nested too deeply", "/v1/completions", b'{"prompt": ' + b"[" * 50000 + b"]" * 50000 + b"}", 400, None),
+    ("tool call arguments not an object", "/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[]"}}]}]}, 400, "messages"),
+    ("tool message without id", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "21 C"}]}, 400, "messages"),
     ("unknown route", "/v1/engines", {"prompt": "hi"}, 404, None),
     ("detokenize bad ids", "/detokenize", {"tokens": [-1]}, 400, "tokens"),
 ]

@@ -16,10 +16,11 @@ from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.outputs import RequestOutput
 from jaxserve.errors import UserError
+from jaxserve.ops.sampling import bitmask_words
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.server.tools import ToolCallParser, ToolPlan
 from jaxserve.structured.guide import Guide
-from jaxserve.structured.matchers import GrammarCompiler, bitmask_words
+from jaxserve.structured.matchers import GrammarCompiler
 from jaxserve.tokenizer import Tokenizer
 from tests.tiny_models import tiny_config, tiny_params, write_gguf
 
@@ -140,3 +141,11 @@ def test_tool_call_parser_streams_content_and_holds_back_calls() -> None:
     cut = ToolCallParser(ToolPlan(tools, "required"))
     cut.feed('[{"name": "get_wea')  # cut off by max_tokens: no calls, the text stays content
     assert cut.finish() == ('[{"name": "get_wea', [])
+
+    # OpenAI's finish reasons: a chosen call, a forced named call, an output cut off.
+    calls = required.finish()[1] or [{}]
+    assert required.finish_reason("stop", calls) == "tool_calls" and named.finish_reason("stop", calls) == "stop"
+    assert required.finish_reason("length", calls) == "length" and required.finish_reason("stop", []) == "stop"
+    after = ToolCallParser(ToolPlan(tools, "auto"))
+    after.feed('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call> Done.')
+    assert after.finish()[0] == "Done."  # text outside the call blocks stays content

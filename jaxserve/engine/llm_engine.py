@@ -89,10 +89,8 @@ class LLMEngine:
                 raise UserError(f"{name} token ids must be in [0, {vocab})")
         if params.stop and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer; this engine has none")
-        if params.guide is not None:
-            if self.grammars is None:
-                raise UserError("constrained decoding needs a tokenizer; this engine has none")
-            self.grammars.compile(params.guide)  # cached: servers compile first, off the event loop
+        if params.guide is not None and self.grammars is None:
+            raise UserError("constrained decoding needs a tokenizer; this engine has none")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise UserError(

@@ -16,6 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words of one row's allowed-token bitmask."""
+    return -(-vocab_size // 32)
+
+
 @flax.struct.dataclass
 class SamplingArrays:
     temperature: jnp.ndarray  # [B] float32; 0 = greedy
@@ -35,7 +40,7 @@ class SamplingArrays:
             top_p=np.ones(rows, np.float32),
             min_p=np.zeros(rows, np.float32),
             seed=np.zeros(rows, np.uint32),
-            allowed=np.full((rows, -(-vocab // 32)), -1, np.int32),
+            allowed=np.full((rows, bitmask_words(vocab)), -1, np.int32),
         )
 
 

@@ -166,6 +166,8 @@ class Server:
             raise ApiError(400, "the request body is not valid UTF-8") from None
         except json.JSONDecodeError as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, "the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         return {**dict(self.cfg.default_sampling), **{k: v for k, v in body.items() if v is not None}}
@@ -328,7 +330,9 @@ class Server:
                 if finish:
                     rest, calls = tools.finish()
                     text += rest
-                    finish = "tool_calls" if calls else finish
+                    finish = tools.finish_reason(finish, calls)
+                elif not text and not first:
+                    return None  # held back: part of a tool call
             delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text or token else {})
             if calls:
                 delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]

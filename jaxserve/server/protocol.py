@@ -72,43 +72,67 @@ class Request:
 
 
 # Fields that constrain the output: OpenAI's, then the extensions vLLM users send (top level, which is
-# where the openai client's `extra_body` puts them).
-_GUIDE_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+# where the openai client's `extra_body` puts them): the guided_* fields and their newer
+# `structured_outputs` object.
+_GUIDE_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+_STRUCTURED_KEYS = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice", "grammar": "guided_grammar"}
+
+
+def _response_format(value: Any) -> Guide | None:
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Guide("json_object", "")
+    if kind != "json_schema":
+        raise ApiError(400, "'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+        raise ApiError(400, "'response_format.json_schema' must be an object with a 'schema' object", "response_format")
+    if "name" in spec and not isinstance(spec["name"], str):
+        raise ApiError(400, "'response_format.json_schema.name' must be a string", "response_format")
+    return Guide.json_schema(spec.get("schema", {"type": "object"}))
+
+
+def _guided(name: str, value: Any) -> Guide:
+    """One guided_* field's constraint."""
+    if name == "guided_json":
+        return Guide.json_schema(value)
+    if name == "guided_choice":
+        return Guide.choice(value)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"'{name}' must be a non-empty string", name)
+    return Guide("regex" if name == "guided_regex" else "grammar", value)
 
 
 def _guide(body: dict) -> tuple[Guide | None, str | None]:
-    """The request's output constraint and the field that set it."""
-    fields = [name for name in _GUIDE_FIELDS if body.get(name) is not None]
-    if len(fields) > 1:
-        raise ApiError(400, f"send at most one of {', '.join(fields)}", fields[1])
-    if not fields:
-        return None, None
-    name = fields[0]
-    value = body[name]
-    try:
-        if name == "response_format":
-            kind = value.get("type") if isinstance(value, dict) else None
-            if kind == "text":
-                return None, None
-            if kind == "json_object":
-                return Guide("json_object", ""), name
-            if kind != "json_schema":
-                raise ApiError(400, "'response_format.type' must be 'text', 'json_object' or 'json_schema'", name)
-            spec = value.get("json_schema")
-            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
-                raise ApiError(400, "'response_format.json_schema' must be an object with a 'schema' object", name)
-            if "name" in spec and not isinstance(spec["name"], str):
-                raise ApiError(400, "'response_format.json_schema.name' must be a string", name)
-            return Guide.json_schema(spec.get("schema", {"type": "object"})), name
-        if name == "guided_json":
-            return Guide.json_schema(value), name
-        if name == "guided_choice":
-            return Guide.choice(value), name
-        if not isinstance(value, str) or not value:
-            raise ApiError(400, f"'{name}' must be a non-empty string", name)
-        return Guide("regex" if name == "guided_regex" else "grammar", value), name
-    except UserError as e:
-        raise ApiError(400, f"'{name}': {e}", name) from None
+    """The request's output constraint and the field that set it (named in errors)."""
+    found: list[tuple[str, Guide]] = []
+    for name in _GUIDE_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        try:
+            if name == "response_format":
+                guide = _response_format(value)
+                found += [(name, guide)] if guide is not None else []
+            elif name == "structured_outputs":
+                if not isinstance(value, dict):
+                    raise ApiError(400, "'structured_outputs' must be an object", name)
+                keys = [k for k in ("json", "regex", "choice", "grammar", "json_object") if value.get(k) not in (None, False)]
+                if len(keys) != 1:
+                    raise ApiError(400, "'structured_outputs' must set exactly one of json, regex, choice, grammar, json_object", name)
+                key = keys[0]
+                found.append((name, Guide("json_object", "") if key == "json_object" else _guided(_STRUCTURED_KEYS[key], value[key])))
+            else:
+                found.append((name, _guided(name, value)))
+        except UserError as e:
+            raise ApiError(400, f"'{name}': {e}", name) from None
+        except ApiError as e:
+            raise ApiError(400, e.message, name) from None
+    if len(found) > 1:
+        raise ApiError(400, f"send at most one of {', '.join(n for n, _ in found)}", found[1][0])
+    return (found[0][1], found[0][0]) if found else (None, None)
 
 
 def _sampling(body: dict, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None, guide: Guide | None = None) -> SamplingParams:
@@ -226,7 +250,9 @@ def _tool_calls(message: dict, index: int) -> list[dict]:
         try:
             arguments = json.loads(fn.get("arguments") or "{}")
         except json.JSONDecodeError:
-            raise ApiError(400, f"messages[{index}].tool_calls arguments must be a JSON string", "messages") from None
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise ApiError(400, f"messages[{index}].tool_calls arguments must be a JSON object, as a string", "messages")
         out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
     return out
 
@@ -374,7 +400,7 @@ class Renderer:
             rest, calls = parser.finish()
             if calls:
                 message = {"role": "assistant", "content": (content + rest) or None, "tool_calls": calls}
-                finish = "tool_calls"
+                finish = parser.finish_reason(finish, calls)
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
     def response(self, results: list[RequestOutput]) -> dict:

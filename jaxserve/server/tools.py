@@ -166,33 +166,37 @@ class ToolCallParser:
         return out
 
     def finish(self) -> tuple[str, list[dict]]:
-        """(content not yet released, tool calls). Output that does not parse as calls is content."""
-        calls = self._calls()
-        if calls is None:
-            out, self.sent = self.text[self.sent :], len(self.text)
-            return out, []
-        return "", calls
-
-    def _calls(self) -> list[dict] | None:
+        """(content not yet released, tool calls). Output that does not parse as calls is content;
+        so is "auto" text outside the call blocks."""
+        rest = self.text[self.sent :]
+        self.sent = len(self.text)
+        if self.plan.mode == "auto":
+            blocks = _CALL.findall(rest)
+            calls = [c for c in map(_hermes_call, blocks) if c is not None]
+            if not blocks or len(calls) < len(blocks):
+                return rest, []
+            return _CALL.sub("", rest).strip(), calls
+        try:
+            value = json.loads(rest)
+        except json.JSONDecodeError:
+            return rest, []
         if self.plan.mode == "named":
-            try:
-                arguments = json.loads(self.text)
-            except json.JSONDecodeError:
-                return None
-            return [_call(self.plan.name, arguments)]
-        if self.plan.mode == "required":
-            try:
-                items = json.loads(self.text)
-            except json.JSONDecodeError:
-                return None
-            return [_call(item["name"], item["arguments"]) for item in items]
-        calls = []
-        for block in _CALL.findall(self.text[self.sent :]):
-            try:
-                item = json.loads(block)
-            except json.JSONDecodeError:
-                return None
-            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-                return None
-            calls.append(_call(item["name"], item.get("arguments", item.get("parameters", {}))))
-        return calls or None
+            return "", [_call(self.plan.name, value)]
+        return "", [_call(item["name"], item["arguments"]) for item in value]
+
+    def finish_reason(self, reason: str | None, calls: list[dict]) -> str | None:
+        """OpenAI's: "tool_calls" when the model chose to call, "stop" for a forced named function; an
+        output cut off by max_tokens stays "length"."""
+        if not calls or reason != "stop":
+            return reason
+        return "stop" if self.plan.mode == "named" else "tool_calls"
+
+
+def _hermes_call(block: str) -> dict | None:
+    try:
+        item = json.loads(block)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        return None
+    return _call(item["name"], item.get("arguments", item.get("parameters", {})))

@@ -21,7 +21,7 @@ _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_sepa
 @dataclass(frozen=True)
 class Guide:
     kind: str  # one of KINDS
-    spec: str  # canonical JSON of the schema or choices; the regex or grammar text; "" for json_object
+    spec: str  # canonical JSON of the schema or choices; the regex or grammar (Lark or GBNF) text; "" for json_object
 
     @classmethod
     def json_schema(cls, schema: Any) -> Guide:
@@ -51,7 +51,7 @@ class Guide:
             return llguidance.LLMatcher.grammar_from_regex(self.spec)
         if self.kind == "choice":
             return llguidance.grammar_from("choice", self.spec)
-        return llguidance.LLMatcher.grammar_from_lark(self.spec)
+        return llguidance.grammar_from("grammar", self.spec)  # Lark, or GBNF as llama.cpp and vLLM take it
 
     @property
     def description(self) -> str:

@@ -3,7 +3,8 @@ sequence, and filling the per-step token bitmasks.
 
 A compiled matcher is kept in an LRU cache keyed by the guide; each constrained sequence gets a deep
 copy, which costs microseconds, so only the first request with a new schema pays for compiling it.
-Compiling releases the GIL, and callers run it off the event loop and off the engine thread.
+Compiling releases the GIL; the server compiles in a worker thread before a request reaches the
+engine, which then finds it cached (it compiles again only if the entry was evicted in between).
 """
 
 from __future__ import annotations
@@ -22,11 +23,6 @@ from jaxserve.structured.guide import Guide
 from jaxserve.tokenizer import Tokenizer
 
 
-def bitmask_words(vocab_size: int) -> int:
-    """int32 words of one row's allowed-token bitmask."""
-    return -(-vocab_size // 32)
-
-
 class GrammarCompiler:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, capacity: int = 256) -> None:
         self.tokenizer = tokenizer
@@ -35,17 +31,25 @@ class GrammarCompiler:
         self._compiled: collections.OrderedDict[Guide, llguidance.LLMatcher] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._ll: llguidance.LLTokenizer | None = None
-        self._executor: llguidance.LLExecutor | None = None
+        self._ll_error: str | None = None
+        self._executor = llguidance.LLExecutor()  # a thread pool for the per-step masks
         self.on_compile: Callable[[float], None] | None = None  # seconds of each fresh compile
 
     @property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
-        """Built on first use (~0.2 s for a 49k vocabulary), so servers that never constrain never pay."""
+        """Built on first use (~0.2 s for a 49k vocabulary), so servers that never constrain never pay.
+        A vocabulary llguidance cannot take (no EOS, more tokens than the model) makes every
+        constrained request a UserError saying so."""
         with self._lock:
+            if self._ll is None and self._ll_error is None:
+                try:
+                    self._ll = llguidance.LLTokenizer(
+                        self.tokenizer.grammar_tokenizer(), n_vocab=self.vocab_size, eos_token=list(self.tokenizer.eos_token_ids)
+                    )
+                except Exception as e:
+                    self._ll_error = f"constrained decoding is not available for this model's tokenizer: {e}"
             if self._ll is None:
-                self._ll = llguidance.LLTokenizer(
-                    self.tokenizer.grammar_tokenizer(), n_vocab=self.vocab_size, eos_token=list(self.tokenizer.eos_token_ids)
-                )
+                raise UserError(self._ll_error)
             return self._ll
 
     def compile(self, guide: Guide) -> llguidance.LLMatcher:
@@ -59,12 +63,9 @@ class GrammarCompiler:
             grammar = guide.grammar()
         except ValueError as e:
             raise UserError(f"invalid {guide.description}: {e}") from None
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
-        if error:
-            raise UserError(f"invalid {guide.description}: {error.strip()}")
-        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)  # reports errors, never raises
         if matcher.is_error():
-            raise UserError(f"invalid {guide.description}: {matcher.get_error()}")
+            raise UserError(f"invalid {guide.description}: {matcher.get_error().strip()}")
         if self.on_compile is not None:
             self.on_compile(time.perf_counter() - start)
         with self._lock:
@@ -79,6 +80,4 @@ class GrammarCompiler:
 
     def fill(self, rows: Sequence[tuple[llguidance.LLMatcher, int]], mask: np.ndarray) -> None:
         """Write the allowed-token bits of each (matcher, row) into `mask` [R, words], in parallel."""
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor()
         llguidance.numpy.fill_next_token_bitmask_par(self._executor, list(rows), mask)
