@@ -17,6 +17,7 @@ from jaxserve.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 QUANTIZATIONS = ("int8",)  # weight formats `load_model` can convert dense layers to
+KV_CACHE_DTYPES = ("auto", "bfloat16")  # KV-cache storage (EngineConfig.kv_cache_dtype)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ class EngineConfig:
     page_size: int = 16
     num_pages: int = 1024  # including the null page; ignored when kv_cache_memory is set
     kv_cache_memory: float | None = None  # bytes (> 1), or a fraction (<= 1) of free accelerator memory
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "bfloat16" (half the bytes of float32)
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
 
@@ -205,6 +207,8 @@ class EngineConfig:
             raise UserError(f"num_pages must be >= 2, got {self.num_pages}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise UserError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise UserError(f"kv_cache_dtype must be 'auto' or 'bfloat16', got {self.kv_cache_dtype!r}")
 
     @property
     def max_prefill_rows(self) -> int:

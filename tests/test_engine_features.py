@@ -249,3 +249,26 @@ def test_priority_orders_admission(tiny) -> None:
     while engine.has_unfinished():
         order += [out.request_id for out in engine.step() if out.finish_reason]
     assert order == ["urgent", "a", "b", "late"]
+
+
+def test_bfloat16_kv_cache_tracks_the_model_and_stays_batch_invariant(tiny) -> None:
+    """A bfloat16 cache (stored as bits, half the bytes) holds log-probs within bfloat16 rounding of
+    the float model, and a seeded request samples the same tokens alone and in a batch."""
+    cfg, params = tiny
+    rng = random.Random(5)
+    prompt = _prompt(rng, 70, cfg.vocab_size)
+    sp = SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=1, ignore_eos=True)
+    engine = _engine(tiny, max_num_batched_tokens=64, kv_cache_dtype="bfloat16")
+    assert engine.runner.cache.k.dtype == np.uint16
+    result = _run(engine, {"r": (prompt, sp)})["r"]
+    logits = reference_logits(params, cfg, prompt)
+    logprobs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    got = [lp for lp, _ in result.prompt_logprobs]
+    want = [logprobs[pos, prompt[pos + 1]] for pos in range(len(prompt) - 1)]
+    np.testing.assert_allclose(got, want, atol=0.05)
+    # The rounding is real: a float32 cache agrees within 1e-4 (test_logprobs_and_prompt_logprobs_match_the_model).
+    assert max(abs(g - w) for g, w in zip(got, want)) > 1e-3
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=3)
+    alone = _run(engine, {"s": (prompt[:20], sampled)})["s"].outputs[0].token_ids
+    others = {f"o{i}": (_prompt(rng, rng.randint(5, 90), cfg.vocab_size), SamplingParams(max_tokens=12, temperature=1.0, seed=i)) for i in range(5)}
+    assert _run(engine, {"s": (prompt[:20], sampled), **others})["s"].outputs[0].token_ids == alone

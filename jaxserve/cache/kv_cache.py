@@ -10,6 +10,27 @@ from jaxserve.config import ModelConfig
 from jaxserve.errors import UserError
 
 
+def storage_dtype(kv_cache_dtype: str, model_dtype: jnp.dtype) -> jnp.dtype:
+    """What the cache arrays hold: the model's dtype ("auto"), or bfloat16 as raw bits in uint16
+    words. Given a bfloat16 cache, XLA:CPU converts the whole cache every step; bits converted after
+    the page gather cost only the gathered blocks, and half the bytes of float32 to gather."""
+    if kv_cache_dtype == "auto" or jnp.dtype(model_dtype) == jnp.bfloat16:
+        return jnp.dtype(model_dtype)
+    return jnp.dtype(jnp.uint16)
+
+
+def to_cache(x: jnp.ndarray, dtype: jnp.dtype) -> jnp.ndarray:
+    """Values as the cache stores them."""
+    if dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(dtype)
+
+
+def from_cache(x: jnp.ndarray) -> jnp.ndarray:
+    """Stored cache entries as values (bfloat16 for bit-stored caches)."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
 @flax.struct.dataclass
 class KVCache:
     k: jnp.ndarray  # [Hkv, L, num_pages, page_size, D]: head-major, see ops/attention.py

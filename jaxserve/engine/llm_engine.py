@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxserve.cache.block_manager import BlockManager
-from jaxserve.cache.kv_cache import page_bytes, pages_for_memory
+from jaxserve.cache.kv_cache import page_bytes, pages_for_memory, storage_dtype
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.outputs import StepOutput, TopLogprobs
 from jaxserve.engine.runner import ModelRunner, StepShapes
@@ -48,14 +48,14 @@ class LLMEngine:
         eos = eos_token_ids if eos_token_ids is not None else (tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids = frozenset(eos)
         self.max_model_len = min(engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        dtype = params["embed"].dtype
+        dtype = storage_dtype(engine.kv_cache_dtype, params["embed"].dtype)
         self.num_pages = (
             engine.num_pages
             if engine.kv_cache_memory is None
             else pages_for_memory(cfg, engine.page_size, dtype, engine.kv_cache_memory)
         )
         self.shapes = StepShapes.from_config(engine, self.max_model_len)
-        self.runner = ModelRunner(cfg, params, self.num_pages, engine.page_size, self.shapes, mesh)
+        self.runner = ModelRunner(cfg, params, self.num_pages, engine.page_size, self.shapes, mesh, dtype)
         self.blocks = BlockManager(self.num_pages, engine.enable_prefix_caching)
         log.info(
             "KV cache: %d pages of %d tokens = %d tokens (%.1f MiB); %d step shapes",

@@ -119,8 +119,16 @@ class ModelRunner:
     the other processes before it runs, and they replay it (`jaxserve.parallel.distributed`)."""
 
     def __init__(
-        self, cfg: ModelConfig, params: Params, num_pages: int, page_size: int, shapes: StepShapes, mesh: Mesh | None = None
+        self,
+        cfg: ModelConfig,
+        params: Params,
+        num_pages: int,
+        page_size: int,
+        shapes: StepShapes,
+        mesh: Mesh | None = None,
+        cache_dtype: jnp.dtype | None = None,
     ) -> None:
+        """`cache_dtype`: what the KV cache stores (`kv_cache.storage_dtype`; default the params' dtype)."""
         self.cfg = cfg
         self.shapes = shapes
         self.mesh = mesh if mesh is not None else make_mesh()
@@ -130,7 +138,7 @@ class ModelRunner:
         self._replicated = replicated = NamedSharding(self.mesh, P())
         self._local = self._replicated.is_fully_addressable
         self.params = jax.tree.map(_place, params, param_sh)
-        dtype = params["embed"].dtype
+        dtype = cache_dtype or params["embed"].dtype
         self.cache = jax.jit(lambda: KVCache.create(cfg, num_pages, page_size, dtype), out_shardings=cache_sh)()
         self._step = jax.jit(
             functools.partial(model_step, cfg=cfg),

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.cache.kv_cache import KVCache
+from jaxserve.cache.kv_cache import KVCache, to_cache
 from jaxserve.config import ModelConfig
 from jaxserve.ops.attention import decode_attention, paged_attention, use_decode_kernel, write_slots
 from jaxserve.ops.quant import linear
@@ -154,8 +154,8 @@ def forward(
         v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
         # [Hkv, N, Dh] into cache[:, i, page, offset]: the head axis stays whole, so a cache split
         # over KV heads is written where it lives
-        k_cache = k_cache.at[:, i, page, offset].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="promise_in_bounds")
-        v_cache = v_cache.at[:, i, page, offset].set(v.swapaxes(0, 1).astype(v_cache.dtype), mode="promise_in_bounds")
+        k_cache = k_cache.at[:, i, page, offset].set(to_cache(k.swapaxes(0, 1), k_cache.dtype), mode="promise_in_bounds")
+        v_cache = v_cache.at[:, i, page, offset].set(to_cache(v.swapaxes(0, 1), v_cache.dtype), mode="promise_in_bounds")
         attn = [
             attend(qg.reshape(*shape, *qg.shape[1:]), k_cache, v_cache, i, g).reshape(size, -1)
             for qg, shape, size, g in zip(jnp.split(q, splits), shapes, sizes, groups)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxserve.cache.kv_cache import from_cache
+
 _MASKED = -1e30  # finite, so a fully masked block never produces inf - inf
 # Keys per attention block. Page tables are a whole number of the largest. On XLA:CPU small blocks
 # keep a block's gathered keys in cache: 16 decode rows over 130 keys take 30 ms for 30 layers with
@@ -95,8 +97,8 @@ def paged_attention(
     def block(i: jnp.ndarray, carry: tuple) -> tuple:
         m, l, acc = carry  # running max, normaliser [Hkv, B, 1, G*T]; weighted values [Hkv, B, G*T, D]
         table = jax.lax.dynamic_slice_in_dim(page_table, i * per_block, per_block, axis=1)  # [B, per_block]
-        k = _gather_pages(k_cache, layer, table).reshape(hkv, b, s, d)  # [Hkv, B, S, D]
-        v = _gather_pages(v_cache, layer, table).reshape(hkv, b, s, d)
+        k = from_cache(_gather_pages(k_cache, layer, table)).astype(q.dtype).reshape(hkv, b, s, d)  # [Hkv, B, S, D]
+        v = from_cache(_gather_pages(v_cache, layer, table)).astype(q.dtype).reshape(hkv, b, s, d)
         key_pos = (i * s + jnp.arange(s, dtype=jnp.int32))[None, None, :, None]  # [1, 1, S, 1]
         keep = (key_pos <= qpos) & (key_pos < kv_lens[None, :, None, None])  # [1, B, S, G*T]
         scores = jnp.einsum("hbsd,hbqd->hbsq", k, qh, preferred_element_type=jnp.float32)
@@ -148,8 +150,8 @@ def decode_attention(
     splits = max(k for k in range(1, min(blocks, 16) + 1) if blocks % k == 0)
     out = pallas.paged_attention(
         q[:, 0] * jnp.asarray(d**-0.5, q.dtype),  # the kernel does not scale scores
-        k_cache.reshape(hkv, num_layers * num_pages, page_size, d),  # all layers' pages, no copy
-        v_cache.reshape(hkv, num_layers * num_pages, page_size, d),
+        from_cache(k_cache).reshape(hkv, num_layers * num_pages, page_size, d),  # all layers' pages, no copy
+        from_cache(v_cache).reshape(hkv, num_layers * num_pages, page_size, d),
         page_table + layer * num_pages,
         kv_lens,
         pages_per_compute_block=per_block,
