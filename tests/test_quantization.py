@@ -80,18 +80,19 @@ def smollm2_int8(smollm2):
     return type(smollm2)(name=smollm2.name, cfg=smollm2.cfg, params=params, tokenizer=smollm2.tokenizer)
 
 
-def test_int8_smollm2_tracks_float(smollm2, smollm2_int8) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16"])
+def test_int8_smollm2_tracks_float(smollm2, smollm2_int8, kv_cache_dtype) -> None:
     """Teacher-forced over a real passage: next-token choices agree with float at nearly every
-    position and the distributions stay close."""
+    position and the distributions stay close (also with a bfloat16 KV cache, as served for speed)."""
     ids = smollm2.tokenizer.encode(PASSAGE)
     assert isinstance(smollm2_int8.params["layers"][0]["w_down"], Int8Weight)
     ref = prefill_logits(smollm2.cfg, smollm2.params, ids).astype(np.float64)
-    got = prefill_logits(smollm2.cfg, smollm2_int8.params, ids).astype(np.float64)
+    got = prefill_logits(smollm2.cfg, smollm2_int8.params, ids, kv_cache_dtype=kv_cache_dtype).astype(np.float64)
     log_p = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
     log_q = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
     kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)))
     agree = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
-    print(f"int8 vs float over {len(ids)} tokens: top-1 agreement {agree:.3f}, mean KL {kl:.4f}")
+    print(f"int8 (KV cache {kv_cache_dtype}) vs float over {len(ids)} tokens: top-1 agreement {agree:.3f}, mean KL {kl:.4f}")
     assert agree >= 0.9
     assert kl < 0.05
 

@@ -181,14 +181,15 @@ def write_hf_folder(folder: Path, cfg: ModelConfig, params: Params, shards: int 
     return folder
 
 
-def prefill_logits(cfg: ModelConfig, params: Params, ids: list[int], page_size: int = 16) -> np.ndarray:
+def prefill_logits(cfg: ModelConfig, params: Params, ids: list[int], page_size: int = 16, kv_cache_dtype: str = "auto") -> np.ndarray:
     """Logits [T, V] of a prompt run through the paged cache (pages 1..n in order)."""
     import jax.numpy as jnp
 
-    from jaxserve.cache.kv_cache import KVCache
+    from jaxserve.cache.kv_cache import KVCache, storage_dtype
     from jaxserve.models.llama import ForwardBatch, compute_logits, forward
 
     batch = ForwardBatch.prompt(ids, page_size)
-    cache = KVCache.create(cfg, batch.page_table.shape[1] + 1, page_size, jnp.asarray(params["embed"]).dtype)
+    dtype = storage_dtype(kv_cache_dtype, jnp.asarray(params["embed"]).dtype)
+    cache = KVCache.create(cfg, batch.page_table.shape[1] + 1, page_size, dtype)
     (hidden,), _ = jax.jit(forward, static_argnums=3)(params, cache, (batch,), cfg)
     return np.asarray(compute_logits(params, hidden, cfg))[0]
