@@ -46,6 +46,18 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "jaxserve", "serve", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
+    def __enter__(self) -> ServerProcess:
+        """Wait until ready; the process is stopped on leaving, or if it never gets ready."""
+        try:
+            self.wait()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def wait(self, path: str = "/ready", timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -47,12 +47,8 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("deploy")
     cfg = tiny_config()
     model = write_gguf(folder / "tiny.gguf", cfg, tiny_params(cfg))
-    proc = ServerProcess(["--model", str(model), "--max-num-seqs", "2", "--num-pages", "16", "--max-model-len", "128"], folder / "log.txt")
-    try:
-        proc.wait()
+    with ServerProcess(["--model", str(model), "--max-num-seqs", "2", "--num-pages", "16", "--max-model-len", "128"], folder / "log.txt") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_manifests_parse_and_name_what_they_need() -> None:

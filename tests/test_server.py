@@ -24,12 +24,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServerProcess([*LIMITS, "--api-key", KEY, "--max-body-bytes", "200000"], tmp_path_factory.mktemp("server") / "log.txt")
-    try:
-        proc.wait()
+    with ServerProcess([*LIMITS, "--api-key", KEY, "--max-body-bytes", "200000"], tmp_path_factory.mktemp("server") / "log.txt") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import sentencepiece as spm
 from jaxserve.checkpoint.gguf_reader import read_gguf
 from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine
-from jaxserve.engine.outputs import RequestOutput
 from jaxserve.errors import UserError
 from jaxserve.ops.sampling import bitmask_words
 from jaxserve.sampling_params import SamplingParams
@@ -22,6 +21,7 @@ from jaxserve.server.tools import ToolCallParser, ToolPlan
 from jaxserve.structured.guide import Guide
 from jaxserve.structured.matchers import GrammarCompiler
 from jaxserve.tokenizer import Tokenizer
+from tests.test_engine_features import run_requests
 from tests.tiny_models import tiny_config, tiny_params, write_gguf
 
 PHONE = r"[0-9]{3}-[0-9]{4}"
@@ -34,16 +34,6 @@ def tiny(tmp_path_factory):
     return read_gguf(write_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", cfg, tiny_params(cfg)))
 
 
-def _run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, RequestOutput]:
-    results = {rid: RequestOutput.empty(rid, ids, sp.n) for rid, (ids, sp) in requests.items()}
-    for rid, (ids, sp) in requests.items():
-        engine.add_request(rid, ids, sp)
-    while engine.has_unfinished():
-        for out in engine.step():
-            results[out.request_id].add(out)
-    return results
-
-
 def test_constrained_rows_match_and_leave_their_neighbours_unchanged(tiny) -> None:
     cfg, params, tok = tiny
     limits = EngineConfig(num_pages=64, max_num_seqs=8, max_num_batched_tokens=128, prefill_row_len=32, max_model_len=256)
@@ -52,13 +42,13 @@ def test_constrained_rows_match_and_leave_their_neighbours_unchanged(tiny) -> No
     engine.grammars.on_compile = compiles.append
     prompt = tok.encode("the number is ")
     free = {f"free-{i}": (prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=i)) for i in range(3)}
-    alone = _run(engine, free)
+    alone = run_requests(engine, free)
     guided = {
         **{f"phone-{i}": (prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=10 + i, guide=Guide("regex", PHONE))) for i in range(3)},
         "pick": (prompt, SamplingParams(max_tokens=20, temperature=0.0, guide=Guide.choice(["alpha", "beta", "gamma"]))),
         "json": (prompt, SamplingParams(max_tokens=60, temperature=0.7, seed=5, guide=Guide.json_schema({"type": "object", "properties": {"n": {"enum": [1, 2, 3]}}, "required": ["n"], "additionalProperties": False}))),
     }
-    mixed = _run(engine, {**free, **guided})
+    mixed = run_requests(engine, {**free, **guided})
     for rid in free:  # a seeded request samples the same tokens whatever else is in the batch
         assert mixed[rid].outputs[0].token_ids == alone[rid].outputs[0].token_ids
     for i in range(3):

@@ -51,12 +51,8 @@ SCHEMAS = {f["name"]: f["parameters"] for f in (WEATHER, MEETING)}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    proc = ServerProcess(LIMITS, tmp_path_factory.mktemp("structured") / "log.txt")
-    try:
-        proc.wait()
+    with ServerProcess(LIMITS, tmp_path_factory.mktemp("structured") / "log.txt") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

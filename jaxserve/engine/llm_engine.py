@@ -41,7 +41,10 @@ class LLMEngine:
         tokenizer: Tokenizer | None = None,
         eos_token_ids: tuple[int, ...] | None = None,
         mesh: Mesh | None = None,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
+        """`grammars`: a grammar cache to share (data-parallel replicas compile a schema once); by
+        default the engine makes its own when it has a tokenizer."""
         self.model_cfg = cfg
         self.cfg = engine
         self.tokenizer = tokenizer
@@ -66,7 +69,7 @@ class LLMEngine:
             len(self.shapes.combos()),
         )
         self.scheduler = Scheduler(engine, self.blocks)
-        self.grammars = GrammarCompiler(tokenizer, cfg.vocab_size) if tokenizer else None
+        self.grammars = grammars or (GrammarCompiler(tokenizer, cfg.vocab_size) if tokenizer else None)
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._arrivals = itertools.count()
         self.num_computed_tokens = 0  # tokens whose K/V the device computed (prefix hits excluded)

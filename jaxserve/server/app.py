@@ -31,6 +31,7 @@ from jaxserve.parallel.distributed import PeerLostError
 from jaxserve.server.metrics import Metrics
 from jaxserve.server.protocol import ApiError, Renderer, Request, parse_chat, parse_completion
 from jaxserve.server.tools import ToolCallParser
+from jaxserve.structured.matchers import GrammarCompiler
 
 log = logging.getLogger("jaxserve.server")
 
@@ -45,10 +46,11 @@ class Server:
         self.cfg = cfg
         self.model_name = cfg.served_model_name or model.name
         self.tokenizer = model.tokenizer
-        self.replicas = [AsyncEngine(LLMEngine(model.cfg, model.params, engine, model.tokenizer, mesh=m)) for m in (meshes or [None])]
+        grammars = GrammarCompiler(model.tokenizer, model.cfg.vocab_size)  # one cache: a schema compiles once for all replicas
+        self.replicas = [
+            AsyncEngine(LLMEngine(model.cfg, model.params, engine, model.tokenizer, mesh=m, grammars=grammars)) for m in (meshes or [None])
+        ]
         self.llm = self.replicas[0].engine  # limits and request checks, the same in every replica
-        for replica in self.replicas[1:]:  # one grammar cache: a schema compiles once for all replicas
-            replica.engine.grammars = self.llm.grammars
         self.metrics = Metrics(self.replicas, self.model_name)
         self.ready = False
         self.draining = False
@@ -301,7 +303,9 @@ class Server:
             async with asyncio.timeout(self.cfg.request_timeout):
                 async for i, out in self._outputs(req, engine):
                     index = i * n + out.index
-                    tools = parsers.setdefault(index, ToolCallParser(req.tools)) if req.tools is not None else None
+                    if req.tools is not None and index not in parsers:
+                        parsers[index] = ToolCallParser(req.tools)
+                    tools = parsers.get(index)
                     choice = self._chunk_choice(render, req, i, index, out, first=index not in started, offsets=offsets, tools=tools)
                     started.add(index)
                     generated += out.token_id is not None and not req.drop_generated

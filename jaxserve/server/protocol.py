@@ -315,10 +315,11 @@ def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Re
     stream, include_usage = _stream_options(body)
     count = (top or 0) if logprobs else None
     guide, guide_param = _guide(body)
-    if plan is not None and plan.guide() is not None:
+    call_guide = plan.guide() if plan is not None else None
+    if call_guide is not None:
         if guide is not None:
             raise ApiError(400, f"'tool_choice' {plan.mode!r} constrains the output; it cannot be combined with '{guide_param}'", "tool_choice")
-        guide, guide_param = plan.guide(), "tools"
+        guide, guide_param = call_guide, "tools"
     params = _sampling(body, max_tokens, count, None, guide)
     return Request("chat", model, [prompt], params, stream, include_usage, logprobs=count, guide_param=guide_param, tools=plan)
 

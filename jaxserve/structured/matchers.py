@@ -32,7 +32,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         self._ll: llguidance.LLTokenizer | None = None
         self._ll_error: str | None = None
-        self._executor = llguidance.LLExecutor()  # a thread pool for the per-step masks
+        self._executor: llguidance.LLExecutor | None = None  # a thread pool for the per-step masks, on first use
         self.on_compile: Callable[[float], None] | None = None  # seconds of each fresh compile
 
     @property
@@ -80,4 +80,7 @@ class GrammarCompiler:
 
     def fill(self, rows: Sequence[tuple[llguidance.LLMatcher, int]], mask: np.ndarray) -> None:
         """Write the allowed-token bits of each (matcher, row) into `mask` [R, words], in parallel."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
         llguidance.numpy.fill_next_token_bitmask_par(self._executor, list(rows), mask)
