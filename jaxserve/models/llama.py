@@ -24,8 +24,9 @@ import numpy as np
 
 from jaxserve.cache.kv_cache import KVCache, to_cache
 from jaxserve.config import ModelConfig
+from jaxserve.ops.norm import rms_norm
 from jaxserve.ops.attention import decode_attention, paged_attention, use_decode_kernel, write_slots
-from jaxserve.ops.quant import linear
+from jaxserve.ops.quant import linear, matmul
 from jaxserve.ops.rope import apply_rope, inv_frequencies, rope_tables
 
 Params = dict[str, Any]
@@ -93,12 +94,6 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32
         return noise / np.sqrt(shape[-2])
 
     return jax.tree.unflatten(treedef, [init(p[-1].key, s, k).astype(dtype) for (p, s), k in zip(flat, keys)])
-
-
-def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * weight.astype(jnp.float32)).astype(x.dtype)
 
 
 def forward(
@@ -194,9 +189,8 @@ def forward(
 def compute_logits(params: Params, hidden: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
     """Final norm and LM head: hidden [..., D] -> float32 logits [..., V]."""
     x = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
-    if cfg.tie_word_embeddings:
-        return jnp.einsum("...d,vd->...v", x, params["embed"], preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", x, params["lm_head"], preferred_element_type=jnp.float32)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # [D, V]
+    return matmul(x, head, jnp.float32)
 
 
 def unstack_layers(params: Params) -> Params:
