@@ -49,7 +49,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, why: str) -> None:
             if not ok:
-                raise UserError(f"{name} {why}, got {getattr(self, name)!r}")
+                raise UserError(f"{name} {why}, got {getattr(self, name)!r}", param=name)
 
         check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
         check(_is_num(self.temperature) and self.temperature >= 0, "temperature", "must be a number >= 0")

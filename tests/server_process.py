@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import socket
@@ -11,6 +13,34 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any, Callable
+
+DEADLINE = 60.0  # seconds any wait in a test may take: generous, since a loaded machine is slow, never a check of speed
+HTTP_TIMEOUT = 600.0  # seconds one request may take: it may compile step shapes first
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something true (returned); fail naming `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout:.0f} s: {what}")
+        time.sleep(interval)
+    return value
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = DEADLINE, interval: float = 0.05) -> Any:
+    """`wait_for` on an event loop: `condition` may be a coroutine function."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout:.0f} s: {what}")
+        await asyncio.sleep(interval)
 
 
 def free_port() -> int:
@@ -22,7 +52,7 @@ def free_port() -> int:
 def get(url: str, key: str | None = None) -> tuple[int, str]:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
-        with urllib.request.urlopen(request, timeout=10) as r:
+        with urllib.request.urlopen(request, timeout=DEADLINE) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -32,7 +62,7 @@ def post(url: str, body: dict, key: str | None = None) -> tuple[int, str]:
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -88,16 +118,18 @@ class InProcessServer:
     """A `Server` on a free port in a background event loop of this process, so a test can reach
     into it (inject faults, read engine state). Use as a context manager."""
 
-    def __init__(self, model, engine_cfg, **server_options) -> None:
+    def __init__(self, model, engine_cfg, wait_ready: bool = True, **server_options) -> None:
+        """`wait_ready`: enter once the server is ready (else as soon as it listens)."""
         from jaxserve.config import ServerConfig
+        from jaxserve.engine.async_engine import engine_replicas
         from jaxserve.server.app import Server
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = Server(model, engine_cfg, ServerConfig(port=self.port, warmup=False, **server_options))
+        self.wait_ready = wait_ready
+        self.server = Server(engine_replicas(model, engine_cfg), ServerConfig(port=self.port, **{"warmup": False, **server_options}))
 
     def __enter__(self) -> InProcessServer:
-        import asyncio
         import threading
 
         from aiohttp import web
@@ -106,24 +138,26 @@ class InProcessServer:
             runner = web.AppRunner(self.server.app(), handler_cancellation=True)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", self.port).start()
-            await self.server.start()
+            self.started = asyncio.ensure_future(self.server.start())
             return runner
 
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self.runner = self._run(start())
+        if self.wait_ready:
+            self._run(self._started())
         return self
 
-    def _run(self, coro):
-        import asyncio
+    async def _started(self) -> None:
+        await self.started
 
+    def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
 
     def __exit__(self, *exc) -> None:
-        import asyncio
-
         async def stop() -> None:
-            await asyncio.gather(*(r.shutdown() for r in self.server.replicas))
+            self.started.cancel()
+            await self.server.shutdown()
 
         self._run(stop())
         self._run(self.runner.cleanup())

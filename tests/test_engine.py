@@ -38,8 +38,8 @@ def test_batched_greedy_equals_one_at_a_time(smollm2, llm) -> None:
     batched = llm.generate(prompts, params, use_tqdm=False)
     single = _engine(smollm2, max_num_seqs=1)
     for prompt, sp, out in zip(prompts, params, batched):
-        alone = single.generate([prompt], sp, use_tqdm=False)[0]  # an engine that only ever runs one request
-        assert out.outputs[0].token_ids == alone.outputs[0].token_ids, prompt
+        alone = single.generate([prompt], sp, use_tqdm=False)[0].outputs[0]  # an engine that only ever runs one request
+        assert (out.outputs[0].token_ids, out.outputs[0].logprobs) == (alone.token_ids, alone.logprobs), prompt  # to the bit
 
 
 def test_seeded_sampling_is_batch_invariant(llm) -> None:

@@ -14,7 +14,7 @@ import pytest
 from jaxserve.config import EngineConfig
 from jaxserve.engine.llm import LLM
 from jaxserve.sampling_params import SamplingParams
-from tests.server_process import ServerProcess, get
+from tests.server_process import ServerProcess, get, until
 
 KEY = "sk-test-key"
 MODEL = "smollm2-135m-instruct"
@@ -285,12 +285,12 @@ def test_64_concurrent_streams_equal_offline_and_16_hangups_free_the_cache(serve
             streams = [_stream_text(s, server.url, {"prompt": p, "max_tokens": 12, "temperature": 0}) for p in prompts]
             hangups = [_stream_text(s, server.url, {"prompt": f"Count slowly to {i}00:", "max_tokens": 1000, "ignore_eos": True}, stop_after=3) for i in range(16)]
             results = await asyncio.gather(*streams, *hangups)
-            for _ in range(100):  # pages come back within an engine step of each hang-up
+            async def idle() -> dict[str, float] | None:  # pages come back within an engine step of each hang-up
                 async with s.get(server.url + "/metrics") as m:
                     values = _metric_values(await m.text())
-                if values["jaxserve:num_requests_running"] == 0 and values["jaxserve:num_requests_waiting"] == 0:
-                    break
-                await asyncio.sleep(0.1)
+                return values if values["jaxserve:num_requests_running"] == 0 and values["jaxserve:num_requests_waiting"] == 0 else None
+
+            values = await until(idle, "no request running or waiting after the hang-ups")
             async with s.get(server.url + "/health") as h:
                 health = h.status
         return results[:64], values, health

@@ -9,13 +9,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import aiohttp
 import pytest
 
 from jaxserve.config import EngineConfig
-from tests.server_process import InProcessServer, ServerProcess, get, post
+from tests.server_process import DEADLINE, InProcessServer, ServerProcess, get, post, until, wait_for
+
+ENGINE = EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, num_pages=64, max_model_len=512)
+
 
 SMALL = ["--max-num-seqs", "1", "--max-num-batched-tokens", "128", "--num-pages", "64", "--max-model-len", "512"]
 
@@ -25,23 +28,28 @@ async def _complete(session: aiohttp.ClientSession, url: str, **body) -> tuple[i
         return r.status, await r.json()
 
 
-def test_warmup_then_429_then_sigterm_drains(tmp_path) -> None:
-    # A context length no earlier run used: its step shapes are not in the compile cache, so warm-up
-    # takes long enough to be observed.
-    max_len = 640 + 128 * (time.time_ns() // 1000 % 40)
-    args = [*SMALL[:-1], str(max_len), "--max-waiting", "8", "--drain-timeout", "60"]
-    server = ServerProcess(args, tmp_path / "log.txt")
-    try:
-        # While warming up the server is alive but not ready, and refuses inference with 503.
-        server.wait("/health")
-        refused_while_warming = 0
-        while get(server.url + "/ready")[0] != 200:
-            status, body = post(server.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})
-            if get(server.url + "/ready")[0] != 200:  # still warming after the request was answered
-                assert status == 503 and json.loads(body)["error"]["type"] == "service_unavailable"
-                refused_while_warming += 1
-            time.sleep(0.2)
-        assert refused_while_warming > 0
+def test_503_while_warming_up_then_ready(smollm2, monkeypatch) -> None:
+    """While warming up the server is alive but not ready, and refuses inference with 503. The
+    warm-up is held on an event, so the test sees that state whatever the machine's speed."""
+    from jaxserve.engine.llm_engine import LLMEngine
+
+    release = threading.Event()
+    monkeypatch.setattr(LLMEngine, "warmup", lambda self, progress=True: release.wait(DEADLINE))
+    with InProcessServer(smollm2, ENGINE, wait_ready=False, warmup=True) as live:
+        assert get(live.url + "/health")[0] == 200
+        status, body = get(live.url + "/ready")
+        assert status == 503 and json.loads(body)["status"] == "warming up"
+        status, body = post(live.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 503 and json.loads(body)["error"]["type"] == "service_unavailable"
+        release.set()
+        wait_for(lambda: get(live.url + "/ready")[0] == 200, "ready once warm-up is done")
+        status, body = post(live.url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 2
+
+
+def test_429_when_full_then_sigterm_drains(tmp_path) -> None:
+    args = [*SMALL, "--max-waiting", "8", "--drain-timeout", "60", "--no-warmup"]
+    with ServerProcess(args, tmp_path / "log.txt") as server:
         logs = server.log_records()
         assert any(r["msg"] == "listening" for r in logs) and any(r["msg"] == "ready" for r in logs)
 
@@ -57,8 +65,7 @@ def test_warmup_then_429_then_sigterm_drains(tmp_path) -> None:
                 # The first request is admitted (running, or already done) before the other 99
                 # arrive, so it and the 8 waiting places are accepted whatever the timing.
                 first = asyncio.create_task(one(0))
-                while not first.done() and not server_running(server.url):
-                    await asyncio.sleep(0.01)
+                await until(lambda: first.done() or server_running(server.url), "the first request runs")
                 return [await first, *await asyncio.gather(*(one(i) for i in range(1, 100)))]
 
         results = asyncio.run(burst())
@@ -68,13 +75,14 @@ def test_warmup_then_429_then_sigterm_drains(tmp_path) -> None:
         assert all(body["usage"]["completion_tokens"] == 4 for body in accepted)
         assert all(body["error"]["type"] == "rate_limit_error" and retry == "1" for body, retry in refused)
 
-        # SIGTERM during 8 streams: they all finish, new requests get 503, the process exits 0.
+        # SIGTERM once 8 streams are admitted (one running, seven waiting): they all finish, new
+        # requests get 503, the process exits 0.
         async def drain() -> tuple[list, int]:
             async with aiohttp.ClientSession() as s:
                 streams = [asyncio.create_task(_stream(s, server.url, i)) for i in range(8)]
-                await asyncio.sleep(1.0)
+                await until(lambda: server_admitted(server.url) == 8, "8 streams admitted")
                 server.proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.3)
+                await until(lambda: get(server.url + "/ready")[0] == 503, "draining")
                 async with s.post(server.url + "/v1/completions", json={"prompt": "late", "max_tokens": 2}) as r:
                     late = r.status
                 return await asyncio.gather(*streams), late
@@ -85,14 +93,21 @@ def test_warmup_then_429_then_sigterm_drains(tmp_path) -> None:
         assert server.proc.wait(timeout=120) == 0
         assert any(r["msg"] == "drained" and r["unfinished"] == 0 for r in server.log_records())
         assert all("request_id" in r for r in server.log_records() if r["msg"] == "request")
-    finally:
-        server.stop()
+
+
+def _metric(url: str, name: str) -> int:
+    text = get(url + "/metrics")[1]
+    return int(float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + "{"))))
 
 
 def server_running(url: str) -> int:
     """Sequences in the server's running batch (its metric)."""
-    text = get(url + "/metrics")[1]
-    return int(float(next(line.split()[-1] for line in text.splitlines() if line.startswith("jaxserve:num_requests_running{"))))
+    return _metric(url, "jaxserve:num_requests_running")
+
+
+def server_admitted(url: str) -> int:
+    """Requests running or waiting (the metrics)."""
+    return server_running(url) + _metric(url, "jaxserve:num_requests_waiting")
 
 
 async def _stream(session: aiohttp.ClientSession, url: str, i: int) -> tuple[str | None, int]:
@@ -108,9 +123,6 @@ async def _stream(session: aiohttp.ClientSession, url: str, i: int) -> tuple[str
                 if chunk.get("usage"):
                     usage = chunk["usage"]["completion_tokens"]
     return finish, usage
-
-
-ENGINE = EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, num_pages=64, max_model_len=512)
 
 
 def test_a_failing_request_gets_500_and_the_others_finish(smollm2, monkeypatch) -> None:
@@ -138,7 +150,23 @@ def test_a_failing_request_gets_500_and_the_others_finish(smollm2, monkeypatch) 
         assert all(status == 200 and body["usage"]["completion_tokens"] == 12 for status, body in good)
         status, body = asyncio.run(_once(live.url))
         assert status == 200 and body["choices"][0]["text"] is not None
-        assert live.server.llm.blocks.usage == 0.0
+        assert live.server.engines[0].stats().kv_cache_usage == 0.0
+
+
+def test_every_check_runs_once_per_prompt(smollm2, monkeypatch) -> None:
+    """A request's prompts are checked once each, before any starts, and never again on the way in."""
+    from jaxserve.engine.llm_engine import LLMEngine
+
+    checked, original = [], LLMEngine.check_request
+    monkeypatch.setattr(LLMEngine, "check_request", lambda self, prompt_ids, params: (checked.append(list(prompt_ids)), original(self, prompt_ids, params))[1])
+    with InProcessServer(smollm2, ENGINE) as live:
+        status, body = post(live.url + "/v1/completions", {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 2, "n": 2})
+        assert status == 200 and len(json.loads(body)["choices"]) == 4
+        assert checked == [[5, 6, 7], [8, 9]]
+        checked.clear()
+        status, body = post(live.url + "/v1/completions", {"prompt": [[5, 6, 7], [8] * 600], "max_tokens": 2})
+        assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded"
+        assert checked == [[5, 6, 7], [8] * 600] and live.server.engines[0].stats().running == 0
 
 
 def test_request_timeout_and_cors(smollm2) -> None:
@@ -163,11 +191,9 @@ def test_request_timeout_and_cors(smollm2) -> None:
         assert preflight.status == 204 and preflight.headers["Access-Control-Allow-Origin"] == "http://app.example"
         assert allowed.headers.get("Access-Control-Allow-Origin") == "http://app.example"
         assert "Access-Control-Allow-Origin" not in other.headers
-        for _ in range(50):  # the timed-out requests were aborted: their pages come back
-            if live.server.llm.blocks.usage == 0.0 and not live.server.llm.has_unfinished():
-                break
-            time.sleep(0.05)
-        assert live.server.llm.blocks.usage == 0.0
+        # the timed-out requests were aborted: their pages come back
+        stats = live.server.engines[0].stats
+        wait_for(lambda: stats().kv_cache_usage == 0.0 and stats().running + stats().waiting == 0, "the timed-out requests' pages are free")
 
 
 async def _once(url: str) -> tuple[int, dict]:

@@ -38,8 +38,6 @@ def test_constrained_rows_match_and_leave_their_neighbours_unchanged(tiny) -> No
     cfg, params, tok = tiny
     limits = EngineConfig(num_pages=64, max_num_seqs=8, max_num_batched_tokens=128, prefill_row_len=32, max_model_len=256)
     engine = LLMEngine(cfg, params, limits, tok)
-    compiles = []
-    engine.grammars.on_compile = compiles.append
     prompt = tok.encode("the number is ")
     free = {f"free-{i}": (prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=i)) for i in range(3)}
     alone = run_requests(engine, free)
@@ -56,8 +54,8 @@ def test_constrained_rows_match_and_leave_their_neighbours_unchanged(tiny) -> No
         assert re.fullmatch(PHONE, out.text) and out.finish_reason == "stop", out
     assert mixed["pick"].outputs[0].text in {"alpha", "beta", "gamma"}
     assert json.loads(mixed["json"].outputs[0].text)["n"] in (1, 2, 3)
-    assert len(compiles) == 3  # one compile per distinct guide; the three phone requests share one
-    assert engine.last_mask_seconds is None  # the last step had no constrained rows left
+    assert engine.grammars.num_compiles == 3  # one compile per distinct guide; the three phone requests share one
+    assert engine.last_step.mask_seconds is None  # the last step had no constrained rows left
 
 
 def test_bad_guides_are_user_errors_naming_the_problem(tiny) -> None:

@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server_process import ServerProcess, get, post
+from tests.server_process import ServerProcess, get, post, until
 
 MODEL = "smollm2-135m-instruct"
 # Room for 16 running requests; a small prefill budget keeps the set of step shapes (warm-up) small.
@@ -284,8 +284,11 @@ def test_bad_constraints_get_400_while_sixteen_requests_run(server, client) -> N
 
     async def run(c: openai.AsyncOpenAI) -> tuple[list, list]:
         tasks = [asyncio.create_task(running(c, i)) for i in range(16)]
-        while "jaxserve:num_requests_running" not in (text := (await asyncio.to_thread(get, server.url + "/metrics"))[1]) or _metric(text, "jaxserve:num_requests_running") < 16:
-            await asyncio.sleep(0.05)
+        async def all_running() -> bool:
+            text = (await asyncio.to_thread(get, server.url + "/metrics"))[1]
+            return "jaxserve:num_requests_running" in text and _metric(text, "jaxserve:num_requests_running") == 16
+
+        await until(all_running, "16 requests running")
         async with aiohttp.ClientSession() as session:
             answers = [await bad(session, extra) for extra, _, _ in BAD]
         return answers, await asyncio.gather(*tasks)

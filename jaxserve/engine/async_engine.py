@@ -1,10 +1,13 @@
-"""The engine for servers: `async for out in engine.generate(...)`, with device work off the event loop.
+"""The engine for servers, and the one interface they use (`jaxserve.engine.interface`):
+`checked = await engine.check(prompts, params)`, then `async for i, out in engine.generate(id, checked)`,
+with device work off the event loop.
 
 One background thread owns the `LLMEngine` and runs its step loop; asyncio callers talk to it only
 through a thread-safe command queue (add, abort) and receive outputs through per-request asyncio
-queues filled with `call_soon_threadsafe`. Requests are checked in the caller, so a bad one raises
-before it reaches the engine thread. A caller that stops iterating (a client that went away) aborts
-its request, and its pages are freed before the next step.
+queues filled with `call_soon_threadsafe`. Requests are checked once, in the caller (a new grammar
+compiles in a worker thread), so a bad one raises before it reaches the engine thread. A caller that
+stops iterating (a client that went away) aborts its request, and its pages are freed before the
+next step.
 """
 
 from __future__ import annotations
@@ -15,12 +18,19 @@ import itertools
 import logging
 import queue
 import threading
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
+from jax.sharding import Mesh
+
+from jaxserve.checkpoint.loader import LoadedModel
+from jaxserve.config import EngineConfig
+from jaxserve.engine.interface import CheckedRequest, EngineLimits, EngineStats, ModelInfo, StepReport
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.outputs import StepOutput
+from jaxserve.parallel.distributed import StepChannel
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.structured.matchers import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +45,7 @@ class RequestFailedError(RuntimeError):
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+        self._engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         # Streams by engine-side id: each call gets a fresh one, so outputs still in flight for an
@@ -46,8 +56,30 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._observers: list[Callable[[StepReport], None]] = []
         self.error: BaseException | None = None
-        self.on_step: Callable[[LLMEngine], None] | None = None  # called on the engine thread after each step
+
+    # ---- what it serves, holds and has done -------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._engine.info
+
+    @property
+    def limits(self) -> EngineLimits:
+        return self._engine.limits
+
+    def stats(self) -> EngineStats:
+        """A snapshot of queue depths, cache use and counters (cheap; safe from any thread)."""
+        return self._engine.stats()
+
+    def subscribe(self, observer: Callable[[StepReport], None]) -> None:
+        """Call `observer` on the engine thread after every step."""
+        self._observers.append(observer)
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every step shape (blocking: run it in a worker thread), before `start`'s loop sees requests."""
+        self._engine.warmup(progress)
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -66,21 +98,60 @@ class AsyncEngine:
 
     # ---- requests ------------------------------------------------------------------------
 
-    async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0
-    ) -> AsyncIterator[StepOutput]:
-        """Outputs of every sample of one request as steps produce them, until all have finished."""
+    async def check(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> CheckedRequest:
+        """Every check of a request, once, before any of its prompts starts; UserError (with its
+        `param`) for a bad one. A new grammar compiles in a worker thread: neither the event loop nor
+        the engine step waits for it."""
+        seconds = None
+        if params.guide is not None:
+            seconds = await asyncio.get_running_loop().run_in_executor(None, self._engine.compile_guide, params)
+        for prompt in prompts:
+            self._engine.check_request(list(prompt), params)
+        return CheckedRequest(tuple(tuple(p) for p in prompts), params, seconds)
+
+    async def generate(self, request_id: str, request: CheckedRequest, priority: int = 0) -> AsyncIterator[tuple[int, StepOutput]]:
+        """(prompt index, output) of every sample of every prompt as steps produce them, merged, until
+        all have finished; each output carries `request_id`. Leaving early aborts what still runs."""
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.error}")
         if self._stopping or self._thread is None or not self._thread.is_alive():
             raise EngineDeadError("the engine is not running")
         if request_id in self._active:
             raise UserError(f"request id {request_id!r} is already in use")
+        self._active.add(request_id)
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def run(i: int, prompt: tuple[int, ...]) -> None:
+            try:
+                async for out in self._one(request_id, list(prompt), request.params, priority):
+                    await merged.put((i, out))
+                await merged.put((i, None))
+            except BaseException as e:
+                await merged.put((i, e))
+                raise
+
+        tasks = [asyncio.create_task(run(i, p)) for i, p in enumerate(request.prompts)]
+        try:
+            pending = len(tasks)
+            while pending:
+                i, item = await merged.get()
+                if item is None:
+                    pending -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._active.discard(request_id)
+
+    async def _one(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int) -> AsyncIterator[StepOutput]:
+        """One prompt's outputs (its n samples), under an engine id of its own."""
         engine_id = f"{request_id}#{next(self._ids)}"
-        self.engine.check_request(engine_id, prompt_ids, params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[engine_id] = stream
-        self._active.add(request_id)
         self._send(("add", engine_id, prompt_ids, params, priority))
         unfinished = set(range(params.n))
         try:
@@ -97,7 +168,6 @@ class AsyncEngine:
                 yield dataclasses.replace(out, request_id=request_id)
         finally:
             self._streams.pop(engine_id, None)
-            self._active.discard(request_id)
             if unfinished:  # the caller stopped listening: free the request's pages
                 self._send(("abort", engine_id))
 
@@ -137,11 +207,11 @@ class AsyncEngine:
             if command[0] == "add":
                 _, engine_id, prompt_ids, params, priority = command
                 try:
-                    self.engine.add_request(engine_id, prompt_ids, params, priority)
-                except UserError as e:  # checked in the caller already; only a race gets here
+                    self._engine.enqueue(engine_id, prompt_ids, params, priority)
+                except UserError as e:
                     self._post(engine_id, e)
             else:
-                for out in self.engine.abort(command[1]):
+                for out in self._engine.abort(command[1]):
                     self._post(out.request_id, out)
 
     def _run(self) -> None:
@@ -149,20 +219,33 @@ class AsyncEngine:
         try:
             while not self._stopping:
                 self._apply_commands()
-                if not self.engine.has_unfinished():
+                if not self._engine.has_unfinished():
                     self._wake.wait()
                     self._wake.clear()
                     continue
-                outputs = self.engine.step()
+                outputs = self._engine.step()
                 for out in outputs:
                     self._post(out.request_id, out)
-                if self.on_step is not None:
-                    self.on_step(self.engine)
+                for observer in self._observers:
+                    observer(self._engine.last_step)
             self._apply_commands()
-            for engine_id in list(self.engine.seqs):  # shutting down: end what still runs
-                for out in self.engine.abort(engine_id):
+            for engine_id in list(self._engine.seqs):  # shutting down: end what still runs
+                for out in self._engine.abort(engine_id):
                     self._post(out.request_id, out)
         except BaseException as e:  # the engine's state is unknown now: fail everything in flight
             log.exception("engine loop failed")
             self.error = e
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine stopped after an error: {e}"))
+
+
+def engine_replicas(
+    model: LoadedModel, engine_config: EngineConfig, meshes: Sequence[Mesh | None] = (None,), channel: StepChannel | None = None
+) -> list[AsyncEngine]:
+    """One engine per mesh (data-parallel replicas of `model`; `jaxserve.parallel.mesh.replica_meshes`),
+    sharing one grammar cache, so a schema compiles once for all of them. `channel`: process 0's step
+    channel of a multi-host group (one replica only)."""
+    grammars = GrammarCompiler(model.tokenizer, model.cfg.vocab_size)
+    return [
+        AsyncEngine(LLMEngine(model.cfg, model.params, engine_config, model.tokenizer, mesh=m, grammars=grammars, model_name=model.name, channel=channel))
+        for m in meshes
+    ]

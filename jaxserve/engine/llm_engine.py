@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from jaxserve.cache.block_manager import BlockManager
 from jaxserve.cache.kv_cache import page_bytes, pages_for_memory, storage_dtype
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine.interface import EngineLimits, EngineStats, ModelInfo, StepReport
 from jaxserve.engine.outputs import StepOutput, TopLogprobs
 from jaxserve.engine.runner import ModelRunner, StepShapes
 from jaxserve.engine.scheduler import Chunk, Scheduler
@@ -21,6 +22,7 @@ from jaxserve.engine.sequence import Sequence, Status
 from jaxserve.errors import UserError
 from jaxserve.models.llama import ForwardBatch, Params
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays
+from jaxserve.parallel.distributed import StepChannel
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.structured.matchers import GrammarCompiler
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -35,77 +37,99 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
 class LLMEngine:
     def __init__(
         self,
-        cfg: ModelConfig,
+        model_config: ModelConfig,
         params: Params,
-        engine: EngineConfig,
+        engine_config: EngineConfig,
         tokenizer: Tokenizer | None = None,
         eos_token_ids: tuple[int, ...] | None = None,
         mesh: Mesh | None = None,
         grammars: GrammarCompiler | None = None,
+        model_name: str = "model",
+        channel: StepChannel | None = None,
     ) -> None:
         """`grammars`: a grammar cache to share (data-parallel replicas compile a schema once); by
-        default the engine makes its own when it has a tokenizer."""
-        self.model_cfg = cfg
-        self.cfg = engine
+        default the engine makes its own when it has a tokenizer. `channel`: on process 0 of a
+        multi-host group, where every program call is sent for the others to replay."""
+        self.model_config = model_config
+        self.engine_config = engine_config
+        self.model_name = model_name
         self.tokenizer = tokenizer
         eos = eos_token_ids if eos_token_ids is not None else (tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids = frozenset(eos)
-        self.max_model_len = min(engine.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        dtype = storage_dtype(engine.kv_cache_dtype, params["embed"].dtype)
+        self.max_model_len = min(engine_config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
+        dtype = storage_dtype(engine_config.kv_cache_dtype, params["embed"].dtype)
         self.num_pages = (
-            engine.num_pages
-            if engine.kv_cache_memory is None
-            else pages_for_memory(cfg, engine.page_size, dtype, engine.kv_cache_memory)
+            engine_config.num_pages
+            if engine_config.kv_cache_memory is None
+            else pages_for_memory(model_config, engine_config.page_size, dtype, engine_config.kv_cache_memory)
         )
-        self.shapes = StepShapes.from_config(engine, self.max_model_len)
-        self.runner = ModelRunner(cfg, params, self.num_pages, engine.page_size, self.shapes, mesh, dtype)
-        self.blocks = BlockManager(self.num_pages, engine.enable_prefix_caching)
+        self.shapes = StepShapes.from_config(engine_config, self.max_model_len)
+        self.runner = ModelRunner(model_config, params, self.num_pages, engine_config.page_size, self.shapes, mesh, dtype)
+        self.runner.channel = channel
+        self.blocks = BlockManager(self.num_pages, engine_config.enable_prefix_caching)
         log.info(
             "KV cache: %d pages of %d tokens = %d tokens (%.1f MiB); %d step shapes",
             self.num_pages - 1,
-            engine.page_size,
-            (self.num_pages - 1) * engine.page_size,
-            self.num_pages * page_bytes(cfg, engine.page_size, dtype) / 2**20,
+            engine_config.page_size,
+            (self.num_pages - 1) * engine_config.page_size,
+            self.num_pages * page_bytes(model_config, engine_config.page_size, dtype) / 2**20,
             len(self.shapes.combos()),
         )
-        self.scheduler = Scheduler(engine, self.blocks)
-        self.grammars = grammars or (GrammarCompiler(tokenizer, cfg.vocab_size) if tokenizer else None)
+        self.scheduler = Scheduler(engine_config, self.blocks)
+        self.grammars = grammars or (GrammarCompiler(tokenizer, model_config.vocab_size) if tokenizer else None)
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._arrivals = itertools.count()
         self.num_computed_tokens = 0  # tokens whose K/V the device computed (prefix hits excluded)
-        self.last_batch_size = 0  # sequences in the latest step
-        self.last_mask_seconds: float | None = None  # computing the latest step's grammar masks (None: none)
+        self.last_step = StepReport(0, None)
 
     # ---- requests ------------------------------------------------------------------------
 
-    def check_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise UserError naming what is wrong with a request; touches no state."""
-        vocab = self.model_cfg.vocab_size
-        if request_id in self.seqs:
-            raise UserError(f"request id {request_id!r} is already in use")
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise UserError naming what is wrong with a request (its `param`: the field at fault);
+        touches no state. A new grammar is compiled (and cached) here."""
+        vocab = self.model_config.vocab_size
         if not prompt_ids:
-            raise UserError("the prompt is empty")
+            raise UserError("the prompt is empty", param="prompt")
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise UserError(f"prompt token ids must be integers in [0, {vocab})")
+            raise UserError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
         for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
             if any(t >= vocab for t in ids):
-                raise UserError(f"{name} token ids must be in [0, {vocab})")
+                raise UserError(f"{name} token ids must be in [0, {vocab})", param=name)
         if params.stop and self.tokenizer is None:
-            raise UserError("stop strings need a tokenizer; this engine has none")
-        if params.guide is not None and self.grammars is None:
-            raise UserError("constrained decoding needs a tokenizer; this engine has none")
+            raise UserError("stop strings need a tokenizer; this engine has none", param="stop")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise UserError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"length {self.max_model_len}"
+                f"length {self.max_model_len}",
+                param="prompt",
+                code="context_length_exceeded",
             )
-        if -(-total // self.cfg.page_size) > self.num_pages - 1:
-            raise UserError(f"the request needs {total} tokens of KV cache; the cache holds {(self.num_pages - 1) * self.cfg.page_size}")
+        if -(-total // self.engine_config.page_size) > self.num_pages - 1:
+            raise UserError(f"the request needs {total} tokens of KV cache; the cache holds {self.limits.kv_cache_tokens}", param="prompt")
+
+    def compile_guide(self, params: SamplingParams) -> float | None:
+        """Compile the request's grammar if it is new (UserError if it is bad, or if this engine has no
+        tokenizer to constrain); the seconds a fresh compile took, None when there was nothing to do."""
+        if params.guide is None:
+            return None
+        if self.grammars is None:
+            raise UserError("constrained decoding needs a tokenizer; this engine has none", param="guide")
+        try:
+            return self.grammars.prepare(params.guide)
+        except UserError as e:
+            raise UserError(str(e), param="guide") from None
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
-        """Queue a request (its n samples); every check happens here, before it can touch a batch."""
-        self.check_request(request_id, prompt_ids, params)
+        """Check a request, then queue it (its n samples): nothing bad can touch a batch."""
+        self.compile_guide(params)
+        self.check_request(prompt_ids, params)
+        self.enqueue(request_id, prompt_ids, params, priority)
+
+    def enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+        """Queue a request that passed `check_request` (and `compile_guide`)."""
+        if request_id in self.seqs:
+            raise UserError(f"request id {request_id!r} is already in use")
         arrival = next(self._arrivals)
         samples: list[Sequence] = []
         for index in range(params.n):
@@ -138,11 +162,24 @@ class LLMEngine:
         """Compile every step shape now, so that serving never waits on the compiler."""
         self.runner.warmup(progress)
 
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.model_name, self.model_config.vocab_size, self.max_model_len, self.tokenizer)
+
+    @property
+    def limits(self) -> EngineLimits:
+        kv_tokens = (self.num_pages - 1) * self.engine_config.page_size  # page 0 is the null page
+        return EngineLimits(self.engine_config.max_num_seqs, self.engine_config.max_num_batched_tokens, kv_tokens, self.engine_config.page_size)
+
+    def stats(self) -> EngineStats:
+        s, b = self.scheduler, self.blocks
+        return EngineStats(len(s.running), len(s.waiting), b.usage, b.prefix_queries, b.prefix_hits, s.num_preemptions, self.runner.num_compiles)
+
     # ---- one step ------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
         chunks = self.scheduler.schedule()
-        self.last_batch_size = len(chunks)
+        self.last_step = StepReport(len(chunks), None)
         if not chunks:
             return []
         groups, last_row, prompt_slots = self._batch(chunks)
@@ -267,7 +304,7 @@ class LLMEngine:
 
     def _sampling(self, sampled: list[Chunk], last_row: dict[int, int], rows: int) -> tuple[SamplingArrays, np.ndarray]:
         """Per-row sampling arrays (padding rows greedy) and the position each sampled token takes."""
-        s, positions = SamplingArrays.greedy(rows, self.model_cfg.vocab_size), np.zeros(rows, np.int32)
+        s, positions = SamplingArrays.greedy(rows, self.model_config.vocab_size), np.zeros(rows, np.int32)
         for c in sampled:
             r, p = last_row[id(c)], c.seq.params
             s.temperature[r], s.top_p[r], s.min_p[r], s.top_k[r] = p.temperature, p.top_p, p.min_p, p.top_k
@@ -277,15 +314,14 @@ class LLMEngine:
     def _fill_masks(self, sampled: list[Chunk], last_row: dict[int, int], allowed: np.ndarray) -> None:
         """Each constrained row's allowed tokens into `allowed` [R, words] (other rows stay all ones)."""
         rows = [(c.seq.matcher, last_row[id(c)]) for c in sampled if c.seq.matcher is not None]
-        self.last_mask_seconds = None
         if rows:
             start = time.perf_counter()
             self.grammars.fill(rows, allowed)
-            self.last_mask_seconds = time.perf_counter() - start
+            self.last_step = dataclasses.replace(self.last_step, mask_seconds=time.perf_counter() - start)
 
     def _adjust(self, sampled: list[Chunk], last_row: dict[int, int], rows: int) -> LogitAdjust:
         """Dense per-row penalties and biases (identity for rows that ask for none)."""
-        vocab = self.model_cfg.vocab_size
+        vocab = self.model_config.vocab_size
         repetition, bias = np.ones((rows, vocab), np.float32), np.zeros((rows, vocab), np.float32)
         for c in sampled:
             r, p, seq = last_row[id(c)], c.seq.params, c.seq

@@ -9,29 +9,27 @@ requests in flight get up to `drain_timeout` to finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import signal
 import time
 from importlib.metadata import version
-from typing import Any, Awaitable, Callable, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import jax
 from aiohttp import web
-from jax.sharding import Mesh
 
-from jaxserve.checkpoint.loader import LoadedModel
-from jaxserve.config import EngineConfig, ServerConfig
+from jaxserve.config import ServerConfig
 from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
-from jaxserve.engine.llm_engine import LLMEngine
-from jaxserve.engine.outputs import RequestOutput, StepOutput
+from jaxserve.engine.interface import CheckedRequest
+from jaxserve.engine.outputs import StepOutput
 from jaxserve.errors import UserError
 from jaxserve.parallel.distributed import PeerLostError
 from jaxserve.server.metrics import Metrics
-from jaxserve.server.protocol import ApiError, Renderer, Request, parse_chat, parse_completion
-from jaxserve.server.tools import ToolCallParser
-from jaxserve.structured.matchers import GrammarCompiler
+from jaxserve.server.protocol import ApiError, Request, parse_chat, parse_completion
+from jaxserve.server.render import renderer
 
 log = logging.getLogger("jaxserve.server")
 
@@ -40,22 +38,21 @@ _INFERENCE = {"/v1/completions", "/v1/chat/completions"}
 
 
 class Server:
-    def __init__(self, model: LoadedModel, engine: EngineConfig, cfg: ServerConfig, meshes: Sequence[Mesh] | None = None) -> None:
-        """`meshes`: one per data-parallel engine replica (`jaxserve.parallel.mesh.replica_meshes`);
-        default one replica on one device. A request goes, whole, to the least loaded replica."""
+    def __init__(self, engines: Sequence[AsyncEngine], cfg: ServerConfig) -> None:
+        """`engines`: the replicas of one model (`jaxserve.engine.async_engine.engine_replicas`), used
+        only through their interface. A request goes, whole, to the least loaded replica."""
         self.cfg = cfg
+        self.engines = list(engines)
+        model = self.engines[0].info  # the same in every replica
         self.model_name = cfg.served_model_name or model.name
         self.tokenizer = model.tokenizer
-        grammars = GrammarCompiler(model.tokenizer, model.cfg.vocab_size)  # one cache: a schema compiles once for all replicas
-        self.replicas = [
-            AsyncEngine(LLMEngine(model.cfg, model.params, engine, model.tokenizer, mesh=m, grammars=grammars)) for m in (meshes or [None])
-        ]
-        self.llm = self.replicas[0].engine  # limits and request checks, the same in every replica
-        self.metrics = Metrics(self.replicas, self.model_name)
+        self.max_model_len = model.max_model_len
+        self.vocab_size = model.vocab_size
+        self.metrics = Metrics(self.engines, self.model_name)
         self.ready = False
         self.draining = False
         self.created = int(time.time())
-        self.load = [0] * len(self.replicas)  # engine requests (one per prompt) accepted and not yet answered, per replica
+        self.load = [0] * len(self.engines)  # engine requests (one per prompt) accepted and not yet answered, per replica
 
     # ---- application ---------------------------------------------------------------------
 
@@ -79,13 +76,13 @@ class Server:
 
     async def start(self) -> None:
         """Start the engine, then compile every step shape (off the event loop) and become ready."""
-        for replica in self.replicas:
-            replica.start()
+        for engine in self.engines:
+            engine.start()
         if self.cfg.warmup:
             loop = asyncio.get_running_loop()
-            await asyncio.gather(*(loop.run_in_executor(None, r.engine.warmup) for r in self.replicas))
+            await asyncio.gather(*(loop.run_in_executor(None, e.warmup) for e in self.engines))
         self.ready = True
-        log.info("ready", extra={"model": self.model_name, "compiles": self.llm.runner.num_compiles})
+        log.info("ready", extra={"model": self.model_name, "compiles": self.engines[0].stats().compiles})
 
     async def drain(self) -> None:
         """Refuse new requests, give those in flight up to drain_timeout, then stop the engine."""
@@ -94,7 +91,11 @@ class Server:
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         log.info("drained", extra={"unfinished": self.in_flight})
-        await asyncio.gather(*(r.shutdown() for r in self.replicas))
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop every engine; requests still running end with finish_reason "abort"."""
+        await asyncio.gather(*(e.shutdown() for e in self.engines))
 
     @property
     def in_flight(self) -> int:
@@ -103,7 +104,7 @@ class Server:
 
     @property
     def engine_error(self) -> BaseException | None:
-        return next((r.error for r in self.replicas if r.error is not None), None)
+        return next((e.error for e in self.engines if e.error is not None), None)
 
     # ---- middlewares ---------------------------------------------------------------------
 
@@ -183,136 +184,104 @@ class Server:
         if self.engine_error is not None:
             raise ApiError(503, f"the engine stopped after an error: {self.engine_error}", type="service_unavailable")
         self._admit_model(body)
-        waiting = self.in_flight - sum(len(r.engine.scheduler.running) for r in self.replicas)
+        waiting = self.in_flight - sum(e.stats().running for e in self.engines)
         if waiting >= self.cfg.max_waiting:
             raise ApiError(429, f"too many requests waiting ({waiting}); retry later", type="rate_limit_error")
 
-    async def _check(self, req: Request) -> None:
-        """Engine-level checks (grammar, context length, token ids) for every prompt, before any
-        starts. A new grammar compiles here, in a worker thread: the event loop and the engine step
-        never wait for it."""
-        guide = req.params.guide
-        if guide is not None and self.llm.grammars is not None:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self.llm.grammars.compile, guide)
-            except UserError as e:
-                raise ApiError(400, str(e), req.guide_param) from None
-        for prompt in req.prompts:
-            try:
-                self.llm.check_request(f"check-{req.request_id}", prompt, req.params)
-            except UserError as e:
-                code = "context_length_exceeded" if "context length" in str(e) else None
-                raise ApiError(400, str(e), "messages" if req.kind == "chat" else "prompt", code=code) from None
+    async def _check(self, req: Request, engine: AsyncEngine) -> CheckedRequest:
+        """Every engine-level check (grammar, context length, token ids) of every prompt, once, before
+        any starts; a 400 naming the request's own field for a bad one."""
+        try:
+            checked = await engine.check(req.prompts, req.params)
+        except UserError as e:
+            param = {"guide": req.guide_param, "prompt": "messages" if req.kind == "chat" else "prompt"}.get(e.param, e.param)
+            raise ApiError(400, str(e), param, code=e.code) from None
+        if checked.grammar_seconds is not None:
+            self.metrics.grammar_compile.labels(self.model_name).observe(checked.grammar_seconds)
+        return checked
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         self._admit(body)
-        return await self._serve(request, parse_completion(body, self.tokenizer, self.model_name, self.llm.max_model_len))
+        return await self._serve(request, parse_completion(body, self.tokenizer, self.model_name, self.max_model_len))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
         self._admit(body)
-        return await self._serve(request, parse_chat(body, self.tokenizer, self.model_name, self.llm.max_model_len))
+        return await self._serve(request, parse_chat(body, self.tokenizer, self.model_name, self.max_model_len))
 
     async def _serve(self, request: web.Request, req: Request) -> web.StreamResponse:
         # Counted from here (no await since the admission check), so a burst cannot overshoot max_waiting.
-        replica = min(range(len(self.replicas)), key=self.load.__getitem__)
+        replica = min(range(len(self.engines)), key=self.load.__getitem__)
+        engine = self.engines[replica]
         self.load[replica] += len(req.prompts)
         try:
-            await self._check(req)
+            checked = await self._check(req, engine)
             if req.params.guide is not None:
                 self.metrics.structured.labels(self.model_name, req.guide_param).inc()
-            return await self._generate(request, req, self.replicas[replica])
+            log.info("request", extra={"request_id": req.request_id, "kind": req.kind, "prompts": len(req.prompts), "n": req.params.n, "stream": req.stream})
+            if req.stream:
+                return await self._stream(request, req, checked, engine)
+            return await self._whole(req, checked, engine)
         finally:
             self.load[replica] -= len(req.prompts)
 
-    async def _generate(self, request: web.Request, req: Request, engine: AsyncEngine) -> web.StreamResponse:
-        log.info("request", extra={"request_id": req.request_id, "kind": req.kind, "prompts": len(req.prompts), "n": req.params.n, "stream": req.stream})
-        if req.stream:
-            return await self._stream(request, req, engine)
-        results = [RequestOutput.empty(f"{req.request_id}-{i}", p, req.params.n) for i, p in enumerate(req.prompts)]
+    async def _whole(self, req: Request, checked: CheckedRequest, engine: AsyncEngine) -> web.Response:
+        render = renderer(req, self.tokenizer)
         try:
             async with asyncio.timeout(self.cfg.request_timeout):
-                async for i, out in self._outputs(req, engine):
-                    results[i].add(out)
+                async for i, out in self._outputs(req, checked, engine):
+                    render.add(i, out)
         except TimeoutError:
             raise ApiError(504, f"the request took longer than {self.cfg.request_timeout} s", type="timeout_error") from None
         except RequestFailedError as e:
             raise ApiError(500, f"the request failed: {e}", type="internal_server_error") from None
         except EngineDeadError as e:
             raise ApiError(503, str(e), type="service_unavailable") from None
-        return web.json_response(Renderer(req, self.tokenizer).response(results))
+        return web.json_response(render.response())
 
-    async def _outputs(self, req: Request, engine: AsyncEngine):
-        """(prompt index, step output) of every prompt of the request, merged as they come; records
-        latency and token metrics. Leaving early cancels (and so aborts) every prompt's request."""
-        queue: asyncio.Queue = asyncio.Queue()
+    async def _outputs(self, req: Request, checked: CheckedRequest, engine: AsyncEngine) -> AsyncIterator[tuple[int, StepOutput]]:
+        """(prompt index, step output) of every prompt, as the engine merges them; records latency
+        and token metrics. Leaving early aborts every prompt's request."""
         name = self.model_name
         arrival = time.perf_counter()
+        last: dict[int, float] = {}  # per prompt: when its latest token came
+        self.metrics.prompt_tokens.labels(name).inc(sum(map(len, req.prompts)))
+        async with contextlib.aclosing(engine.generate(req.request_id, checked)) as outputs:
+            async for i, out in outputs:
+                yield i, self._record(i, out, arrival, last)
 
-        async def run(i: int, prompt: list[int]) -> None:
-            last = None
-            self.metrics.prompt_tokens.labels(name).inc(len(prompt))
-            try:
-                async for out in engine.generate(f"{req.request_id}-{i}", prompt, req.params):
-                    now = time.perf_counter()
-                    if out.token_id is not None:
-                        self.metrics.generation_tokens.labels(name).inc()
-                        (self.metrics.ttft if last is None else self.metrics.itl).labels(name).observe(now - (last or arrival))
-                        last = now
-                    if out.finish_reason:
-                        self.metrics.requests.labels(name, out.finish_reason).inc()
-                        self.metrics.e2e.labels(name).observe(now - arrival)
-                    await queue.put((i, out))
-                await queue.put((i, None))
-            except BaseException as e:
-                await queue.put((i, e))
-                raise
+    def _record(self, i: int, out: StepOutput, arrival: float, last: dict[int, float]) -> StepOutput:
+        """Token, latency and outcome metrics of one output of prompt i."""
+        name = self.model_name
+        now = time.perf_counter()
+        if out.token_id is not None:
+            self.metrics.generation_tokens.labels(name).inc()
+            (self.metrics.ttft if i not in last else self.metrics.itl).labels(name).observe(now - last.get(i, arrival))
+            last[i] = now
+        if out.finish_reason:
+            self.metrics.requests.labels(name, out.finish_reason).inc()
+            self.metrics.e2e.labels(name).observe(now - arrival)
+        return out
 
-        tasks = [asyncio.create_task(run(i, p)) for i, p in enumerate(req.prompts)]
-        try:
-            pending = len(tasks)
-            while pending:
-                i, item = await queue.get()
-                if item is None:
-                    pending -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield i, item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _stream(self, request: web.Request, req: Request, engine: AsyncEngine) -> web.StreamResponse:
-        """Server-sent events: one chunk per step output, then usage (if asked), then [DONE]."""
-        render = Renderer(req, self.tokenizer)
+    async def _stream(self, request: web.Request, req: Request, checked: CheckedRequest, engine: AsyncEngine) -> web.StreamResponse:
+        """Server-sent events: one chunk per step output that says something, then usage (if asked),
+        then [DONE]."""
+        render = renderer(req, self.tokenizer)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
-        n = req.params.n
 
         async def send(obj: dict | str) -> None:
             await response.write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode())
 
-        started: set[int] = set()
-        offsets: dict[int, int] = {}
-        parsers: dict[int, ToolCallParser] = {}  # chat with tools: per choice
-        generated = 0
         try:
             async with asyncio.timeout(self.cfg.request_timeout):
-                async for i, out in self._outputs(req, engine):
-                    index = i * n + out.index
-                    if req.tools is not None and index not in parsers:
-                        parsers[index] = ToolCallParser(req.tools)
-                    tools = parsers.get(index)
-                    choice = self._chunk_choice(render, req, i, index, out, first=index not in started, offsets=offsets, tools=tools)
-                    started.add(index)
-                    generated += out.token_id is not None and not req.drop_generated
+                async for i, out in self._outputs(req, checked, engine):
+                    choice = render.add(i, out)
                     if choice is not None:
                         await send(render.chunk([choice]))
             if req.include_usage:
-                await send(render.usage_chunk(sum(map(len, req.prompts)), generated))
+                await send(render.usage_chunk())
         except (TimeoutError, RequestFailedError, EngineDeadError) as e:
             message = f"the request took longer than {self.cfg.request_timeout} s" if isinstance(e, TimeoutError) else str(e)
             await send(ApiError(500, message, type="internal_server_error").body())
@@ -320,47 +289,10 @@ class Server:
         await response.write_eof()
         return response
 
-    def _chunk_choice(
-        self, render: Renderer, req: Request, i: int, index: int, out: StepOutput, first: bool, offsets: dict[int, int], tools: ToolCallParser | None = None
-    ) -> dict | None:
-        """One streamed choice for a step output (None when it adds nothing to say). With `tools`,
-        text that forms tool calls is held back and sent, at the end, as `tool_calls` deltas."""
-        token = [] if out.token_id is None or req.drop_generated else [out.token_id]
-        text = "" if req.drop_generated else out.text
-        if req.kind == "chat":
-            finish, calls = out.finish_reason, []
-            if tools is not None:
-                text = tools.feed(text)
-                if finish:
-                    rest, calls = tools.finish()
-                    text += rest
-                    finish = tools.finish_reason(finish, calls)
-                elif not text and not first:
-                    return None  # held back: part of a tool call
-            delta: dict[str, Any] = {"role": "assistant", "content": text} if first else ({"content": text} if text or token else {})
-            if calls:
-                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
-            logprobs = render.chat_logprobs(token, [out.logprob] * len(token), [out.top_logprobs] * len(token)) if req.logprobs is not None else None
-            if not delta and not finish:
-                return None
-            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        ids, lps, tops = token, [out.logprob] * len(token), [out.top_logprobs] * len(token)
-        if first and req.echo:
-            p_text, p_ids, p_lps, p_tops = render.echo(req.prompts[i], out.prompt_logprobs)
-            text, ids, lps, tops = p_text + text, p_ids + ids, p_lps + lps, p_tops + tops
-        if not text and not ids and not out.finish_reason:
-            return None
-        logprobs = None
-        if req.logprobs is not None:
-            logprobs = render.completion_logprobs(ids, lps, tops, offsets.get(index, 0))
-        offsets[index] = offsets.get(index, 0) + len(text)
-        finish = "length" if req.drop_generated and out.finish_reason else out.finish_reason
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-
     # ---- other endpoints -----------------------------------------------------------------
 
     def _model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "jaxserve", "max_model_len": self.llm.max_model_len}
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "jaxserve", "max_model_len": self.max_model_len}
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [self._model_card()]})
@@ -376,16 +308,16 @@ class Server:
         if isinstance(body.get("prompt"), str):
             ids = self.tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True) is not False)
         elif "messages" in body:
-            ids = parse_chat({**body, "max_tokens": 1}, self.tokenizer, self.model_name, self.llm.max_model_len).prompts[0]
+            ids = parse_chat({**body, "max_tokens": 1}, self.tokenizer, self.model_name, self.max_model_len).prompts[0]
         else:
             raise ApiError(400, "send 'prompt' (a string) or 'messages'", "prompt")
-        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.llm.max_model_len})
+        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len})
 
     async def detokenize(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         self._admit_model(body)
         ids = body.get("tokens")
-        vocab = self.llm.model_cfg.vocab_size
+        vocab = self.vocab_size
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
             raise ApiError(400, f"'tokens' must be an array of token ids in [0, {vocab})", "tokens")
         return web.json_response({"prompt": self.tokenizer.decode(ids, skip_special_tokens=False)})

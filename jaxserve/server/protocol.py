@@ -1,4 +1,4 @@
-"""OpenAI request bodies in, engine requests out; engine results in, OpenAI response bodies out.
+"""OpenAI request bodies in, engine requests out (responses: `jaxserve.server.render`).
 
 Parsing checks every field it reads (type and range) and raises `ApiError` naming the parameter, so
 a malformed request is answered with a 400 before it reaches the engine. Fields this server does not
@@ -13,10 +13,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from jaxserve.engine.outputs import CompletionOutput, RequestOutput, TopLogprobs
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
-from jaxserve.server.tools import ToolCallParser, ToolError, ToolPlan, call_text, parse_tools, result_text, template_tool
+from jaxserve.server.tools import ToolError, ToolPlan, call_text, parse_tools, result_text, template_tool
 from jaxserve.structured.guide import Guide
 from jaxserve.tokenizer import Tokenizer
 
@@ -163,7 +162,7 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, prompt_logprobs
             guide=guide,
         )
     except UserError as e:
-        raise ApiError(400, str(e), str(e).split()[0]) from None
+        raise ApiError(400, str(e), e.param) from None
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:
@@ -322,103 +321,3 @@ def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Re
         guide, guide_param = call_guide, "tools"
     params = _sampling(body, max_tokens, count, None, guide)
     return Request("chat", model, [prompt], params, stream, include_usage, logprobs=count, guide_param=guide_param, tools=plan)
-
-
-# ---- responses -----------------------------------------------------------------------------
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
-
-
-class Renderer:
-    """Builds OpenAI response objects (whole, or streamed chunks) for one request."""
-
-    def __init__(self, req: Request, tok: Tokenizer) -> None:
-        self.req, self.tok = req, tok
-        prefix = "cmpl" if req.kind == "completion" else "chatcmpl"
-        self.id = f"{prefix}-{req.request_id}"
-        self.object = "text_completion" if req.kind == "completion" else "chat.completion"
-
-    def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.req.created, "model": self.req.model}
-
-    def token(self, token_id: int) -> str:
-        return self.tok.decode([token_id], skip_special_tokens=False)
-
-    # Completions log-probs: parallel arrays; chat: one entry per token.
-    def completion_logprobs(self, ids: list[int], lps: list[float | None], tops: list[TopLogprobs | None], offset: int) -> dict:
-        tokens = [self.token(t) for t in ids]
-        offsets, pos = [], offset
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return {
-            "tokens": tokens,
-            "token_logprobs": lps,
-            "top_logprobs": [None if top is None else {self.token(t): lp for t, lp in top} for top in tops],
-            "text_offset": offsets,
-        }
-
-    def chat_logprobs(self, ids: list[int], lps: list[float], tops: list[TopLogprobs]) -> dict:
-        def entry(t: int, lp: float) -> dict:
-            s = self.token(t)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-
-        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]} for t, lp, top in zip(ids, lps, tops)]}
-
-    def echo(self, prompt_ids: list[int], scored: tuple | None) -> tuple[str, list[int], list, list]:
-        """The prompt as echoed text and, when it was scored, its tokens with their log-probs and top
-        alternatives (the first token has none)."""
-        text = self.tok.decode(prompt_ids, skip_special_tokens=False)
-        if scored is None:
-            return text, [], [], []
-        return text, list(prompt_ids), [None] + [lp for lp, _ in scored], [None] + [top for _, top in scored]
-
-    def _tops(self, sample: CompletionOutput) -> list[TopLogprobs]:
-        return sample.top_logprobs if sample.top_logprobs else [()] * len(sample.token_ids)
-
-    def completion_choice(self, index: int, prompt: RequestOutput, sample: CompletionOutput) -> dict:
-        req = self.req
-        text, logprobs = sample.text, None
-        ids, lps, tops = sample.token_ids, sample.logprobs, self._tops(sample)
-        if req.drop_generated:
-            text, ids, lps, tops = "", [], [], []
-        if req.echo:
-            p_text, p_ids, p_lps, p_tops = self.echo(prompt.prompt_ids, prompt.prompt_logprobs)
-            text, ids, lps, tops = p_text + text, p_ids + ids, p_lps + lps, p_tops + list(tops)
-        if req.logprobs is not None:
-            logprobs = self.completion_logprobs(ids, lps, list(tops), 0)
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": "length" if req.drop_generated else sample.finish_reason}
-
-    def chat_choice(self, index: int, sample: CompletionOutput) -> dict:
-        logprobs = self.chat_logprobs(sample.token_ids, sample.logprobs, self._tops(sample)) if self.req.logprobs is not None else None
-        message: dict[str, Any] = {"role": "assistant", "content": sample.text}
-        finish = sample.finish_reason
-        if self.req.tools is not None:
-            parser = ToolCallParser(self.req.tools)
-            content = parser.feed(sample.text)
-            rest, calls = parser.finish()
-            if calls:
-                message = {"role": "assistant", "content": (content + rest) or None, "tool_calls": calls}
-                finish = parser.finish_reason(finish, calls)
-        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
-
-    def response(self, results: list[RequestOutput]) -> dict:
-        """The whole (non-streamed) response; choice index = prompt index * n + sample index."""
-        choices = []
-        for result in results:
-            for sample in result.outputs:
-                index = len(choices)
-                if self.req.kind == "completion":
-                    choices.append(self.completion_choice(index, result, sample))
-                else:
-                    choices.append(self.chat_choice(index, sample))
-        generated = 0 if self.req.drop_generated else sum(len(s.token_ids) for r in results for s in r.outputs)
-        return {**self._head(self.object), "choices": choices, "usage": usage(sum(len(r.prompt_ids) for r in results), generated)}
-
-    def chunk(self, choices: list[dict]) -> dict:
-        return {**self._head(self.object + ("" if self.req.kind == "completion" else ".chunk")), "choices": choices}
-
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return {**self.chunk([]), "usage": usage(prompt_tokens, completion_tokens)}

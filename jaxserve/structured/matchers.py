@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import llguidance
 import llguidance.numpy
@@ -33,7 +33,7 @@ class GrammarCompiler:
         self._ll: llguidance.LLTokenizer | None = None
         self._ll_error: str | None = None
         self._executor: llguidance.LLExecutor | None = None  # a thread pool for the per-step masks, on first use
-        self.on_compile: Callable[[float], None] | None = None  # seconds of each fresh compile
+        self.num_compiles = 0  # fresh compiles (cache misses) since start
 
     @property
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
@@ -54,10 +54,17 @@ class GrammarCompiler:
 
     def compile(self, guide: Guide) -> llguidance.LLMatcher:
         """The compiled matcher of `guide` (cached); UserError saying what is wrong with a bad one."""
+        return self._compile(guide)[0]
+
+    def prepare(self, guide: Guide) -> float | None:
+        """Compile `guide` unless it is cached: the seconds a fresh compile took, else None."""
+        return self._compile(guide)[1]
+
+    def _compile(self, guide: Guide) -> tuple[llguidance.LLMatcher, float | None]:
         with self._lock:
             if guide in self._compiled:
                 self._compiled.move_to_end(guide)
-                return self._compiled[guide]
+                return self._compiled[guide], None
         start = time.perf_counter()
         try:
             grammar = guide.grammar()
@@ -66,13 +73,13 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)  # reports errors, never raises
         if matcher.is_error():
             raise UserError(f"invalid {guide.description}: {matcher.get_error().strip()}")
-        if self.on_compile is not None:
-            self.on_compile(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
         with self._lock:
+            self.num_compiles += 1
             self._compiled[guide] = matcher
             while len(self._compiled) > self.capacity:
                 self._compiled.popitem(last=False)
-        return matcher
+        return matcher, seconds
 
     def matcher(self, guide: Guide) -> llguidance.LLMatcher:
         """A fresh matcher for one sequence."""

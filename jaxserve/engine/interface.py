@@ -1,0 +1,65 @@
+"""What the engine's one interface hands to its callers (servers, the CLI, routers): read-only
+snapshots and records, so no caller needs to reach into a scheduler, runner or block manager.
+
+The verbs live on `AsyncEngine`: `check` (every check of a request, once), `generate` (submit a
+checked request and stream its outputs), `abort`, `stats`, plus `info`, `limits`, `warmup`,
+`subscribe`, `start` and `shutdown`. Several models, versions or replicas are several engines
+behind a router that uses only these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model an engine serves."""
+
+    name: str
+    vocab_size: int
+    max_model_len: int  # prompt + output tokens one sequence may hold
+    tokenizer: Tokenizer | None
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What one engine can hold at once."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_cache_tokens: int  # tokens the KV cache holds over all sequences
+    page_size: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of an engine's state and counters since start."""
+
+    running: int  # sequences in the running batch
+    waiting: int  # sequences waiting to be scheduled
+    kv_cache_usage: float  # fraction of KV-cache pages in use (0-1)
+    prefix_cache_queries: int  # full blocks looked up in the prefix cache
+    prefix_cache_hits: int
+    preemptions: int  # sequences preempted (recomputed later)
+    compiles: int  # programs compiled (flat after warm-up)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one engine step did, for the observers of `AsyncEngine.subscribe`."""
+
+    batch_size: int  # sequences in the step
+    mask_seconds: float | None  # computing the step's grammar masks (None: no constrained rows)
+
+
+@dataclass(frozen=True)
+class CheckedRequest:
+    """A request whose every check passed (`AsyncEngine.check`): the only thing `generate` takes."""
+
+    prompts: tuple[tuple[int, ...], ...]  # token ids of each prompt; each is one engine request
+    params: SamplingParams
+    grammar_seconds: float | None  # compiling its grammar now (None: no grammar, or already compiled)
