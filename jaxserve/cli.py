@@ -99,6 +99,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     srv.add_argument("--num-processes", type=int, default=1, help="processes in the group; process 0 serves HTTP, the others follow")
     srv.add_argument("--process-id", type=int, default=0, help="this process's rank in the group")
     srv.add_argument("--distributed-timeout", type=float, default=300.0, help="seconds to wait for every process to join")
+    srv.add_argument(
+        "--cluster-secret-file",
+        default=None,
+        help="file holding the secret every process of the group shares (or the secret itself in env JAXSERVE_CLUSTER_SECRET)",
+    )
     srv.add_argument("--max-num-seqs", type=int, default=16, help="running sequences per step")
     srv.add_argument(
         "--max-num-batched-tokens",
@@ -225,6 +230,9 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+RESTART = "a group cannot go on without any of its processes; restart all of them"
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -232,12 +240,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from jaxserve.config import DistributedConfig, EngineConfig, ParallelConfig, ServerConfig
     from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.logs import setup_json_logging
-    from jaxserve.parallel.distributed import PeerLostError, StepChannel, connect, follow, initialize
+    from jaxserve.parallel.distributed import PeerLostError, StepChannel, StepChannelError, check_mesh, connect, follow, initialize, read_secret
     from jaxserve.parallel.mesh import make_mesh, replica_meshes
+    from jaxserve.engine.async_engine import engine_replicas
     from jaxserve.server.app import Server, serve
 
     setup_json_logging()
-    dist = DistributedConfig(args.coordinator_address, args.num_processes, args.process_id, args.distributed_timeout)
+    secret = read_secret(args.cluster_secret_file, args.process_id) if args.num_processes > 1 else None
+    dist = DistributedConfig(args.coordinator_address, args.num_processes, args.process_id, args.distributed_timeout, secret=secret)
     if dist.num_processes > 1 and args.data_parallel_size > 1:
         raise UserError("data parallelism across processes is not supported: run one process group per replica behind a load balancer")
     channel = peer = None  # the step channel, opened first: a process that never comes is a clear error here
@@ -271,22 +281,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         enable_prefix_caching=args.enable_prefix_caching,
     )
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size))
+    check_mesh(mesh, dist)
     model = load_model(args.model, args.dtype, quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
     if dist.process_id > 0:  # a follower: the same runner as process 0's, driven by its calls
         runner = LLMEngine(model.cfg, model.params, engine_cfg, model.tokenizer, mesh=mesh).runner
         try:
             follow(runner, peer)
-        except PeerLostError as e:
-            raise UserError(f"process {dist.process_id}: {e}; exiting") from None
+        except (PeerLostError, StepChannelError) as e:
+            raise UserError(f"process {dist.process_id}: {e}; exiting: {RESTART}") from None
         return 0
-    server = Server(model, engine_cfg, server_cfg, replica_meshes(mesh))
-    server.llm.runner.channel = channel
+    server = Server(engine_replicas(model, engine_cfg, replica_meshes(mesh), channel=channel), server_cfg)
     status = 1
     try:
         status = asyncio.run(serve(server))
     finally:
         if channel is not None:  # followers stop cleanly only after a clean stop
             channel.close(stop_followers=status == 0)
+    if status and channel is not None and server.engine_error is not None:
+        raise UserError(f"process 0: the group stopped after an error ({str(server.engine_error).splitlines()[0]}); exiting: {RESTART}")
     return status
 
 

@@ -18,6 +18,7 @@ from jaxserve.errors import UserError
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 QUANTIZATIONS = ("int8",)  # weight formats `load_model` can convert dense layers to
 KV_CACHE_DTYPES = ("auto", "bfloat16")  # KV-cache storage (EngineConfig.kv_cache_dtype)
+MIN_SECRET_BYTES = 16  # a shorter cluster secret could be guessed from a recorded handshake
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,7 @@ class DistributedConfig:
     process_id: int = 0
     timeout: float = 300.0  # seconds to wait for every process to join
     heartbeat_timeout: float = 10.0  # seconds of silence after which a process counts as dead
+    secret: bytes | None = dataclasses.field(default=None, repr=False)  # shared by the group; admits a process to the step channel
 
     def __post_init__(self) -> None:
         if self.num_processes < 1:
@@ -253,6 +255,12 @@ class DistributedConfig:
             raise UserError(f"{self.num_processes} processes need a coordinator address (host:port of process 0)")
         if self.coordinator_address and not self.coordinator_address.rpartition(":")[2].isdigit():
             raise UserError(f"coordinator address {self.coordinator_address!r} is not host:port")
+        if self.num_processes > 1 and len(self.secret or b"") < MIN_SECRET_BYTES:
+            problem = f"a cluster secret of {len(self.secret)} bytes is too short" if self.secret else "a multi-process group needs a cluster secret"
+            raise UserError(
+                f"process {self.process_id}: {problem}: put at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`) in a file "
+                "given to every process as --cluster-secret-file, or in JAXSERVE_CLUSTER_SECRET"
+            )
 
 
 @dataclass(frozen=True)

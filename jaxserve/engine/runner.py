@@ -178,7 +178,7 @@ class ModelRunner:
 
     def forward(self, groups: Sequence[ForwardBatch]) -> None:
         """Dispatch one model step over the row groups; its outputs stay on the device."""
-        self._call("forward", groups)
+        self._call("forward", tuple(groups))
         self._logits, self._prefill, self.cache = self._step(self.params, self.cache, self._global(tuple(groups)))
 
     def sample(self, sampling: SamplingArrays, positions: np.ndarray, adjust: LogitAdjust | None, top: bool) -> tuple[np.ndarray, ...]:
