@@ -169,7 +169,7 @@ def _single_stream(args: argparse.Namespace):
     )
     llm = LLM(model, engine, mesh=mesh)
     if args.warmup:
-        llm.engine.warmup()
+        llm.warmup()
     return model, llm
 
 
@@ -240,7 +240,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from jaxserve.config import DistributedConfig, EngineConfig, ParallelConfig, ServerConfig
     from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.logs import setup_json_logging
-    from jaxserve.parallel.distributed import PeerLostError, StepChannel, StepChannelError, check_mesh, connect, follow, initialize, read_secret
+    from jaxserve.parallel.distributed import PeerLostError, StepChannel, StepChannelError, check_mesh, connect, initialize, read_secret
     from jaxserve.parallel.mesh import make_mesh, replica_meshes
     from jaxserve.engine.async_engine import engine_replicas
     from jaxserve.server.app import Server, serve
@@ -284,9 +284,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     check_mesh(mesh, dist)
     model = load_model(args.model, args.dtype, quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
     if dist.process_id > 0:  # a follower: the same runner as process 0's, driven by its calls
-        runner = LLMEngine(model.cfg, model.params, engine_cfg, model.tokenizer, mesh=mesh).runner
         try:
-            follow(runner, peer)
+            LLMEngine(model.cfg, model.params, engine_cfg, model.tokenizer, mesh=mesh).follow(peer)
         except (PeerLostError, StepChannelError) as e:
             raise UserError(f"process {dist.process_id}: {e}; exiting: {RESTART}") from None
         return 0

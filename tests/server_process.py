@@ -15,8 +15,22 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
+from jaxserve.config import EngineConfig
+
 DEADLINE = 60.0  # seconds any wait in a test may take: generous, since a loaded machine is slow, never a check of speed
 HTTP_TIMEOUT = 600.0  # seconds one request may take: it may compile step shapes first
+
+
+# One shape set for every SmolLM2 server in the tests and the offline engines they are compared with:
+# the first warm-up compiles it, the others load it from the compile cache. Room for 16 running
+# requests; a small prefill budget keeps the set small.
+SERVER_ENGINE = EngineConfig(max_num_seqs=16, max_num_batched_tokens=128, num_pages=256, max_model_len=2048)
+
+
+def engine_flags(cfg: EngineConfig) -> list[str]:
+    """`jaxserve serve` flags for an engine's limits."""
+    names = ("max_num_seqs", "max_num_batched_tokens", "num_pages", "max_model_len")
+    return [x for name in names for x in (f"--{name.replace('_', '-')}", str(getattr(cfg, name)))]
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE, interval: float = 0.05) -> Any:

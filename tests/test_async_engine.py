@@ -14,7 +14,7 @@ from jaxserve.engine.llm import LLM
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
-from tests.server_process import DEADLINE, until
+from tests.server_process import DEADLINE, SERVER_ENGINE, until
 from tests.tiny_models import tiny_config, tiny_params
 
 
@@ -95,8 +95,7 @@ def test_device_work_never_blocks_the_event_loop(smollm2) -> None:
     """While SmolLM2 prefills long prompts and decodes, a 5 ms ticker on the event loop ticks inside
     every long engine step: an order of events, not a speed (a loop blocked by a step could not tick
     until that step ended)."""
-    # The limits of the test server (tests/test_server.py), so both use the same compiled steps.
-    llm = LLM(smollm2, EngineConfig(max_num_seqs=8, max_num_batched_tokens=256, num_pages=256, max_model_len=2048))
+    llm = LLM(smollm2, SERVER_ENGINE)  # the test servers' limits, so all use the same compiled steps
     # Compile first: tracing is host work, which the server finishes at warm-up before it is ready;
     # this test is about device work.
     llm.engine.warmup(progress=False)

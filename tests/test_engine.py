@@ -3,6 +3,7 @@ nothing about a request's output."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -12,6 +13,7 @@ from jaxserve.engine.llm import LLM
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
+from tests.server_process import SERVER_ENGINE
 
 WORDS = "the quick brown fox jumps over a lazy dog while curious cats watch from old windows of houses".split()
 
@@ -22,7 +24,8 @@ def _prompts(n: int, seed: int, max_words: int = 60) -> list[str]:
 
 
 def _engine(model, **kw) -> LLM:
-    return LLM(model, EngineConfig(**{"num_pages": 256, "max_num_seqs": 16, "max_num_batched_tokens": 256, **kw}))
+    """An engine with the test servers' limits, changed by `kw` (unchanged, its compiled steps are shared)."""
+    return LLM(model, dataclasses.replace(SERVER_ENGINE, **kw))
 
 
 @pytest.fixture(scope="module")

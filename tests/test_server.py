@@ -11,14 +11,13 @@ import aiohttp
 import openai
 import pytest
 
-from jaxserve.config import EngineConfig
 from jaxserve.engine.llm import LLM
 from jaxserve.sampling_params import SamplingParams
-from tests.server_process import ServerProcess, get, until
+from tests.server_process import SERVER_ENGINE, ServerProcess, engine_flags, get, until
 
 KEY = "sk-test-key"
 MODEL = "smollm2-135m-instruct"
-LIMITS = ["--max-num-seqs", "8", "--max-num-batched-tokens", "256", "--num-pages", "256", "--max-model-len", "2048"]
+LIMITS = engine_flags(SERVER_ENGINE)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 
@@ -35,7 +34,7 @@ def client(server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def offline(smollm2) -> LLM:
-    return LLM(smollm2, EngineConfig(max_num_seqs=8, max_num_batched_tokens=256, num_pages=256, max_model_len=2048))
+    return LLM(smollm2, SERVER_ENGINE)
 
 
 def test_greedy_completions_equal_offline_sync_async_streaming(client, server, offline, smollm2) -> None:

@@ -14,11 +14,7 @@ import threading
 import aiohttp
 import pytest
 
-from jaxserve.config import EngineConfig
-from tests.server_process import DEADLINE, InProcessServer, ServerProcess, get, post, until, wait_for
-
-ENGINE = EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, num_pages=64, max_model_len=512)
-
+from tests.server_process import DEADLINE, SERVER_ENGINE, InProcessServer, ServerProcess, get, post, until, wait_for
 
 SMALL = ["--max-num-seqs", "1", "--max-num-batched-tokens", "128", "--num-pages", "64", "--max-model-len", "512"]
 
@@ -35,7 +31,7 @@ def test_503_while_warming_up_then_ready(smollm2, monkeypatch) -> None:
 
     release = threading.Event()
     monkeypatch.setattr(LLMEngine, "warmup", lambda self, progress=True: release.wait(DEADLINE))
-    with InProcessServer(smollm2, ENGINE, wait_ready=False, warmup=True) as live:
+    with InProcessServer(smollm2, SERVER_ENGINE, wait_ready=False, warmup=True) as live:
         assert get(live.url + "/health")[0] == 200
         status, body = get(live.url + "/ready")
         assert status == 503 and json.loads(body)["status"] == "warming up"
@@ -137,7 +133,7 @@ def test_a_failing_request_gets_500_and_the_others_finish(smollm2, monkeypatch) 
         return original(self, seq, before)
 
     monkeypatch.setattr(LLMEngine, "_match_stop", flaky)
-    with InProcessServer(smollm2, ENGINE) as live:
+    with InProcessServer(smollm2, SERVER_ENGINE) as live:
 
         async def clients() -> list[tuple[int, dict]]:
             async with aiohttp.ClientSession() as s:
@@ -159,18 +155,19 @@ def test_every_check_runs_once_per_prompt(smollm2, monkeypatch) -> None:
 
     checked, original = [], LLMEngine.check_request
     monkeypatch.setattr(LLMEngine, "check_request", lambda self, prompt_ids, params: (checked.append(list(prompt_ids)), original(self, prompt_ids, params))[1])
-    with InProcessServer(smollm2, ENGINE) as live:
+    with InProcessServer(smollm2, SERVER_ENGINE) as live:
         status, body = post(live.url + "/v1/completions", {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 2, "n": 2})
         assert status == 200 and len(json.loads(body)["choices"]) == 4
         assert checked == [[5, 6, 7], [8, 9]]
         checked.clear()
-        status, body = post(live.url + "/v1/completions", {"prompt": [[5, 6, 7], [8] * 600], "max_tokens": 2})
+        too_long = [8] * SERVER_ENGINE.max_model_len
+        status, body = post(live.url + "/v1/completions", {"prompt": [[5, 6, 7], too_long], "max_tokens": 2})
         assert status == 400 and json.loads(body)["error"]["code"] == "context_length_exceeded"
-        assert checked == [[5, 6, 7], [8] * 600] and live.server.engines[0].stats().running == 0
+        assert checked == [[5, 6, 7], too_long] and live.server.engines[0].stats().running == 0
 
 
 def test_request_timeout_and_cors(smollm2) -> None:
-    with InProcessServer(smollm2, ENGINE, request_timeout=0.5, cors_origins=("http://app.example",)) as live:
+    with InProcessServer(smollm2, SERVER_ENGINE, request_timeout=0.5, cors_origins=("http://app.example",)) as live:
 
         async def run() -> tuple:
             async with aiohttp.ClientSession() as s:

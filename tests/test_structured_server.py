@@ -14,11 +14,10 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server_process import ServerProcess, get, post, until
+from tests.server_process import SERVER_ENGINE, ServerProcess, engine_flags, get, post, until
 
 MODEL = "smollm2-135m-instruct"
-# Room for 16 running requests; a small prefill budget keeps the set of step shapes (warm-up) small.
-LIMITS = ["--max-num-seqs", "16", "--max-num-batched-tokens", "128", "--num-pages", "256", "--max-model-len", "2048"]
+LIMITS = engine_flags(SERVER_ENGINE)
 
 WEATHER = {
     "name": "get_weather",

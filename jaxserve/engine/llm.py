@@ -27,6 +27,10 @@ class LLM:
         self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype)
         self.engine = LLMEngine(self.model.cfg, self.model.params, engine, self.model.tokenizer, mesh=mesh)
 
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every step shape now (`LLMEngine.warmup`)."""
+        self.engine.warmup(progress)
+
     def stream(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "stream") -> Iterator[StepOutput]:
         """One single-sample request's outputs as they come; the last carries the finish reason."""
         self.engine.add_request(request_id, prompt_ids, params)

@@ -22,7 +22,8 @@ from jaxserve.engine.sequence import Sequence, Status
 from jaxserve.errors import UserError
 from jaxserve.models.llama import ForwardBatch, Params
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays
-from jaxserve.parallel.distributed import StepChannel
+from jaxserve.parallel.channel import Link
+from jaxserve.parallel.distributed import StepChannel, follow
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.structured.matchers import GrammarCompiler
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -161,6 +162,11 @@ class LLMEngine:
     def warmup(self, progress: bool = True) -> None:
         """Compile every step shape now, so that serving never waits on the compiler."""
         self.runner.warmup(progress)
+
+    def follow(self, link: Link) -> None:
+        """On a follower process of a multi-host group: replay process 0's program calls until it
+        says stop (`jaxserve.parallel.distributed.follow`)."""
+        follow(self.runner, link)
 
     @property
     def info(self) -> ModelInfo:
