@@ -17,7 +17,7 @@ serve: $(STAMP)
 	$(VENV)/bin/jaxserve serve
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(VENV)/bin/python scripts/bench_generate.py

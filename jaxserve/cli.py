@@ -26,6 +26,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="int8: dense layers as int8 weights times int8 activations, SmoothQuant-calibrated at load; the LM head stays float (outputs differ slightly from float)",
     )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices each model replica is split over (must divide the heads)")
+    p.add_argument(
+        "--unroll-layers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one buffer per layer, unrolled (default on one CPU device: ~1.45x faster decode) or stacked under scan "
+        "(--no-unroll-layers: each step shape compiles ~9x faster, for short-lived processes)",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="context length to allocate the KV cache for (default: the model's)")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
     p.add_argument(
@@ -156,7 +163,7 @@ def _single_stream(args: argparse.Namespace):
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size))
-    model = load_model(args.model, args.dtype, quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
+    model = load_model(args.model, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size)
     max_len = min(args.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
     engine = EngineConfig(
         max_num_seqs=1,
@@ -282,7 +289,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size))
     check_mesh(mesh, dist)
-    model = load_model(args.model, args.dtype, quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
+    model = load_model(args.model, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size)
     if dist.process_id > 0:  # a follower: the same runner as process 0's, driven by its calls
         try:
             LLMEngine(model.cfg, model.params, engine_cfg, model.tokenizer, mesh=mesh).follow(peer)

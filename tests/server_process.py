@@ -88,7 +88,9 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         cmd = [sys.executable, "-m", "jaxserve", "serve", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        # Stacked layers unless a test says otherwise: a short-lived server compiles ~9x faster.
+        env = {"JAXSERVE_UNROLL_LAYERS": "false", **os.environ, **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
     def __enter__(self) -> ServerProcess:
         """Wait until ready; the process is stopped on leaving, or if it never gets ready."""

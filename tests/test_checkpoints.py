@@ -15,7 +15,6 @@ from jaxserve.checkpoint.hf_reader import read_hf
 from jaxserve.checkpoint.layout import unpermute_rope
 from jaxserve.checkpoint.loader import convert
 from jaxserve.checkpoint.native import load_checkpoint
-from jaxserve.models.llama import unstack_layers
 from tests.tiny_models import permute_rope, prefill_logits, tiny_config, tiny_params, write_gguf, write_hf_folder
 
 Q = gguf.GGMLQuantizationType
@@ -99,8 +98,8 @@ def test_smollm2_gguf_to_checkpoint_round_trip(smollm2, tmp_path: Path) -> None:
     convert(ckpt, tmp_path / "again")
     cfg, params, _ = load_checkpoint(tmp_path / "again")
     ids = smollm2.tokenizer.encode("The capital of France is")
-    # Same layout as the loaded model (per-layer, fused projections), so the same arithmetic.
-    np.testing.assert_array_equal(prefill_logits(cfg, unstack_layers(params), ids), prefill_logits(smollm2.cfg, smollm2.params, ids))
+    # Same layout as the loaded model (stacked), so the same arithmetic.
+    np.testing.assert_array_equal(prefill_logits(cfg, params, ids), prefill_logits(smollm2.cfg, smollm2.params, ids))
 
 
 def test_warm_load_does_not_touch_the_gguf(smollm2, monkeypatch) -> None:

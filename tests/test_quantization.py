@@ -95,9 +95,11 @@ def test_smoothing_keeps_the_float_model_exact(fused: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_int8(smollm2):
-    params = quantize_model(smollm2.params, smollm2.cfg, smollm2.tokenizer.encode(CALIBRATION_TEXT))
-    return type(smollm2)(name=smollm2.name, cfg=smollm2.cfg, params=params, tokenizer=smollm2.tokenizer)
+def smollm2_int8(smollm2_unrolled):
+    """SmolLM2 as `--quantization int8` serves it on CPU."""
+    model = smollm2_unrolled
+    params = quantize_model(model.params, model.cfg, model.tokenizer.encode(CALIBRATION_TEXT))
+    return type(model)(name=model.name, cfg=model.cfg, params=params, tokenizer=model.tokenizer)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16"])

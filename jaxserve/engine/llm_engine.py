@@ -7,7 +7,6 @@ import itertools
 import logging
 import time
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 
