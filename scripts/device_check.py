@@ -61,7 +61,6 @@ from jaxserve.checkpoint.loader import default_dtype, load_model  # noqa: E402
 from jaxserve.checkpoint.registry import cache_dir  # noqa: E402
 from jaxserve.config import EngineConfig, ModelConfig, ParallelConfig  # noqa: E402
 from jaxserve.engine.llm_engine import LLMEngine  # noqa: E402
-from jaxserve.engine.outputs import RequestOutput  # noqa: E402
 from jaxserve.engine.runner import ModelRunner, StepShapes, enable_compilation_cache  # noqa: E402
 from jaxserve.models.llama import ForwardBatch, Params, init_params  # noqa: E402
 from jaxserve.ops.attention import decode_attention, paged_attention, table_width, use_decode_kernel  # noqa: E402
@@ -190,15 +189,6 @@ def check_attention(plan: Plan) -> dict[str, Any]:
     return {"ok": all(c.get("ok", True) for c in cases), "cases": cases}
 
 
-def run_requests(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, RequestOutput]:
-    """Every request to completion, batched as the engine's limits allow."""
-    results = {rid: RequestOutput.empty(rid, ids, sp.n) for rid, (ids, sp) in requests.items()}
-    for rid, (ids, sp) in requests.items():
-        engine.add_request(rid, ids, sp)
-    while engine.has_unfinished():
-        for out in engine.step():
-            results[out.request_id].add(out)
-    return results
 
 
 def first_divergence(ours: list[int], ref: list[int]) -> int | None:
@@ -217,7 +207,7 @@ def check_golden(plan: Plan) -> dict[str, Any]:
         limits = EngineConfig(max_num_seqs=1, num_pages=33, max_model_len=512)
         engine = LLMEngine(model.cfg, model.params, limits, eos_token_ids=())
         sp = SamplingParams(max_tokens=golden["new_tokens"], temperature=0.0, ignore_eos=True)
-        outs = [run_requests(engine, {"golden": (c["prompt_ids"], sp)})["golden"].outputs[0].token_ids for c in cases]
+        outs = [engine.run({"golden": (c["prompt_ids"], sp)})["golden"].outputs[0].token_ids for c in cases]
     tolerated, failed = [], []
     for n, (ours, case) in enumerate(zip(outs, cases)):
         step = first_divergence(ours, case["output_ids"])
@@ -256,13 +246,13 @@ def check_batching(plan: Plan, dtype: str) -> dict[str, dict[str, Any]]:
     batched = LLMEngine(cfg, params, EngineConfig(max_num_seqs=plan.max_num_seqs, **limits), eos_token_ids=())
     batched.warmup(progress=True)
     warm = batched.runner.num_compiles
-    together = run_requests(batched, requests)
+    together = batched.run(requests)
     after = batched.runner.num_compiles
     recompiles = {"ok": after == warm, "after_warmup": warm, "after_requests": after}
     single = LLMEngine(cfg, params, EngineConfig(max_num_seqs=1, **limits), eos_token_ids=())
     tolerated, failed = [], []
     for rid, request in requests.items():
-        a, b = together[rid].outputs[0], run_requests(single, {rid: request})[rid].outputs[0]
+        a, b = together[rid].outputs[0], single.run({rid: request})[rid].outputs[0]
         step = first_divergence(a.token_ids, b.token_ids)
         if step is not None:
             m = min(margin(a.top_logprobs[step]), margin(b.top_logprobs[step]))

@@ -10,7 +10,6 @@ import pytest
 
 from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine
-from jaxserve.engine.outputs import RequestOutput
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 from tests.numpy_reference import reference_logits
@@ -29,16 +28,6 @@ def _engine(tiny, **kw) -> LLMEngine:
     cfg, params = tiny
     limits = {"num_pages": 64, "max_num_seqs": 8, "max_num_batched_tokens": 128, "prefill_row_len": 32, "max_model_len": 512}
     return LLMEngine(cfg, params, EngineConfig(**{**limits, **kw}), eos_token_ids=(EOS,))
-
-
-def run_requests(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, RequestOutput]:
-    results = {rid: RequestOutput.empty(rid, ids, sp.n) for rid, (ids, sp) in requests.items()}
-    for rid, (ids, sp) in requests.items():
-        engine.add_request(rid, ids, sp)
-    while engine.has_unfinished():
-        for out in engine.step():
-            results[out.request_id].add(out)
-    return results
 
 
 def _prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
@@ -129,7 +118,7 @@ def test_penalties_match_a_direct_computation(tiny, options) -> None:
     sp = SamplingParams(max_tokens=12, temperature=0.0, **options)
     plain = SamplingParams(max_tokens=12, temperature=0.0)
     requests = {f"p{i}": (p, sp) for i, p in enumerate(prompts)} | {f"q{i}": (p, plain) for i, p in enumerate(prompts)}
-    results = run_requests(_engine(tiny), requests)  # penalised and plain requests share steps
+    results = _engine(tiny).run(requests)  # penalised and plain requests share steps
     for i, prompt in enumerate(prompts):
         assert results[f"p{i}"].outputs[0].token_ids == _penalised_reference(cfg, params, prompt, sp)
         assert results[f"q{i}"].outputs[0].token_ids == _penalised_reference(cfg, params, prompt, plain)
@@ -139,8 +128,7 @@ def test_penalties_match_a_direct_computation(tiny, options) -> None:
 def test_min_tokens_and_stop_token_ids(tiny) -> None:
     engine = _engine(tiny)
     eager = {EOS: 100.0}  # the model would stop at once
-    results = run_requests(
-        engine,
+    results = engine.run(
         {
             "min": ([5, 6, 7], SamplingParams(max_tokens=20, temperature=0.0, logit_bias=eager, min_tokens=6)),
             "none": ([5, 6, 7], SamplingParams(max_tokens=20, temperature=0.0, logit_bias=eager)),
@@ -158,7 +146,7 @@ def test_logprobs_and_prompt_logprobs_match_the_model(tiny) -> None:
     cfg, params = tiny
     prompt = _prompt(random.Random(2), 70, cfg.vocab_size)  # prefilled over several rows and steps
     sp = SamplingParams(max_tokens=5, temperature=0.0, logprobs=4, prompt_logprobs=3, ignore_eos=True)
-    result = run_requests(_engine(tiny, max_num_batched_tokens=64), {"r": (prompt, sp)})["r"]
+    result = _engine(tiny, max_num_batched_tokens=64).run({"r": (prompt, sp)})["r"]
     sample = result.outputs[0]
     logits = reference_logits(params, cfg, prompt + sample.token_ids)  # [T, V]
     logprobs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
@@ -178,16 +166,16 @@ def test_n_samples_share_the_prompt_and_are_reproducible(tiny) -> None:
     prompt = _prompt(random.Random(3), 100, cfg.vocab_size)
     sp = SamplingParams(max_tokens=8, temperature=1.0, seed=42, n=3, ignore_eos=True)
     engine = _engine(tiny)
-    result = run_requests(engine, {"r": (prompt, sp)})["r"]
+    result = engine.run({"r": (prompt, sp)})["r"]
     samples = [o.token_ids for o in result.outputs]
     assert len({tuple(s) for s in samples}) == 3  # distinct
     # The prompt's 6 full pages are computed once; each later sample recomputes only the last partial page.
     prefill = engine.num_computed_tokens - 3 * (8 - 1)
     assert prefill == len(prompt) + 2 * (len(prompt) % 16)
-    again = run_requests(_engine(tiny), {"r": (prompt, sp)})["r"]
+    again = _engine(tiny).run({"r": (prompt, sp)})["r"]
     assert [o.token_ids for o in again.outputs] == samples
     # Sample i is exactly a single-sample request with the i-th derived seed.
-    alone = run_requests(_engine(tiny), {f"s{i}": (prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=sp.sample_seed(i), ignore_eos=True)) for i in range(3)})
+    alone = _engine(tiny).run({f"s{i}": (prompt, SamplingParams(max_tokens=8, temperature=1.0, seed=sp.sample_seed(i), ignore_eos=True)) for i in range(3)})
     assert [alone[f"s{i}"].outputs[0].token_ids for i in range(3)] == samples
 
 
@@ -260,7 +248,7 @@ def test_bfloat16_kv_cache_tracks_the_model_and_stays_batch_invariant(tiny) -> N
     sp = SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=1, ignore_eos=True)
     engine = _engine(tiny, max_num_batched_tokens=64, kv_cache_dtype="bfloat16")
     assert engine.runner.cache.k.dtype == np.uint16
-    result = run_requests(engine, {"r": (prompt, sp)})["r"]
+    result = engine.run({"r": (prompt, sp)})["r"]
     logits = reference_logits(params, cfg, prompt)
     logprobs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     got = [lp for lp, _ in result.prompt_logprobs]
@@ -269,6 +257,6 @@ def test_bfloat16_kv_cache_tracks_the_model_and_stays_batch_invariant(tiny) -> N
     # The rounding is real: a float32 cache agrees within 1e-4 (test_logprobs_and_prompt_logprobs_match_the_model).
     assert max(abs(g - w) for g, w in zip(got, want)) > 1e-3
     sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=3)
-    alone = run_requests(engine, {"s": (prompt[:20], sampled)})["s"].outputs[0].token_ids
+    alone = engine.run({"s": (prompt[:20], sampled)})["s"].outputs[0].token_ids
     others = {f"o{i}": (_prompt(rng, rng.randint(5, 90), cfg.vocab_size), SamplingParams(max_tokens=12, temperature=1.0, seed=i)) for i in range(5)}
-    assert run_requests(engine, {"s": (prompt[:20], sampled), **others})["s"].outputs[0].token_ids == alone
+    assert engine.run({"s": (prompt[:20], sampled), **others})["s"].outputs[0].token_ids == alone

@@ -21,7 +21,6 @@ from jaxserve.server.tools import ToolCallParser, ToolPlan
 from jaxserve.structured.guide import Guide
 from jaxserve.structured.matchers import GrammarCompiler
 from jaxserve.tokenizer import Tokenizer
-from tests.test_engine_features import run_requests
 from tests.tiny_models import tiny_config, tiny_params, write_gguf
 
 PHONE = r"[0-9]{3}-[0-9]{4}"
@@ -40,13 +39,13 @@ def test_constrained_rows_match_and_leave_their_neighbours_unchanged(tiny) -> No
     engine = LLMEngine(cfg, params, limits, tok)
     prompt = tok.encode("the number is ")
     free = {f"free-{i}": (prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=i)) for i in range(3)}
-    alone = run_requests(engine, free)
+    alone = engine.run(free)
     guided = {
         **{f"phone-{i}": (prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=10 + i, guide=Guide("regex", PHONE))) for i in range(3)},
         "pick": (prompt, SamplingParams(max_tokens=20, temperature=0.0, guide=Guide.choice(["alpha", "beta", "gamma"]))),
         "json": (prompt, SamplingParams(max_tokens=60, temperature=0.7, seed=5, guide=Guide.json_schema({"type": "object", "properties": {"n": {"enum": [1, 2, 3]}}, "required": ["n"], "additionalProperties": False}))),
     }
-    mixed = run_requests(engine, {**free, **guided})
+    mixed = engine.run({**free, **guided})
     for rid in free:  # a seeded request samples the same tokens whatever else is in the batch
         assert mixed[rid].outputs[0].token_ids == alone[rid].outputs[0].token_ids
     for i in range(3):

@@ -14,7 +14,7 @@ from jaxserve.cache.block_manager import BlockManager
 from jaxserve.cache.kv_cache import page_bytes, pages_for_memory, storage_dtype
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.interface import EngineLimits, EngineStats, ModelInfo, StepReport
-from jaxserve.engine.outputs import StepOutput, TopLogprobs
+from jaxserve.engine.outputs import RequestOutput, StepOutput, TopLogprobs
 from jaxserve.engine.runner import ModelRunner, StepShapes
 from jaxserve.engine.scheduler import Chunk, Scheduler
 from jaxserve.engine.sequence import Sequence, Status
@@ -143,6 +143,16 @@ class LLMEngine:
         self.seqs[request_id] = samples
         for seq in samples:
             self.scheduler.add(seq)
+
+    def run(self, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, RequestOutput]:
+        """Every request (id -> prompt ids, params) to completion, batched as the limits allow."""
+        results = {rid: RequestOutput.empty(rid, ids, sp.n) for rid, (ids, sp) in requests.items()}
+        for rid, (ids, sp) in requests.items():
+            self.add_request(rid, ids, sp)
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id].add(out)
+        return results
 
     def abort(self, request_id: str, reason: str = "abort", message: str = "") -> list[StepOutput]:
         """Stop a request's unfinished samples and free their pages; returns their final outputs (with

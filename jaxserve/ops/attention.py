@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.cache.kv_cache import from_cache
+from jaxserve.ops.reduce import ordered_sum
 
 _MASKED = -1e30  # finite, so a fully masked block never produces inf - inf
 # Keys per attention block. Page tables are a whole number of the largest. On XLA:CPU small blocks
@@ -106,9 +107,9 @@ def paged_attention(
         m_new = jnp.maximum(m, scores.max(axis=2, keepdims=True))
         p = jnp.exp(scores - m_new)
         scale = jnp.exp(m - m_new)
-        l = l * scale + p.sum(axis=2, keepdims=True)
+        l = l * scale + ordered_sum(p, axis=2)  # sums over keys in one order, whatever B (`ops/reduce.py`)
         if t == 1:  # one query per row: a fused multiply-reduce beats a tiny batched matmul on XLA:CPU
-            pv = (p[..., None] * v[:, :, :, None, :].astype(jnp.float32)).sum(axis=2)  # [Hkv, B, G, D]
+            pv = ordered_sum(p[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=2)[:, :, 0]  # [Hkv, B, G, D]
         else:
             pv = jnp.einsum("hbsq,hbsd->hbqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_new, l, acc * scale.transpose(0, 1, 3, 2) + pv
