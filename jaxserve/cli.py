@@ -261,7 +261,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if dist.num_processes > 1:
         channel, peer = (StepChannel(dist), None) if dist.process_id == 0 else (None, connect(dist))
     initialize(dist)  # before anything touches a device
-    server_cfg = ServerConfig(
+    server_config = ServerConfig(
         host=args.host,
         port=args.port,
         api_keys=tuple(args.api_key),
@@ -277,7 +277,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import jax
 
     budget = args.max_num_batched_tokens or (256 if jax.default_backend() == "cpu" else 2048)
-    engine_cfg = EngineConfig(
+    engine_config = EngineConfig(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=budget,
         page_size=args.page_size,
@@ -292,11 +292,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size)
     if dist.process_id > 0:  # a follower: the same runner as process 0's, driven by its calls
         try:
-            LLMEngine(model.cfg, model.params, engine_cfg, model.tokenizer, mesh=mesh).follow(peer)
+            LLMEngine(model.cfg, model.params, engine_config, model.tokenizer, mesh=mesh).follow(peer)
         except (PeerLostError, StepChannelError) as e:
             raise UserError(f"process {dist.process_id}: {e}; exiting: {RESTART}") from None
         return 0
-    server = Server(engine_replicas(model, engine_cfg, replica_meshes(mesh), channel=channel), server_cfg)
+    server = Server(engine_replicas(model, engine_config, replica_meshes(mesh), channel=channel), server_config)
     status = 1
     try:
         status = asyncio.run(serve(server))

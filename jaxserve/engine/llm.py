@@ -19,13 +19,13 @@ class LLM:
     def __init__(
         self,
         model: str | LoadedModel = DEFAULT_MODEL,
-        engine: EngineConfig = EngineConfig(),
+        engine_config: EngineConfig = EngineConfig(),
         dtype: str | None = None,
         mesh: Mesh | None = None,
     ) -> None:
         """`mesh`: the devices of one replica (`jaxserve.parallel.mesh`); default one device."""
         self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype)
-        self.engine = LLMEngine(self.model.cfg, self.model.params, engine, self.model.tokenizer, mesh=mesh)
+        self.engine = LLMEngine(self.model.cfg, self.model.params, engine_config, self.model.tokenizer, mesh=mesh, model_name=self.model.name)
 
     def warmup(self, progress: bool = True) -> None:
         """Compile every step shape now (`LLMEngine.warmup`)."""
