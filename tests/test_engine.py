@@ -29,17 +29,18 @@ def _engine(model, **kw) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_unrolled) -> LLM:
-    """One engine in the layout CPU serving uses, shared by the batch-invariance tests."""
-    return _engine(smollm2_unrolled)
+def llm(smollm2) -> LLM:
+    """One engine shared by the tests that use the default limits (its compiled steps are reused).
+    The unrolled CPU layout's batch invariance is held by the int8 engine test (the same ops)."""
+    return _engine(smollm2)
 
 
-def test_batched_greedy_equals_one_at_a_time(smollm2_unrolled, llm) -> None:
+def test_batched_greedy_equals_one_at_a_time(smollm2, llm) -> None:
     prompts = _prompts(24, seed=0)
     rng = random.Random(1)
     params = [SamplingParams(max_tokens=rng.randint(2, 12), temperature=0.0) for _ in prompts]
     batched = llm.generate(prompts, params, use_tqdm=False)
-    single = _engine(smollm2_unrolled, max_num_seqs=1)
+    single = _engine(smollm2, max_num_seqs=1)
     for prompt, sp, out in zip(prompts, params, batched):
         alone = single.generate([prompt], sp, use_tqdm=False)[0].outputs[0]  # an engine that only ever runs one request
         assert (out.outputs[0].token_ids, out.outputs[0].logprobs) == (alone.token_ids, alone.logprobs), prompt  # to the bit
@@ -58,10 +59,10 @@ def test_seeded_sampling_is_batch_invariant(llm) -> None:
     assert len(alone) == 16
 
 
-def test_preemption_keeps_outputs_identical(smollm2) -> None:
+def test_preemption_keeps_outputs_identical(smollm2, llm) -> None:
     prompts = _prompts(8, seed=4, max_words=40)
     params = [SamplingParams(max_tokens=24, temperature=0.0 if i % 2 else 0.9, seed=i, ignore_eos=True) for i in range(8)]
-    roomy = _engine(smollm2).generate(prompts, params, use_tqdm=False)
+    roomy = llm.generate(prompts, params, use_tqdm=False)
     tight = _engine(smollm2, num_pages=12)  # 11 usable pages of 16 tokens: not enough for all at once
     squeezed = tight.generate(prompts, params, use_tqdm=False)
     assert tight.engine.scheduler.num_preemptions > 0
