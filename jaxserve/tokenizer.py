@@ -16,7 +16,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import jinja2
 import jinja2.sandbox
 import tokenizers
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from jaxserve.errors import UserError
 

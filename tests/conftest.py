@@ -45,5 +45,15 @@ def smollm2_unrolled():
 
 
 @pytest.fixture(scope="session")
+def smollm2_server(tmp_path_factory):
+    """One `jaxserve serve` of SmolLM2 (`SERVER_ARGS`) for every test module that talks to the default
+    server: it warms up once."""
+    from tests.server_process import SERVER_ARGS, ServerProcess
+
+    with ServerProcess(SERVER_ARGS, tmp_path_factory.mktemp("server") / "log.txt") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
 def golden() -> dict:
     return json.loads(GOLDEN.read_text())

@@ -33,6 +33,12 @@ def engine_flags(cfg: EngineConfig) -> list[str]:
     return [x for name in names for x in (f"--{name.replace('_', '-')}", str(getattr(cfg, name)))]
 
 
+SERVER_KEY = "sk-test-key"
+# The shared SmolLM2 server's command line (conftest's `smollm2_server`): the test servers' limits, an
+# API key and a body limit small enough to test.
+SERVER_ARGS = [*engine_flags(SERVER_ENGINE), "--api-key", SERVER_KEY, "--max-body-bytes", "200000"]
+
+
 def wait_for(condition: Callable[[], Any], what: str, timeout: float = DEADLINE, interval: float = 0.05) -> Any:
     """Poll `condition` until it returns something true (returned); fail naming `what` at the deadline."""
     deadline = time.monotonic() + timeout

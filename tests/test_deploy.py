@@ -47,7 +47,8 @@ def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("deploy")
     cfg = tiny_config()
     model = write_gguf(folder / "tiny.gguf", cfg, tiny_params(cfg))
-    with ServerProcess(["--model", str(model), "--max-num-seqs", "2", "--num-pages", "16", "--max-model-len", "128"], folder / "log.txt") as proc:
+    limits = ["--max-num-seqs", "2", "--num-pages", "16", "--max-model-len", "128", "--no-warmup"]  # probes, not speed
+    with ServerProcess(["--model", str(model), *limits], folder / "log.txt") as proc:
         yield proc
 
 

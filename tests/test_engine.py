@@ -78,7 +78,7 @@ def test_preemption_keeps_outputs_identical(smollm2, llm) -> None:
 def test_prefix_cache_computes_only_the_suffix(smollm2) -> None:
     tok = smollm2.tokenizer
     system = tok.encode(" ".join(WORDS * 40))[:512]
-    llm = _engine(smollm2, num_pages=128, max_num_batched_tokens=512)
+    llm = _engine(smollm2)  # the 512-token prefix is prefilled in chunks of the step budget
     engine = llm.engine
     sp = SamplingParams(max_tokens=4, temperature=0.0)
     first = llm.generate([system + tok.encode(" question one?")], sp, use_tqdm=False)

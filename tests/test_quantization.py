@@ -88,12 +88,13 @@ def smollm2_int8(smollm2_unrolled):
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16"])
-def test_int8_smollm2_tracks_float(smollm2_unrolled, smollm2_int8, kv_cache_dtype) -> None:
+def test_int8_smollm2_tracks_float(smollm2, smollm2_int8, kv_cache_dtype) -> None:
     """Teacher-forced over a real passage: next-token choices agree with float at nearly every
-    position and the distributions stay close (also with a bfloat16 KV cache, as served for speed)."""
-    ids = smollm2_unrolled.tokenizer.encode(PASSAGE)
+    position and the distributions stay close (also with a bfloat16 KV cache, as served for speed).
+    The float reference runs stacked: the same numbers as unrolled, and a program 9x faster to compile."""
+    ids = smollm2.tokenizer.encode(PASSAGE)
     assert isinstance(smollm2_int8.params["layers"][0]["w_down"], Int8Weight)
-    ref = prefill_logits(smollm2_unrolled.cfg, smollm2_unrolled.params, ids).astype(np.float64)
+    ref = prefill_logits(smollm2.cfg, smollm2.params, ids).astype(np.float64)
     got = prefill_logits(smollm2_int8.cfg, smollm2_int8.params, ids, kv_cache_dtype=kv_cache_dtype).astype(np.float64)
     log_p = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
     log_q = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
@@ -111,11 +112,12 @@ def test_int8_engine_batched_equals_one_at_a_time(smollm2_int8) -> None:
     """Tokens and their log-probs, to the bit, whatever else is in the step."""
     prompts = ["Write a haiku about rain.", "What is 12 times 7?", PASSAGE, "Name three colours.", "Hello!"]
     params = [SamplingParams(max_tokens=12, temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True) for i in range(len(prompts))]
-    engine = EngineConfig(num_pages=128, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512)
-    batched = LLM(smollm2_int8, engine).generate(prompts, params, use_tqdm=False)
-    single = LLM(smollm2_int8, EngineConfig(num_pages=64, max_num_seqs=1, max_num_batched_tokens=256, max_model_len=512))
+    # No prefix cache: each prompt alone is computed alone, not read back from the batched run's pages.
+    limits = EngineConfig(num_pages=128, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512, enable_prefix_caching=False)
+    llm = LLM(smollm2_int8, limits)
+    batched = llm.generate(prompts, params, use_tqdm=False)
     for prompt, sp, out in zip(prompts, params, batched):
-        alone = single.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
+        alone = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0]  # the only request in flight
         assert (out.outputs[0].token_ids, out.outputs[0].logprobs) == (alone.token_ids, alone.logprobs), prompt
 
 

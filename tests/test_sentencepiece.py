@@ -3,7 +3,6 @@ decode exactly like the sentencepiece library. The model is trained here, in the
 
 from __future__ import annotations
 
-import io
 import random
 from pathlib import Path
 

@@ -13,18 +13,16 @@ import pytest
 
 from jaxserve.engine.llm import LLM
 from jaxserve.sampling_params import SamplingParams
-from tests.server_process import SERVER_ENGINE, ServerProcess, engine_flags, get, until
+from tests.server_process import SERVER_ENGINE, SERVER_KEY, get, until
 
-KEY = "sk-test-key"
+KEY = SERVER_KEY
 MODEL = "smollm2-135m-instruct"
-LIMITS = engine_flags(SERVER_ENGINE)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerProcess([*LIMITS, "--api-key", KEY, "--max-body-bytes", "200000"], tmp_path_factory.mktemp("server") / "log.txt") as proc:
-        yield proc
+def server(smollm2_server):
+    return smollm2_server
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server_process import SERVER_ENGINE, ServerProcess, engine_flags, get, post, until
+from tests.server_process import SERVER_KEY, ServerProcess, get, post, until
 
 MODEL = "smollm2-135m-instruct"
-LIMITS = engine_flags(SERVER_ENGINE)
 
 WEATHER = {
     "name": "get_weather",
@@ -49,9 +48,8 @@ SCHEMAS = {f["name"]: f["parameters"] for f in (WEATHER, MEETING)}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with ServerProcess(LIMITS, tmp_path_factory.mktemp("structured") / "log.txt") as proc:
-        yield proc
+def server(smollm2_server):
+    return smollm2_server
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +58,7 @@ def client(server):
 
     def run(work):
         async def main():
-            async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
+            async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=SERVER_KEY, max_retries=0) as c:
                 return await work(c)
 
         return asyncio.run(main())
@@ -239,14 +237,14 @@ def test_tool_round_trip(client, server) -> None:
     call, history, final = client(run)
     assert final.choices[0].finish_reason in ("stop", "length") and final.choices[0].message.content
     # The model saw its call and the tool's result (the template has no tool support: Hermes text).
-    status, body = post(server.url + "/tokenize", {"model": MODEL, "messages": history, "tools": TOOLS})
+    status, body = post(server.url + "/tokenize", {"model": MODEL, "messages": history, "tools": TOOLS}, SERVER_KEY)
     prompt = get_text(server, json.loads(body)["tokens"])
     assert status == 200 and "<tool_response>" in prompt and '"sky": "sunny"' in prompt
     assert f'"name": "{call.function.name}"' in prompt and "get_weather" in prompt.split("<tools>\n")[1]
 
 
 def get_text(server: ServerProcess, tokens: list[int]) -> str:
-    return json.loads(post(server.url + "/detokenize", {"tokens": tokens})[1])["prompt"]
+    return json.loads(post(server.url + "/detokenize", {"tokens": tokens}, SERVER_KEY)[1])["prompt"]
 
 
 BAD = [
@@ -284,11 +282,11 @@ def test_bad_constraints_get_400_while_sixteen_requests_run(server, client) -> N
     async def run(c: openai.AsyncOpenAI) -> tuple[list, list]:
         tasks = [asyncio.create_task(running(c, i)) for i in range(16)]
         async def all_running() -> bool:
-            text = (await asyncio.to_thread(get, server.url + "/metrics"))[1]
+            text = (await asyncio.to_thread(get, server.url + "/metrics", SERVER_KEY))[1]
             return "jaxserve:num_requests_running" in text and _metric(text, "jaxserve:num_requests_running") == 16
 
         await until(all_running, "16 requests running")
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {SERVER_KEY}"}) as session:
             answers = [await bad(session, extra) for extra, _, _ in BAD]
         return answers, await asyncio.gather(*tasks)
 
@@ -304,7 +302,7 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_structured_metrics_and_no_recompiles(server) -> None:
-    text = get(server.url + "/metrics")[1]
+    text = get(server.url + "/metrics", SERVER_KEY)[1]
     assert _metric(text, "jaxserve:structured_requests_total") >= 50 + 28 + 21
     assert _metric(text, "jaxserve:grammar_compile_seconds_count") >= 50  # fifty distinct schemas
     assert _metric(text, "jaxserve:grammar_mask_seconds_count") > 100

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from jaxserve.tokenizer import IncrementalDetokenizer
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -182,14 +183,24 @@ def write_hf_folder(folder: Path, cfg: ModelConfig, params: Params, shards: int 
 
 
 def prefill_logits(cfg: ModelConfig, params: Params, ids: list[int], page_size: int = 16, kv_cache_dtype: str = "auto") -> np.ndarray:
-    """Logits [T, V] of a prompt run through the paged cache (pages 1..n in order)."""
+    """Logits [T, V] of a prompt run through the paged cache (pages 1..n in order). The row is padded
+    to a power of two (at least a page), so prompts of similar lengths share one compiled program."""
     import jax.numpy as jnp
 
     from jaxserve.cache.kv_cache import KVCache, storage_dtype
-    from jaxserve.models.llama import ForwardBatch, compute_logits, forward
+    from jaxserve.models.llama import ForwardBatch
 
-    batch = ForwardBatch.prompt(ids, page_size)
+    n = len(ids)
+    batch = ForwardBatch.prompt([*ids, *[0] * (max(page_size, 1 << (n - 1).bit_length()) - n)], page_size)
+    batch = batch.replace(kv_lens=np.asarray([n], np.int32))  # the padding is never attended
     dtype = storage_dtype(kv_cache_dtype, jnp.asarray(params["embed"]).dtype)
     cache = KVCache.create(cfg, batch.page_table.shape[1] + 1, page_size, dtype)
-    (hidden,), _ = jax.jit(forward, static_argnums=3)(params, cache, (batch,), cfg)
-    return np.asarray(compute_logits(params, hidden, cfg))[0]
+    return np.asarray(_prefill_logits(params, cache, batch, cfg))[0, :n]
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _prefill_logits(params: Params, cache, batch, cfg: ModelConfig) -> jax.Array:
+    from jaxserve.models.llama import compute_logits, forward
+
+    (hidden,), _ = forward(params, cache, (batch,), cfg)  # [1, T, D]
+    return compute_logits(params, hidden, cfg)  # [1, T, V]

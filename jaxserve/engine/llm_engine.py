@@ -200,7 +200,7 @@ class LLMEngine:
         groups, last_row, prompt_slots = self._batch(chunks)
         self.runner.forward(groups)
         sampled = [c for c in chunks if c.completes]
-        rows = sum(g.tokens.shape[0] for g in groups)
+        rows = self.shapes.sampled_rows(sum(g.tokens.shape[0] for g in groups))
         sampling, positions = self._sampling(sampled, last_row, rows)
         self._fill_masks(sampled, last_row, sampling.allowed)  # on the host while the device runs the step
         adjust = self._adjust(sampled, last_row, rows) if any(c.seq.params.adjusts_logits for c in sampled) else None

@@ -67,6 +67,13 @@ class StepShapes:
         """The smallest size that holds n rows (0 for none)."""
         return next(s for s in (0, *sizes) if s >= n)
 
+    @staticmethod
+    def sampled_rows(rows: int) -> int:
+        """The sampler's row count for a step of `rows` rows: the next power of two. A step's logits
+        [Bd + Bp, V] are padded to it, so mixed steps share the sampler programs of decode-only ones,
+        and engines of any limits share them all (one set per vocabulary)."""
+        return 1 << (rows - 1).bit_length()
+
     def combos(self) -> list[tuple[int, int]]:
         """(decode rows, prefill rows) of every step program."""
         return [c for c in itertools.product((0, *self.decode_rows), (0, *self.prefill_rows)) if any(c)]
@@ -76,14 +83,15 @@ def model_step(
     params: Params, cache: KVCache, groups: Sequence[ForwardBatch], cfg: ModelConfig
 ) -> tuple[jnp.ndarray, jnp.ndarray | None, KVCache]:
     """Forward the groups; return the logits [R, V] at each row's last valid token (rows in group
-    order), the hidden states [Bp * T, D] of the prefill group (for prompt log-probs; None without
-    one) and the updated cache."""
+    order, then zero rows up to `StepShapes.sampled_rows`), the hidden states [Bp * T, D] of the
+    prefill group (for prompt log-probs; None without one) and the updated cache."""
     hidden, cache = forward(params, cache, groups, cfg)
     last_rows = []
     for g, h in zip(groups, hidden):  # h: [B, T, D]
         last = jnp.clip(g.kv_lens - 1 - g.positions[:, 0], 0, g.tokens.shape[1] - 1)  # [B]
         last_rows.append(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])  # [B, D]
-    logits = compute_logits(params, jnp.concatenate(last_rows), cfg)  # [R, V]
+    logits = compute_logits(params, jnp.concatenate(last_rows), cfg)  # [Bd + Bp, V]
+    logits = jnp.pad(logits, ((0, StepShapes.sampled_rows(logits.shape[0]) - logits.shape[0]), (0, 0)))  # [R, V]
     prefill = hidden[-1].reshape(-1, hidden[-1].shape[-1]) if groups[-1].tokens.shape[1] > 1 else None
     return logits, prefill, cache
 
@@ -207,7 +215,7 @@ class ModelRunner:
             for bd, bp in combos:
                 groups = [g for g in (bd and rows(bd, 1), bp and rows(bp, s.row_len)) if g]
                 self.forward(groups)
-                r = bd + bp
+                r = s.sampled_rows(bd + bp)
                 sampling, positions = SamplingArrays.greedy(r, vocab), np.zeros(r, np.int32)
                 adjust = LogitAdjust(np.ones((r, vocab), np.float32), np.zeros((r, vocab), np.float32))
                 for variant, top in itertools.product((None, adjust), (False, True)):

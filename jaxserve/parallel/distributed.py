@@ -196,7 +196,7 @@ def follow(runner: Any, link: Link) -> None:
     """Replay process 0's program calls on `runner` until it says stop. PeerLostError if it vanishes,
     StepChannelError on a frame that fails authentication or the schema (nothing of it runs)."""
     s = runner.shapes
-    rows = max(s.decode_rows) + max(s.prefill_rows)
+    rows = s.sampled_rows(s.decode_rows[-1] + s.prefill_rows[-1])
     limit = wire.payload_limit(rows, s.row_len, s.table_width, runner.cfg.vocab_size)
     while True:
         try:
