@@ -10,6 +10,7 @@ from jaxserve.errors import UserError
 from jaxserve.structured.guide import Guide
 
 MAX_LOGPROBS = 20  # most top log-probs a request may ask for (OpenAI's limit for top_logprobs)
+MAX_BEAMS = MAX_LOGPROBS // 2  # each beam's candidates are its 2 * width likeliest tokens, from the sampler's top ones
 _GOLDEN = 0x9E3779B9  # spreads the seeds of a request's n samples
 
 
@@ -42,6 +43,9 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     guide: Guide | None = None  # what the output must match (constrained decoding)
+    cache_salt: str | None = None  # mixed into the prefix-cache hashes: only requests with the same salt share pages
+    use_beam_search: bool = False  # n beams (`jaxserve.engine.beam`); deterministic, so no sampling fields
+    length_penalty: float = 1.0  # beam score = cumulative log-prob / generated tokens ** length_penalty
     # Filled in when `seed` is None so that every draw of an unseeded request is still reproducible
     # from its logged seed.
     effective_seed: int = field(default=-1, compare=False)
@@ -56,7 +60,7 @@ class SamplingParams:
         check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k", "must be -1 (off) or an integer >= 1")
         check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
-        check(self.seed is None or _is_int(self.seed), "seed", "must be an integer")
+        check(self.seed is None or (_is_int(self.seed) and -(1 << 63) <= self.seed < 1 << 63), "seed", "must be a signed 64-bit integer")
         check(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
         for name in ("presence_penalty", "frequency_penalty"):
             check(_is_num(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name, "must be in [-2, 2]")
@@ -81,6 +85,13 @@ class SamplingParams:
             "must be a list of token ids",
         )
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.use_beam_search:
+            check(1 <= self.n <= MAX_BEAMS, "n", f"must be in [1, {MAX_BEAMS}] with beam search (the beam width)")
+            check(_is_num(self.length_penalty), "length_penalty", "must be a number")
+            for name, off in (("temperature", 0), ("top_p", 1), ("top_k", -1), ("min_p", 0), ("presence_penalty", 0), ("frequency_penalty", 0),
+                              ("repetition_penalty", 1), ("logit_bias", {}), ("stop", ()), ("guide", None)):
+                check(getattr(self, name) == off, name, f"contradicts beam search, which takes the most likely beams (leave it {off!r})")
+        check(self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt != ""), "cache_salt", "must be a non-empty string")
         if self.effective_seed < 0:
             seed = self.seed if self.seed is not None else random.getrandbits(32)
             object.__setattr__(self, "effective_seed", seed % (1 << 32))

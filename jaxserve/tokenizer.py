@@ -198,15 +198,19 @@ class Tokenizer:
         return self.backend.grammar_vocabulary(self)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, continue_final_message: bool = False, **kwargs: Any
     ) -> str:
-        """Render messages with the model's template, following HF's `apply_chat_template` conventions."""
+        """Render messages with the model's template, following HF's `apply_chat_template` conventions:
+        `continue_final_message` leaves the last message open (the text ends where its content does),
+        so the model continues it."""
         if not self.chat_template:
             raise UserError("this model has no chat template; use a plain prompt")
+        if continue_final_message and add_generation_prompt:
+            raise UserError("continue_final_message and add_generation_prompt cannot both be true")
         if self._template is None:
             self._template = _compile_template(self.chat_template)
         try:
-            return self._template.render(
+            text = self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
@@ -215,6 +219,12 @@ class Tokenizer:
             )
         except jinja2.TemplateError as e:
             raise UserError(f"chat template error: {e}") from None
+        if continue_final_message:
+            final = str(messages[-1].get("content") or "").strip() if messages else ""
+            if not final or final not in text:
+                raise UserError("continue_final_message needs a final message with content that the template renders")
+            text = text[: text.rindex(final) + len(final)]
+        return text
 
     def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         """Token ids of a rendered conversation; the template supplies any BOS itself."""

@@ -41,7 +41,7 @@ def test_greedy_completions_equal_offline_sync_async_streaming(client, server, o
     assert [c.text for c in whole.choices] == [e.text for e in expected]
     assert [c.index for c in whole.choices] == [0, 1, 2]
     assert whole.usage.prompt_tokens == sum(len(smollm2.tokenizer.encode(p)) for p in PROMPTS)
-    assert whole.usage.completion_tokens == sum(len(e.token_ids) for e in expected)
+    assert whole.usage.completion_tokens == sum(e.num_generated for e in expected)  # an EOS that ended one counts
     assert whole.object == "text_completion" and whole.id.startswith("cmpl-") and whole.model == MODEL
 
     pieces: dict[int, str] = {}
@@ -73,7 +73,7 @@ def test_chat_equals_offline_streaming_and_not(client, server, offline, smollm2)
     expected = offline.generate([ids], SamplingParams(max_tokens=20, temperature=0.0), use_tqdm=False)[0].outputs[0]
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=20, temperature=0)
     assert reply.choices[0].message.content == expected.text and reply.choices[0].message.role == "assistant"
-    assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == len(expected.token_ids)
+    assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == expected.num_generated
     assert reply.choices[0].finish_reason == expected.finish_reason
 
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0, stream=True))
@@ -105,7 +105,8 @@ def test_logprobs_are_consistent_with_scoring(client, offline, smollm2) -> None:
     prompt = "The sun rises in the"
     out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=3)
     lp = out.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == out.usage.completion_tokens
+    eos = out.choices[0].finish_reason == "stop"  # counted in usage, not part of the text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == out.usage.completion_tokens - eos
     for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
         assert chosen <= 0 and len(top) <= 3 and math.isclose(max(top.values()), chosen, abs_tol=1e-5)  # greedy picks the best
         assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-5
@@ -122,7 +123,7 @@ def test_logprobs_are_consistent_with_scoring(client, offline, smollm2) -> None:
 
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
-    assert len(content) == chat.usage.completion_tokens
+    assert len(content) == chat.usage.completion_tokens - (chat.choices[0].finish_reason == "stop")
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
     assert "".join(c.token for c in content) == chat.choices[0].message.content
 

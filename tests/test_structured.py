@@ -111,28 +111,40 @@ def test_tool_call_parser_streams_content_and_holds_back_calls() -> None:
     text = 'Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     released = "".join(auto.feed(text[i : i + 3]) for i in range(0, len(text), 3))
     assert released == "Let me check. "  # nothing of the tag or the call leaks as content
-    rest, calls = auto.finish()
+    rest, calls = auto.finish("stop")
     assert rest == "" and len(calls) == 1
     assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'} and calls[0]["id"].startswith("call_")
 
     plain = ToolCallParser(ToolPlan(tools, "auto"))
     assert plain.feed("a < b, and <tool") == "a < b, and "  # a possible tag start waits
-    assert plain.finish() == ("<tool", [])  # ... and is content when no call follows
+    assert plain.finish("stop") == ("<tool", [])  # ... and is content when no call follows
 
     named = ToolCallParser(ToolPlan(tools, "named", "get_weather"))
     assert named.feed('{"city": "Oslo"}') == ""
-    assert named.finish()[1][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert named.finish("stop")[1][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
     required = ToolCallParser(ToolPlan(tools, "required"))
     required.feed('[{"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": "get_weather", "arguments": {}}]')
-    assert [json.loads(c["function"]["arguments"]) for c in required.finish()[1]] == [{"city": "Rome"}, {}]
+    assert [json.loads(c["function"]["arguments"]) for c in required.finish("stop")[1]] == [{"city": "Rome"}, {}]
     cut = ToolCallParser(ToolPlan(tools, "required"))
-    cut.feed('[{"name": "get_wea')  # cut off by max_tokens: no calls, the text stays content
-    assert cut.finish() == ('[{"name": "get_wea', [])
+    cut.feed('[{"name": "get_wea')  # cut off by max_tokens before a name: no calls, the text stays content
+    assert cut.finish("length") == ('[{"name": "get_wea', [])
+    for mode, text in (("required", '[{"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": "get_weather", "arguments": {"city": "Ro'),
+                       ("auto", 'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Ro')):
+        cut = ToolCallParser(ToolPlan(tools, mode))
+        cut.feed(text)  # cut off mid-call: the calls, the last one's arguments as far as they got
+        rest, calls = cut.finish("length")
+        assert [c["function"] for c in calls][-1] == {"name": "get_weather", "arguments": '{"city": "Ro'} and rest == ""
+    whole = ToolCallParser(ToolPlan(tools, "required"))
+    whole.feed('[{"name": "get_weather", "arguments": {"city": "Rome"}}, {"name": "get_weather", "arguments": {"city": "Ro')
+    assert [c["function"]["arguments"] for c in whole.finish("length")[1]] == ['{"city": "Rome"}', '{"city": "Ro']
+    stopped = ToolCallParser(ToolPlan(tools, "named", "get_weather"))
+    stopped.feed('{"city": "Ro')  # not cut by max_tokens (a stop string, say): content, as before
+    assert stopped.finish("stop") == ('{"city": "Ro', [])
 
     # OpenAI's finish reasons: a chosen call, a forced named call, an output cut off.
-    calls = required.finish()[1] or [{}]
+    calls = required.finish("stop")[1] or [{}]
     assert required.finish_reason("stop", calls) == "tool_calls" and named.finish_reason("stop", calls) == "stop"
     assert required.finish_reason("length", calls) == "length" and required.finish_reason("stop", []) == "stop"
     after = ToolCallParser(ToolPlan(tools, "auto"))
     after.feed('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call> Done.')
-    assert after.finish()[0] == "Done."  # text outside the call blocks stays content
+    assert after.finish("stop")[0] == "Done."  # text outside the call blocks stays content

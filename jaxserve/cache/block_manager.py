@@ -19,6 +19,13 @@ from jaxserve.errors import UserError
 BlockHash = bytes
 
 
+def salt_hash(salt: str | None) -> BlockHash:
+    """The parent of a sequence's first block hash: empty, or the request's cache salt hashed, so
+    requests with different salts never share cached pages (a tenant cannot probe another's prompts
+    by timing)."""
+    return b"" if salt is None else hashlib.blake2b(b"salt:" + salt.encode(), digest_size=16).digest()
+
+
 def block_hashes(tokens: Sequence[int], page_size: int, parent: BlockHash = b"") -> list[BlockHash]:
     """Chained hashes of each full page of `tokens` (a page's hash covers every token before it too)."""
     out = []

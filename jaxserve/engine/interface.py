@@ -33,6 +33,8 @@ class EngineLimits:
     max_num_batched_tokens: int
     kv_cache_tokens: int  # tokens the KV cache holds over all sequences
     page_size: int
+    kv_cache_dtype: str  # what the KV cache stores
+    enable_prefix_caching: bool
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class StepReport:
     """What one engine step did, for the observers of `AsyncEngine.subscribe`."""
 
     batch_size: int  # sequences in the step
+    num_tokens: int  # tokens computed in the step (prefill chunks and decodes)
     mask_seconds: float | None  # computing the step's grammar masks (None: no constrained rows)
 
 

@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 
 from jaxserve.cache.block_manager import BlockManager
 from jaxserve.cache.kv_cache import page_bytes, pages_for_memory, storage_dtype
+from jaxserve.engine.beam import BeamSearch, Hypothesis
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.interface import EngineLimits, EngineStats, ModelInfo, StepReport
 from jaxserve.engine.outputs import RequestOutput, StepOutput, TopLogprobs
@@ -23,7 +24,7 @@ from jaxserve.models.llama import ForwardBatch, Params
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays
 from jaxserve.parallel.channel import Link
 from jaxserve.parallel.distributed import StepChannel, follow
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import MAX_BEAMS, SamplingParams
 from jaxserve.structured.matchers import GrammarCompiler
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -58,6 +59,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.max_model_len = min(engine_config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
         dtype = storage_dtype(engine_config.kv_cache_dtype, params["embed"].dtype)
+        self.kv_cache_dtype = np.dtype(dtype).name
         self.num_pages = (
             engine_config.num_pages
             if engine_config.kv_cache_memory is None
@@ -80,7 +82,7 @@ class LLMEngine:
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._arrivals = itertools.count()
         self.num_computed_tokens = 0  # tokens whose K/V the device computed (prefix hits excluded)
-        self.last_step = StepReport(0, None)
+        self.last_step = StepReport(0, 0, None)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -90,11 +92,10 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if not prompt_ids:
             raise UserError("the prompt is empty", param="prompt")
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise UserError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
-        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
-            if any(t >= vocab for t in ids):
-                raise UserError(f"{name} token ids must be in [0, {vocab})", param=name)
+        for name, ids in (("prompt", prompt_ids), ("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise UserError(f"{name}: token id {bad!r} is out of range: token ids must be integers in [0, {vocab}) (the vocabulary size is {vocab})", param=name)
         if params.stop and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer; this engine has none", param="stop")
         total = len(prompt_ids) + params.max_tokens
@@ -132,13 +133,16 @@ class LLMEngine:
             raise UserError(f"request id {request_id!r} is already in use")
         arrival = next(self._arrivals)
         samples: list[Sequence] = []
-        for index in range(params.n):
+        for index in range(1 if params.use_beam_search else params.n):  # beams fork from one sequence
             sp = params if index == 0 else dataclasses.replace(params, prompt_logprobs=None)
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
             leader = samples[0] if samples else None
             seq = Sequence(request_id, list(prompt_ids), sp, arrival, priority, index, leader, detok)
             if params.guide is not None:
                 seq.matcher = self.grammars.matcher(params.guide)
+            if params.use_beam_search:
+                stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+                seq.beam, seq.detokenizer = BeamSearch(params.n, params.length_penalty, params.max_tokens, params.min_tokens, frozenset(stops)), None
             samples.append(seq)
         self.seqs[request_id] = samples
         for seq in samples:
@@ -184,7 +188,8 @@ class LLMEngine:
     @property
     def limits(self) -> EngineLimits:
         kv_tokens = (self.num_pages - 1) * self.engine_config.page_size  # page 0 is the null page
-        return EngineLimits(self.engine_config.max_num_seqs, self.engine_config.max_num_batched_tokens, kv_tokens, self.engine_config.page_size)
+        c = self.engine_config
+        return EngineLimits(c.max_num_seqs, c.max_num_batched_tokens, kv_tokens, c.page_size, self.kv_cache_dtype, c.enable_prefix_caching)
 
     def stats(self) -> EngineStats:
         s, b = self.scheduler, self.blocks
@@ -194,7 +199,7 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         chunks = self.scheduler.schedule()
-        self.last_step = StepReport(len(chunks), None)
+        self.last_step = StepReport(len(chunks), sum(c.length for c in chunks), None)
         if not chunks:
             return []
         groups, last_row, prompt_slots = self._batch(chunks)
@@ -204,11 +209,11 @@ class LLMEngine:
         sampling, positions = self._sampling(sampled, last_row, rows)
         self._fill_masks(sampled, last_row, sampling.allowed)  # on the host while the device runs the step
         adjust = self._adjust(sampled, last_row, rows) if any(c.seq.params.adjusts_logits for c in sampled) else None
-        want_top = any(c.seq.params.logprobs is not None for c in sampled)
+        want_top = any(c.seq.params.logprobs is not None or c.seq.beam is not None for c in sampled)
         tokens, logprobs, *top = self.runner.sample(sampling, positions, adjust, want_top)
         if prompt_slots:
             self._collect_prompt_logprobs(groups[-1].tokens.size, prompt_slots)
-        outputs = []
+        outputs, beams = [], set()
         for chunk in chunks:
             seq, row = chunk.seq, last_row[id(chunk)]
             if seq.status is Status.FINISHED:
@@ -216,7 +221,11 @@ class LLMEngine:
             seq.num_computed += chunk.length
             self.num_computed_tokens += chunk.length
             self.scheduler.register_computed(seq)
-            if chunk.completes:
+            if chunk.completes and seq.beam is not None:
+                width = 2 * seq.beam.width
+                seq.candidates = list(zip(top[0][row, :width].tolist(), top[1][row, :width].tolist()))
+                beams.add(seq.request_id)
+            elif chunk.completes:
                 k = seq.params.logprobs or 0
                 alternatives = tuple(zip(top[0][row, :k].tolist(), top[1][row, :k].tolist())) if k else ()
                 try:
@@ -224,16 +233,90 @@ class LLMEngine:
                 except Exception as e:  # a host-side failure (say, detokenizing) fails only its own request
                     log.exception("request %s failed", seq.request_id)
                     outputs += self.abort(seq.request_id, "error", f"{type(e).__name__}: {e}")
+        for request_id in sorted(beams):
+            outputs += self._advance_beams(request_id)
         return outputs
+
+    # ---- beam search ---------------------------------------------------------------------
+
+    def _advance_beams(self, request_id: str) -> list[StepOutput]:
+        """Once every live beam of a request has its candidates: fork the next beams (sharing full
+        pages, copying a partial last page on the device), or finish the request with its best ones."""
+        live = self.seqs.get(request_id, [])
+        if not live or any(s.candidates is None for s in live):
+            return []  # a beam was preempted: it catches up first
+        search: BeamSearch = live[0].beam
+        chosen = search.advance([(s.output_ids, s.beam_logprobs, s.beam_cumulative, s.candidates) for s in live])
+        taken: set[int] = set()
+        copies: list[tuple[int, int]] = []  # (source page, new page) of forked partial pages
+        children = []
+        for parent, token, logprob in chosen:  # a parent's first child is the parent itself; others fork it
+            seq = live[parent]
+            children.append((seq if parent not in taken else self._fork(seq, copies), token, logprob))
+            taken.add(parent)
+        for child, token, logprob in children:  # after every fork, so forks start from their parent's tokens
+            child.output_ids.append(token)
+            child.beam_logprobs.append(logprob)
+            child.beam_cumulative += logprob
+        for b, seq in enumerate(live):
+            seq.candidates = None
+            if b not in taken:
+                self.scheduler.finish(seq, "beam")  # no candidate of it is among the best
+        if copies:
+            src, dst = np.zeros(MAX_BEAMS, np.int32), np.zeros(MAX_BEAMS, np.int32)  # a step forks fewer than MAX_BEAMS per request
+            src[: len(copies)], dst[: len(copies)] = zip(*copies)
+            self.runner.copy_pages(src, dst)
+        self.seqs[request_id] = [child for child, _, _ in children]
+        for index, child in enumerate(self.seqs[request_id]):
+            child.index = index
+        if children:
+            return []
+        self.seqs.pop(request_id)
+        return [out for index, hyp in enumerate(search.best()) for out in self._beam_outputs(live[0], index, hyp)]
+
+    def _fork(self, seq: Sequence, copies: list[tuple[int, int]]) -> Sequence:
+        """A running copy of a beam: its full pages shared, its partial last page copied (recorded in
+        `copies` for the device). Without a free page or a free running slot it waits instead, and
+        recomputes what the prefix cache does not hold."""
+        clone = dataclasses.replace(seq, output_ids=list(seq.output_ids), beam_logprobs=list(seq.beam_logprobs), hashes=list(seq.hashes), pages=[], candidates=None)
+        page_size = self.engine_config.page_size
+        full, partial = divmod(seq.num_computed, page_size)
+        room = len(self.scheduler.running) < self.engine_config.max_num_seqs
+        fresh = self.blocks.allocate(1) if partial and room else [] if room else None
+        if fresh is None:
+            clone.num_computed = 0
+            self.scheduler.add(clone)
+            return clone
+        self.blocks.acquire(seq.pages[:full])
+        clone.pages = seq.pages[:full] + fresh
+        if partial:
+            copies.append((seq.pages[full], fresh[0]))
+        self.scheduler.running.append(clone)
+        return clone
+
+    def _beam_outputs(self, seq: Sequence, index: int, hyp: Hypothesis) -> list[StepOutput]:
+        """A finished beam as the step outputs a sampled sequence would have given, token by token."""
+        detok = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens) if self.tokenizer else None
+        outs, last = [], len(hyp.token_ids) - 1
+        for i, (token, logprob) in enumerate(zip(hyp.token_ids, hyp.logprobs)):
+            text = (detok.push(token) + (detok.flush() if i == last else "")) if detok else ""
+            done = i == last
+            outs.append(StepOutput(seq.request_id, index, token, logprob, hyp.finish_reason if done else None, text,
+                                   stop_token_id=hyp.stop_token_id if done else None,
+                                   num_cached_tokens=seq.num_cached_tokens if i == 0 else None, queue_seconds=seq.queue_seconds if i == 0 else None))
+        if not outs:  # the prompt's likeliest next token ends it
+            outs.append(StepOutput(seq.request_id, index, None, 0.0, hyp.finish_reason, "", stop_token_id=hyp.stop_token_id,
+                                   num_cached_tokens=seq.num_cached_tokens, queue_seconds=seq.queue_seconds))
+        return outs
 
     def _append(self, seq: Sequence, token: int, logprob: float, top: TopLogprobs) -> StepOutput:
         p = seq.params
         first = not seq.output_ids
-        reason, token_out, stopped_by_string = None, None, False
+        reason, token_out, stop_token, stopped_by_string = None, None, None, False
         if seq.matcher is not None and not seq.matcher.consume_token(token):
             raise RuntimeError(f"the grammar rejected token {token}: {seq.matcher.get_error()}")
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            reason = "stop"  # min_tokens banned these until it was reached
+            reason, stop_token = "stop", token  # min_tokens banned these until it was reached
         else:
             token_out = token
             seq.output_ids.append(token)
@@ -257,7 +340,8 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             if all(s.status is Status.FINISHED for s in self.seqs.get(seq.request_id, [])):
                 self.seqs.pop(seq.request_id, None)
-        return StepOutput(seq.request_id, seq.index, token_out, logprob, reason, text, top, prompt)
+        cached, queued = (seq.num_cached_tokens, seq.queue_seconds) if first else (None, None)
+        return StepOutput(seq.request_id, seq.index, token_out, logprob, reason, text, top, prompt, stop_token, cached, queued)
 
     def _match_stop(self, seq: Sequence, before: int) -> bool:
         """Cut the output text at the first stop string that the last token completed."""

@@ -21,6 +21,13 @@ class StepOutput:
     # On a sample's first output when the request asked for prompt_logprobs: for each prompt token
     # after the first, its log-prob and the top alternatives.
     prompt_logprobs: tuple[tuple[float, TopLogprobs], ...] | None = None
+    # On a sample's last output when a stop token (EOS or a stop_token_ids entry) ended it: that token,
+    # generated but kept out of token_id and the text; usage counts it, as vLLM does.
+    stop_token_id: int | None = None
+    # On a sample's first output: prompt tokens whose K/V came from the prefix cache, and the seconds
+    # it waited before it first ran.
+    num_cached_tokens: int | None = None
+    queue_seconds: float | None = None
 
 
 @dataclass
@@ -33,6 +40,12 @@ class CompletionOutput:
     top_logprobs: list[TopLogprobs] = field(default_factory=list)  # per token, when asked for
     text: str = ""
     finish_reason: str | None = None
+    stop_token_id: int | None = None  # the EOS or stop token that ended it (generated, not in token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        """Tokens generated, the stop token included (what usage counts)."""
+        return len(self.token_ids) + (self.stop_token_id is not None)
 
 
 @dataclass
@@ -43,6 +56,7 @@ class RequestOutput:
     prompt_ids: list[int]
     outputs: list[CompletionOutput]
     prompt_logprobs: tuple[tuple[float, TopLogprobs], ...] | None = None
+    num_cached_tokens: int = 0  # prompt tokens read from the prefix cache
 
     @classmethod
     def empty(cls, request_id: str, prompt_ids: list[int], n: int) -> RequestOutput:
@@ -57,8 +71,11 @@ class RequestOutput:
                 sample.top_logprobs.append(out.top_logprobs)
         sample.text += out.text
         sample.finish_reason = out.finish_reason
+        sample.stop_token_id = out.stop_token_id
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
+        if out.num_cached_tokens is not None and out.index == 0:
+            self.num_cached_tokens = out.num_cached_tokens
 
     @property
     def finished(self) -> bool:

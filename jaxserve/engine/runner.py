@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +31,7 @@ from jaxserve.ops.sampling import LogitAdjust, SamplingArrays, sample
 from jaxserve.parallel.distributed import StepChannel
 from jaxserve.parallel.mesh import make_mesh
 from jaxserve.parallel.sharding import CACHE_SPEC, param_shardings
-from jaxserve.sampling_params import MAX_LOGPROBS
+from jaxserve.sampling_params import MAX_BEAMS, MAX_LOGPROBS
 
 
 def enable_compilation_cache(folder: Path) -> None:
@@ -96,6 +98,12 @@ def model_step(
     return logits, prefill, cache
 
 
+def copy_pages(cache: KVCache, src: jnp.ndarray, dst: jnp.ndarray) -> KVCache:
+    """Page dst[i] := page src[i] in every layer and KV head ([K] each; padding copies the null page
+    onto itself): beam search's copy-on-write of a forked beam's partial last page."""
+    return cache.replace(k=cache.k.at[:, :, dst].set(cache.k[:, :, src]), v=cache.v.at[:, :, dst].set(cache.v[:, :, src]))
+
+
 def prompt_logprobs(params: Params, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, ...]:
     """Log-probs [N] of each next prompt token `targets` [N] after hidden states [N, D], and the top
     MAX_LOGPROBS ids and log-probs [N, K]."""
@@ -155,6 +163,7 @@ class ModelRunner:
             donate_argnums=(1,),
         )
         self._sample = jax.jit(sample, static_argnums=4, in_shardings=replicated, out_shardings=replicated)  # 4: num_top
+        self._copy = jax.jit(copy_pages, in_shardings=(cache_sh, replicated, replicated), out_shardings=cache_sh, donate_argnums=(0,))
         self._prompt_logprobs = jax.jit(
             functools.partial(prompt_logprobs, cfg=cfg), in_shardings=(param_sh, replicated, replicated), out_shardings=replicated
         )
@@ -164,7 +173,7 @@ class ModelRunner:
     @property
     def num_compiles(self) -> int:
         """Distinct input shapes the jitted programs have been traced for."""
-        return sum(f._cache_size() for f in (self._step, self._sample, self._prompt_logprobs))
+        return sum(f._cache_size() for f in (self._step, self._sample, self._prompt_logprobs, self._copy))
 
     def _call(self, name: str, *args: Any) -> None:
         """Send the call to the other processes of a multi-host group before making it."""
@@ -201,25 +210,53 @@ class ModelRunner:
         self._call("prompt_logprobs", targets)
         return tuple(_host(x) for x in self._prompt_logprobs(self.params, self._prefill, self._global(targets)))
 
+    def copy_pages(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy pages src [MAX_BEAMS] to dst [MAX_BEAMS] (pad with 0 -> 0)."""
+        self._call("copy_pages", src, dst)
+        self.cache = self._copy(self.cache, *self._global((src, dst)))
+
     def warmup(self, progress: bool = True) -> None:
-        """Compile every program the engine can call (step shapes x sampler variants), on padding
-        rows that write only to the null page."""
+        """Compile every program the engine can call (step shapes x sampler variants), then run each
+        once on padding rows that write only to the null page. The compiles run side by side, one
+        per core (XLA compiles outside the GIL, and `jit` keeps what they build); the runs that
+        follow compile nothing more here, and the other processes of a multi-host group replay them."""
         vocab, s = self.cfg.vocab_size, self.shapes
 
         def rows(b: int, t: int) -> ForwardBatch:
             zeros = np.zeros((b, t), np.int32)
             return ForwardBatch(zeros, zeros, np.zeros((b, s.table_width), np.int32), np.zeros(b, np.int32))
 
-        combos = s.combos()
-        with tqdm(total=len(combos), desc="warming up", unit="shape", disable=not progress) as bar:
-            for bd, bp in combos:
-                groups = [g for g in (bd and rows(bd, 1), bp and rows(bp, s.row_len)) if g]
-                self.forward(groups)
-                r = s.sampled_rows(bd + bp)
-                sampling, positions = SamplingArrays.greedy(r, vocab), np.zeros(r, np.int32)
-                adjust = LogitAdjust(np.ones((r, vocab), np.float32), np.zeros((r, vocab), np.float32))
-                for variant, top in itertools.product((None, adjust), (False, True)):
-                    self.sample(sampling, positions, variant, top)
-                if bp:
-                    self.prompt_logprobs(np.zeros(bp * s.row_len, np.int32))
-                bar.update()
+        def on_device(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated)
+
+        runs, programs = [], {}  # the calls to make; the distinct programs they need, by key
+        for bd, bp in s.combos():
+            groups = tuple(g for g in (bd and rows(bd, 1), bp and rows(bp, s.row_len)) if g)
+            r = s.sampled_rows(bd + bp)
+            sampling, positions = SamplingArrays.greedy(r, vocab), np.zeros(r, np.int32)
+            adjust = LogitAdjust(np.ones((r, vocab), np.float32), np.zeros((r, vocab), np.float32))
+            variants = list(itertools.product((None, adjust), (False, True)))
+            targets = np.zeros(bp * s.row_len, np.int32) if bp else None
+            runs.append((groups, sampling, positions, variants, targets))
+            step_args = (self.params, self.cache, self._global(groups))
+            logits, prefill, _ = jax.eval_shape(self._step, *step_args)
+            programs[("step", bd, bp)] = (self._step, step_args)
+            for variant, top in variants:
+                args = (on_device(logits), *self._global((sampling, positions, variant)), MAX_LOGPROBS if top else 0)
+                programs[("sample", r, variant is None, top)] = (self._sample, args)
+            if bp:
+                programs[("prompt_logprobs", bp)] = (self._prompt_logprobs, (self.params, on_device(prefill), self._global(targets)))
+        no_copy = np.zeros(MAX_BEAMS, np.int32)
+        programs[("copy_pages",)] = (self._copy, (self.cache, *self._global((no_copy, no_copy))))
+        lowered = [fn.lower(*args) for fn, args in programs.values()]  # tracing holds the GIL: one thread
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            jobs = [pool.submit(low.compile) for low in lowered]
+            for job in tqdm(as_completed(jobs), total=len(jobs), desc="compiling", unit="program", disable=not progress):
+                job.result()
+        for groups, sampling, positions, variants, targets in runs:
+            self.forward(list(groups))
+            for variant, top in variants:
+                self.sample(sampling, positions, variant, top)
+            if targets is not None:
+                self.prompt_logprobs(targets)
+        self.copy_pages(no_copy, no_copy)

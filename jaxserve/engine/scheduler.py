@@ -18,6 +18,7 @@ in the prefix cache.
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass
 
 from jaxserve.cache.block_manager import BlockManager
@@ -118,6 +119,8 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             seq.pages, seq.num_computed, seq.status = hit + fresh, chunk.start, Status.RUNNING
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens, seq.queue_seconds = chunk.start, time.perf_counter() - seq.arrival_time
             self.running.append(seq)
             chunks.append(chunk)
             prefills += chunk.rows > 0

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from jaxserve.cache.block_manager import BlockHash, block_hashes
+from jaxserve.cache.block_manager import BlockHash, block_hashes, salt_hash
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import IncrementalDetokenizer
 
@@ -36,6 +37,13 @@ class Sequence:
     prompt_logprobs: list = field(default_factory=list)  # per prompt position after the first, once computed
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0  # leading tokens whose K/V are in the cache
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
+    arrival_time: float = field(default_factory=time.perf_counter)
+    queue_seconds: float | None = None  # arrival to first admission into the running batch
+    beam: Any = None  # the request's `jaxserve.engine.beam.BeamSearch` when this is one of its beams
+    beam_logprobs: list[float] = field(default_factory=list)  # a beam's log-prob of each output token
+    beam_cumulative: float = 0.0
+    candidates: list[tuple[int, float]] | None = None  # a beam's next tokens, computed and not yet chosen from
     hashes: list[BlockHash] = field(default_factory=list)  # of this sequence's full blocks, as far as computed
     status: Status = Status.WAITING
     finish_reason: str | None = None
@@ -66,6 +74,6 @@ class Sequence:
         """Hashes of the full blocks among the first `upto` tokens (extends the cached list)."""
         have = len(self.hashes) * page_size
         if upto - have >= page_size:
-            parent = self.hashes[-1] if self.hashes else b""
+            parent = self.hashes[-1] if self.hashes else salt_hash(self.params.cache_salt)
             self.hashes += block_hashes(self.tokens[have:upto], page_size, parent)
         return self.hashes[: upto // page_size]

@@ -40,6 +40,7 @@ def _layouts() -> dict[str, list[tuple]]:
         "forward": [((_batch(),),), ((_batch(), _batch()),)],  # decode or prefill rows; both
         "sample": [(sampling, rows, a, False) for a in (None, adjust)],  # `top` is a Python bool
         "prompt_logprobs": [(rows,)],
+        "copy_pages": [(rows, rows)],
         "stop": [()],
     }
 

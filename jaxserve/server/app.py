@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -27,9 +28,10 @@ from jaxserve.engine.interface import CheckedRequest
 from jaxserve.engine.outputs import StepOutput
 from jaxserve.errors import UserError
 from jaxserve.parallel.distributed import PeerLostError
-from jaxserve.server.metrics import Metrics
-from jaxserve.server.protocol import ApiError, Request, parse_chat, parse_completion
-from jaxserve.server.render import renderer
+from jaxserve.server.metrics import Metrics, RequestMetrics
+from jaxserve.server.protocol import ApiError, Request, chat_prompt, parse_chat, parse_completion
+from jaxserve.server.render import Renderer, renderer, sse
+from jaxserve.server.responses import ResponsesRenderer, ResponseStore, chat_body
 
 log = logging.getLogger("jaxserve.server")
 
@@ -52,6 +54,7 @@ class Server:
         self.ready = False
         self.draining = False
         self.created = int(time.time())
+        self.response_store = ResponseStore()  # conversations behind previous_response_id
         self.load = [0] * len(self.engines)  # engine requests (one per prompt) accepted and not yet answered, per replica
 
     # ---- application ---------------------------------------------------------------------
@@ -62,6 +65,7 @@ class Server:
             [
                 web.post("/v1/completions", self.completions),
                 web.post("/v1/chat/completions", self.chat),
+                web.post("/v1/responses", self.responses),
                 web.get("/v1/models", self.models),
                 web.get("/v1/models/{model}", self.model),
                 web.post("/tokenize", self.tokenize),
@@ -194,7 +198,8 @@ class Server:
         try:
             checked = await engine.check(req.prompts, req.params)
         except UserError as e:
-            param = {"guide": req.guide_param, "prompt": "messages" if req.kind == "chat" else "prompt"}.get(e.param, e.param)
+            prompt = "prompt" if req.kind == "completion" else "input" if req.responses is not None else "messages"
+            param = {"guide": req.guide_param, "prompt": prompt}.get(e.param, e.param)
             raise ApiError(400, str(e), param, code=e.code) from None
         if checked.grammar_seconds is not None:
             self.metrics.grammar_compile.labels(self.model_name).observe(checked.grammar_seconds)
@@ -209,6 +214,14 @@ class Server:
         body = await self._body(request)
         self._admit(body)
         return await self._serve(request, parse_chat(body, self.tokenizer, self.model_name, self.max_model_len))
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API, computed as the chat request it amounts to."""
+        body = await self._body(request)
+        self._admit(body)
+        chat, extra = chat_body(body, self.response_store)
+        req = parse_chat(chat, self.tokenizer, self.model_name, self.max_model_len)
+        return await self._serve(request, dataclasses.replace(req, responses=extra))
 
     async def _serve(self, request: web.Request, req: Request) -> web.StreamResponse:
         # Counted from here (no await since the admission check), so a burst cannot overshoot max_waiting.
@@ -227,7 +240,7 @@ class Server:
             self.load[replica] -= len(req.prompts)
 
     async def _whole(self, req: Request, checked: CheckedRequest, engine: AsyncEngine) -> web.Response:
-        render = renderer(req, self.tokenizer)
+        render = self._renderer(req)
         try:
             async with asyncio.timeout(self.cfg.request_timeout):
                 async for i, out in self._outputs(req, checked, engine):
@@ -243,51 +256,37 @@ class Server:
     async def _outputs(self, req: Request, checked: CheckedRequest, engine: AsyncEngine) -> AsyncIterator[tuple[int, StepOutput]]:
         """(prompt index, step output) of every prompt, as the engine merges them; records latency
         and token metrics. Leaving early aborts every prompt's request."""
-        name = self.model_name
-        arrival = time.perf_counter()
-        last: dict[int, float] = {}  # per prompt: when its latest token came
-        self.metrics.prompt_tokens.labels(name).inc(sum(map(len, req.prompts)))
+        record = RequestMetrics(self.metrics, req.prompts, req.params.n, req.params.max_tokens)
         async with contextlib.aclosing(engine.generate(req.request_id, checked)) as outputs:
             async for i, out in outputs:
-                yield i, self._record(i, out, arrival, last)
-
-    def _record(self, i: int, out: StepOutput, arrival: float, last: dict[int, float]) -> StepOutput:
-        """Token, latency and outcome metrics of one output of prompt i."""
-        name = self.model_name
-        now = time.perf_counter()
-        if out.token_id is not None:
-            self.metrics.generation_tokens.labels(name).inc()
-            (self.metrics.ttft if i not in last else self.metrics.itl).labels(name).observe(now - last.get(i, arrival))
-            last[i] = now
-        if out.finish_reason:
-            self.metrics.requests.labels(name, out.finish_reason).inc()
-            self.metrics.e2e.labels(name).observe(now - arrival)
-        return out
+                record.output(i, out)
+                yield i, out
 
     async def _stream(self, request: web.Request, req: Request, checked: CheckedRequest, engine: AsyncEngine) -> web.StreamResponse:
-        """Server-sent events: one chunk per step output that says something, then usage (if asked),
-        then [DONE]."""
-        render = renderer(req, self.tokenizer)
+        """Server-sent events: the renderer's opening, its frames for each step output, then its
+        closing (usage if asked, [DONE]; the Responses API's own events)."""
+        render = self._renderer(req)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
 
-        async def send(obj: dict | str) -> None:
-            await response.write(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode())
+        async def send(frames: list[str]) -> None:
+            if frames:
+                await response.write("".join(frames).encode())
 
+        await send(render.opening())
         try:
             async with asyncio.timeout(self.cfg.request_timeout):
                 async for i, out in self._outputs(req, checked, engine):
-                    choice = render.add(i, out)
-                    if choice is not None:
-                        await send(render.chunk([choice]))
-            if req.include_usage:
-                await send(render.usage_chunk())
+                    await send(render.frames(i, out))
+            await send(render.closing())
         except (TimeoutError, RequestFailedError, EngineDeadError) as e:
             message = f"the request took longer than {self.cfg.request_timeout} s" if isinstance(e, TimeoutError) else str(e)
-            await send(ApiError(500, message, type="internal_server_error").body())
-        await send("[DONE]")
+            await send(render.failure(message) + ([sse("[DONE]")] if req.responses is None else []))
         await response.write_eof()
         return response
+
+    def _renderer(self, req: Request) -> Renderer:
+        return ResponsesRenderer(req, self.tokenizer) if req.responses is not None else renderer(req, self.tokenizer)
 
     # ---- other endpoints -----------------------------------------------------------------
 
@@ -308,10 +307,13 @@ class Server:
         if isinstance(body.get("prompt"), str):
             ids = self.tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True) is not False)
         elif "messages" in body:
-            ids = parse_chat({**body, "max_tokens": 1}, self.tokenizer, self.model_name, self.max_model_len).prompts[0]
+            ids = chat_prompt(body, self.tokenizer)[0]  # exactly what /v1/chat/completions renders
         else:
             raise ApiError(400, "send 'prompt' (a string) or 'messages'", "prompt")
-        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len})
+        out = {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+        if body.get("return_token_strs") is True:
+            out["token_strs"] = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+        return web.json_response(out)
 
     async def detokenize(self, request: web.Request) -> web.Response:
         body = await self._body(request)

@@ -8,6 +8,8 @@ scrapes; per-step figures come from the engines' step reports.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -16,10 +18,14 @@ from prometheus_client.registry import Collector
 
 from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.engine.interface import EngineStats, StepReport
+from jaxserve.engine.outputs import StepOutput
 
 _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _MASK = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+_TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)  # vLLM's 1-2-5 series
+_N = (1, 2, 5, 10, 20)
+_REQUEST_TIME = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 
 
 class _EngineCollector(Collector):
@@ -49,6 +55,13 @@ class _EngineCollector(Collector):
             for i, stats in enumerate(snapshots):
                 family.add_metric([self.model, str(i)], read(stats))
             yield family
+        info = GaugeMetricFamily("jaxserve:cache_config_info", "KV-cache configuration of each engine (value 1; the labels say it).", labels=[
+            "model_name", "engine", "block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"])
+        for i, engine in enumerate(self.engines):
+            lim = engine.limits
+            info.add_metric([self.model, str(i), str(lim.page_size), str(lim.kv_cache_tokens // lim.page_size), lim.kv_cache_dtype,
+                             str(lim.enable_prefix_caching)], 1.0)
+        yield info
 
 
 class Metrics:
@@ -67,6 +80,21 @@ class Metrics:
         self.structured = Counter("jaxserve:structured_requests", "Requests with constrained output, by the field that asked.", m + ["kind"], registry=r)
         self.grammar_compile = Histogram("jaxserve:grammar_compile_seconds", "Compiling a new grammar (cached ones are free).", m, buckets=_LATENCY, registry=r)
         self.grammar_mask = Histogram("jaxserve:grammar_mask_seconds", "Computing a step's grammar token masks (steps with constrained rows).", m, buckets=_MASK, registry=r)
+        # vLLM's per-step and per-request histograms, same names and buckets (a request here is one prompt).
+        self.iteration_tokens = Histogram("jaxserve:iteration_tokens_total", "Tokens computed per engine step.", m, buckets=_TOKENS, registry=r)
+        self.request_prompt_tokens = Histogram("jaxserve:request_prompt_tokens", "Prompt tokens per request.", m, buckets=_TOKENS, registry=r)
+        self.request_generation_tokens = Histogram("jaxserve:request_generation_tokens", "Generated tokens per request (all n samples).", m, buckets=_TOKENS, registry=r)
+        self.request_params_n = Histogram("jaxserve:request_params_n", "The n parameter of each request.", m, buckets=_N, registry=r)
+        self.request_params_max_tokens = Histogram("jaxserve:request_params_max_tokens", "The max_tokens parameter of each request.", m, buckets=_TOKENS, registry=r)
+        seconds = {
+            "queue": "Waiting before first running.",
+            "inference": "Running: first scheduled to finished.",
+            "prefill": "First scheduled to first token.",
+            "decode": "First token to finished.",
+        }
+        self.request_time = {
+            k: Histogram(f"jaxserve:request_{k}_time_seconds", doc, m, buckets=_REQUEST_TIME, registry=r) for k, doc in seconds.items()
+        }
         r.register(_EngineCollector(engines, model))
         for engine in engines:
             engine.subscribe(self._on_step)
@@ -74,8 +102,60 @@ class Metrics:
     def _on_step(self, step: StepReport) -> None:
         """Called on an engine thread after each step."""
         self.batch_size.labels(self.model).observe(step.batch_size)
+        if step.num_tokens:
+            self.iteration_tokens.labels(self.model).observe(step.num_tokens)
         if step.mask_seconds is not None:
             self.grammar_mask.labels(self.model).observe(step.mask_seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass
+class _Prompt:
+    """One prompt's clock and counts (its n samples together)."""
+
+    arrival: float
+    scheduled: float | None = None  # arrival + the engine's queue time
+    first_token: float | None = None
+    last: float | None = None  # when the latest token came
+    tokens: int = 0
+    finished: int = 0
+
+
+class RequestMetrics:
+    """Token, latency and outcome metrics of one HTTP request, fed its outputs in order."""
+
+    def __init__(self, metrics: Metrics, prompts: Sequence[Sequence[int]], n: int, max_tokens: int) -> None:
+        self.m, self.n, self.model = metrics, n, metrics.model
+        now = time.perf_counter()
+        self.prompts = [_Prompt(now) for _ in prompts]
+        metrics.prompt_tokens.labels(self.model).inc(sum(map(len, prompts)))
+        for prompt in prompts:
+            metrics.request_prompt_tokens.labels(self.model).observe(len(prompt))
+            metrics.request_params_n.labels(self.model).observe(n)
+            metrics.request_params_max_tokens.labels(self.model).observe(max_tokens)
+
+    def output(self, i: int, out: StepOutput) -> None:
+        m, name, p, now = self.m, self.model, self.prompts[i], time.perf_counter()
+        if out.queue_seconds is not None and p.scheduled is None:
+            p.scheduled = p.arrival + out.queue_seconds
+            m.request_time["queue"].labels(name).observe(out.queue_seconds)
+        generated = (out.token_id is not None) + (out.stop_token_id is not None)
+        if generated:
+            m.generation_tokens.labels(name).inc(generated)
+            p.tokens += generated
+        if out.token_id is not None:
+            (m.ttft if p.last is None else m.itl).labels(name).observe(now - (p.last or p.arrival))
+            p.last = now
+        if p.first_token is None and generated:
+            p.first_token = now
+            m.request_time["prefill"].labels(name).observe(now - (p.scheduled or p.arrival))
+        if out.finish_reason:
+            m.requests.labels(name, out.finish_reason).inc()
+            m.e2e.labels(name).observe(now - p.arrival)
+            p.finished += 1
+            if p.finished == self.n:  # the prompt's last sample
+                m.request_generation_tokens.labels(name).observe(p.tokens)
+                m.request_time["inference"].labels(name).observe(now - (p.scheduled or p.arrival))
+                m.request_time["decode"].labels(name).observe(now - (p.first_token or now))

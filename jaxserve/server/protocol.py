@@ -61,11 +61,16 @@ class Request:
     params: SamplingParams
     stream: bool
     include_usage: bool
-    echo: bool = False  # completions: prepend the prompt to the text
+    echo: bool = False  # completions: prepend the prompt to the text; chat: the final assistant message to the reply
     logprobs: int | None = None  # top alternatives per token in the response (None: no logprobs)
     drop_generated: bool = False  # max_tokens 0 with echo: score the prompt, return no new tokens
     guide_param: str | None = None  # the field that asked for constrained output (named in errors)
     tools: ToolPlan | None = None  # chat: tool calls to parse from the output
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
+    return_token_ids: bool = False  # vLLM: prompt and output token ids in the response
+    prompt_logprobs: int | None = None  # vLLM: log-probs of the prompt tokens in the response (top k + the token)
+    echo_text: str = ""  # chat echo: the final assistant message the reply continues
+    responses: Any = None  # a Responses API request: its `jaxserve.server.responses.ResponsesRequest`
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -139,10 +144,11 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, prompt_logprobs
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
         raise ApiError(400, "'stop' must be a string or an array of strings", "stop")
     bias = _field(body, "logit_bias", dict, {})
+    beam = _field(body, "use_beam_search", bool, False)
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=_field(body, "temperature", float, 1.0),
+            temperature=_field(body, "temperature", float, 0.0 if beam else 1.0),
             top_p=_field(body, "top_p", float, 1.0),
             top_k=_field(body, "top_k", int, -1),
             min_p=_field(body, "min_p", float, 0.0),
@@ -160,18 +166,52 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, prompt_logprobs
             ignore_eos=_field(body, "ignore_eos", bool, False),
             skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
             guide=guide,
+            cache_salt=_field(body, "cache_salt", str),
+            use_beam_search=beam,
+            length_penalty=_field(body, "length_penalty", float, 1.0),
         )
     except UserError as e:
         raise ApiError(400, str(e), e.param) from None
 
 
-def _stream_options(body: dict) -> tuple[bool, bool]:
+@dataclass(frozen=True)
+class _Common:
+    """Fields both endpoints read the same way."""
+
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    return_token_ids: bool
+    prompt_logprobs: int | None
+    truncate: int | None  # truncate_prompt_tokens: keep only the last k prompt tokens
+
+
+def _common(body: dict) -> _Common:
     stream = _field(body, "stream", bool, False)
     options = _field(body, "stream_options", dict, {})
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise ApiError(400, "'stream_options.include_usage' must be a boolean", "stream_options")
-    return stream, include_usage
+    if body.get("stream_options") is not None and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
+    flags = {}
+    for key in ("include_usage", "continuous_usage_stats"):
+        flags[key] = options.get(key, False)
+        if not isinstance(flags[key], bool):
+            raise ApiError(400, f"'stream_options.{key}' must be a boolean", "stream_options")
+    prompt_logprobs = _field(body, "prompt_logprobs", int)
+    if prompt_logprobs is not None and not 0 <= prompt_logprobs <= MAX_LOGPROBS:
+        raise ApiError(400, f"'prompt_logprobs' must be in [0, {MAX_LOGPROBS}], got {prompt_logprobs}", "prompt_logprobs")
+    truncate = _field(body, "truncate_prompt_tokens", int)
+    if truncate is not None and truncate < 1:
+        raise ApiError(400, f"'truncate_prompt_tokens' must be >= 1, got {truncate}", "truncate_prompt_tokens")
+    return _Common(stream, flags["include_usage"], flags["continuous_usage_stats"], _field(body, "return_token_ids", bool, False), prompt_logprobs, truncate)
+
+
+def _truncated(prompt: list[int], common: _Common, max_model_len: int) -> list[int]:
+    """The prompt's last `truncate_prompt_tokens` tokens (vLLM's rule: at most the context length)."""
+    if common.truncate is None:
+        return prompt
+    if common.truncate > max_model_len:
+        raise ApiError(400, f"'truncate_prompt_tokens' ({common.truncate}) must be <= the context length {max_model_len}", "truncate_prompt_tokens")
+    return prompt[-common.truncate :]
 
 
 def _max_tokens(body: dict, names: tuple[str, ...], default: int | None, room: int) -> int:
@@ -201,6 +241,8 @@ def parse_completion(body: dict, tok: Tokenizer, model: str, max_model_len: int)
         raise ApiError(400, "'prompt' must be a string, an array of strings, an array of token ids or an array of such arrays", "prompt")
     if any(not p for p in prompts):
         raise ApiError(400, "'prompt' must not be empty", "prompt")
+    common = _common(body)
+    prompts = [_truncated(p, common, max_model_len) for p in prompts]
     echo = _field(body, "echo", bool, False)
     logprobs = _field(body, "logprobs", int)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
@@ -210,10 +252,13 @@ def parse_completion(body: dict, tok: Tokenizer, model: str, max_model_len: int)
     drop = max_tokens == 0
     if drop and not echo:
         raise ApiError(400, "'max_tokens' must be >= 1 (0 is allowed only with echo)", "max_tokens")
-    stream, include_usage = _stream_options(body)
     guide, guide_param = _guide(body)
-    params = _sampling(body, max(max_tokens, 1), logprobs, logprobs if echo and logprobs is not None else None, guide)
-    return Request("completion", model, prompts, params, stream, include_usage, echo, logprobs, drop, guide_param)
+    scored = [k for k in (common.prompt_logprobs, logprobs if echo else None) if k is not None]
+    params = _sampling(body, max(max_tokens, 1), logprobs, max(scored) if scored else None, guide)
+    return Request(
+        "completion", model, prompts, params, common.stream, common.include_usage, echo, logprobs, drop, guide_param,
+        continuous_usage=common.continuous_usage, return_token_ids=common.return_token_ids, prompt_logprobs=common.prompt_logprobs,
+    )
 
 
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -231,7 +276,7 @@ def _message_text(message: dict, index: int) -> str:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ApiError(400, f"messages[{index}].content parts must be {{'type': 'text', 'text': ...}}", "messages")
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)  # as vLLM and llama.cpp join text parts
     raise ApiError(400, f"messages[{index}].content must be a string or an array of text parts", "messages")
 
 
@@ -287,7 +332,9 @@ def _chat_messages(messages: list, plan: ToolPlan | None, native_tools: bool) ->
     return rendered
 
 
-def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Request:
+def chat_prompt(body: dict, tok: Tokenizer) -> tuple[list[int], ToolPlan | None]:
+    """The token ids /v1/chat/completions renders for a body's messages, tools and template fields
+    (/tokenize renders with this too), and the tool plan."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array", "messages")
@@ -298,10 +345,27 @@ def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Re
     native_tools = "tools" in (tok.chat_template or "")
     rendered = _chat_messages(messages, plan, native_tools)
     extra = {"tools": [template_tool(t) for t in plan.tools]} if plan is not None and native_tools else {}
+    kwargs = _field(body, "chat_template_kwargs", dict, {})
+    reserved = sorted({"messages", "tools", "add_generation_prompt", "continue_final_message", "bos_token", "eos_token"} & set(kwargs))
+    if reserved:
+        raise ApiError(400, f"'chat_template_kwargs' must not set {', '.join(reserved)} (send them as request fields)", "chat_template_kwargs")
+    add_generation_prompt = _field(body, "add_generation_prompt", bool, True)
+    continue_final = _field(body, "continue_final_message", bool, False)
+    if continue_final and add_generation_prompt:
+        raise ApiError(400, "'continue_final_message' needs 'add_generation_prompt': false", "continue_final_message")
+    if continue_final and messages[-1].get("role") != "assistant":
+        raise ApiError(400, "'continue_final_message' needs the last message to be the assistant's", "continue_final_message")
     try:
-        prompt = tok.encode_chat(rendered, **extra)
+        text = tok.apply_chat_template(rendered, add_generation_prompt, continue_final, **kwargs, **extra)
     except UserError as e:
         raise ApiError(400, f"the chat template rejected the messages: {e}", "messages") from None
+    return tok.encode(text, add_special_tokens=False), plan
+
+
+def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Request:
+    prompt, plan = chat_prompt(body, tok)
+    common = _common(body)
+    prompt = _truncated(prompt, common, max_model_len)
     logprobs = _field(body, "logprobs", bool, False)
     top = _field(body, "top_logprobs", int)
     if top is not None and not 0 <= top <= MAX_LOGPROBS:
@@ -311,7 +375,6 @@ def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Re
     max_tokens = _max_tokens(body, ("max_completion_tokens", "max_tokens"), None, max_model_len - len(prompt))
     if max_tokens == 0:
         raise ApiError(400, "'max_tokens' must be >= 1", "max_tokens")
-    stream, include_usage = _stream_options(body)
     count = (top or 0) if logprobs else None
     guide, guide_param = _guide(body)
     call_guide = plan.guide() if plan is not None else None
@@ -319,5 +382,11 @@ def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Re
         if guide is not None:
             raise ApiError(400, f"'tool_choice' {plan.mode!r} constrains the output; it cannot be combined with '{guide_param}'", "tool_choice")
         guide, guide_param = call_guide, "tools"
-    params = _sampling(body, max_tokens, count, None, guide)
-    return Request("chat", model, [prompt], params, stream, include_usage, logprobs=count, guide_param=guide_param, tools=plan)
+    params = _sampling(body, max_tokens, count, common.prompt_logprobs, guide)
+    final = body["messages"][-1]
+    echo = _field(body, "echo", bool, False) and final.get("role") == "assistant"  # vLLM: only a message of the reply's role
+    return Request(
+        "chat", model, [prompt], params, common.stream, common.include_usage, logprobs=count, guide_param=guide_param, tools=plan,
+        continuous_usage=common.continuous_usage, return_token_ids=common.return_token_ids, prompt_logprobs=common.prompt_logprobs,
+        echo=echo, echo_text=_message_text(final, len(body["messages"]) - 1) if echo else "",
+    )

@@ -9,6 +9,7 @@ the whole one.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +19,20 @@ from jaxserve.server.tools import ToolCallParser
 from jaxserve.tokenizer import Tokenizer
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+def sse(obj: dict | str) -> str:
+    """One server-sent event's data line(s)."""
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object. Completion tokens count the stop token that ended a sample (as vLLM
+    does); cached tokens are prompt tokens read from the prefix cache."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 @dataclass
@@ -29,6 +42,9 @@ class Choice:
     started: bool = False
     text: str = ""  # content released, in order
     logprobs: list = field(default_factory=list)  # completions: (token, logprob, top) per token; chat: entries
+    held: list = field(default_factory=list)  # log-probs of tokens whose text is not released yet (streamed with it)
+    token_ids: list[int] = field(default_factory=list)  # generated, in order
+    held_ids: list[int] = field(default_factory=list)  # generated, not streamed yet (held with their text)
     tokens: int = 0  # generated tokens counted in usage
     finish_reason: str | None = None
     tools: ToolCallParser | None = None  # chat with tools
@@ -45,7 +61,10 @@ class Renderer:
     def __init__(self, req: Request, tok: Tokenizer) -> None:
         self.req, self.tok = req, tok
         self.id = f"{self.id_prefix}-{req.request_id}"
-        self.choices: dict[int, Choice] = {}
+        count = len(req.prompts) * req.params.n
+        self.choices: dict[int, Choice] = {i: self._new_choice() for i in range(count)}
+        self.cached: dict[int, int] = {}  # prompt index -> its tokens read from the prefix cache
+        self.scored: dict[int, tuple] = {}  # prompt index -> its prompt log-probs (engine output)
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.req.created, "model": self.req.model}
@@ -55,15 +74,47 @@ class Renderer:
 
     def add(self, prompt_index: int, out: StepOutput) -> dict | None:
         """Fold one output into its choice; the streamed choice it makes (None: nothing to send)."""
-        index = prompt_index * self.req.params.n + out.index
-        choice = self.choices.get(index)
-        if choice is None:
-            choice = self.choices[index] = self._new_choice()
-        token = [] if out.token_id is None or self.req.drop_generated else [out.token_id]
-        choice.tokens += len(token)
+        req = self.req
+        index = prompt_index * req.params.n + out.index
+        choice = self.choices[index]
+        token = [] if out.token_id is None or req.drop_generated else [out.token_id]
+        choice.tokens += len(token) + (out.stop_token_id is not None and not req.drop_generated)
+        choice.token_ids += token
+        choice.held_ids += token
+        if out.num_cached_tokens is not None and out.index == 0:
+            self.cached[prompt_index] = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            self.scored[prompt_index] = out.prompt_logprobs
+        first = not choice.started
         delta = self._add(choice, prompt_index, index, out, token)
         choice.started = True
+        if delta is None:
+            return None
+        if req.return_token_ids:
+            delta["token_ids"], choice.held_ids = choice.held_ids, []
+            if first and req.kind == "completion":
+                delta["prompt_token_ids"] = req.prompts[prompt_index]
+        if first and req.prompt_logprobs is not None and req.kind == "completion":
+            delta["prompt_logprobs"] = self.prompt_logprobs(prompt_index)
         return delta
+
+    def prompt_logprobs(self, prompt_index: int) -> list[dict | None]:
+        """vLLM's prompt_logprobs: None for the first prompt token, then for each later one a map of
+        token id to its log-prob, rank (where among the top ones) and text: the token itself, then
+        the top `prompt_logprobs` alternatives."""
+        prompt, k = self.req.prompts[prompt_index], self.req.prompt_logprobs or 0
+        out: list[dict | None] = [None]
+        for token, (lp, top) in zip(prompt[1:], self.scored.get(prompt_index, ())):
+            ids = [t for t, _ in top]
+            entry = {str(token): {"logprob": lp, "rank": ids.index(token) + 1 if token in ids else None, "decoded_token": self.token(token)}}
+            for rank, (t, b) in enumerate(top[:k], 1):
+                entry.setdefault(str(t), {"logprob": b, "rank": rank, "decoded_token": self.token(t)})
+            out.append(entry)
+        return out
+
+    def start(self) -> list[dict]:
+        """Streamed chunks due before any output."""
+        return []
 
     def _new_choice(self) -> Choice:
         return Choice()
@@ -71,11 +122,31 @@ class Renderer:
     def _add(self, choice: Choice, prompt_index: int, index: int, out: StepOutput, token: list[int]) -> dict | None:
         raise NotImplementedError
 
+    # ---- the stream, as server-sent events -----------------------------------------------------
+
+    def opening(self) -> list[str]:
+        return [sse(chunk) for chunk in self.start()]
+
+    def frames(self, prompt_index: int, out: StepOutput) -> list[str]:
+        choice = self.add(prompt_index, out)
+        return [] if choice is None else [sse(self.chunk([choice]))]
+
+    def closing(self) -> list[str]:
+        return ([sse(self.usage_chunk())] if self.req.include_usage else []) + [sse("[DONE]")]
+
+    def failure(self, message: str) -> list[str]:
+        """What a stream sends when its request fails midway (then `closing`)."""
+        return [sse({"error": {"message": message, "type": "internal_server_error", "param": None, "code": None}})]
+
     def chunk(self, choices: list[dict]) -> dict:
-        return {**self._head(self.chunk_object), "choices": choices}
+        """A streamed chunk (with the usage so far, when asked for continuous usage stats)."""
+        out = {**self._head(self.chunk_object), "choices": choices}
+        if self.req.continuous_usage and choices:
+            out["usage"] = self.usage()
+        return out
 
     def usage(self) -> dict:
-        return usage(sum(map(len, self.req.prompts)), sum(c.tokens for c in self.choices.values()))
+        return usage(sum(map(len, self.req.prompts)), sum(c.tokens for c in self.choices.values()), sum(self.cached.values()))
 
     def usage_chunk(self) -> dict:
         return {**self.chunk([]), "usage": self.usage()}
@@ -101,13 +172,16 @@ class CompletionRenderer(Renderer):
             prompt = req.prompts[prompt_index]
             text = self.tok.decode(prompt, skip_special_tokens=False) + text
             if out.prompt_logprobs is not None:  # the prompt was scored (the first token has none)
-                scored = [(prompt[0], None, None), *((t, lp, top) for t, (lp, top) in zip(prompt[1:], out.prompt_logprobs)), *scored]
+                k = req.logprobs or 0
+                scored = [(prompt[0], None, None), *((t, lp, top[:k]) for t, (lp, top) in zip(prompt[1:], out.prompt_logprobs)), *scored]
         finish = "length" if req.drop_generated and out.finish_reason else out.finish_reason
-        if not text and not scored and not finish:
+        choice.logprobs += scored
+        if not text and not finish:
+            choice.held += scored  # part of a character: sent with the text that completes it
             return None
+        scored, choice.held = choice.held + scored, []
         offset = len(choice.text)
         choice.text += text
-        choice.logprobs += scored
         choice.finish_reason = finish
         logprobs = self._logprobs(scored, offset) if req.logprobs is not None else None
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -122,13 +196,20 @@ class CompletionRenderer(Renderer):
         return {
             "tokens": tokens,
             "token_logprobs": [lp for _, lp, _ in scored],
-            "top_logprobs": [None if top is None else {self.token(t): lp for t, lp in top} for _, _, top in scored],
+            # The sampled token first, then the alternatives asked for (only it for logprobs 0), as vLLM.
+            "top_logprobs": [None if top is None else {self.token(t): lp, **{self.token(a): b for a, b in top}} for t, lp, top in scored],
             "text_offset": offsets,
         }
 
     def _whole(self, index: int, choice: Choice) -> dict:
-        logprobs = self._logprobs(choice.logprobs, 0) if self.req.logprobs is not None else None
-        return {"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        req = self.req
+        logprobs = self._logprobs(choice.logprobs, 0) if req.logprobs is not None else None
+        out = {"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        if req.return_token_ids:
+            out.update(prompt_token_ids=req.prompts[index // req.params.n], token_ids=choice.token_ids)
+        if req.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs(index // req.params.n)
+        return out
 
 
 class ChatRenderer(Renderer):
@@ -137,7 +218,21 @@ class ChatRenderer(Renderer):
     id_prefix = "chatcmpl"
 
     def _new_choice(self) -> Choice:
-        return Choice(tools=ToolCallParser(self.req.tools) if self.req.tools is not None else None)
+        return Choice(text=self.req.echo_text, tools=ToolCallParser(self.req.tools) if self.req.tools is not None else None)
+
+    def start(self) -> list[dict]:
+        """A role-only chunk per choice, before any text (what OpenAI's clients expect first), then the
+        echoed final message, if any."""
+        req, chunks = self.req, []
+        for i in self.choices:
+            role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            head = self.chunk([role])
+            if req.return_token_ids:
+                head["prompt_token_ids"] = req.prompts[0]
+            chunks.append(head)
+            if req.echo_text:
+                chunks.append(self.chunk([{"index": i, "delta": {"content": req.echo_text}, "logprobs": None, "finish_reason": None}]))
+        return chunks
 
     def _entry(self, token: int, logprob: float) -> dict:
         s = self.token(token)
@@ -150,19 +245,19 @@ class ChatRenderer(Renderer):
         if choice.tools is not None:
             text = choice.tools.feed(text)
             if finish:
-                rest, calls = choice.tools.finish()
+                rest, calls = choice.tools.finish(finish)
                 text += rest
                 finish = choice.tools.finish_reason(finish, calls)
-            elif not text and choice.started:
-                return None  # held back: part of a tool call
         choice.text += text
         choice.calls += calls
         choice.finish_reason = finish
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if not choice.started else ({"content": text} if text or token else {})
+        if not text and not finish:
+            choice.held += entries  # part of a character or of a tool call: sent with the text
+            return None
+        entries, choice.held = choice.held + entries, []
+        delta: dict[str, Any] = {"content": text} if text else {}
         if calls:
             delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
-        if not delta and not finish:
-            return None
         logprobs = {"content": entries} if self.req.logprobs is not None else None
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
@@ -171,7 +266,19 @@ class ChatRenderer(Renderer):
         if choice.calls:
             message = {"role": "assistant", "content": choice.text or None, "tool_calls": choice.calls}
         logprobs = {"content": choice.logprobs} if self.req.logprobs is not None else None
-        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        out = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        if self.req.return_token_ids:
+            out["token_ids"] = choice.token_ids
+        return out
+
+    def response(self) -> dict:
+        """vLLM puts a chat's prompt token ids and prompt log-probs beside the choices."""
+        out = super().response()
+        if self.req.return_token_ids:
+            out["prompt_token_ids"] = self.req.prompts[0]
+        if self.req.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs(0)
+        return out
 
 
 def renderer(req: Request, tok: Tokenizer) -> Renderer:

@@ -63,20 +63,49 @@ class ToolPlan:
             return Guide.json_schema(next(t for t in self.tools if t["name"] == self.name)["parameters"])
         if self.mode == "auto":
             return None
+        defs: dict[str, Any] = {}
         call = [
             {
                 "type": "object",
-                "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+                "properties": {"name": {"const": t["name"]}, "arguments": _hoist(t["parameters"], f"tool{i}", defs)},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for t in self.tools
+            for i, t in enumerate(self.tools)
         ]
-        schema = {"type": "array", "items": {"anyOf": call}, "minItems": 1, **({} if self.parallel else {"maxItems": 1})}
+        schema = {"type": "array", "items": {"anyOf": call}, "minItems": 1, **({} if self.parallel else {"maxItems": 1}), "$defs": defs}
         return Guide.json_schema(schema)
 
     def system_prompt(self) -> str:
         return _PROMPT.format(tools="\n".join(json.dumps(template_tool(t)) for t in self.tools))
+
+
+def _hoist(schema: dict, prefix: str, defs: dict[str, Any]) -> dict:
+    """A reference to `schema` for use below another root: the schema and its `$defs`/`definitions`
+    move into `defs` under names starting with `prefix`, and its local `$ref`s are rewritten to match
+    (a pointer such as `#/$defs/Address` would otherwise resolve against the new root)."""
+
+    def moved(ref: str) -> str:
+        for kind in ("#/$defs/", "#/definitions/"):
+            if ref.startswith(kind):
+                return f"#/$defs/{prefix}.{ref[len(kind):]}"
+        return f"#/$defs/{prefix}{ref[1:]}"  # "#" or "#/properties/...": into the moved root
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: rewrite(v) for k, v in node.items()}
+        if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
+            out["$ref"] = moved(node["$ref"])
+        return out
+
+    for kind in ("definitions", "$defs"):
+        for name, sub in (schema.get(kind) or {}).items():
+            defs[f"{prefix}.{name}"] = rewrite(sub)
+    defs[prefix] = rewrite({k: v for k, v in schema.items() if k not in ("$defs", "definitions")})
+    return {"$ref": f"#/$defs/{prefix}"}
 
 
 def template_tool(tool: dict) -> dict:
@@ -165,21 +194,29 @@ class ToolCallParser:
         out, self.sent = self.text[self.sent : max(end, self.sent)], max(end, self.sent)
         return out
 
-    def finish(self) -> tuple[str, list[dict]]:
+    def finish(self, reason: str | None) -> tuple[str, list[dict]]:
         """(content not yet released, tool calls). Output that does not parse as calls is content;
-        so is "auto" text outside the call blocks."""
+        so is "auto" text outside the call blocks. A call cut off by max_tokens (`reason` "length")
+        is still a call, its `arguments` the JSON text as far as it got: the "length" finish reason
+        tells the client it is incomplete."""
         rest = self.text[self.sent :]
         self.sent = len(self.text)
+        cut = reason == "length"
         if self.plan.mode == "auto":
             blocks = _CALL.findall(rest)
             calls = [c for c in map(_hermes_call, blocks) if c is not None]
+            if cut and len(calls) == len(blocks) - 1:
+                calls += _cut_calls(blocks[-1])
             if not blocks or len(calls) < len(blocks):
                 return rest, []
             return _CALL.sub("", rest).strip(), calls
         try:
             value = json.loads(rest)
         except json.JSONDecodeError:
-            return rest, []
+            if not cut:
+                return rest, []
+            calls = [_call(self.plan.name, rest)] if self.plan.mode == "named" else _cut_calls(rest)
+            return ("", calls) if calls else (rest, [])  # cut before a call's name: the text stays content
         if self.plan.mode == "named":
             return "", [_call(self.plan.name, value)]
         return "", [_call(item["name"], item["arguments"]) for item in value]
@@ -190,6 +227,23 @@ class ToolCallParser:
         if not calls or reason != "stop":
             return reason
         return "stop" if self.plan.mode == "named" else "tool_calls"
+
+
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+def _cut_calls(text: str) -> list[dict]:
+    """The calls in `{"name": ..., "arguments": ...}` objects of output cut off mid-call: each with
+    its arguments' text, the last one incomplete."""
+    heads = list(_CALL_HEAD.finditer(text))
+    calls = []
+    for k, head in enumerate(heads):
+        last = k + 1 == len(heads)
+        arguments = text[head.end() : len(text) if last else heads[k + 1].start()].rstrip()
+        if not last:  # `{...}}, `: the arguments, then the brace that closes the call object
+            arguments = arguments.rstrip(",").rstrip().removesuffix("}")
+        calls.append(_call(json.loads(f'"{head.group(1)}"'), arguments))
+    return calls
 
 
 def _hermes_call(block: str) -> dict | None:
