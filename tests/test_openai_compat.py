@@ -255,6 +255,21 @@ def test_chat_echo_with_continue_final_message(client) -> None:
     assert streamed == reply.choices[0].message.content
 
 
+def test_beam_search_over_http(server, client) -> None:
+    ask = dict(model=MODEL, prompt="The capital of France is", max_tokens=6)
+    beams = client.completions.create(**ask, n=3, extra_body={"use_beam_search": True})
+    assert [c.index for c in beams.choices] == [0, 1, 2] and len({c.text for c in beams.choices}) == 3
+    one = client.completions.create(**ask, n=1, extra_body={"use_beam_search": True})
+    assert one.choices[0].text == client.completions.create(**ask, temperature=0).choices[0].text  # one beam is greedy
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=5, n=2,
+                                          extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    assert len(chat.choices) == 2 and all(c.message.content for c in chat.choices)
+    streamed = [c for chunk in client.completions.create(**ask, n=2, stream=True, extra_body={"use_beam_search": True}) for c in chunk.choices]
+    assert {c.index for c in streamed} == {0, 1}
+    for bad, param in (({"temperature": 0.7}, "temperature"), ({"n": 11}, "n"), ({"stop": ["."]}, "stop"), ({"length_penalty": "x"}, "length_penalty")):
+        assert _error(server, "/v1/completions", {"prompt": "Hi", "use_beam_search": True, **bad})["param"] == param
+
+
 # ---- vLLM's metric names -----------------------------------------------------------------------
 
 
