@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,11 +62,16 @@ def ensure_registered(name: str) -> Path:
     ckpt = registry.checkpoint_dir(name)
     if is_checkpoint(ckpt):
         return ckpt
-    gguf_path = registry.cache_dir() / "downloads" / Path(entry.member).name
-    if not gguf_path.exists():
-        registry.download_gguf(entry, gguf_path)
-    convert(gguf_path, ckpt)
-    gguf_path.unlink()  # the converted checkpoint is all later runs read
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    # One process fetches and converts; others that start at the same time wait for it, then read.
+    with open(ckpt.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_checkpoint(ckpt):
+            gguf_path = registry.cache_dir() / "downloads" / Path(entry.member).name
+            if not gguf_path.exists():
+                registry.download_gguf(entry, gguf_path)
+            convert(gguf_path, ckpt)
+            gguf_path.unlink()  # the converted checkpoint is all later runs read
     return ckpt
 
 
