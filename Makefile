@@ -2,8 +2,6 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-# pytest-xdist workers for `make test`: the suite mostly compiles, one program per core at a time.
-TEST_WORKERS ?= 2
 
 .PHONY: setup serve test bench clean
 
@@ -19,7 +17,7 @@ serve: $(STAMP)
 	$(VENV)/bin/jaxserve serve
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(VENV)/bin/python scripts/bench_generate.py

@@ -16,16 +16,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 GOLDEN = Path(__file__).parent / "golden" / "smollm2_reference.json"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist's `--dist loadgroup` (`make test` runs two workers): a module's tests stay on
-    one worker, so its module fixtures (engines, servers) are built once, and every test that talks
-    to the shared SmolLM2 server runs on the same worker, first, as the longest chain of work."""
-    for item in items:
-        shared = "smollm2_server" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("smollm2_server" if shared else item.module.__name__))
-    items.sort(key=lambda item: "smollm2_server" not in getattr(item, "fixturenames", ()))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache() -> None:
     """Reuse compiled steps across test runs (same cache as the CLI)."""
