@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -216,47 +214,26 @@ class ModelRunner:
         self.cache = self._copy(self.cache, *self._global((src, dst)))
 
     def warmup(self, progress: bool = True) -> None:
-        """Compile every program the engine can call (step shapes x sampler variants), then run each
-        once on padding rows that write only to the null page. The compiles run side by side, one
-        per core (XLA compiles outside the GIL, and `jit` keeps what they build); the runs that
-        follow compile nothing more here, and the other processes of a multi-host group replay them."""
+        """Compile every program the engine can call (step shapes x sampler variants, the page copy),
+        on padding rows that write only to the null page."""
         vocab, s = self.cfg.vocab_size, self.shapes
 
         def rows(b: int, t: int) -> ForwardBatch:
             zeros = np.zeros((b, t), np.int32)
             return ForwardBatch(zeros, zeros, np.zeros((b, s.table_width), np.int32), np.zeros(b, np.int32))
 
-        def on_device(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated)
-
-        runs, programs = [], {}  # the calls to make; the distinct programs they need, by key
-        for bd, bp in s.combos():
-            groups = tuple(g for g in (bd and rows(bd, 1), bp and rows(bp, s.row_len)) if g)
-            r = s.sampled_rows(bd + bp)
-            sampling, positions = SamplingArrays.greedy(r, vocab), np.zeros(r, np.int32)
-            adjust = LogitAdjust(np.ones((r, vocab), np.float32), np.zeros((r, vocab), np.float32))
-            variants = list(itertools.product((None, adjust), (False, True)))
-            targets = np.zeros(bp * s.row_len, np.int32) if bp else None
-            runs.append((groups, sampling, positions, variants, targets))
-            step_args = (self.params, self.cache, self._global(groups))
-            logits, prefill, _ = jax.eval_shape(self._step, *step_args)
-            programs[("step", bd, bp)] = (self._step, step_args)
-            for variant, top in variants:
-                args = (on_device(logits), *self._global((sampling, positions, variant)), MAX_LOGPROBS if top else 0)
-                programs[("sample", r, variant is None, top)] = (self._sample, args)
-            if bp:
-                programs[("prompt_logprobs", bp)] = (self._prompt_logprobs, (self.params, on_device(prefill), self._global(targets)))
+        combos = s.combos()
+        with tqdm(total=len(combos), desc="warming up", unit="shape", disable=not progress) as bar:
+            for bd, bp in combos:
+                groups = [g for g in (bd and rows(bd, 1), bp and rows(bp, s.row_len)) if g]
+                self.forward(groups)
+                r = s.sampled_rows(bd + bp)
+                sampling, positions = SamplingArrays.greedy(r, vocab), np.zeros(r, np.int32)
+                adjust = LogitAdjust(np.ones((r, vocab), np.float32), np.zeros((r, vocab), np.float32))
+                for variant, top in itertools.product((None, adjust), (False, True)):
+                    self.sample(sampling, positions, variant, top)
+                if bp:
+                    self.prompt_logprobs(np.zeros(bp * s.row_len, np.int32))
+                bar.update()
         no_copy = np.zeros(MAX_BEAMS, np.int32)
-        programs[("copy_pages",)] = (self._copy, (self.cache, *self._global((no_copy, no_copy))))
-        lowered = [fn.lower(*args) for fn, args in programs.values()]  # tracing holds the GIL: one thread
-        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            jobs = [pool.submit(low.compile) for low in lowered]
-            for job in tqdm(as_completed(jobs), total=len(jobs), desc="compiling", unit="program", disable=not progress):
-                job.result()
-        for groups, sampling, positions, variants, targets in runs:
-            self.forward(list(groups))
-            for variant, top in variants:
-                self.sample(sampling, positions, variant, top)
-            if targets is not None:
-                self.prompt_logprobs(targets)
         self.copy_pages(no_copy, no_copy)
