@@ -49,34 +49,39 @@ def _unique(words: int = 80) -> str:
 
 
 def test_chat_streams_start_with_a_role_chunk_and_never_send_an_empty_delta(server) -> None:
-    """200 emoji-heavy sampled completions: each stream's first chunk is the role alone; no later
-    chunk has an empty content (a token holding half of a UTF-8 character waits for the rest)."""
+    """200 emoji-heavy sampled completions (50 streams of n=4 choices): each choice's first chunk is
+    the role alone; no later chunk has an empty content (a token holding half of a UTF-8 character
+    waits for the rest)."""
     emoji = "🎉🔥🌈🍕🚀😀🐙🎸🌵🧩"
 
-    async def one(c: openai.AsyncOpenAI, i: int) -> tuple[list, str]:
+    async def one(c: openai.AsyncOpenAI, i: int) -> list[list]:
         messages = [{"role": "user", "content": f"Answer only with emoji, no words: {emoji[i % 10:] + emoji[: i % 10]}"}]
-        deltas = []
-        async for chunk in await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=1.0, seed=i, stream=True):
-            deltas += [ch.delta for ch in chunk.choices]
-        return deltas, "".join(d.content or "" for d in deltas)
+        deltas: list[list] = [[] for _ in range(4)]  # per choice
+        stream = await c.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=1.0, seed=i, n=4, stream=True)
+        async for chunk in stream:
+            for choice in chunk.choices:
+                deltas[choice.index].append(choice.delta)
+        return deltas
 
     async def main() -> list:
         async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=SERVER_KEY, max_retries=0) as c:
-            limit = asyncio.Semaphore(16)
+            limit = asyncio.Semaphore(4)  # 16 choices in flight: the server's batch
 
             async def bounded(i: int):
                 async with limit:
                     return await one(c, i)
 
-            return await asyncio.gather(*(bounded(i) for i in range(200)))
+            return [d for choices in await asyncio.gather(*(bounded(i) for i in range(50))) for d in choices]
 
     results = asyncio.run(main())
-    for deltas, _ in results:
+    assert len(results) == 200
+    for deltas in results:
         assert deltas[0].role == "assistant" and not deltas[0].content
         assert all(d.role is None for d in deltas[1:])
         assert all(d.content is None or d.content != "" for d in deltas[1:]), [d.content for d in deltas]
     # The test means something: many replies hold characters that span several tokens.
-    assert sum(any(ord(ch) > 0xFFFF for ch in text) for _, text in results) >= 20
+    texts = ["".join(d.content or "" for d in deltas) for deltas in results]
+    assert sum(any(ord(ch) > 0xFFFF for ch in text) for text in texts) >= 20
 
 
 def test_text_parts_are_joined_with_newlines(server) -> None:

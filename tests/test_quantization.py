@@ -37,14 +37,20 @@ def test_int8_linear_is_close_to_float() -> None:
     assert not np.array_equal(got, want)  # it really ran in int8
 
 
-def test_int8_rows_do_not_depend_on_the_batch() -> None:
+# SmolLM2's dense shapes (in, out): q, k/v, o, gate/up and down stacked under `scan`, and the fused
+# q/k/v and gate/up of the unrolled CPU layout.
+SMOLLM2_DENSE = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 960), (576, 3072)]
+
+
+@pytest.mark.parametrize("width_in,width_out", SMOLLM2_DENSE)
+def test_int8_rows_do_not_depend_on_the_batch(width_in: int, width_out: int) -> None:
     """Integer sums are exact and each row has its own activation scale: a row's result through the
     norm and an int8 layer is the same bits alone (the padded one-row path) and in any batch
-    (compiled, as in the engine's step)."""
+    (compiled, as in the engine's step), for every dense shape of both layer layouts."""
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.normal(size=(16, 576)).astype(np.float32) * rng.uniform(0.1, 10, size=(16, 1)).astype(np.float32))
-    norm_weight = jnp.asarray(rng.uniform(0.5, 1.5, size=(576,)).astype(np.float32))
-    w = quantize(jnp.asarray(rng.normal(size=(576, 1728)).astype(np.float32)))
+    x = jnp.asarray(rng.normal(size=(16, width_in)).astype(np.float32) * rng.uniform(0.1, 10, size=(16, 1)).astype(np.float32))
+    norm_weight = jnp.asarray(rng.uniform(0.5, 1.5, size=(width_in,)).astype(np.float32))
+    w = quantize(jnp.asarray(rng.normal(size=(width_in, width_out)).astype(np.float32)))
     step = jax.jit(lambda x, w: linear(rms_norm(x, norm_weight, 1e-5), w))
     batch = np.asarray(step(x, w))
     for i in range(16):
@@ -79,12 +85,21 @@ def test_smoothing_keeps_the_float_model_exact(fused: bool) -> None:
     )
 
 
-@pytest.fixture(scope="module")
-def smollm2_int8(smollm2_unrolled):
-    """SmolLM2 as `--quantization int8` serves it on CPU."""
-    model = smollm2_unrolled
+def _int8(model):
     params = quantize_model(model.params, model.cfg, model.tokenizer.encode(CALIBRATION_TEXT))
     return type(model)(name=model.name, cfg=model.cfg, params=params, tokenizer=model.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def smollm2_int8(smollm2_unrolled):
+    """SmolLM2 as `--quantization int8` serves it on CPU (unrolled layers)."""
+    return _int8(smollm2_unrolled)
+
+
+@pytest.fixture(scope="module")
+def smollm2_int8_stacked(smollm2):
+    """The same int8 layers stacked under `scan`: each step shape compiles ~9x faster."""
+    return _int8(smollm2)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16"])
@@ -108,13 +123,15 @@ def test_int8_smollm2_tracks_float(smollm2, smollm2_int8, kv_cache_dtype) -> Non
     assert kl < 0.05
 
 
-def test_int8_engine_batched_equals_one_at_a_time(smollm2_int8) -> None:
-    """Tokens and their log-probs, to the bit, whatever else is in the step."""
+def test_int8_engine_batched_equals_one_at_a_time(smollm2_int8_stacked) -> None:
+    """Tokens and their log-probs, to the bit, whatever else is in the step. The engine runs the
+    stacked layout (six step shapes compile in seconds, not minutes); the unrolled layout's own dense
+    shapes are held to the same bits by `test_int8_rows_do_not_depend_on_the_batch`."""
     prompts = ["Write a haiku about rain.", "What is 12 times 7?", PASSAGE, "Name three colours.", "Hello!"]
     params = [SamplingParams(max_tokens=12, temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True) for i in range(len(prompts))]
     # No prefix cache: each prompt alone is computed alone, not read back from the batched run's pages.
     limits = EngineConfig(num_pages=128, max_num_seqs=8, max_num_batched_tokens=256, max_model_len=512, enable_prefix_caching=False)
-    llm = LLM(smollm2_int8, limits)
+    llm = LLM(smollm2_int8_stacked, limits)
     batched = llm.generate(prompts, params, use_tqdm=False)
     for prompt, sp, out in zip(prompts, params, batched):
         alone = llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0]  # the only request in flight

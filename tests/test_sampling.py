@@ -53,6 +53,38 @@ def test_filters_keep_the_right_sets() -> None:
     assert kept() == set(range(V))
 
 
+def _reference_keep(x: np.ndarray, top_k: int, top_p: float, min_p: float) -> set[int]:
+    """The filters by sorting, in float64: a token is kept when it is among the k largest values (all
+    ties of the k-th included), less than top_p of the renormalised top-k mass lies strictly above its
+    value, and its probability is at least min_p times the largest."""
+    finite = np.isfinite(x)
+    kth = np.sort(x[finite])[::-1][min(top_k, finite.sum()) - 1] if top_k > 0 else -np.inf
+    in_k = finite & (x >= kth)
+    probs = np.where(in_k, np.exp(x - x[finite].max()), 0.0)
+    probs /= probs.sum()
+    above = np.array([probs[x > v].sum() for v in x])
+    keep = in_k & ((above < top_p) if top_p < 1 else True) & (x >= x[finite].max() + np.log(min_p) if min_p > 0 else True)
+    return set(np.flatnonzero(keep))
+
+
+def test_bisected_thresholds_match_a_sorting_reference() -> None:
+    """Rows with tied values, masked (-inf) tokens and every filter mix, in one batch."""
+    rng = np.random.default_rng(5)
+    rows, settings = [], []
+    for i in range(48):
+        x = np.round(rng.normal(0, 2, V), 1 if i % 3 == 0 else 6)  # coarse rounding: many ties
+        x[rng.random(V) < (0.5 if i % 4 == 0 else 0.0)] = -np.inf
+        x[rng.integers(V)] = 3.0  # at least one finite token
+        rows.append(x)
+        settings.append((int(rng.choice([-1, 1, 3, 10, 40, 100])), float(rng.choice([1.0, 0.05, 0.5, 0.9, 0.99])), float(rng.choice([0.0, 0.0, 0.1]))))
+    logits = jnp.asarray(np.stack(rows), jnp.float32)
+    k, p, m = (list(col) for col in zip(*settings))
+    got = np.asarray(jax.jit(filtered_logits)(logits, _arrays(48, top_k=k, top_p=p, min_p=m)))
+    for x, (top_k, top_p, min_p), row in zip(rows, settings, got):
+        kept = set(np.flatnonzero(np.isfinite(row)))
+        assert kept == _reference_keep(x.astype(np.float32).astype(np.float64), top_k, top_p, min_p), (top_k, top_p, min_p)
+
+
 def test_samples_follow_the_distribution() -> None:
     """Gumbel-max over 4000 seeds reproduces softmax(logits / T) within sampling error."""
     n = 4000

@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jaxserve.config import EngineConfig
 from jaxserve.engine.llm import LLM
 from jaxserve.sampling_params import SamplingParams
+from tests.server_process import SERVER_ENGINE
 from tests.tiny_models import prefill_logits
 
 NEAR_TIE = 0.01
@@ -29,12 +29,16 @@ def test_prompts_tokenize_like_reference(smollm2, golden) -> None:
         assert _prompt_ids(smollm2, case) == case["prompt_ids"], case.get("prompt") or case["messages"]
 
 
-def test_greedy_continuations_match_reference(smollm2_unrolled, golden) -> None:
-    llm = LLM(smollm2_unrolled, EngineConfig(max_num_seqs=1, num_pages=33, max_model_len=512))
+def test_greedy_continuations_match_reference(smollm2, golden) -> None:
+    """All cases in one batch, on the test servers' engine limits (their compiled steps): rows do not
+    depend on the batch, so each is its own greedy continuation (the CLI's unrolled layout is held to
+    this stacked one by `test_unrolled_layout_equals_stacked`)."""
+    llm = LLM(smollm2, SERVER_ENGINE)
+    sp = SamplingParams(max_tokens=golden["new_tokens"], temperature=0.0, ignore_eos=True)
+    outs = llm.generate([case["prompt_ids"] for case in golden["cases"]], sp, use_tqdm=False)
     tolerated = []
-    for n, case in enumerate(golden["cases"]):
-        sp = SamplingParams(max_tokens=golden["new_tokens"], temperature=0.0, ignore_eos=True)
-        ours = llm.generate([case["prompt_ids"]], sp, use_tqdm=False)[0].outputs[0].token_ids
+    for n, (case, out) in enumerate(zip(golden["cases"], outs)):
+        ours = out.outputs[0].token_ids
         assert len(ours) == golden["new_tokens"]
         for step, (a, b) in enumerate(zip(ours, case["output_ids"])):
             if a != b:
@@ -54,3 +58,17 @@ def test_first_token_top5_logprobs_match_reference(smollm2, golden) -> None:
         top5 = np.argsort(-logprobs)[:5]
         assert top5.tolist() == case["first_top5_ids"]
         np.testing.assert_allclose(logprobs[top5], case["first_top5_logprobs"], atol=1e-3, rtol=0)
+
+
+def test_unrolled_layout_equals_stacked(smollm2, smollm2_unrolled, golden) -> None:
+    """The layout the CLI serves on one CPU device (per-layer buffers, fused q/k/v and gate/up) gives
+    the stacked layout's logits at every position of the longest reference prompt, up to float32
+    summation order, and the reference's top 5 after it."""
+    case = max(golden["cases"], key=lambda c: len(c["prompt_ids"]))
+    stacked = prefill_logits(smollm2.cfg, smollm2.params, case["prompt_ids"])
+    unrolled = prefill_logits(smollm2_unrolled.cfg, smollm2_unrolled.params, case["prompt_ids"])
+    assert isinstance(smollm2_unrolled.params["layers"], tuple) and "wqkv" in smollm2_unrolled.params["layers"][0]
+    np.testing.assert_allclose(unrolled, stacked, rtol=0, atol=1e-3)  # bit-equal on an AVX2 EPYC; kernels may differ elsewhere
+    assert (unrolled.argmax(-1) == stacked.argmax(-1)).all()
+    logprobs = np.asarray(jax.nn.log_softmax(unrolled[-1]))
+    assert np.argsort(-logprobs)[:5].tolist() == case["first_top5_ids"]
