@@ -8,19 +8,18 @@ import time
 
 import pytest
 
-from jaxserve.config import EngineConfig
 from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.engine.llm import LLM
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 from tests.server_process import DEADLINE, SERVER_ENGINE, until
-from tests.tiny_models import tiny_config, tiny_params
+from tests.tiny_models import TINY_ENGINE, tiny_config, tiny_params
 
 
 def _tiny_engine() -> LLMEngine:
     cfg = tiny_config("llama", max_position_embeddings=512)
-    return LLMEngine(cfg, tiny_params(cfg), EngineConfig(num_pages=64, max_num_seqs=8, max_num_batched_tokens=128), eos_token_ids=(2,))
+    return LLMEngine(cfg, tiny_params(cfg), TINY_ENGINE, eos_token_ids=(2,))
 
 
 async def _stream(engine: AsyncEngine, request_id: str, ids: list[int], sp: SamplingParams):

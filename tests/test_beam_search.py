@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
-from tests.tiny_models import prefill_logits, tiny_config, tiny_params
+from tests.tiny_models import SMALL_PAGES, prefill_logits, tiny_config, tiny_params
 
 EOS = 2
 
@@ -24,8 +23,7 @@ def tiny():
 def _engine(tiny) -> LLMEngine:
     cfg, params = tiny
     # 4-token pages: beams fork mid-page all the time, so partial pages are copied.
-    limits = EngineConfig(num_pages=96, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, prefill_row_len=32, max_model_len=128)
-    return LLMEngine(cfg, params, limits, eos_token_ids=(EOS,))
+    return LLMEngine(cfg, params, SMALL_PAGES, eos_token_ids=(EOS,))
 
 
 def brute_force(tiny, prompt: list[int], width: int, max_tokens: int, stops: set[int], length_penalty: float = 1.0) -> list[tuple]:

@@ -113,10 +113,10 @@ def test_requests_that_cannot_run_are_rejected_up_front(smollm2) -> None:
 def test_stress_with_shared_prefixes_and_aborts_returns_every_page() -> None:
     """200 requests (half sharing a long prefix) with random aborts on a tiny model and a small cache:
     everything finishes or is aborted, and every page ends free or evictable with consistent counts."""
-    from tests.tiny_models import tiny_config, tiny_params
+    from tests.tiny_models import SMALL_PAGES, tiny_config, tiny_params
 
     cfg = tiny_config("llama", max_position_embeddings=256)
-    engine = LLMEngine(cfg, tiny_params(cfg), EngineConfig(num_pages=48, page_size=4, max_num_seqs=8, max_num_batched_tokens=64), eos_token_ids=(2,))
+    engine = LLMEngine(cfg, tiny_params(cfg), SMALL_PAGES, eos_token_ids=(2,))
     rng = random.Random(5)
     shared = [rng.randrange(3, cfg.vocab_size) for _ in range(40)]
     live: set[str] = set()
@@ -143,7 +143,7 @@ def test_stress_with_shared_prefixes_and_aborts_returns_every_page() -> None:
                 live.discard(out.request_id)
                 finished += 1
     assert not live and finished + aborted == 200 and aborted > 10
-    assert engine.blocks.usage == 0.0 and engine.blocks.num_free == 47
+    assert engine.blocks.usage == 0.0 and engine.blocks.num_free == SMALL_PAGES.num_pages - 1
     assert engine.blocks.prefix_hits > 0 and engine.scheduler.num_preemptions > 0
     engine.blocks.check_consistency()
 

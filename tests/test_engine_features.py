@@ -3,17 +3,17 @@ bias, min_tokens, log-probs, prompt log-probs and n samples, each checked agains
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
 import pytest
 
-from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 from tests.numpy_reference import reference_logits
-from tests.tiny_models import tiny_config, tiny_params
+from tests.tiny_models import TINY_ENGINE, tiny_config, tiny_params
 
 EOS = 2
 
@@ -26,8 +26,7 @@ def tiny():
 
 def _engine(tiny, **kw) -> LLMEngine:
     cfg, params = tiny
-    limits = {"num_pages": 64, "max_num_seqs": 8, "max_num_batched_tokens": 128, "prefill_row_len": 32, "max_model_len": 512}
-    return LLMEngine(cfg, params, EngineConfig(**{**limits, **kw}), eos_token_ids=(EOS,))
+    return LLMEngine(cfg, params, dataclasses.replace(TINY_ENGINE, **kw), eos_token_ids=(EOS,))
 
 
 def _prompt(rng: random.Random, n: int, vocab: int) -> list[int]:

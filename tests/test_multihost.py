@@ -31,7 +31,7 @@ from jaxserve.parallel import wire
 from jaxserve.parallel.channel import MAGIC
 from jaxserve.parallel.distributed import StepChannel, StepChannelError, connect, follow
 from jaxserve.sampling_params import SamplingParams
-from tests.server_process import ServerProcess, free_port
+from tests.server_process import SERVER_ENGINE, ServerProcess, free_port
 from tests.tiny_models import tiny_config, tiny_params, write_gguf
 
 LIMITS = ["--max-num-seqs", "4", "--max-num-batched-tokens", "128", "--num-pages", "128", "--max-model-len", "512", "--no-warmup"]
@@ -119,7 +119,7 @@ def test_three_process_group_serves_like_one_device_and_dies_together(smollm2, t
         leader.wait(timeout=600)
         client = openai.OpenAI(base_url=leader.url + "/v1", api_key="none", max_retries=0)
         answers = [client.completions.create(model="smollm2-135m-instruct", prompt=p, max_tokens=12, temperature=0).choices[0].text for p in PROMPTS]
-        offline = LLM(smollm2, EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, num_pages=128, max_model_len=512))
+        offline = LLM(smollm2, SERVER_ENGINE)  # the test servers' compiled steps
         assert answers == [o.outputs[0].text for o in offline.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False)]
 
         followers[1].send_signal(signal.SIGKILL)  # one host dies

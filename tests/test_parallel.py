@@ -99,7 +99,7 @@ def test_smollm2_served_tensor_and_data_parallel_equals_one_device(layout, smoll
 
     from jaxserve.engine.llm import LLM
     from jaxserve.sampling_params import SamplingParams
-    from tests.server_process import ServerProcess, get
+    from tests.server_process import SERVER_ENGINE, ServerProcess, get
 
     limits = ["--max-num-seqs", "4", "--max-num-batched-tokens", "128", "--num-pages", "128", "--max-model-len", "512"]
     server = ServerProcess([*limits, *layout, "--no-warmup"], tmp_path / "log.txt")
@@ -111,7 +111,7 @@ def test_smollm2_served_tensor_and_data_parallel_equals_one_device(layout, smoll
         engines = [line for line in get(server.url + "/metrics")[1].splitlines() if line.startswith("jaxserve:num_compiles{")]
     finally:
         assert server.stop() == 0
-    offline = LLM(smollm2, EngineConfig(max_num_seqs=4, max_num_batched_tokens=128, num_pages=128, max_model_len=512))
+    offline = LLM(smollm2, SERVER_ENGINE)  # the test servers' compiled steps
     expected = offline.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0), use_tqdm=False)
     assert [a.choices[0].text for a in answers] == [e.outputs[0].text for e in expected]
     replicas = int(layout[-1]) if "--data-parallel-size" in layout else 1

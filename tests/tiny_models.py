@@ -9,8 +9,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.models.llama import Params, init_params
+
+# Limits of the tiny-model engines, one step-shape set each, compiled once for all the tests that use
+# it: the usual one, and a small cache of 4-token pages (page sharing, forks, preemption).
+TINY_ENGINE = EngineConfig(num_pages=64, max_num_seqs=8, max_num_batched_tokens=128, prefill_row_len=32, max_model_len=512)
+SMALL_PAGES = EngineConfig(num_pages=48, page_size=4, max_num_seqs=8, max_num_batched_tokens=64, prefill_row_len=32, max_model_len=128)
 
 
 def byte_level_vocab() -> list[str]:
