@@ -6,7 +6,8 @@ Configs are hashable so they can be static arguments of jitted functions.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -183,6 +184,51 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, with the keys of vLLM's `--speculative-config` JSON. A drafted token is
+    accepted exactly when it is the token the model samples at its position (with that position's
+    noise), so the output is the same as without speculation, greedy or seeded."""
+
+    method: str = "ngram"  # "ngram": prompt lookup over the sequence's own tokens, on the host
+    num_speculative_tokens: int = 4  # most tokens drafted per sequence and step
+    prompt_lookup_min: int = 1  # shortest tail n-gram looked up
+    prompt_lookup_max: int = 4  # longest tail n-gram looked up (tried first)
+
+    def __post_init__(self) -> None:
+        field = "speculative_config"
+        if self.method != "ngram":
+            raise UserError(f"{field}.method: unknown method {self.method!r} (this build has 'ngram')")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise UserError(f"{field}.num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        for name in ("prompt_lookup_min", "prompt_lookup_max"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"{field}.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise UserError(f"{field}.prompt_lookup_min ({self.prompt_lookup_min}) exceeds prompt_lookup_max ({self.prompt_lookup_max})")
+
+    @classmethod
+    def from_json(cls, text: str) -> SpeculativeConfig:
+        """Parse `--speculative-config`; a UserError names the field at fault."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"speculative_config is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError("speculative_config must be a JSON object")
+        if "model" in data:
+            raise UserError("speculative_config.model: draft models and learned draft heads are not in this build yet (use method 'ngram')")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"speculative_config.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Batching and KV-cache limits of the engine (names follow vLLM's flags)."""
@@ -197,6 +243,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "bfloat16" (half the bytes of float32)
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "prefill_row_len", "page_size"):

@@ -19,6 +19,7 @@ from jaxserve.engine.outputs import RequestOutput, StepOutput, TopLogprobs
 from jaxserve.engine.runner import ModelRunner, StepShapes
 from jaxserve.engine.scheduler import Chunk, Scheduler
 from jaxserve.engine.sequence import Sequence, Status
+from jaxserve.engine.speculation import Speculator
 from jaxserve.errors import UserError
 from jaxserve.models.llama import ForwardBatch, Params
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays
@@ -78,6 +79,7 @@ class LLMEngine:
             len(self.shapes.combos()),
         )
         self.scheduler = Scheduler(engine_config, self.blocks)
+        self.speculator = Speculator(engine_config.speculative) if engine_config.speculative else None
         self.grammars = grammars or (GrammarCompiler(tokenizer, model_config.vocab_size) if tokenizer else None)
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._arrivals = itertools.count()
@@ -199,6 +201,8 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         chunks = self.scheduler.schedule()
+        if self.speculator is not None:
+            chunks = self._speculate(chunks)
         self.last_step = StepReport(len(chunks), sum(c.length for c in chunks), None)
         if not chunks:
             return []
@@ -218,6 +222,9 @@ class LLMEngine:
             seq, row = chunk.seq, last_row[id(chunk)]
             if seq.status is Status.FINISHED:
                 continue  # its request failed earlier in this loop
+            if chunk.draft:
+                outputs += self._guarded(seq, lambda: self._verify(chunk, row, tokens, logprobs, top))
+                continue
             seq.num_computed += chunk.length
             self.num_computed_tokens += chunk.length
             self.scheduler.register_computed(seq)
@@ -226,15 +233,56 @@ class LLMEngine:
                 seq.candidates = list(zip(top[0][row, :width].tolist(), top[1][row, :width].tolist()))
                 beams.add(seq.request_id)
             elif chunk.completes:
-                k = seq.params.logprobs or 0
-                alternatives = tuple(zip(top[0][row, :k].tolist(), top[1][row, :k].tolist())) if k else ()
-                try:
-                    outputs.append(self._append(seq, int(tokens[row]), float(logprobs[row]), alternatives))
-                except Exception as e:  # a host-side failure (say, detokenizing) fails only its own request
-                    log.exception("request %s failed", seq.request_id)
-                    outputs += self.abort(seq.request_id, "error", f"{type(e).__name__}: {e}")
+                outputs += self._guarded(seq, lambda: [self._append(seq, int(tokens[row]), float(logprobs[row]), _alternatives(seq, top, row))])
         for request_id in sorted(beams):
             outputs += self._advance_beams(request_id)
+        return outputs
+
+    def _guarded(self, seq: Sequence, emit) -> list[StepOutput]:
+        """`emit()`'s outputs; a host-side failure (say, detokenizing) fails only its own request."""
+        try:
+            return emit()
+        except Exception as e:
+            log.exception("request %s failed", seq.request_id)
+            return self.abort(seq.request_id, "error", f"{type(e).__name__}: {e}")
+
+    # ---- speculative decoding ------------------------------------------------------------
+
+    def _speculate(self, chunks: list[Chunk]) -> list[Chunk]:
+        """Give decode chunks drafts (`jaxserve.engine.speculation`) within the spare rows of the
+        largest decode bucket and the step's token budget, shared evenly (a sequence's first drafts
+        are its likeliest to be accepted). A request with a grammar or beams decodes without: its
+        next token's mask or candidates need the one before."""
+        spare = self.shapes.decode_rows[-1] - sum(c.length for c in chunks if not c.rows)
+        spare = min(spare, self.engine_config.max_num_batched_tokens - sum(c.length for c in chunks))
+        eligible = [i for i, c in enumerate(chunks) if not c.rows and c.completes and c.seq.matcher is None and c.seq.beam is None]
+        planned = list(chunks)
+        for n, i in enumerate(eligible):
+            c, seq = chunks[i], chunks[i].seq
+            share = -(-spare // (len(eligible) - n))  # what is left, split over the sequences still to come
+            k = min(share, seq.params.max_tokens - len(seq.output_ids) - 1, self.max_model_len - seq.num_tokens)
+            draft = self.speculator.propose(seq.tokens, seq.spec, k) if k >= 1 else []
+            if draft and self.scheduler.reserve(seq, c.start + 1 + len(draft)):
+                planned[i] = Chunk(seq, c.start, 1 + len(draft), 0, tuple(draft))
+                spare -= len(draft)
+        return planned
+
+    def _verify(self, chunk: Chunk, row: int, tokens: np.ndarray, logprobs: np.ndarray, top: list) -> list[StepOutput]:
+        """The tokens a drafting sequence sampled at its rows: each draft that equals the model's own
+        token is kept, then the model's token at the first mismatch (or after the last draft). Their
+        K/V stay in the cache; the rest is overwritten as the sequence grows."""
+        seq, draft = chunk.seq, chunk.draft
+        sampled = tokens[row : row + len(draft) + 1].tolist()
+        accepted = next((j for j, d in enumerate(draft) if sampled[j] != d), len(draft))
+        self.speculator.record(seq.spec, len(draft), accepted)
+        outputs = []
+        for j in range(accepted + 1):
+            outputs.append(self._append(seq, sampled[j], float(logprobs[row + j]), _alternatives(seq, top, row + j)))
+            if seq.status is Status.FINISHED:
+                return outputs
+        seq.num_computed += 1 + accepted
+        self.num_computed_tokens += 1 + accepted
+        self.scheduler.register_computed(seq)
         return outputs
 
     # ---- beam search ---------------------------------------------------------------------
@@ -364,7 +412,7 @@ class LLMEngine:
         s = self.shapes
         decode = [c for c in chunks if not c.rows]
         prefill = [c for c in chunks if c.rows]
-        bd = StepShapes.fit(len(decode), s.decode_rows)
+        bd = StepShapes.fit(sum(c.length for c in decode), s.decode_rows)
         bp = StepShapes.fit(sum(c.rows for c in prefill), s.prefill_rows)
         groups, last_row, prompt_slots = [], {}, []
 
@@ -373,12 +421,14 @@ class LLMEngine:
 
         if bd:
             tokens, positions, tables, kv_lens = rows(bd, 1)
-            for r, c in enumerate(decode):
-                tokens[r, 0] = c.seq.prompt_ids[c.start] if c.start < len(c.seq.prompt_ids) else c.seq.output_ids[c.start - len(c.seq.prompt_ids)]
-                positions[r, 0] = c.start
-                tables[r, : len(c.seq.pages)] = c.seq.pages
-                kv_lens[r] = c.start + 1
+            r = 0
+            for c in decode:  # a drafting sequence takes a row per token: its last one, then the drafts
+                last = c.seq.prompt_ids[c.start] if c.start < len(c.seq.prompt_ids) else c.seq.output_ids[c.start - len(c.seq.prompt_ids)]
                 last_row[id(c)] = r
+                for j, token in enumerate((last, *c.draft)):
+                    tokens[r, 0], positions[r, 0], kv_lens[r] = token, c.start + j, c.start + j + 1
+                    tables[r, : len(c.seq.pages)] = c.seq.pages
+                    r += 1
             groups.append(ForwardBatch(tokens, positions, tables, kv_lens))
         if bp:
             t = s.row_len
@@ -405,9 +455,11 @@ class LLMEngine:
         """Per-row sampling arrays (padding rows greedy) and the position each sampled token takes."""
         s, positions = SamplingArrays.greedy(rows, self.model_config.vocab_size), np.zeros(rows, np.int32)
         for c in sampled:
-            r, p = last_row[id(c)], c.seq.params
-            s.temperature[r], s.top_p[r], s.min_p[r], s.top_k[r] = p.temperature, p.top_p, p.min_p, p.top_k
-            s.seed[r], positions[r] = p.sample_seed(c.seq.index), c.start + c.length
+            p, first = c.seq.params, c.start + c.length - len(c.draft)  # the position of the first sampled token
+            for j in range(1 + len(c.draft)):  # a drafting sequence samples at every row: the verify
+                r = last_row[id(c)] + j
+                s.temperature[r], s.top_p[r], s.min_p[r], s.top_k[r] = p.temperature, p.top_p, p.min_p, p.top_k
+                s.seed[r], positions[r] = p.sample_seed(c.seq.index), first + j
         return s, positions
 
     def _fill_masks(self, sampled: list[Chunk], last_row: dict[int, int], allowed: np.ndarray) -> None:
@@ -423,17 +475,19 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         repetition, bias = np.ones((rows, vocab), np.float32), np.zeros((rows, vocab), np.float32)
         for c in sampled:
-            r, p, seq = last_row[id(c)], c.seq.params, c.seq
-            if p.repetition_penalty != 1:
-                repetition[r, np.unique(seq.tokens)] = p.repetition_penalty
-            if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-                counts = np.bincount(seq.output_ids, minlength=vocab).astype(np.float32)
-                bias[r] -= p.presence_penalty * (counts > 0) + p.frequency_penalty * counts
-            for token, b in p.logit_bias.items():
-                bias[r, token] += b
-            if len(seq.output_ids) < p.min_tokens:
-                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_token_ids))
-                bias[r, banned] = -np.inf
+            p, seq = c.seq.params, c.seq
+            for j in range(1 + len(c.draft)):  # a verify row sees the drafts before it as output
+                r, output = last_row[id(c)] + j, seq.output_ids + list(c.draft[:j])
+                if p.repetition_penalty != 1:
+                    repetition[r, np.unique(seq.prompt_ids + output)] = p.repetition_penalty
+                if (p.presence_penalty or p.frequency_penalty) and output:
+                    counts = np.bincount(output, minlength=vocab).astype(np.float32)
+                    bias[r] -= p.presence_penalty * (counts > 0) + p.frequency_penalty * counts
+                for token, b in p.logit_bias.items():
+                    bias[r, token] += b
+                if len(output) < p.min_tokens:
+                    banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_token_ids))
+                    bias[r, banned] = -np.inf
         return LogitAdjust(repetition, bias)
 
     def _collect_prompt_logprobs(self, num_positions: int, slots: list[tuple[Sequence, int, int]]) -> None:
@@ -446,3 +500,9 @@ class LLMEngine:
         for seq, pos, i in slots:
             if pos == len(seq.prompt_logprobs):
                 seq.prompt_logprobs.append((float(chosen[i]), top_ids[i].tolist(), top_lps[i].tolist()))
+
+
+def _alternatives(seq: Sequence, top: list, row: int) -> TopLogprobs:
+    """The top log-probs a sequence asked for, at one row of the step's sampler output."""
+    k = seq.params.logprobs or 0
+    return tuple(zip(top[0][row, :k].tolist(), top[1][row, :k].tolist())) if k else ()

@@ -55,8 +55,9 @@ class StepShapes:
 
     @classmethod
     def from_config(cls, engine: EngineConfig, max_model_len: int) -> StepShapes:
+        spec = engine.speculative
         return cls(
-            decode_rows=_sizes(engine.max_num_seqs),
+            decode_rows=_sizes(max(engine.max_num_seqs, 1 + spec.num_speculative_tokens if spec else 1)),  # room for one drafting sequence
             prefill_rows=_sizes(engine.max_prefill_rows),
             row_len=engine.prefill_row_len,
             table_width=table_width(max_model_len, engine.page_size),

@@ -31,12 +31,13 @@ class Chunk:
     seq: Sequence
     start: int  # first token fed
     length: int  # tokens fed
-    rows: int  # prefill rows it takes; 0 = a one-token decode row
+    rows: int  # prefill rows it takes; 0 = decode rows, one per token fed
+    draft: tuple[int, ...] = ()  # speculative tokens fed after the sequence's last one (decode rows only)
 
     @property
     def completes(self) -> bool:
-        """Whether the token sampled after this chunk is the sequence's next token."""
-        return self.start + self.length == self.seq.num_tokens
+        """Whether the token sampled after this chunk's last real token is the sequence's next token."""
+        return self.start + self.length - len(self.draft) == self.seq.num_tokens
 
 
 class Scheduler:
@@ -142,6 +143,15 @@ class Scheduler:
             self._preempt(victim)
             if victim is seq:
                 return False
+        return True
+
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give `seq` pages for `num_tokens` from free pages only (speculation never preempts)."""
+        need = self._pages_for(num_tokens) - len(seq.pages)
+        fresh = self.blocks.allocate(need) if need > 0 else []
+        if fresh is None:
+            return False
+        seq.pages += fresh
         return True
 
     def register_computed(self, seq: Sequence) -> None:

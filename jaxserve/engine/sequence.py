@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jaxserve.cache.block_manager import BlockHash, block_hashes, salt_hash
+from jaxserve.engine.speculation import SpecState
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import IncrementalDetokenizer
 
@@ -45,6 +46,7 @@ class Sequence:
     beam_cumulative: float = 0.0
     candidates: list[tuple[int, float]] | None = None  # a beam's next tokens, computed and not yet chosen from
     hashes: list[BlockHash] = field(default_factory=list)  # of this sequence's full blocks, as far as computed
+    spec: SpecState = field(default_factory=SpecState)  # its speculative drafts' recent acceptance
     status: Status = Status.WAITING
     finish_reason: str | None = None
 

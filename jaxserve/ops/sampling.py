@@ -132,7 +132,9 @@ def sample(
 ) -> tuple[jnp.ndarray, ...]:
     """Next tokens [B] int32 and their log-probabilities [B]; with num_top > 0 also the top token ids
     [B, num_top] and their log-probabilities [B, num_top]."""
-    raw, lse = logits, jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # [B, V], [B, 1]
+    raw, top = logits, jnp.max(logits, axis=-1, keepdims=True)  # [B, V], [B, 1]
+    # Summed in one order: a row's log-probs have the same bits in every sampler variant and batch.
+    lse = top + jnp.log(ordered_sum(jnp.exp(raw - top), axis=-1))  # [B, 1]
     if adjust is not None:
         logits = adjust_logits(logits, adjust)
     logits = mask_logits(logits, s.allowed)

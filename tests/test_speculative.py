@@ -1,0 +1,185 @@
+"""Speculative decoding changes nothing but speed: with n-gram drafts the outputs (tokens, log-probs,
+finish reasons) equal those without, greedy and seeded, beside other requests, through penalties,
+min_tokens, stop tokens, n > 1, aborts and preemption, with no step shape beyond the warmed-up ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+
+from jaxserve.config import SpeculativeConfig
+from jaxserve.engine.llm import LLM
+from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.engine.speculation import ngram_draft
+from jaxserve.errors import UserError
+from jaxserve.sampling_params import SamplingParams
+from tests.server_process import SERVER_ENGINE
+from tests.tiny_models import SMALL_PAGES, TINY_ENGINE, tiny_config, tiny_params
+
+NGRAM = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3)
+
+
+@pytest.mark.parametrize(
+    "text,field",
+    [
+        ('{"method": "eagle3"}', "speculative_config.method"),
+        ('{"num_speculative_tokens": 0}', "speculative_config.num_speculative_tokens"),
+        ('{"num_speculative_tokens": 17}', "speculative_config.num_speculative_tokens"),
+        ('{"prompt_lookup_min": 4, "prompt_lookup_max": 2}', "speculative_config.prompt_lookup_min"),
+        ('{"num_speculative_tokens": 3, "lookahead": 1}', "speculative_config.lookahead"),
+        ('{"model": "/models/draft", "num_speculative_tokens": 3}', "speculative_config.model"),
+        ("[3]", "speculative_config must be a JSON object"),
+        ("{method: ngram}", "speculative_config is not valid JSON"),
+    ],
+)
+def test_bad_speculative_configs_name_the_field(text: str, field: str) -> None:
+    with pytest.raises(UserError, match=field.replace(".", r"\.")):
+        SpeculativeConfig.from_json(text)
+
+
+def test_vllm_ngram_config_carries_over() -> None:
+    cfg = SpeculativeConfig.from_json('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4}')
+    assert (cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (5, 2, 4)
+
+
+def test_ngram_draft_continues_the_latest_longest_match() -> None:
+    tokens = np.array([1, 2, 3, 4, 5, 9, 2, 3, 7, 1, 2, 3])
+    assert ngram_draft(tokens, 3, 1, 3) == [4, 5, 9]  # "1 2 3" occurred once before
+    assert ngram_draft(tokens, 3, 1, 2) == [7, 1, 2]  # only "2 3" looked up: its latest earlier occurrence
+    assert ngram_draft(tokens, 8, 3, 3) == [4, 5, 9, 2, 3, 7, 1, 2]  # as many as follow, up to k
+    assert ngram_draft(np.array([5, 6, 7]), 2, 1, 3) == []  # nothing repeats
+    assert ngram_draft(np.array([4, 4, 4]), 4, 1, 2) == [4]  # overlapping occurrences; never past the end
+
+
+def _requests(cfg, count: int, seed: int) -> dict[str, tuple[list[int], SamplingParams]]:
+    """Repetitive prompts (so drafts come up and are sometimes right) with every per-token feature."""
+    rng = random.Random(seed)
+    requests = {}
+    for i in range(count):
+        motif = [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(2, 10))]
+        sp = SamplingParams(
+            max_tokens=rng.randint(6, 40),
+            temperature=rng.choice([0.0, 0.0, 0.8, 1.0]),
+            top_p=rng.choice([1.0, 0.9]),
+            seed=i,
+            n=rng.choice([1, 1, 2]),
+            logprobs=rng.choice([None, 3]),
+            frequency_penalty=rng.choice([0.0, 0.0, 0.5]),
+            repetition_penalty=rng.choice([1.0, 1.0, 1.2]),
+            min_tokens=rng.choice([0, 0, 5]),
+            stop_token_ids=rng.choice([[], [motif[0]]]),
+            ignore_eos=rng.random() < 0.5,
+        )
+        requests[str(i)] = (motif * rng.randint(1, 6), sp)
+    return requests
+
+
+def _outputs(engine: LLMEngine, requests: dict) -> dict:
+    return {
+        rid: [(s.token_ids, s.logprobs, s.top_logprobs, s.finish_reason, s.stop_token_id) for s in out.outputs]
+        for rid, out in engine.run(requests).items()
+    }
+
+
+def test_tiny_outputs_equal_without_speculation_and_drafts_are_accepted() -> None:
+    """A crowd of 24 requests with every feature (few spare rows), then two long greedy requests and
+    a seeded one, which fall into loops that the lookup predicts (all paths of the verify)."""
+    cfg = tiny_config("llama", max_position_embeddings=2048)
+    params = tiny_params(cfg)
+    crowd = _requests(cfg, 24, seed=0)
+    rng = random.Random(1)
+    loops = {
+        str(i): ([rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(2, 10))] * 3,
+                 SamplingParams(max_tokens=100, temperature=0.0 if i < 2 else 0.7, seed=i, logprobs=2, ignore_eos=True))
+        for i in range(3)
+    }
+    plain_engine = LLMEngine(cfg, params, TINY_ENGINE, eos_token_ids=(2,))
+    plain = [_outputs(plain_engine, requests) for requests in (crowd, loops)]
+    engine = LLMEngine(cfg, params, dataclasses.replace(TINY_ENGINE, speculative=NGRAM), eos_token_ids=(2,))
+    assert engine.shapes == plain_engine.shapes  # drafts ride in spare decode rows
+    assert [_outputs(engine, requests) for requests in (crowd, loops)] == plain
+    c = engine.speculator.counters
+    print(c)
+    assert c.num_drafts > 20 and 0 < c.num_accepted_tokens < c.num_draft_tokens  # both paths ran
+    assert sum(c.acceptance_lengths) == c.num_drafts and c.acceptance_lengths[0] > 0 and sum(c.acceptance_lengths[2:]) > 0
+    assert c.accepted_per_position == sorted(c.accepted_per_position, reverse=True) and c.accepted_per_position[1] > 0
+    assert engine.blocks.usage == 0.0
+    engine.blocks.check_consistency()
+
+
+def test_stress_with_speculation_aborts_preemption_and_a_shared_prefix() -> None:
+    """300 requests on a small cache (preemptions), half sharing a prefix, random aborts: after warm-up
+    no compile, every page ends free, and each finished request equals its run without speculation."""
+    cfg = tiny_config("llama", max_position_embeddings=256)
+    params = tiny_params(cfg)
+    engine = LLMEngine(cfg, params, dataclasses.replace(SMALL_PAGES, speculative=NGRAM), eos_token_ids=(2,))
+    engine.warmup(progress=False)
+    compiled = engine.runner.num_compiles
+    rng = random.Random(7)
+    shared = [rng.randrange(3, cfg.vocab_size) for _ in range(24)] * 2
+    requests = {rid: ((shared if int(rid) % 2 else []) + prompt[:40], dataclasses.replace(sp, n=1, max_tokens=min(sp.max_tokens, 30)))
+                for rid, (prompt, sp) in _requests(cfg, 300, seed=1).items()}
+    results, live, aborted = {}, set(), set()
+    for rid, (prompt, sp) in requests.items():
+        engine.add_request(rid, prompt, sp)
+        live.add(rid)
+        for _ in range(rng.randint(0, 2)):
+            for out in engine.step():
+                results.setdefault(out.request_id, []).append(out.token_id)
+        if rng.random() < 0.1:
+            victim = rng.choice(sorted(live - aborted))
+            engine.abort(victim)
+            aborted.add(victim)
+        engine.blocks.check_consistency()
+    while engine.has_unfinished():
+        for out in engine.step():
+            results.setdefault(out.request_id, []).append(out.token_id)
+    assert engine.runner.num_compiles == compiled
+    assert engine.blocks.usage == 0.0 and engine.blocks.num_free == SMALL_PAGES.num_pages - 1
+    assert engine.scheduler.num_preemptions > 0 and engine.blocks.prefix_hits > 0 and len(aborted) > 10
+    assert engine.speculator.counters.num_accepted_tokens > 0
+    engine.blocks.check_consistency()
+    done = {rid: requests[rid] for rid in requests if rid not in aborted}
+    plain = LLMEngine(cfg, params, SMALL_PAGES, eos_token_ids=(2,)).run(done)
+    for rid in done:
+        assert [t for t in results[rid] if t is not None] == plain[rid].outputs[0].token_ids, rid
+
+
+PASSAGE = (
+    "The lighthouse stood at the edge of the cliff for two hundred years. Every night its keeper climbed the spiral "
+    "stairs, trimmed the wick and wound the clockwork that turned the great lens. Ships far out at sea saw the beam "
+    "sweep across the water and knew where the rocks were."
+)
+TASKS = [
+    f"Repeat this passage word for word:\n\n{PASSAGE}",
+    f"Correct any spelling mistakes in this passage and return it whole:\n\n{PASSAGE.replace('cliff', 'clif')}",
+    f"Rewrite this passage in the present tense:\n\n{PASSAGE}",
+    f"Quote the sentence about ships from this passage, then explain it:\n\n{PASSAGE}",
+    "Rename the variable `total` to `acc` and return the code:\n\ndef add(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total\n",
+    "List the numbers from 1 to 30, separated by commas.",
+    "Write a short poem about the sea.",
+    "What is the capital of France? Answer in one sentence.",
+    "Explain what a hash table is to a child.",
+    "Give three tips for staying focused while studying.",
+]
+
+
+def test_smollm2_outputs_equal_without_speculation(smollm2) -> None:
+    """Ten tasks, 128 tokens each, greedy and seeded (temperature 0.8, top_p 0.95), in one batch of
+    20 on the test servers' shapes plus room for drafts: token for token the same as without."""
+    prompts = [smollm2.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in TASKS] * 2
+    params = [SamplingParams(max_tokens=128, temperature=0.0)] * 10 + [
+        SamplingParams(max_tokens=128, temperature=0.8, top_p=0.95, seed=i) for i in range(10)
+    ]
+    limits = dataclasses.replace(SERVER_ENGINE, max_num_seqs=32)
+    plain = LLM(smollm2, limits).generate(prompts, params, use_tqdm=False)
+    llm = LLM(smollm2, dataclasses.replace(limits, speculative=NGRAM))
+    drafted = llm.generate(prompts, params, use_tqdm=False)
+    for p, a, b in zip(prompts, plain, drafted):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids, smollm2.tokenizer.decode(p)
+    c = llm.engine.speculator.counters
+    print(c)
+    assert c.num_accepted_tokens > 100
