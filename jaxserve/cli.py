@@ -48,6 +48,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="KV-cache storage: auto (the model's dtype) or bfloat16 (half the memory of float32; outputs differ slightly)",
     )
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=False, help="compile every step shape before the first request")
+    p.add_argument(
+        "--speculative-config",
+        default=None,
+        help='speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4} '
+        "(outputs are unchanged, greedy or seeded)",
+    )
+
+
+def _speculative(args: argparse.Namespace):
+    from jaxserve.config import SpeculativeConfig
+
+    return SpeculativeConfig.from_json(args.speculative_config) if args.speculative_config else None
 
 
 SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty", "stop")
@@ -162,6 +174,7 @@ def _single_stream(args: argparse.Namespace):
         raise UserError(f"--page-size must be >= 1, got {args.page_size}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
+    speculative = _speculative(args)  # before loading: a bad config fails at once
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size))
     model = load_model(args.model, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size)
     max_len = min(args.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
@@ -173,6 +186,7 @@ def _single_stream(args: argparse.Namespace):
         kv_cache_memory=args.kv_cache_memory,
         kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=max_len,
+        speculative=speculative,
     )
     llm = LLM(model, engine, mesh=mesh)
     if args.warmup:
@@ -200,8 +214,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if not args.json:
             sys.stdout.write(out.text)
             sys.stdout.flush()
+    result = {"text": text, "token_ids": token_ids, "prompt_token_ids": prompt_ids, "finish_reason": finish}
+    if llm.engine.speculator is not None:
+        c = llm.engine.speculator.counters
+        result["speculative"] = {"drafts": c.num_drafts, "draft_tokens": c.num_draft_tokens, "accepted_tokens": c.num_accepted_tokens,
+                                 "acceptance_rate": round(c.num_accepted_tokens / max(c.num_draft_tokens, 1), 4)}
+        if not args.json:
+            print(f"\nspeculative decoding: accepted {c.num_accepted_tokens} of {c.num_draft_tokens} drafted tokens "
+                  f"({result['speculative']['acceptance_rate']:.0%}) over {c.num_drafts} drafts", file=sys.stderr)
     if args.json:
-        print(json.dumps({"text": text, "token_ids": token_ids, "prompt_token_ids": prompt_ids, "finish_reason": finish}))
+        print(json.dumps(result))
     else:
         print()
     return 0
@@ -286,6 +308,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
+        speculative=_speculative(args),
     )
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size))
     check_mesh(mesh, dist)

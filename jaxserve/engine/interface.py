@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jaxserve.engine.speculation import SpecCounters
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import Tokenizer
 
@@ -48,6 +49,7 @@ class EngineStats:
     prefix_cache_hits: int
     preemptions: int  # sequences preempted (recomputed later)
     compiles: int  # programs compiled (flat after warm-up)
+    spec: SpecCounters | None = None  # speculative decoding's totals (None: speculation off)
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         s, b = self.scheduler, self.blocks
-        return EngineStats(len(s.running), len(s.waiting), b.usage, b.prefix_queries, b.prefix_hits, s.num_preemptions, self.runner.num_compiles)
+        spec = self.speculator.snapshot() if self.speculator else None
+        return EngineStats(len(s.running), len(s.waiting), b.usage, b.prefix_queries, b.prefix_hits, s.num_preemptions, self.runner.num_compiles, spec)
 
     # ---- one step ------------------------------------------------------------------------
 

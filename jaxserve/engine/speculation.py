@@ -77,6 +77,11 @@ class Speculator:
         k = min(k, self.cfg.num_speculative_tokens)
         return ngram_draft(np.asarray(tokens, np.int64), k, self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max) if k > 0 else []
 
+    def snapshot(self) -> SpecCounters:
+        """A copy of the counters (safe to read while the engine runs on)."""
+        c = self.counters
+        return SpecCounters(c.num_drafts, c.num_draft_tokens, c.num_accepted_tokens, list(c.accepted_per_position), list(c.acceptance_lengths))
+
     def record(self, state: SpecState, drafted: int, accepted: int) -> None:
         c = self.counters
         c.num_drafts += 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from jaxserve.engine.async_engine import AsyncEngine
@@ -55,6 +55,7 @@ class _EngineCollector(Collector):
             for i, stats in enumerate(snapshots):
                 family.add_metric([self.model, str(i)], read(stats))
             yield family
+        yield from self._speculation(snapshots)
         info = GaugeMetricFamily("jaxserve:cache_config_info", "KV-cache configuration of each engine (value 1; the labels say it).", labels=[
             "model_name", "engine", "block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"])
         for i, engine in enumerate(self.engines):
@@ -62,6 +63,33 @@ class _EngineCollector(Collector):
             info.add_metric([self.model, str(i), str(lim.page_size), str(lim.kv_cache_tokens // lim.page_size), lim.kv_cache_dtype,
                              str(lim.enable_prefix_caching)], 1.0)
         yield info
+
+    def _speculation(self, snapshots: Sequence[EngineStats]) -> Iterator:
+        """vLLM's spec-decode counters, per engine that speculates: drafts, drafted and accepted
+        tokens, accepted tokens at each draft position, and a histogram of accepted drafts per pass."""
+        engines = [(str(i), s.spec) for i, s in enumerate(snapshots) if s.spec is not None]
+        if not engines:
+            return
+        labels = ["model_name", "engine"]
+        for name, doc, read in (
+            ("num_drafts", "Verify passes that carried drafts.", lambda c: c.num_drafts),
+            ("num_draft_tokens", "Tokens drafted.", lambda c: c.num_draft_tokens),
+            ("num_accepted_tokens", "Drafted tokens accepted (equal to the model's own).", lambda c: c.num_accepted_tokens),
+        ):
+            family = CounterMetricFamily(f"jaxserve:spec_decode_{name}", doc, labels=labels)
+            for engine, c in engines:
+                family.add_metric([self.model, engine], read(c))
+            yield family
+        per_pos = CounterMetricFamily("jaxserve:spec_decode_num_accepted_tokens_per_pos", "Drafts accepted at each draft position.", labels=[*labels, "position"])
+        lengths = HistogramMetricFamily("jaxserve:spec_decode_acceptance_length", "Drafts accepted per verify pass.", labels=labels)
+        for engine, c in engines:
+            for pos, n in enumerate(c.accepted_per_position):
+                per_pos.add_metric([self.model, engine, str(pos)], n)
+            cumulative = [sum(c.acceptance_lengths[: k + 1]) for k in range(len(c.acceptance_lengths))]
+            buckets = [(str(k), cumulative[k]) for k in range(len(cumulative))] + [("+Inf", cumulative[-1])]
+            lengths.add_metric([self.model, engine], buckets, sum_value=c.num_accepted_tokens)
+        yield per_pos
+        yield lengths
 
 
 class Metrics:
