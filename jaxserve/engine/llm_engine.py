@@ -252,20 +252,31 @@ class LLMEngine:
     def _speculate(self, chunks: list[Chunk]) -> list[Chunk]:
         """Give decode chunks drafts (`jaxserve.engine.speculation`) within the spare rows of the
         largest decode bucket and the step's token budget, shared evenly (a sequence's first drafts
-        are its likeliest to be accepted). A request with a grammar or beams decodes without: its
-        next token's mask or candidates need the one before."""
-        spare = self.shapes.decode_rows[-1] - sum(c.length for c in chunks if not c.rows)
-        spare = min(spare, self.engine_config.max_num_batched_tokens - sum(c.length for c in chunks))
+        are its likeliest to be accepted), then cut from the drafts' ends down to a bucket the rows
+        fill exactly (5 rows run as 8: a padded bucket costs more than its drafts save). A request
+        with a grammar or beams decodes without: its next token's mask or candidates need the one
+        before."""
+        base = sum(c.length for c in chunks if not c.rows)
+        spare = min(self.shapes.decode_rows[-1] - base, self.engine_config.max_num_batched_tokens - sum(c.length for c in chunks))
         eligible = [i for i, c in enumerate(chunks) if not c.rows and c.completes and c.seq.matcher is None and c.seq.beam is None]
-        planned = list(chunks)
+        drafts: dict[int, list[int]] = {}
         for n, i in enumerate(eligible):
-            c, seq = chunks[i], chunks[i].seq
+            seq = chunks[i].seq
             share = -(-spare // (len(eligible) - n))  # what is left, split over the sequences still to come
             k = min(share, seq.params.max_tokens - len(seq.output_ids) - 1, self.max_model_len - seq.num_tokens)
-            draft = self.speculator.propose(seq.tokens, seq.spec, k) if k >= 1 else []
-            if draft and self.scheduler.reserve(seq, c.start + 1 + len(draft)):
-                planned[i] = Chunk(seq, c.start, 1 + len(draft), 0, tuple(draft))
+            if k >= 1 and (draft := self.speculator.propose(seq.tokens, seq.spec, k)):
+                drafts[i] = draft
                 spare -= len(draft)
+        rows = base + sum(map(len, drafts.values()))
+        excess = rows - max([b for b in self.shapes.decode_rows if base <= b <= rows], default=rows)
+        for i in reversed(drafts):  # the last sequences' draft ends go first
+            cut = min(excess, len(drafts[i]))
+            drafts[i], excess = drafts[i][: len(drafts[i]) - cut], excess - cut
+        planned = list(chunks)
+        for i, draft in drafts.items():
+            c = chunks[i]
+            if draft and self.scheduler.reserve(c.seq, c.start + 1 + len(draft)):
+                planned[i] = Chunk(c.seq, c.start, 1 + len(draft), 0, tuple(draft))
         return planned
 
     def _verify(self, chunk: Chunk, row: int, tokens: np.ndarray, logprobs: np.ndarray, top: list) -> list[StepOutput]:
