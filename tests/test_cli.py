@@ -57,6 +57,16 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(capsys, tiny_gguf: P
     assert tokens(7) != tokens(8)
 
 
+def test_generate_with_speculation_gives_the_same_tokens_and_its_acceptance(capsys, tiny_gguf: Path) -> None:
+    args = ["--model", str(tiny_gguf), "--prompt", "the theme the theme the theme", "--max-tokens", "40", "--temperature", "0", "--ignore-eos", "--json"]
+    plain = json.loads(_run(capsys, "generate", *args)[1])
+    code, out, _ = _run(capsys, "generate", *args, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}')
+    drafted = json.loads(out)
+    assert code == 0 and drafted["token_ids"] == plain["token_ids"] and "speculative" not in plain
+    spec = drafted["speculative"]
+    assert spec["drafts"] > 0 and spec["acceptance_rate"] == round(spec["accepted_tokens"] / spec["draft_tokens"], 4)
+
+
 def test_convert_then_generate_from_checkpoint(capsys, tiny_gguf: Path, tmp_path: Path) -> None:
     assert _run(capsys, "convert", str(tiny_gguf), str(tmp_path / "ckpt"))[0] == 0
     args = ["--prompt", "the theme", "--max-tokens", "8", "--temperature", "0", "--ignore-eos", "--json"]
@@ -109,6 +119,8 @@ BAD_INPUT = {
     "kv cache memory negative": (lambda tmp, g: ["--model", str(g), "--kv-cache-memory", "-1"], "kv_cache_memory must be > 0"),
     "empty prompt": (lambda tmp, g: ["--model", str(g), "--prompt", ""], "prompt is empty"),
     "not a model folder": (lambda tmp, g: ["--model", str(tmp)], "neither a jaxserve checkpoint"),
+    "speculative method unknown": (lambda tmp, g: ["--model", str(g), "--speculative-config", '{"method": "medusa"}'], "speculative_config.method"),
+    "speculative config not json": (lambda tmp, g: ["--model", str(g), "--speculative-config", "ngram"], "speculative_config is not valid JSON"),
 }
 
 
