@@ -2,7 +2,7 @@
 
 Prints a JSON report on stdout (progress bars go to stderr) and writes it to --out; exits 1 when any
 check fails. The report: `backend`, `devices`, `checks` (each `name`, `ok`, `seconds` and detail),
-`decode` (each `batch`, `step_ms`, `tokens_per_s`, `roofline_ms`, `roofline_ratio`) and `ok`. Checks:
+`decode` (each `layout`, `batch`, `step_ms`, `tokens_per_s`, `roofline_ms`, `roofline_ratio`) and `ok`. Checks:
 
 - pallas_decode_matches_reference: the decode kernel (`decode_attention`: Pallas, Triton on GPU,
   interpreted elsewhere) against the reference `paged_attention`, in float32 and bfloat16; in full
@@ -18,7 +18,8 @@ check fails. The report: `backend`, `devices`, `checks` (each `name`, `ok`, `sec
 
 Then a decode benchmark of a random Llama-3-8B-shaped model (32 layers, hidden 4096, FFN 14336,
 32 q / 8 KV heads, head_dim 128, vocab 128256) in bfloat16, created on the device, at batch 1, 8,
-32 and 128 with --context tokens of KV cache per row: step time, tokens/s and the ratio of the HBM
+32 and 128 with --context tokens of KV cache per row, in both weight layouts (stacked layers under
+`scan`, and one buffer per layer with fused q/k/v and gate/up): step time, tokens/s and the ratio of the HBM
 roofline (weights read + KV read per step, over the copy bandwidth measured in the same run) to the
 measured step (1.0 = at the roofline). Batches whose KV cache does not fit are listed as skipped.
 
@@ -41,7 +42,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
@@ -54,7 +54,6 @@ from typing import Any, Callable  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from jaxserve.checkpoint.loader import default_dtype, load_model  # noqa: E402
@@ -62,11 +61,12 @@ from jaxserve.checkpoint.registry import cache_dir  # noqa: E402
 from jaxserve.config import EngineConfig, ModelConfig, ParallelConfig  # noqa: E402
 from jaxserve.engine.llm_engine import LLMEngine  # noqa: E402
 from jaxserve.engine.runner import ModelRunner, StepShapes, enable_compilation_cache  # noqa: E402
-from jaxserve.models.llama import ForwardBatch, Params, init_params  # noqa: E402
+from jaxserve.models.llama import ForwardBatch, Params, init_params, unstack_layers  # noqa: E402
 from jaxserve.ops.attention import decode_attention, paged_attention, table_width, use_decode_kernel  # noqa: E402
 from jaxserve.parallel.mesh import make_mesh  # noqa: E402
-from jaxserve.parallel.report import decode_batch, step_collectives, time_step  # noqa: E402
-from jaxserve.parallel.sharding import param_shardings  # noqa: E402
+from jaxserve.parallel.report import (  # noqa: E402
+    LLAMA3_8B, bytes_read, copy_bandwidth, decode_batch, device_params, param_structs, step_collectives, time_step,
+)
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "golden" / "smollm2_reference.json"
@@ -78,10 +78,6 @@ NEAR_TIE = {"float32": 0.01, "bfloat16": 0.1}
 ATTENTION_ATOL = {"float32": 1e-4, "bfloat16": 3e-2}
 PAGE_SIZE = 16
 
-LLAMA3_8B = ModelConfig(
-    architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-    num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192,
-)
 TINY = ModelConfig(
     architecture="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
     num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024,
@@ -303,40 +299,6 @@ def check_tensor_parallel() -> dict[str, Any]:
 # ---- benchmark -----------------------------------------------------------------------------------
 
 
-def copy_bandwidth(nbytes: int) -> float:
-    """Bytes/s of a device-to-device copy of an `nbytes` array (read + write), median of 20."""
-    x = jax.jit(lambda: jnp.zeros(nbytes // 4, jnp.float32))()
-    copy = jax.jit(lambda x: x.copy())
-    jax.block_until_ready(copy(x))
-    times = []
-    for _ in range(20):
-        start = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / float(np.median(times))
-
-
-def device_params(cfg: ModelConfig, mesh: Mesh, dtype: jnp.dtype) -> Params:
-    """Random weights made on the device, each in its final sharding: 16 GB never pass the host."""
-    init = functools.partial(init_params, cfg, dtype=dtype)
-    return jax.jit(init, out_shardings=param_shardings(param_structs(cfg, dtype), mesh, cfg))(jax.random.key(0))
-
-
-def param_structs(cfg: ModelConfig, dtype: jnp.dtype) -> Params:
-    """Shape and dtype of every parameter, allocating nothing."""
-    return jax.eval_shape(functools.partial(init_params, cfg, dtype=dtype), jax.random.key(0))
-
-
-def bytes_read(cfg: ModelConfig, params: Params, batch: int, context: int) -> int:
-    """HBM bytes a decode step must read: every weight but the embedding table (a step gathers only
-    `batch` rows of it, unless tied to the LM head) plus each row's `context` tokens of K and V."""
-    weights = sum(x.nbytes for x in jax.tree.leaves(params))
-    if not cfg.tie_word_embeddings:
-        weights -= params["embed"].nbytes
-    itemsize = params["embed"].dtype.itemsize
-    return weights + batch * context * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
-
-
 def benchmark(plan: Plan, context: int) -> dict[str, Any]:
     """Decode step time of the random `plan.bench` model in bfloat16 at each batch that fits."""
     cfg, dtype = plan.bench, jnp.dtype("bfloat16")
@@ -353,16 +315,19 @@ def benchmark(plan: Plan, context: int) -> dict[str, Any]:
     bandwidth = copy_bandwidth(plan.copy_bytes)
     result["copy_gbps"] = round(bandwidth / 1e9, 1)
     mesh = make_mesh()
-    params = device_params(cfg, mesh, dtype)
     engine = EngineConfig(max_num_seqs=max(batches), max_model_len=context)
     num_pages = max(batches) * pages_per_row + 1
-    runner = ModelRunner(cfg, params, num_pages, PAGE_SIZE, StepShapes.from_config(engine, context), mesh)
     decode = []
-    for b in tqdm(batches, desc="decode benchmark", unit="batch"):
-        seconds = time_step(runner, decode_batch(runner, b, context))
-        roofline = bytes_read(cfg, runner.params, b, context) / bandwidth
-        decode.append({"batch": b, "step_ms": round(seconds * 1e3, 3), "tokens_per_s": round(b / seconds, 1),
-                       "roofline_ms": round(roofline * 1e3, 3), "roofline_ratio": round(roofline / seconds, 3)})
+    for layout in ("stacked", "unrolled"):  # scan over [L, ...] weights, or one buffer per layer
+        params = device_params(cfg, mesh, dtype)
+        params = unstack_layers(params) if layout == "unrolled" else params
+        runner = ModelRunner(cfg, params, num_pages, PAGE_SIZE, StepShapes.from_config(engine, context), mesh)
+        for b in tqdm(batches, desc=f"decode benchmark, {layout} layers", unit="batch"):
+            seconds = time_step(runner, decode_batch(runner, b, context))
+            roofline = bytes_read(cfg, runner.params, b, context) / bandwidth
+            decode.append({"layout": layout, "batch": b, "step_ms": round(seconds * 1e3, 3), "tokens_per_s": round(b / seconds, 1),
+                           "roofline_ms": round(roofline * 1e3, 3), "roofline_ratio": round(roofline / seconds, 3)})
+        del params, runner  # free the device before the next layout
     return {**result, "decode": decode}
 
 

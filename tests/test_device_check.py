@@ -48,7 +48,7 @@ def test_smoke_run_reports_every_check_ok(tmp_path: Path) -> None:
     assert all(c["ok"] is True for c in report["checks"]), [c for c in report["checks"] if not c["ok"]]
     tp = next(c for c in report["checks"] if c["name"] == "tensor_parallel_matches_one_device")
     assert "skipped" not in tp and tp["decode_step_collectives"]
-    assert [d["batch"] for d in report["decode"]] == [1, 4]
+    assert [(d["layout"], d["batch"]) for d in report["decode"]] == [(layout, b) for layout in ("stacked", "unrolled") for b in (1, 4)]
     for row in report["decode"]:
         assert set(row) >= {"batch", "step_ms", "tokens_per_s", "roofline_ratio"}
         assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["roofline_ratio"] > 0

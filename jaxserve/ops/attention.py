@@ -18,6 +18,8 @@ bit-for-bit unchanged, so a row's output does not depend on what else is in the 
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -29,6 +31,10 @@ _MASKED = -1e30  # finite, so a fully masked block never produces inf - inf
 # keep a block's gathered keys in cache: 16 decode rows over 130 keys take 30 ms for 30 layers with
 # 32-key blocks against 53 ms with 128-key blocks; prefill rows (64 queries) do best with 64.
 BLOCK_TOKENS = 128  # the Pallas decode kernel
+# Shared memory the kernel's pipelined K and V blocks may take: an A100 has 164 KiB per block, an
+# H100/H200 227 KiB. Float32 K/V blocks of 128 keys x 128 dims in two stages need 256 KiB (the
+# launch fails on an H200), so such shapes run with one stage, then with smaller blocks.
+KERNEL_SMEM_BYTES = 160 * 1024
 DECODE_BLOCK_TOKENS = 32
 PREFILL_BLOCK_TOKENS = 64
 
@@ -127,8 +133,9 @@ def paged_attention(
 
 
 def use_decode_kernel() -> bool:
-    """Whether decode rows take the Pallas kernel: on GPU, where it compiles to Triton."""
-    return jax.default_backend() == "gpu"
+    """Whether decode rows take the Pallas kernel: on GPU, where it compiles to Triton, unless
+    JAXSERVE_DECODE_KERNEL=0 selects the reference attention (a way around a Triton that fails)."""
+    return jax.default_backend() == "gpu" and os.environ.get("JAXSERVE_DECODE_KERNEL", "1") != "0"
 
 
 def decode_attention(
@@ -146,17 +153,22 @@ def decode_attention(
 
     hkv, num_layers, num_pages, page_size, d = k_cache.shape
     width = page_table.shape[1]
-    per_block = block_pages(width, page_size)
+    k_pages, v_pages = (from_cache(c).reshape(hkv, num_layers * num_pages, page_size, d) for c in (k_cache, v_cache))  # no copy
+    tokens, stages = BLOCK_TOKENS, 2
+    while stages * 2 * tokens * d * k_pages.dtype.itemsize > KERNEL_SMEM_BYTES and tokens > page_size:
+        tokens, stages = (tokens, 1) if stages == 2 else (tokens // 2, 1)
+    per_block = block_pages(width, page_size, tokens)
     blocks = width // per_block
     splits = max(k for k in range(1, min(blocks, 16) + 1) if blocks % k == 0)
     out = pallas.paged_attention(
         q[:, 0] * jnp.asarray(d**-0.5, q.dtype),  # the kernel does not scale scores
-        from_cache(k_cache).reshape(hkv, num_layers * num_pages, page_size, d),  # all layers' pages, no copy
-        from_cache(v_cache).reshape(hkv, num_layers * num_pages, page_size, d),
+        k_pages,  # all layers' pages
+        v_pages,
         page_table + layer * num_pages,
         kv_lens,
         pages_per_compute_block=per_block,
         k_splits=splits,
+        num_stages=stages,
         interpret=jax.default_backend() != "gpu",
     )
     return out[:, None]

@@ -1,19 +1,29 @@
 """What a sharded model looks like on its mesh: each parameter's PartitionSpec, bytes per device,
-the collectives XLA inserted, and a decode step's time. Used by notebooks/sharding.ipynb and
-scripts/bench_parallel.py."""
+the collectives XLA inserted, a decode step's time and its HBM roofline. Used by notebooks/sharding.ipynb and
+scripts/bench_parallel.py, device_check.py and bench_speculative.py."""
 
 from __future__ import annotations
 
 import collections
+import functools
 import re
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxserve.config import ModelConfig
 from jaxserve.engine.runner import ModelRunner
-from jaxserve.models.llama import ForwardBatch
+from jaxserve.models.llama import ForwardBatch, Params, init_params
+from jaxserve.parallel.sharding import param_shardings
 
+# The decode benchmarks' accelerator model: Llama-3-8B's shape, random weights.
+LLAMA3_8B = ModelConfig(
+    architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+    num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192,
+)
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
@@ -64,3 +74,37 @@ def time_step(runner: ModelRunner, batch: ForwardBatch, iters: int = 10) -> floa
         jax.block_until_ready(runner.logits)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def copy_bandwidth(nbytes: int) -> float:
+    """Bytes/s of a device-to-device copy of an `nbytes` array (read + write), median of 20."""
+    x = jax.jit(lambda: jnp.zeros(nbytes // 4, jnp.float32))()
+    copy = jax.jit(lambda x: x.copy())
+    jax.block_until_ready(copy(x))
+    times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        jax.block_until_ready(copy(x))
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / float(np.median(times))
+
+
+def device_params(cfg: ModelConfig, mesh: Mesh, dtype: jnp.dtype) -> Params:
+    """Random weights made on the device, each in its final sharding: 16 GB never pass the host."""
+    init = functools.partial(init_params, cfg, dtype=dtype)
+    return jax.jit(init, out_shardings=param_shardings(param_structs(cfg, dtype), mesh, cfg))(jax.random.key(0))
+
+
+def param_structs(cfg: ModelConfig, dtype: jnp.dtype) -> Params:
+    """Shape and dtype of every parameter, allocating nothing."""
+    return jax.eval_shape(functools.partial(init_params, cfg, dtype=dtype), jax.random.key(0))
+
+
+def bytes_read(cfg: ModelConfig, params: Params, batch: int, context: int) -> int:
+    """HBM bytes a decode step must read: every weight but the embedding table (a step gathers only
+    `batch` rows of it, unless tied to the LM head) plus each row's `context` tokens of K and V."""
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    if not cfg.tie_word_embeddings:
+        weights -= params["embed"].nbytes
+    itemsize = params["embed"].dtype.itemsize
+    return weights + batch * context * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
