@@ -6,7 +6,7 @@ check fails. The report: `backend`, `devices`, `checks` (each `name`, `ok`, `sec
 
 - pallas_decode_matches_reference: the decode kernel (`decode_attention`: Pallas, Triton on GPU,
   interpreted elsewhere) against the reference `paged_attention`, in float32 and bfloat16; in full
-  mode also over a cache whose per-KV-head slab holds more than 2**31 elements (32-bit offsets);
+  mode also over a cache of more than 2**31 elements, read near its end (offsets past 32 bits);
 - golden_smollm2: greedy SmolLM2 in float32 (matmul precision "highest": no TF32) against the
   Hugging Face golden tokens, diverging only at near-ties (as tests/test_smollm2_golden.py);
 - batched_equals_one_at_a_time: greedy outputs of a batching engine against an engine that runs one
@@ -93,6 +93,7 @@ class Plan:
     """What one mode runs: full (accelerator shapes) or smoke (tiny shapes, for CI on CPU)."""
 
     engine_model: str  # "smollm2" or "tiny": the model of the batching and recompile checks
+    unroll_layers: bool | None  # SmolLM2's layout: None is the serving default (unrolled on one device)
     max_num_seqs: int  # of the batching engine: sets how many step shapes warm-up compiles
     golden_cases: int | None  # None: every case
     prompts: int  # requests of the batching check
@@ -102,10 +103,10 @@ class Plan:
     copy_bytes: int  # array size of the bandwidth measurement
 
 
-# Attention cases read 256 pages at the end of the cache; 600k pages of 16 x 128 put 2.5e9 > 2**31
-# elements in each KV head's slab.
-FULL = Plan("smollm2", 8, None, 16, ((32, 8, 128, 1025), (8, 2, 128, 600_000)), LLAMA3_8B, (1, 8, 32, 128), 2 << 30)
-SMOKE = Plan("tiny", 2, 3, 6, ((4, 2, 64, 300),), TINY_BENCH, (1, 4), 64 << 20)
+# Attention cases read 256 pages at the end of the cache; 600k pages of 16 x 128 for 2 KV heads put
+# 2.5e9 > 2**31 elements in the cache (1.2e9 per head: the second head's pages lie past 2**31).
+FULL = Plan("smollm2", None, 8, None, 16, ((32, 8, 128, 1025), (8, 2, 128, 600_000)), LLAMA3_8B, (1, 8, 32, 128), 2 << 30)
+SMOKE = Plan("tiny", False, 2, 3, 6, ((4, 2, 64, 300),), TINY_BENCH, (1, 4), 64 << 20)
 
 
 # ---- checks --------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def check_attention(plan: Plan) -> dict[str, Any]:
             cases.append({"shape": [hq, hkv, d, pages], "skipped": "does not fit in device memory"})
             continue
         for dtype in ("float32", "bfloat16"):
-            slab = pages * PAGE_SIZE * d  # elements per KV head: past 2**31 needs 64-bit offsets
+            slab = pages * PAGE_SIZE * d  # elements per KV head; hkv * slab past 2**31 needs 64-bit offsets
             with jax.default_matmul_precision("highest"):
                 result = attention_case(hq, hkv, d, pages, jnp.dtype(dtype))
             cases.append({"hq": hq, "hkv": hkv, "head_dim": d, "slab_elements": slab, "dtype": dtype, **result})
@@ -199,7 +200,7 @@ def check_golden(plan: Plan) -> dict[str, Any]:
     golden = json.loads(GOLDEN.read_text())
     cases = golden["cases"][: plan.golden_cases]
     with jax.default_matmul_precision("highest"):
-        model = load_model(SMOLLM2, dtype="float32", unroll_layers=False)
+        model = load_model(SMOLLM2, dtype="float32", unroll_layers=plan.unroll_layers)
         limits = EngineConfig(max_num_seqs=1, num_pages=33, max_model_len=512)
         engine = LLMEngine(model.cfg, model.params, limits, eos_token_ids=())
         sp = SamplingParams(max_tokens=golden["new_tokens"], temperature=0.0, ignore_eos=True)
@@ -217,7 +218,7 @@ def check_golden(plan: Plan) -> dict[str, Any]:
 
 def engine_model(plan: Plan, dtype: str) -> tuple[ModelConfig, Params]:
     if plan.engine_model == "smollm2":
-        model = load_model(SMOLLM2, dtype=dtype, unroll_layers=False)
+        model = load_model(SMOLLM2, dtype=dtype, unroll_layers=plan.unroll_layers)
         return model.cfg, model.params
     return TINY, init_params(TINY, jax.random.key(0), jnp.dtype(dtype))
 
