@@ -52,7 +52,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--speculative-config",
         default=None,
         help='speculative decoding, as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4} '
-        "(outputs are unchanged, greedy or seeded)",
+        'or a draft model with the same tokenizer, {"model": NAME_OR_PATH, "num_speculative_tokens": 4} (outputs are unchanged, greedy or seeded)',
     )
 
 
@@ -216,7 +216,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     result = {"text": text, "token_ids": token_ids, "prompt_token_ids": prompt_ids, "finish_reason": finish}
     if llm.engine.speculator is not None:
-        c = llm.engine.speculator.counters
+        c = llm.engine.speculator.snapshot()
         result["speculative"] = {"drafts": c.num_drafts, "draft_tokens": c.num_draft_tokens, "accepted_tokens": c.num_accepted_tokens,
                                  "acceptance_rate": round(c.num_accepted_tokens / max(c.num_draft_tokens, 1), 4)}
         if not args.json:

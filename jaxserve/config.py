@@ -193,15 +193,22 @@ class SpeculativeConfig:
     accepted exactly when it is the token the model samples at its position (with that position's
     noise), so the output is the same as without speculation, greedy or seeded."""
 
-    method: str = "ngram"  # "ngram": prompt lookup over the sequence's own tokens, on the host
+    method: str = "ngram"  # "ngram": prompt lookup on the host; "draft_model": a smaller model (`model`)
     num_speculative_tokens: int = 4  # most tokens drafted per sequence and step
     prompt_lookup_min: int = 1  # shortest tail n-gram looked up
     prompt_lookup_max: int = 4  # longest tail n-gram looked up (tried first)
+    model: str | None = None  # the draft model (name or path) of method "draft_model"
 
     def __post_init__(self) -> None:
         field = "speculative_config"
-        if self.method != "ngram":
-            raise UserError(f"{field}.method: unknown method {self.method!r} (this build has 'ngram')")
+        if self.method in ("medusa", "eagle", "eagle3", "mlp_speculator", "deepseek_mtp"):
+            raise UserError(f"{field}.method: {self.method!r} is not in this build yet (use 'ngram' or a draft 'model')")
+        if self.method not in ("ngram", "draft_model"):
+            raise UserError(f"{field}.method: unknown method {self.method!r} (this build has 'ngram' and 'draft_model')")
+        if (self.method == "draft_model") != (self.model is not None):
+            raise UserError(f"{field}.model: method {self.method!r} " + ("needs a draft model" if self.model is None else "takes no model"))
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise UserError(f"{field}.model must be a model name or path, got {self.model!r}")
         k = self.num_speculative_tokens
         if not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise UserError(f"{field}.num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
@@ -213,19 +220,20 @@ class SpeculativeConfig:
 
     @classmethod
     def from_json(cls, text: str) -> SpeculativeConfig:
-        """Parse `--speculative-config`; a UserError names the field at fault."""
+        """Parse `--speculative-config`; a UserError names the field at fault. As in vLLM, a `model`
+        without a `method` means a draft model."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"speculative_config is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise UserError("speculative_config must be a JSON object")
-        if "model" in data:
-            raise UserError("speculative_config.model: draft models and learned draft heads are not in this build yet (use method 'ngram')")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"speculative_config.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        if "model" in data and "method" not in data:
+            data["method"] = "draft_model"
         return cls(**data)
 
 

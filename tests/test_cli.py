@@ -67,6 +67,20 @@ def test_generate_with_speculation_gives_the_same_tokens_and_its_acceptance(caps
     assert spec["drafts"] > 0 and spec["acceptance_rate"] == round(spec["accepted_tokens"] / spec["draft_tokens"], 4)
 
 
+def test_generate_with_the_model_as_its_own_draft_accepts_every_draft(capsys, tiny_gguf: Path) -> None:
+    args = ["--model", str(tiny_gguf), "--prompt", "the theme", "--max-tokens", "24", "--temperature", "0.8", "--seed", "3", "--ignore-eos", "--json"]
+    plain = json.loads(_run(capsys, "generate", *args)[1])
+    code, out, _ = _run(capsys, "generate", *args, "--speculative-config", json.dumps({"model": str(tiny_gguf), "num_speculative_tokens": 3}))
+    drafted = json.loads(out)
+    assert code == 0 and drafted["token_ids"] == plain["token_ids"]
+    assert drafted["speculative"]["draft_tokens"] > 10 and drafted["speculative"]["acceptance_rate"] == 1.0
+
+
+def _other_vocabulary(tmp: Path) -> Path:
+    cfg = tiny_config("llama", vocab_size=600)
+    return write_gguf(tmp / "other.gguf", cfg, tiny_params(cfg))
+
+
 def test_convert_then_generate_from_checkpoint(capsys, tiny_gguf: Path, tmp_path: Path) -> None:
     assert _run(capsys, "convert", str(tiny_gguf), str(tmp_path / "ckpt"))[0] == 0
     args = ["--prompt", "the theme", "--max-tokens", "8", "--temperature", "0", "--ignore-eos", "--json"]
@@ -121,6 +135,10 @@ BAD_INPUT = {
     "not a model folder": (lambda tmp, g: ["--model", str(tmp)], "neither a jaxserve checkpoint"),
     "speculative method unknown": (lambda tmp, g: ["--model", str(g), "--speculative-config", '{"method": "medusa"}'], "speculative_config.method"),
     "speculative config not json": (lambda tmp, g: ["--model", str(g), "--speculative-config", "ngram"], "speculative_config is not valid JSON"),
+    "draft model missing": (lambda tmp, g: ["--model", str(g), "--speculative-config", json.dumps({"model": str(tmp / "none.gguf")})],
+                            "speculative_config.model: model path not found"),
+    "draft of another vocabulary": (lambda tmp, g: ["--model", str(g), "--speculative-config", json.dumps({"model": str(_other_vocabulary(tmp))})],
+                                    "speculative_config.model: the draft's vocabulary has 600 tokens"),
 }
 
 

@@ -19,8 +19,8 @@ from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.speculation import ngram_draft
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
-from tests.server_process import SERVER_ARGS, SERVER_ENGINE, SERVER_KEY, ServerProcess, get
-from tests.tiny_models import SMALL_PAGES, TINY_ENGINE, tiny_config, tiny_params
+from tests.server_process import SERVER_ARGS, SERVER_ENGINE, SERVER_KEY, InProcessServer, ServerProcess, get
+from tests.tiny_models import SMALL_PAGES, TINY_ENGINE, tiny_config, tiny_params, write_gguf
 
 NGRAM = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3)
 
@@ -33,7 +33,9 @@ NGRAM = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3)
         ('{"num_speculative_tokens": 17}', "speculative_config.num_speculative_tokens"),
         ('{"prompt_lookup_min": 4, "prompt_lookup_max": 2}', "speculative_config.prompt_lookup_min"),
         ('{"num_speculative_tokens": 3, "lookahead": 1}', "speculative_config.lookahead"),
-        ('{"model": "/models/draft", "num_speculative_tokens": 3}', "speculative_config.model"),
+        ('{"method": "ngram", "model": "/models/draft"}', "speculative_config.model"),
+        ('{"method": "draft_model"}', "speculative_config.model"),
+        ('{"method": "medusa", "model": "/heads"}', "speculative_config.method"),
         ("[3]", "speculative_config must be a JSON object"),
         ("{method: ngram}", "speculative_config is not valid JSON"),
     ],
@@ -43,9 +45,11 @@ def test_bad_speculative_configs_name_the_field(text: str, field: str) -> None:
         SpeculativeConfig.from_json(text)
 
 
-def test_vllm_ngram_config_carries_over() -> None:
+def test_vllm_configs_carry_over() -> None:
     cfg = SpeculativeConfig.from_json('{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4}')
     assert (cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max) == (5, 2, 4)
+    draft = SpeculativeConfig.from_json('{"model": "/models/draft", "num_speculative_tokens": 3}')
+    assert (draft.method, draft.model, draft.num_speculative_tokens) == ("draft_model", "/models/draft", 3)
 
 
 def test_ngram_draft_continues_the_latest_longest_match() -> None:
@@ -104,7 +108,7 @@ def test_tiny_outputs_equal_without_speculation_and_drafts_are_accepted() -> Non
     engine = LLMEngine(cfg, params, dataclasses.replace(TINY_ENGINE, speculative=NGRAM), eos_token_ids=(2,))
     assert engine.shapes == plain_engine.shapes  # drafts ride in spare decode rows
     assert [_outputs(engine, requests) for requests in (crowd, loops)] == plain
-    c = engine.speculator.counters
+    c = engine.speculator.snapshot()
     print(c)
     assert c.num_drafts > 20 and 0 < c.num_accepted_tokens < c.num_draft_tokens  # both paths ran
     assert sum(c.acceptance_lengths) == c.num_drafts and c.acceptance_lengths[0] > 0 and sum(c.acceptance_lengths[2:]) > 0
@@ -113,18 +117,127 @@ def test_tiny_outputs_equal_without_speculation_and_drafts_are_accepted() -> Non
     engine.blocks.check_consistency()
 
 
-def test_stress_with_speculation_aborts_preemption_and_a_shared_prefix() -> None:
-    """300 requests on a small cache (preemptions), half sharing a prefix, random aborts: after warm-up
-    no compile, every page ends free, and each finished request equals its run without speculation."""
+DRAFT = SpeculativeConfig(method="draft_model", model="draft", num_speculative_tokens=4)
+
+
+def _first_layer(cfg, params) -> tuple:
+    """A draft made of the model's first layer (and its embedding and head): often right, not always."""
+    return dataclasses.replace(cfg, num_layers=1), {**params, "layers": {k: v[:1] for k, v in params["layers"].items()}}
+
+
+def test_target_as_its_own_draft_accepts_every_token_and_a_random_draft_changes_nothing() -> None:
+    """A draft model samples each draft as the target would at its position (seed, filters): the target
+    as its own draft has every draft accepted, greedy and seeded. A random one-layer draft with the
+    same vocabulary is almost never right; outputs stay those without speculation in both cases,
+    beside a crowd of requests with every feature (penalties: the draft does not apply them)."""
+    cfg = tiny_config("llama", max_position_embeddings=2048)
+    params = tiny_params(cfg)
+    rng = random.Random(3)
+    clean = {
+        str(i): ([rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(3, 40))],
+                 SamplingParams(max_tokens=40, temperature=0.0 if i % 2 else 0.9, top_p=1.0 if i % 3 else 0.9, seed=i, logprobs=2, ignore_eos=True))
+        for i in range(6)
+    }
+    solo = {"solo": clean["0"]}  # alone, it drafts 3 at every step (4 rows: a decode bucket)
+    crowd = _requests(cfg, 8, seed=4)
+    plain_engine = LLMEngine(cfg, params, TINY_ENGINE, eos_token_ids=(2,))
+    plain = [_outputs(plain_engine, requests) for requests in (clean, solo, crowd)]
+    own = LLMEngine(cfg, params, dataclasses.replace(TINY_ENGINE, speculative=DRAFT), eos_token_ids=(2,), draft=(cfg, params))
+    assert [_outputs(own, requests) for requests in (clean, solo)] == plain[:2]
+    c = own.speculator.snapshot()
+    assert c.num_drafts > 20 and c.num_accepted_tokens == c.num_draft_tokens and sum(c.acceptance_lengths[3:]) >= 5  # 1 + 3 rows fill a bucket
+    assert _outputs(own, crowd) == plain[2]
+    small = tiny_config("llama", max_position_embeddings=2048, num_layers=1, hidden_size=32, intermediate_size=64, num_heads=2, num_kv_heads=1)
+    other = LLMEngine(cfg, params, dataclasses.replace(TINY_ENGINE, speculative=DRAFT), eos_token_ids=(2,), draft=(small, tiny_params(small, seed=9)))
+    assert [_outputs(other, requests) for requests in (clean, solo, crowd)] == plain
+    c = other.speculator.snapshot()
+    assert c.num_draft_tokens > 20 and c.num_accepted_tokens < 0.2 * c.num_draft_tokens
+    for engine in (own, other):
+        assert engine.blocks.usage == 0.0
+        engine.blocks.check_consistency()
+
+
+def test_server_with_a_draft_model_answers_as_the_offline_engine_without(tmp_path) -> None:
+    """A server whose draft model is the tiny model's first layer answers 12 concurrent requests
+    (greedy and seeded, streamed and whole, with log-probs) with the texts and log-probs of the
+    offline engine without speculation, and /metrics counts the drafts."""
+    from jaxserve.checkpoint.loader import load_model
+
+    cfg = tiny_config("llama", max_position_embeddings=512)
+    params = tiny_params(cfg)
+    draft_cfg, draft_params = _first_layer(cfg, params)
+    model = load_model(str(write_gguf(tmp_path / "model.gguf", cfg, params)), unroll_layers=False)  # the draft follows
+    draft_path = write_gguf(tmp_path / "draft.gguf", draft_cfg, {**draft_params, "layers": {k: np.asarray(v) for k, v in draft_params["layers"].items()}})
+    prompts = [f"the theme {'the ' * i}" for i in range(12)]
+    sampling = [SamplingParams(max_tokens=30, temperature=0.0 if i % 2 else 0.8, seed=i, logprobs=1, ignore_eos=True) for i in range(12)]
+    expected = [o.outputs[0] for o in LLM(model, TINY_ENGINE).generate(prompts, sampling, use_tqdm=False)]
+
+    async def ask(client, i: int) -> tuple[str, list[float]]:
+        kw = dict(model=model.name, prompt=prompts[i], max_tokens=30, temperature=sampling[i].temperature, seed=i, logprobs=1,
+                  extra_body={"ignore_eos": True})
+        if i % 4 < 2:
+            r = await client.completions.create(**kw)
+            return r.choices[0].text, r.choices[0].logprobs.token_logprobs
+        text, logprobs = "", []
+        async for chunk in await client.completions.create(**kw, stream=True):
+            text += chunk.choices[0].text
+            logprobs += chunk.choices[0].logprobs.token_logprobs if chunk.choices[0].logprobs else []
+        return text, logprobs
+
+    spec = SpeculativeConfig.from_json(json.dumps({"model": str(draft_path), "num_speculative_tokens": 3}))
+    with InProcessServer(model, dataclasses.replace(TINY_ENGINE, speculative=spec)) as server:
+        async def everyone() -> list:
+            async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0) as client:
+                return await asyncio.gather(*(ask(client, i) for i in range(12)))
+
+        answers = asyncio.run(everyone())
+        metrics = get(server.url + "/metrics")[1]
+    assert [text for text, _ in answers] == [e.text for e in expected]
+    for (_, logprobs), e in zip(answers, expected):
+        np.testing.assert_allclose(logprobs, e.logprobs, rtol=0, atol=1e-5)
+    accepted = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("jaxserve:spec_decode_num_accepted_tokens_total"))
+    assert accepted > 0
+
+
+def test_draft_models_that_cannot_serve_are_refused(tmp_path) -> None:
+    """Another vocabulary, another tokenizer of the same size, or a missing path: one error naming
+    speculative_config.model; a draft with tensor parallelism is refused too."""
+    from jaxserve.checkpoint.loader import LoadedModel, load_draft
+    from jaxserve.parallel.mesh import make_mesh
+    from jaxserve.config import ParallelConfig
+    from tests.tiny_models import write_gguf
+
+    cfg = tiny_config("llama")
+    target = LoadedModel("t", cfg, tiny_params(cfg), None)
+    bigger = tiny_config("llama", vocab_size=cfg.vocab_size + 8)
+    write_gguf(tmp_path / "bigger.gguf", bigger, tiny_params(bigger))
+    for spec, message in (
+        (str(tmp_path / "bigger.gguf"), f"the draft's vocabulary has {cfg.vocab_size + 8} tokens and the model's {cfg.vocab_size}"),
+        (str(tmp_path / "missing"), "model path not found"),
+    ):
+        with pytest.raises(UserError, match=f"speculative_config.model: .*{message}"):
+            load_draft(target, dataclasses.replace(DRAFT, model=spec))
+    with pytest.raises(UserError, match="speculative_config.model: a draft model runs on one device"):
+        LLMEngine(cfg, target.params, dataclasses.replace(TINY_ENGINE, speculative=DRAFT), mesh=make_mesh(ParallelConfig(tensor_parallel_size=2)),
+                  draft=(cfg, target.params))
+
+
+@pytest.mark.parametrize("proposer,count", [("ngram", 300), ("draft_model", 100)])
+def test_stress_with_speculation_aborts_preemption_and_a_shared_prefix(proposer: str, count: int) -> None:
+    """300 requests (100 with a draft model, whose steps are several) on a small cache (preemptions),
+    half sharing a prefix, random aborts: after warm-up no compile (the draft model's programs
+    included), every page ends free, and each finished request equals its run without speculation.
+    The draft model is the target with one layer dropped."""
     cfg = tiny_config("llama", max_position_embeddings=256)
     params = tiny_params(cfg)
-    engine = LLMEngine(cfg, params, dataclasses.replace(SMALL_PAGES, speculative=NGRAM), eos_token_ids=(2,))
+    spec, draft = (NGRAM, None) if proposer == "ngram" else (DRAFT, _first_layer(cfg, params))
+    engine = LLMEngine(cfg, params, dataclasses.replace(SMALL_PAGES, speculative=spec), eos_token_ids=(2,), draft=draft)
     engine.warmup(progress=False)
-    compiled = engine.runner.num_compiles
+    compiled = engine.stats().compiles
     rng = random.Random(7)
     shared = [rng.randrange(3, cfg.vocab_size) for _ in range(24)] * 2
     requests = {rid: ((shared if int(rid) % 2 else []) + prompt[:40], dataclasses.replace(sp, n=1, max_tokens=min(sp.max_tokens, 30)))
-                for rid, (prompt, sp) in _requests(cfg, 300, seed=1).items()}
+                for rid, (prompt, sp) in _requests(cfg, count, seed=1).items()}
     results, live, aborted = {}, set(), set()
     for rid, (prompt, sp) in requests.items():
         engine.add_request(rid, prompt, sp)
@@ -140,10 +253,10 @@ def test_stress_with_speculation_aborts_preemption_and_a_shared_prefix() -> None
     while engine.has_unfinished():
         for out in engine.step():
             results.setdefault(out.request_id, []).append(out.token_id)
-    assert engine.runner.num_compiles == compiled
+    assert engine.stats().compiles == compiled
     assert engine.blocks.usage == 0.0 and engine.blocks.num_free == SMALL_PAGES.num_pages - 1
-    assert engine.scheduler.num_preemptions > 0 and engine.blocks.prefix_hits > 0 and len(aborted) > 10
-    assert engine.speculator.counters.num_accepted_tokens > 0
+    assert engine.scheduler.num_preemptions > 0 and engine.blocks.prefix_hits > 0 and len(aborted) > count // 30
+    assert engine.speculator.snapshot().num_accepted_tokens > 0
     engine.blocks.check_consistency()
     done = {rid: requests[rid] for rid in requests if rid not in aborted}
     plain = LLMEngine(cfg, params, SMALL_PAGES, eos_token_ids=(2,)).run(done)
@@ -183,7 +296,7 @@ def test_smollm2_outputs_equal_without_speculation(smollm2) -> None:
     drafted = llm.generate(prompts, params, use_tqdm=False)
     for p, a, b in zip(prompts, plain, drafted):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids, smollm2.tokenizer.decode(p)
-    c = llm.engine.speculator.counters
+    c = llm.engine.speculator.snapshot()
     print(c)
     assert c.num_accepted_tokens > 50
 

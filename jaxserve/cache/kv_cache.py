@@ -55,9 +55,10 @@ def page_bytes(cfg: ModelConfig, page_size: int, dtype: jnp.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
-def pages_for_memory(cfg: ModelConfig, page_size: int, dtype: jnp.dtype, memory: float) -> int:
-    """Pages (including the null page) that fit in `memory`: bytes when > 1, else a fraction of the
-    accelerator memory still free now (after weights are placed)."""
+def pages_for_memory(bytes_per_page: int, memory: float) -> int:
+    """Pages (including the null page) of `bytes_per_page` (`page_bytes`, summed over the caches that
+    share page numbers) that fit in `memory`: bytes when > 1, else a fraction of the accelerator
+    memory still free now (after weights are placed)."""
     if memory <= 1:
         stats = jax.devices()[0].memory_stats()
         if not stats or "bytes_limit" not in stats:
@@ -66,7 +67,7 @@ def pages_for_memory(cfg: ModelConfig, page_size: int, dtype: jnp.dtype, memory:
                 f"{jax.default_backend()} does not report; give a size in bytes"
             )
         memory = memory * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    pages = int(memory // page_bytes(cfg, page_size, dtype))
+    pages = int(memory // bytes_per_page)
     if pages < 2:
         raise UserError(f"kv_cache_memory of {int(memory)} bytes holds {pages} pages; at least 2 are needed")
     return pages

@@ -13,7 +13,7 @@ from jaxserve.checkpoint import registry
 from jaxserve.checkpoint.gguf_reader import read_gguf
 from jaxserve.checkpoint.hf_reader import is_hf_folder, read_hf
 from jaxserve.checkpoint.native import is_checkpoint, load_checkpoint, save_checkpoint
-from jaxserve.config import QUANTIZATIONS, ModelConfig
+from jaxserve.config import QUANTIZATIONS, ModelConfig, SpeculativeConfig
 from jaxserve.errors import UserError
 from jaxserve.models.llama import Params, unstack_layers
 from jaxserve.models.quantize import CALIBRATION_TEXT, quantize_model
@@ -121,3 +121,23 @@ def load_model(
     if quantization:
         params = quantize_model(params, cfg, tokenizer.encode(CALIBRATION_TEXT))  # int8, the one method
     return LoadedModel(name=spec if spec in registry.REGISTRY else path.name, cfg=cfg, params=params, tokenizer=tokenizer)
+
+
+def load_draft(target: LoadedModel, spec: SpeculativeConfig | None) -> LoadedModel | None:
+    """The draft model a speculative config names (None without one), in the target's dtype and layer
+    layout, checked to speak the target's vocabulary: the same size and the same tokens for a probe
+    text (a draft with another tokenizer would propose nonsense). Errors name `speculative_config.model`."""
+    if spec is None or spec.model is None:
+        return None
+    try:
+        unrolled = not isinstance(target.params["layers"], dict)  # stacked layers are one dict of [L, ...] arrays
+        draft = load_model(spec.model, dtype=jnp.dtype(target.params["embed"].dtype).name, unroll_layers=unrolled)
+    except UserError as e:
+        raise UserError(f"speculative_config.model: {e}") from None
+    if draft.cfg.vocab_size != target.cfg.vocab_size:
+        raise UserError(f"speculative_config.model: the draft's vocabulary has {draft.cfg.vocab_size} tokens and the model's "
+                        f"{target.cfg.vocab_size}; a draft must share the model's tokenizer")
+    probe = CALIBRATION_TEXT[:200]
+    if draft.tokenizer.encode(probe) != target.tokenizer.encode(probe):
+        raise UserError("speculative_config.model: the draft's tokenizer splits text differently from the model's; a draft must share the model's tokenizer")
+    return draft

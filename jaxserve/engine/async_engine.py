@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from jax.sharding import Mesh
 
-from jaxserve.checkpoint.loader import LoadedModel
+from jaxserve.checkpoint.loader import LoadedModel, load_draft
 from jaxserve.config import EngineConfig
 from jaxserve.engine.interface import CheckedRequest, EngineLimits, EngineStats, ModelInfo, StepReport
 from jaxserve.engine.llm_engine import LLMEngine
@@ -245,7 +245,9 @@ def engine_replicas(
     sharing one grammar cache, so a schema compiles once for all of them. `channel`: process 0's step
     channel of a multi-host group (one replica only)."""
     grammars = GrammarCompiler(model.tokenizer, model.cfg.vocab_size)
+    draft = load_draft(model, engine_config.speculative)
     return [
-        AsyncEngine(LLMEngine(model.cfg, model.params, engine_config, model.tokenizer, mesh=m, grammars=grammars, model_name=model.name, channel=channel))
+        AsyncEngine(LLMEngine(model.cfg, model.params, engine_config, model.tokenizer, mesh=m, grammars=grammars, model_name=model.name,
+                              channel=channel, draft=(draft.cfg, draft.params) if draft else None))
         for m in meshes
     ]

@@ -7,7 +7,7 @@ from typing import Iterator, Sequence as Seq
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxserve.checkpoint.loader import LoadedModel, load_model
+from jaxserve.checkpoint.loader import LoadedModel, load_draft, load_model
 from jaxserve.checkpoint.registry import DEFAULT_MODEL
 from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine
@@ -25,7 +25,9 @@ class LLM:
     ) -> None:
         """`mesh`: the devices of one replica (`jaxserve.parallel.mesh`); default one device."""
         self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype)
-        self.engine = LLMEngine(self.model.cfg, self.model.params, engine_config, self.model.tokenizer, mesh=mesh, model_name=self.model.name)
+        draft = load_draft(self.model, engine_config.speculative)
+        self.engine = LLMEngine(self.model.cfg, self.model.params, engine_config, self.model.tokenizer, mesh=mesh, model_name=self.model.name,
+                                draft=(draft.cfg, draft.params) if draft else None)
 
     def warmup(self, progress: bool = True) -> None:
         """Compile every step shape now (`LLMEngine.warmup`)."""

@@ -16,10 +16,10 @@ from jaxserve.engine.beam import BeamSearch, Hypothesis
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.interface import EngineLimits, EngineStats, ModelInfo, StepReport
 from jaxserve.engine.outputs import RequestOutput, StepOutput, TopLogprobs
-from jaxserve.engine.runner import ModelRunner, StepShapes
+from jaxserve.engine.runner import ModelRunner, StepShapes, decode_group
 from jaxserve.engine.scheduler import Chunk, Scheduler
 from jaxserve.engine.sequence import Sequence, Status
-from jaxserve.engine.speculation import Speculator
+from jaxserve.engine.speculation import DraftModel, Speculator
 from jaxserve.errors import UserError
 from jaxserve.models.llama import ForwardBatch, Params
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays
@@ -48,10 +48,12 @@ class LLMEngine:
         grammars: GrammarCompiler | None = None,
         model_name: str = "model",
         channel: StepChannel | None = None,
+        draft: tuple[ModelConfig, Params] | None = None,
     ) -> None:
         """`grammars`: a grammar cache to share (data-parallel replicas compile a schema once); by
         default the engine makes its own when it has a tokenizer. `channel`: on process 0 of a
-        multi-host group, where every program call is sent for the others to replay."""
+        multi-host group, where every program call is sent for the others to replay. `draft`: the
+        draft model a `speculative` config names (`checkpoint.loader.load_draft`)."""
         self.model_config = model_config
         self.engine_config = engine_config
         self.model_name = model_name
@@ -59,27 +61,37 @@ class LLMEngine:
         eos = eos_token_ids if eos_token_ids is not None else (tokenizer.eos_token_ids if tokenizer else ())
         self.eos_token_ids = frozenset(eos)
         self.max_model_len = min(engine_config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
-        dtype = storage_dtype(engine_config.kv_cache_dtype, params["embed"].dtype)
+        spec = engine_config.speculative
+        if spec is not None and spec.model is not None:
+            if channel is not None or (mesh is not None and mesh.size > 1):
+                raise UserError("speculative_config.model: a draft model runs on one device in one process; this build has "
+                                "no draft model with tensor parallelism or a multi-process group (use method 'ngram')")
+            if draft is None:
+                raise ValueError("engine_config.speculative names a draft model: pass it as `draft` (checkpoint.loader.load_draft)")
+        page_size = engine_config.page_size
+        caches = [(model_config, storage_dtype(engine_config.kv_cache_dtype, params["embed"].dtype))]  # the target's, then the draft's
+        if draft is not None:
+            caches.append((draft[0], storage_dtype(engine_config.kv_cache_dtype, draft[1]["embed"].dtype)))
+        bytes_per_page = sum(page_bytes(cfg, page_size, dtype) for cfg, dtype in caches)
+        dtype = caches[0][1]
         self.kv_cache_dtype = np.dtype(dtype).name
-        self.num_pages = (
-            engine_config.num_pages
-            if engine_config.kv_cache_memory is None
-            else pages_for_memory(model_config, engine_config.page_size, dtype, engine_config.kv_cache_memory)
-        )
+        self.num_pages = engine_config.num_pages if engine_config.kv_cache_memory is None else pages_for_memory(bytes_per_page, engine_config.kv_cache_memory)
         self.shapes = StepShapes.from_config(engine_config, self.max_model_len)
-        self.runner = ModelRunner(model_config, params, self.num_pages, engine_config.page_size, self.shapes, mesh, dtype)
+        self.runner = ModelRunner(model_config, params, self.num_pages, page_size, self.shapes, mesh, dtype)
         self.runner.channel = channel
         self.blocks = BlockManager(self.num_pages, engine_config.enable_prefix_caching)
         log.info(
-            "KV cache: %d pages of %d tokens = %d tokens (%.1f MiB); %d step shapes",
+            "KV cache: %d pages of %d tokens = %d tokens (%.1f MiB%s); %d step shapes",
             self.num_pages - 1,
-            engine_config.page_size,
-            (self.num_pages - 1) * engine_config.page_size,
-            self.num_pages * page_bytes(model_config, engine_config.page_size, dtype) / 2**20,
+            page_size,
+            (self.num_pages - 1) * page_size,
+            self.num_pages * bytes_per_page / 2**20,
+            ", the draft model's cache included" if draft is not None else "",
             len(self.shapes.combos()),
         )
         self.scheduler = Scheduler(engine_config, self.blocks)
-        self.speculator = Speculator(engine_config.speculative) if engine_config.speculative else None
+        drafter = DraftModel(ModelRunner(draft[0], draft[1], self.num_pages, page_size, self.shapes, mesh, caches[1][1])) if draft is not None else None
+        self.speculator = Speculator(spec, drafter) if spec else None
         self.grammars = grammars or (GrammarCompiler(tokenizer, model_config.vocab_size) if tokenizer else None)
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._arrivals = itertools.count()
@@ -175,8 +187,14 @@ class LLMEngine:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
     def warmup(self, progress: bool = True) -> None:
-        """Compile every step shape now, so that serving never waits on the compiler."""
-        self.runner.warmup(progress)
+        """Compile every step shape now (the draft model's too), so that serving never waits on the compiler."""
+        for runner in self._runners():
+            runner.warmup(progress)
+
+    def _runners(self) -> list[ModelRunner]:
+        """The target's runner, then the draft model's."""
+        draft = self.speculator.draft if self.speculator else None
+        return [self.runner] + ([draft.runner] if draft else [])
 
     def follow(self, link: Link) -> None:
         """On a follower process of a multi-host group: replay process 0's program calls until it
@@ -196,7 +214,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         s, b = self.scheduler, self.blocks
         spec = self.speculator.snapshot() if self.speculator else None
-        return EngineStats(len(s.running), len(s.waiting), b.usage, b.prefix_queries, b.prefix_hits, s.num_preemptions, self.runner.num_compiles, spec)
+        return EngineStats(len(s.running), len(s.waiting), b.usage, b.prefix_queries, b.prefix_hits, s.num_preemptions, sum(r.num_compiles for r in self._runners()), spec)
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -209,6 +227,8 @@ class LLMEngine:
             return []
         groups, last_row, prompt_slots = self._batch(chunks)
         self.runner.forward(groups)
+        if self.speculator is not None and self.speculator.draft is not None:
+            self.speculator.draft.mirror(groups)
         sampled = [c for c in chunks if c.completes]
         rows = self.shapes.sampled_rows(sum(g.tokens.shape[0] for g in groups))
         sampling, positions = self._sampling(sampled, last_row, rows)
@@ -255,18 +275,29 @@ class LLMEngine:
         are its likeliest to be accepted), then cut from the drafts' ends down to a bucket the rows
         fill exactly (5 rows run as 8: a padded bucket costs more than its drafts save). A request
         with a grammar or beams decodes without: its next token's mask or candidates need the one
-        before."""
+        before. A draft model's tokens get their pages before it runs: it writes their K/V."""
+        spec = self.speculator
         base = sum(c.length for c in chunks if not c.rows)
         spare = min(self.shapes.decode_rows[-1] - base, self.engine_config.max_num_batched_tokens - sum(c.length for c in chunks))
         eligible = [i for i, c in enumerate(chunks) if not c.rows and c.completes and c.seq.matcher is None and c.seq.beam is None]
         drafts: dict[int, list[int]] = {}
+        wanted: list[tuple[int, int]] = []  # (chunk, tokens) the draft model is to propose
         for n, i in enumerate(eligible):
-            seq = chunks[i].seq
+            c = chunks[i]
             share = -(-spare // (len(eligible) - n))  # what is left, split over the sequences still to come
-            k = min(share, seq.params.max_tokens - len(seq.output_ids) - 1, self.max_model_len - seq.num_tokens)
-            if k >= 1 and (draft := self.speculator.propose(seq.tokens, seq.spec, k)):
-                drafts[i] = draft
-                spare -= len(draft)
+            k = spec.budget(c.seq.spec, min(share, c.seq.params.max_tokens - len(c.seq.output_ids) - 1, self.max_model_len - c.seq.num_tokens))
+            if k < 1:
+                continue
+            if spec.draft is None:
+                draft = spec.lookup(c.seq.tokens, k)
+                if draft and self.scheduler.reserve(c.seq, c.start + 1 + len(draft)):
+                    drafts[i] = draft
+                    spare -= len(draft)
+            elif self.scheduler.reserve(c.seq, c.start + 1 + k):
+                wanted.append((i, k))
+                spare -= k
+        if wanted:
+            drafts.update(zip((i for i, _ in wanted), spec.draft.propose([(chunks[i].seq, k) for i, k in wanted])))
         rows = base + sum(map(len, drafts.values()))
         excess = rows - max([b for b in self.shapes.decode_rows if base <= b <= rows], default=rows)
         for i in reversed(drafts):  # the last sequences' draft ends go first
@@ -274,8 +305,8 @@ class LLMEngine:
             drafts[i], excess = drafts[i][: len(drafts[i]) - cut], excess - cut
         planned = list(chunks)
         for i, draft in drafts.items():
-            c = chunks[i]
-            if draft and self.scheduler.reserve(c.seq, c.start + 1 + len(draft)):
+            if draft:
+                c = chunks[i]
                 planned[i] = Chunk(c.seq, c.start, 1 + len(draft), 0, tuple(draft))
         return planned
 
@@ -325,7 +356,8 @@ class LLMEngine:
         if copies:
             src, dst = np.zeros(MAX_BEAMS, np.int32), np.zeros(MAX_BEAMS, np.int32)  # a step forks fewer than MAX_BEAMS per request
             src[: len(copies)], dst[: len(copies)] = zip(*copies)
-            self.runner.copy_pages(src, dst)
+            for runner in self._runners():
+                runner.copy_pages(src, dst)
         self.seqs[request_id] = [child for child, _, _ in children]
         for index, child in enumerate(self.seqs[request_id]):
             child.index = index
@@ -432,16 +464,12 @@ class LLMEngine:
             return np.zeros((b, t), np.int32), np.zeros((b, t), np.int32), np.zeros((b, s.table_width), np.int32), np.zeros(b, np.int32)
 
         if bd:
-            tokens, positions, tables, kv_lens = rows(bd, 1)
-            r = 0
+            one_token_rows = []
             for c in decode:  # a drafting sequence takes a row per token: its last one, then the drafts
                 last = c.seq.prompt_ids[c.start] if c.start < len(c.seq.prompt_ids) else c.seq.output_ids[c.start - len(c.seq.prompt_ids)]
-                last_row[id(c)] = r
-                for j, token in enumerate((last, *c.draft)):
-                    tokens[r, 0], positions[r, 0], kv_lens[r] = token, c.start + j, c.start + j + 1
-                    tables[r, : len(c.seq.pages)] = c.seq.pages
-                    r += 1
-            groups.append(ForwardBatch(tokens, positions, tables, kv_lens))
+                last_row[id(c)] = len(one_token_rows)
+                one_token_rows += [(c.seq.pages, token, c.start + j) for j, token in enumerate((last, *c.draft))]
+            groups.append(decode_group(one_token_rows, bd, s.table_width))
         if bp:
             t = s.row_len
             tokens, positions, tables, kv_lens = rows(bp, t)
@@ -470,8 +498,8 @@ class LLMEngine:
             p, first = c.seq.params, c.start + c.length - len(c.draft)  # the position of the first sampled token
             for j in range(1 + len(c.draft)):  # a drafting sequence samples at every row: the verify
                 r = last_row[id(c)] + j
-                s.temperature[r], s.top_p[r], s.min_p[r], s.top_k[r] = p.temperature, p.top_p, p.min_p, p.top_k
-                s.seed[r], positions[r] = p.sample_seed(c.seq.index), first + j
+                s.set_row(r, p, p.sample_seed(c.seq.index))
+                positions[r] = first + j
         return s, positions
 
     def _fill_masks(self, sampled: list[Chunk], last_row: dict[int, int], allowed: np.ndarray) -> None:

@@ -38,6 +38,18 @@ def enable_compilation_cache(folder: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def decode_group(rows: Sequence[tuple[Sequence[int], int, int]], bucket: int, width: int) -> ForwardBatch:
+    """One-token rows [bucket, 1], each from (pages, token, position): the token's K/V goes to its
+    position and it attends to position + 1 keys. Padding rows have length 0 and write only to the
+    null page."""
+    tokens, positions = np.zeros((bucket, 1), np.int32), np.zeros((bucket, 1), np.int32)
+    tables, kv_lens = np.zeros((bucket, width), np.int32), np.zeros(bucket, np.int32)
+    for r, (pages, token, position) in enumerate(rows):
+        tokens[r, 0], positions[r, 0], kv_lens[r] = token, position, position + 1
+        tables[r, : len(pages)] = pages
+    return ForwardBatch(tokens, positions, tables, kv_lens)
+
+
 def _sizes(limit: int) -> tuple[int, ...]:
     """Powers of two below `limit`, then `limit` itself."""
     return tuple(sorted({1 << i for i in range(limit.bit_length()) if 1 << i < limit} | {limit}))

@@ -12,15 +12,26 @@ without speculation, token for token, greedy or seeded, whatever else shares the
 Verify rows use spare decode rows of the warmed-up shapes (no new programs): a step speculates only
 while its decode rows stay within the largest decode bucket, so k shrinks as the batch grows and
 a full batch decodes as before. A sequence whose recent drafts were mostly rejected pauses.
+
+Drafts come from prompt lookup (`ngram_draft`, on the host) or from a draft model (`DraftModel`): a
+smaller model with the same vocabulary that decodes k tokens ahead, sampling each as the target
+would at that position (same seed and filters), so a target that is its own draft has every draft
+accepted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from jaxserve.config import SpeculativeConfig
+from jaxserve.engine.runner import ModelRunner, StepShapes, decode_group
+from jaxserve.ops.sampling import SamplingArrays
+
+if TYPE_CHECKING:
+    from jaxserve.engine.sequence import Sequence  # which imports this module
 
 
 def ngram_draft(tokens: np.ndarray, k: int, lo: int, hi: int) -> list[int]:
@@ -57,25 +68,65 @@ class SpecCounters:
     acceptance_lengths: list[int] = field(default_factory=list)  # [k + 1]: passes that accepted 0..k drafts
 
 
+class DraftModel:
+    """A draft model's runner. Its paged cache has the engine's page count and page size and is
+    indexed by the same page tables: the engine runs each step's batch through the draft too
+    (`mirror`), so the draft's cache holds the K/V of every token the target computed, on the same
+    pages, and page accounting stays the scheduler's alone. Rows it drafts past a sequence's end
+    are overwritten as the sequence grows, as rejected verify rows are."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def mirror(self, groups) -> None:
+        """Write the K/V of the target step's rows (`runner.forward`'s groups) into the draft's cache."""
+        self.runner.forward(groups)
+
+    def propose(self, wanted: list[tuple[Sequence, int]]) -> list[list[int]]:
+        """Up to k tokens for each (sequence, k), by k decode steps of the draft over the sequences
+        still drafting: step i feeds the token before (the sequence's last, then the previous draft)
+        and samples the next with the request's seed and filters at its position (no penalties)."""
+        shapes, vocab = self.runner.shapes, self.runner.cfg.vocab_size
+        drafts: list[list[int]] = [[] for _ in wanted]
+        for i in range(max((k for _, k in wanted), default=0)):
+            live = [n for n, (_, k) in enumerate(wanted) if k > i]
+            rows = [(wanted[n][0], drafts[n][-1] if i else wanted[n][0].tokens[-1], wanted[n][0].num_tokens - 1 + i) for n in live]
+            bucket = StepShapes.fit(len(rows), shapes.decode_rows)
+            self.runner.forward([decode_group([(seq.pages, token, position) for seq, token, position in rows], bucket, shapes.table_width)])
+            count = StepShapes.sampled_rows(bucket)
+            sampling, positions = SamplingArrays.greedy(count, vocab), np.zeros(count, np.int32)
+            for r, (seq, _, position) in enumerate(rows):
+                sampling.set_row(r, seq.params, seq.params.sample_seed(seq.index))
+                positions[r] = position + 1  # the position of the token sampled
+            tokens = self.runner.sample(sampling, positions, None, False)[0]
+            for r, n in enumerate(live):
+                drafts[n].append(int(tokens[r]))
+        return drafts
+
+
 class Speculator:
-    """Proposes drafts for a step's decode rows and keeps the acceptance counters."""
+    """Plans and proposes drafts for a step's decode rows and keeps the acceptance counters."""
 
     PAUSE_BELOW = 0.2  # a sequence whose moving acceptance falls below this pauses ...
     PAUSE_STEPS = 8  # ... for this many steps, then tries again
 
-    def __init__(self, cfg: SpeculativeConfig) -> None:
+    def __init__(self, cfg: SpeculativeConfig, draft: DraftModel | None = None) -> None:
         self.cfg = cfg
+        self.draft = draft
         self.counters = SpecCounters(
             accepted_per_position=[0] * cfg.num_speculative_tokens, acceptance_lengths=[0] * (cfg.num_speculative_tokens + 1)
         )
 
-    def propose(self, tokens: list[int], state: SpecState, k: int) -> list[int]:
-        """Up to k drafts for a sequence with these tokens (none while it pauses)."""
+    def budget(self, state: SpecState, k: int) -> int:
+        """Tokens a sequence may draft this step: up to k, none while it pauses."""
         if state.pause:
             state.pause -= 1
-            return []
-        k = min(k, self.cfg.num_speculative_tokens)
-        return ngram_draft(np.asarray(tokens, np.int64), k, self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max) if k > 0 else []
+            return 0
+        return max(0, min(k, self.cfg.num_speculative_tokens))
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        """Prompt lookup (method "ngram") over a sequence's tokens."""
+        return ngram_draft(np.asarray(tokens, np.int64), k, self.cfg.prompt_lookup_min, self.cfg.prompt_lookup_max)
 
     def snapshot(self) -> SpecCounters:
         """A copy of the counters (safe to read while the engine runs on)."""

@@ -10,12 +10,17 @@ Log-probabilities are always those of the unmodified model distribution.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.ops.reduce import ordered_sum
+
+if TYPE_CHECKING:
+    from jaxserve.sampling_params import SamplingParams
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -44,6 +49,11 @@ class SamplingArrays:
             seed=np.zeros(rows, np.uint32),
             allowed=np.full((rows, bitmask_words(vocab)), -1, np.int32),
         )
+
+    def set_row(self, row: int, params: SamplingParams, seed: int) -> None:
+        """One row's filters and noise seed from a request's parameters (host arrays)."""
+        self.temperature[row], self.top_p[row], self.min_p[row], self.top_k[row] = params.temperature, params.top_p, params.min_p, params.top_k
+        self.seed[row] = seed
 
 
 @flax.struct.dataclass
