@@ -304,14 +304,14 @@ def test_a_pickle_sent_to_process_0_is_dropped_unread(tmp_path) -> None:
     port = _ports()
     leader = _Leader(port)
     with leader.dial_raw() as attacker:
-        attacker.sendall(payload)
-        attacker.shutdown(socket.SHUT_WR)
         received = b""
         try:
+            attacker.sendall(payload)
+            attacker.shutdown(socket.SHUT_WR)
             while chunk := attacker.recv(4096):  # until process 0 hangs up
                 received += chunk
-        except ConnectionResetError:
-            pass  # it hung up with the pickle unread
+        except OSError:  # reset or not connected: it hung up with the pickle unread, perhaps before we finished
+            pass
     assert MAGIC.startswith(received[: len(MAGIC)]) and len(received) <= len(MAGIC) + 32  # at most its hello: no verdict, no frames
     connect(_config(port, 1))  # the real follower still gets in
     assert len(leader.opened().refused) == 1
