@@ -22,7 +22,7 @@ from jaxserve.sampling_params import SamplingParams
 from tests.server_process import SERVER_ARGS, SERVER_ENGINE, SERVER_KEY, InProcessServer, ServerProcess, get
 from tests.tiny_models import SMALL_PAGES, TINY_ENGINE, tiny_config, tiny_params, write_gguf
 
-NGRAM = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3)
+NGRAM = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, disable_by_batch_size=16)  # drafts in crowded steps too
 
 
 @pytest.mark.parametrize(
@@ -35,6 +35,7 @@ NGRAM = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3)
         ('{"num_speculative_tokens": 3, "lookahead": 1}', "speculative_config.lookahead"),
         ('{"method": "ngram", "model": "/models/draft"}', "speculative_config.model"),
         ('{"method": "draft_model"}', "speculative_config.model"),
+        ('{"disable_by_batch_size": 0}', "speculative_config.disable_by_batch_size"),
         ('{"method": "medusa", "model": "/heads"}', "speculative_config.method"),
         ("[3]", "speculative_config must be a JSON object"),
         ("{method: ngram}", "speculative_config is not valid JSON"),
@@ -117,7 +118,21 @@ def test_tiny_outputs_equal_without_speculation_and_drafts_are_accepted() -> Non
     engine.blocks.check_consistency()
 
 
-DRAFT = SpeculativeConfig(method="draft_model", model="draft", num_speculative_tokens=4)
+def test_no_drafts_in_steps_with_more_decoding_sequences_than_disable_by_batch_size() -> None:
+    """Six looping requests decoding side by side draft nothing with disable_by_batch_size 5 (the
+    default for 8 sequences is 4); the same requests one at a time draft, and outputs never change."""
+    cfg = tiny_config("llama", max_position_embeddings=512)
+    params = tiny_params(cfg)
+    rng = random.Random(5)
+    loops = {str(i): ([rng.randrange(3, cfg.vocab_size) for _ in range(4)] * 4, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+             for i in range(6)}
+    plain = _outputs(LLMEngine(cfg, params, TINY_ENGINE), loops)
+    engine = LLMEngine(cfg, params, dataclasses.replace(TINY_ENGINE, speculative=dataclasses.replace(NGRAM, disable_by_batch_size=5)))
+    assert _outputs(engine, loops) == plain and engine.speculator.snapshot().num_drafts == 0
+    assert {rid: _outputs(engine, {rid: loops[rid]})[rid] for rid in loops} == plain and engine.speculator.snapshot().num_drafts > 0
+
+
+DRAFT = SpeculativeConfig(method="draft_model", model="draft", num_speculative_tokens=4, disable_by_batch_size=16)
 
 
 def _first_layer(cfg, params) -> tuple:
@@ -325,7 +340,7 @@ def test_server_with_speculation_streams_what_the_plain_server_does(smollm2_serv
     async def all_of(url: str) -> list:
         return await asyncio.gather(*(ask(url, i) for i in range(16)))
 
-    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}'
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "disable_by_batch_size": 16}'
     with ServerProcess([*SERVER_ARGS, "--speculative-config", spec], tmp_path / "log.txt") as server:
         drafted = asyncio.run(all_of(server.url))
         metrics = get(server.url + "/metrics", SERVER_KEY)[1]

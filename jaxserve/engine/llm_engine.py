@@ -275,8 +275,11 @@ class LLMEngine:
         are its likeliest to be accepted), then cut from the drafts' ends down to a bucket the rows
         fill exactly (5 rows run as 8: a padded bucket costs more than its drafts save). A request
         with a grammar or beams decodes without: its next token's mask or candidates need the one
-        before. A draft model's tokens get their pages before it runs: it writes their K/V."""
+        before. A step with more decoding sequences than `disable_by_batch_size` drafts nothing. A draft model's tokens get their pages before it runs: it writes their K/V."""
         spec = self.speculator
+        decoding = sum(1 for c in chunks if not c.rows)
+        if decoding > (spec.cfg.disable_by_batch_size or max(1, self.engine_config.max_num_seqs // 2)):
+            return chunks
         base = sum(c.length for c in chunks if not c.rows)
         spare = min(self.shapes.decode_rows[-1] - base, self.engine_config.max_num_batched_tokens - sum(c.length for c in chunks))
         eligible = [i for i, c in enumerate(chunks) if not c.rows and c.completes and c.seq.matcher is None and c.seq.beam is None]
