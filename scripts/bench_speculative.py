@@ -14,7 +14,7 @@ Sections (--sections, comma-separated; default "workloads"):
   differing step and the top-1/top-2 log-prob margin there. On CPU every output is equal; on an
   accelerator a verify row runs in a larger decode bucket than the plain row, whose matmuls may
   round differently, so this section measures the agreement there instead of assuming it.
-- large: a random model of Llama-3-8B's shape in bfloat16 (a tiny one on CPU), batch 1: the step
+- large: a random model of Llama-3-8B's shape in bfloat16 (a tiny one on CPU), unrolled, batch 1: the step
   time of 1..k+1 decode rows (a verify of j drafts is a j+1-row step) against the HBM roofline
   (weights + each row's KV over the copy bandwidth measured in the same run), and single-stream
   decode tokens/s off and on for a random-token prompt and a repeated-motif prompt.
@@ -46,6 +46,7 @@ from jaxserve.config import EngineConfig, ModelConfig, SpeculativeConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.runner import enable_compilation_cache
 from jaxserve.errors import UserError
+from jaxserve.models.llama import unstack_layers
 from jaxserve.parallel.mesh import make_mesh
 from jaxserve.parallel.report import LLAMA3_8B, bytes_read, copy_bandwidth, decode_batch, device_params, time_step
 from jaxserve.sampling_params import SamplingParams
@@ -230,7 +231,7 @@ def large(spec: SpeculativeConfig, context: int) -> dict[str, Any]:
                                                              num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32)
     dtype = jnp.dtype("bfloat16")
     bandwidth = copy_bandwidth((2 << 30) if accelerator else (64 << 20))
-    params = device_params(cfg, make_mesh(), dtype)
+    params = unstack_layers(device_params(cfg, make_mesh(), dtype))  # the one-device serving layout
     k = spec.num_speculative_tokens
     limits = dataclasses.replace(SINGLE, num_pages=(k + 1) * -(-context // SINGLE.page_size) + 1, max_model_len=max(context, 2048))
     plain, drafted = engines(cfg, params, limits, spec)
