@@ -48,7 +48,7 @@ from jaxserve.engine.runner import enable_compilation_cache
 from jaxserve.errors import UserError
 from jaxserve.models.llama import unstack_layers
 from jaxserve.parallel.mesh import make_mesh
-from jaxserve.parallel.report import LLAMA3_8B, bytes_read, copy_bandwidth, decode_batch, device_params, time_step
+from jaxserve.parallel.report import LLAMA3_8B, TINY_BENCH, bytes_read, copy_bandwidth, decode_batch, device_params, time_step
 from jaxserve.sampling_params import SamplingParams
 
 PASSAGE = (
@@ -227,8 +227,7 @@ def large(spec: SpeculativeConfig, context: int) -> dict[str, Any]:
     """Batch 1 on a random 8B-shaped bfloat16 model: verify step times against the roofline, and
     single-stream speed off and on."""
     accelerator = jax.default_backend() != "cpu"
-    cfg = LLAMA3_8B if accelerator else dataclasses.replace(LLAMA3_8B, vocab_size=1024, hidden_size=128, intermediate_size=256,
-                                                             num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32)
+    cfg = LLAMA3_8B if accelerator else TINY_BENCH
     dtype = jnp.dtype("bfloat16")
     bandwidth = copy_bandwidth((2 << 30) if accelerator else (64 << 20))
     params = unstack_layers(device_params(cfg, make_mesh(), dtype))  # the one-device serving layout

@@ -65,7 +65,7 @@ from jaxserve.models.llama import ForwardBatch, Params, init_params, unstack_lay
 from jaxserve.ops.attention import decode_attention, paged_attention, table_width, use_decode_kernel  # noqa: E402
 from jaxserve.parallel.mesh import make_mesh  # noqa: E402
 from jaxserve.parallel.report import (  # noqa: E402
-    LLAMA3_8B, bytes_read, copy_bandwidth, decode_batch, device_params, param_structs, step_collectives, time_step,
+    LLAMA3_8B, TINY_BENCH, bytes_read, copy_bandwidth, decode_batch, device_params, param_structs, step_collectives, time_step,
 )
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
 
@@ -81,10 +81,6 @@ PAGE_SIZE = 16
 TINY = ModelConfig(
     architecture="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
     num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024,
-)
-TINY_BENCH = ModelConfig(
-    architecture="llama", vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=1024,
 )
 
 

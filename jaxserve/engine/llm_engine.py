@@ -69,11 +69,9 @@ class LLMEngine:
             if draft is None:
                 raise ValueError("engine_config.speculative names a draft model: pass it as `draft` (checkpoint.loader.load_draft)")
         page_size = engine_config.page_size
-        caches = [(model_config, storage_dtype(engine_config.kv_cache_dtype, params["embed"].dtype))]  # the target's, then the draft's
-        if draft is not None:
-            caches.append((draft[0], storage_dtype(engine_config.kv_cache_dtype, draft[1]["embed"].dtype)))
-        bytes_per_page = sum(page_bytes(cfg, page_size, dtype) for cfg, dtype in caches)
-        dtype = caches[0][1]
+        dtype = storage_dtype(engine_config.kv_cache_dtype, params["embed"].dtype)
+        draft_dtype = storage_dtype(engine_config.kv_cache_dtype, draft[1]["embed"].dtype) if draft is not None else None
+        bytes_per_page = page_bytes(model_config, page_size, dtype) + (page_bytes(draft[0], page_size, draft_dtype) if draft is not None else 0)
         self.kv_cache_dtype = np.dtype(dtype).name
         self.num_pages = engine_config.num_pages if engine_config.kv_cache_memory is None else pages_for_memory(bytes_per_page, engine_config.kv_cache_memory)
         self.shapes = StepShapes.from_config(engine_config, self.max_model_len)
@@ -90,7 +88,7 @@ class LLMEngine:
             len(self.shapes.combos()),
         )
         self.scheduler = Scheduler(engine_config, self.blocks)
-        drafter = DraftModel(ModelRunner(draft[0], draft[1], self.num_pages, page_size, self.shapes, mesh, caches[1][1])) if draft is not None else None
+        drafter = DraftModel(ModelRunner(draft[0], draft[1], self.num_pages, page_size, self.shapes, mesh, draft_dtype)) if draft is not None else None
         self.speculator = Speculator(spec, drafter) if spec else None
         self.grammars = grammars or (GrammarCompiler(tokenizer, model_config.vocab_size) if tokenizer else None)
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
@@ -275,12 +273,12 @@ class LLMEngine:
         are its likeliest to be accepted), then cut from the drafts' ends down to a bucket the rows
         fill exactly (5 rows run as 8: a padded bucket costs more than its drafts save). A request
         with a grammar or beams decodes without: its next token's mask or candidates need the one
-        before. A step with more decoding sequences than `disable_by_batch_size` drafts nothing. A draft model's tokens get their pages before it runs: it writes their K/V."""
+        before. A step with more decoding sequences than `disable_by_batch_size` drafts nothing. A
+        draft model's tokens get their pages before it runs: it writes their K/V."""
         spec = self.speculator
-        decoding = sum(1 for c in chunks if not c.rows)
-        if decoding > (spec.cfg.disable_by_batch_size or max(1, self.engine_config.max_num_seqs // 2)):
+        base = sum(c.length for c in chunks if not c.rows)  # decode rows, one per sequence before drafts
+        if base > (spec.cfg.disable_by_batch_size or max(1, self.engine_config.max_num_seqs // 2)):
             return chunks
-        base = sum(c.length for c in chunks if not c.rows)
         spare = min(self.shapes.decode_rows[-1] - base, self.engine_config.max_num_batched_tokens - sum(c.length for c in chunks))
         eligible = [i for i, c in enumerate(chunks) if not c.rows and c.completes and c.seq.matcher is None and c.seq.beam is None]
         drafts: dict[int, list[int]] = {}

@@ -24,6 +24,11 @@ LLAMA3_8B = ModelConfig(
     architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
     num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192,
 )
+# Its stand-in where the benchmarks run small (CPU smoke runs).
+TINY_BENCH = ModelConfig(
+    architecture="llama", vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2,
+    num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=1024,
+)
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
