@@ -185,6 +185,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 MAX_SPECULATIVE_TOKENS = 16
+SPECULATIVE_METHODS = ("ngram", "draft_model", "medusa")
 
 
 @dataclass(frozen=True)
@@ -193,23 +194,26 @@ class SpeculativeConfig:
     accepted exactly when it is the token the model samples at its position (with that position's
     noise), so the output is the same as without speculation, greedy or seeded."""
 
-    method: str = "ngram"  # "ngram": prompt lookup on the host; "draft_model": a smaller model (`model`)
+    # "ngram": prompt lookup on the host; "draft_model": a smaller model (`model`); "medusa": draft
+    # heads trained for the model by `jaxserve train-draft` (`model`: their folder)
+    method: str = "ngram"
     num_speculative_tokens: int = 4  # most tokens drafted per sequence and step
     prompt_lookup_min: int = 1  # shortest tail n-gram looked up
     prompt_lookup_max: int = 4  # longest tail n-gram looked up (tried first)
-    model: str | None = None  # the draft model (name or path) of method "draft_model"
+    model: str | None = None  # the draft model (name or path) or the heads' folder
     # No drafts in a step with more decoding sequences than this (None: half of max_num_seqs): under
     # load the verify rows cost more than they save (measured at 16 concurrent streams on a 2-core CPU).
     disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         field = "speculative_config"
-        if self.method in ("medusa", "eagle", "eagle3", "mlp_speculator", "deepseek_mtp"):
-            raise UserError(f"{field}.method: {self.method!r} is not in this build yet (use 'ngram' or a draft 'model')")
-        if self.method not in ("ngram", "draft_model"):
-            raise UserError(f"{field}.method: unknown method {self.method!r} (this build has 'ngram' and 'draft_model')")
-        if (self.method == "draft_model") != (self.model is not None):
-            raise UserError(f"{field}.model: method {self.method!r} " + ("needs a draft model" if self.model is None else "takes no model"))
+        if self.method in ("eagle", "eagle3", "mlp_speculator", "deepseek_mtp"):
+            raise UserError(f"{field}.method: {self.method!r} is not in this build (use 'ngram', a draft 'model', or 'medusa' "
+                            "with heads from `jaxserve train-draft`)")
+        if self.method not in SPECULATIVE_METHODS:
+            raise UserError(f"{field}.method: unknown method {self.method!r} (this build has {', '.join(map(repr, SPECULATIVE_METHODS))})")
+        if (self.method == "ngram") == (self.model is not None):
+            raise UserError(f"{field}.model: method {self.method!r} " + ("takes no model" if self.method == "ngram" else "needs a model"))
         if self.model is not None and (not isinstance(self.model, str) or not self.model):
             raise UserError(f"{field}.model must be a model name or path, got {self.model!r}")
         k = self.num_speculative_tokens

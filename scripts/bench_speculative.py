@@ -1,10 +1,11 @@
-"""Speculative decoding benchmark: what n-gram drafts buy on single-stream decode, whether outputs stay
+"""Speculative decoding benchmark: what drafts (n-gram by default; any `--speculative-config`, such as
+trained heads) buy on single-stream decode, whether outputs stay
 the same, and (on an accelerator) the verify step against the HBM roofline. Prints and saves JSON.
 
 Sections (--sections, comma-separated; default "workloads"):
 
 - workloads: SmolLM2, one request at a time, greedy, 128 new tokens, speculation off against
-  n-gram on (`--speculative-config`, default k=4, lookup 1..3), alternating prompt by prompt in
+  on (`--speculative-config`, default n-gram with k=4, lookup 1..3), alternating prompt by prompt in
   one run. Workloads: (a) grounded editing of a ~300-token passage, (b) code edit, (c) open chat,
   (d) random-token text. Per workload: the median over its prompts of decode tokens/s after the
   first token, off and on, their ratio, and the mean accepted length (accepted drafts per verify).
@@ -21,6 +22,7 @@ Sections (--sections, comma-separated; default "workloads"):
 
     python scripts/bench_speculative.py                                   # workloads, on this machine
     python scripts/bench_speculative.py --sections equality,workloads
+    python scripts/bench_speculative.py --speculative-config '{"method": "medusa", "model": "HEADS_DIR"}'
     python scripts/bench_speculative.py --sections equality,large --out bench_results/speculative_gpu.json
 """
 
@@ -40,9 +42,9 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from jaxserve.checkpoint.loader import LoadedModel, load_model
+from jaxserve.checkpoint.loader import LoadedModel, load_draft, load_model
 from jaxserve.checkpoint.registry import cache_dir
-from jaxserve.config import EngineConfig, ModelConfig, SpeculativeConfig
+from jaxserve.config import EngineConfig, SpeculativeConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.runner import enable_compilation_cache
 from jaxserve.errors import UserError
@@ -168,14 +170,15 @@ def compare_speed(plain: LLMEngine, spec: LLMEngine, batch: list[list[int]], par
     }
 
 
-def engines(model_cfg: ModelConfig, params, engine_cfg: EngineConfig, spec: SpeculativeConfig) -> tuple[LLMEngine, LLMEngine]:
-    plain = LLMEngine(model_cfg, params, engine_cfg, eos_token_ids=())
-    drafted = LLMEngine(model_cfg, params, dataclasses.replace(engine_cfg, speculative=spec), eos_token_ids=())
+def engines(model: LoadedModel, engine_cfg: EngineConfig, spec: SpeculativeConfig) -> tuple[LLMEngine, LLMEngine]:
+    """Speculation off and on (with the draft model or heads `spec` names)."""
+    plain = LLMEngine(model.cfg, model.params, engine_cfg, eos_token_ids=())
+    drafted = LLMEngine(model.cfg, model.params, dataclasses.replace(engine_cfg, speculative=spec), eos_token_ids=(), draft=load_draft(model, spec))
     return plain, drafted
 
 
 def workloads(model: LoadedModel, spec: SpeculativeConfig) -> dict[str, Any]:
-    plain, drafted = engines(model.cfg, model.params, SINGLE, spec)
+    plain, drafted = engines(model, SINGLE, spec)
     for engine in (plain, drafted):
         engine.warmup(progress=True)
     greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
@@ -194,7 +197,7 @@ def first_difference(a, b) -> dict[str, Any] | None:
 def equality(model: LoadedModel, spec: SpeculativeConfig) -> dict[str, Any]:
     """Outputs with speculation against without: alone and in a batch of 16, greedy and seeded."""
     limits = EngineConfig(max_num_seqs=16, max_num_batched_tokens=256, num_pages=513, max_model_len=2048)
-    plain, drafted = engines(model.cfg, model.params, limits, spec)
+    plain, drafted = engines(model, limits, spec)
     chat = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in EQUALITY_PROMPTS]
     fillers = random_prompts(model.cfg.vocab_size, 6, 64, seed=1)
     report = {}
@@ -233,7 +236,7 @@ def large(spec: SpeculativeConfig, context: int) -> dict[str, Any]:
     params = unstack_layers(device_params(cfg, make_mesh(), dtype))  # the one-device serving layout
     k = spec.num_speculative_tokens
     limits = dataclasses.replace(SINGLE, num_pages=(k + 1) * -(-context // SINGLE.page_size) + 1, max_model_len=max(context, 2048))
-    plain, drafted = engines(cfg, params, limits, spec)
+    plain, drafted = engines(LoadedModel("random", cfg, params, None), limits, spec)
     steps = []
     for rows in tqdm(drafted.shapes.decode_rows, desc="verify steps", file=sys.stderr):
         seconds = time_step(drafted.runner, decode_batch(drafted.runner, rows, context))
@@ -267,6 +270,8 @@ def main() -> None:
         if unknown:
             raise UserError(f"--sections: unknown section(s) {', '.join(sorted(unknown))}")
         spec = SpeculativeConfig.from_json(args.speculative_config)
+        if "large" in sections and spec.model is not None:
+            raise UserError(f"--sections large: its random model has no {spec.method} drafts; use method 'ngram'")
     except UserError as e:
         print(f"bench_speculative: {e}", file=sys.stderr)
         sys.exit(2)

@@ -36,7 +36,8 @@ NGRAM = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, disable
         ('{"method": "ngram", "model": "/models/draft"}', "speculative_config.model"),
         ('{"method": "draft_model"}', "speculative_config.model"),
         ('{"disable_by_batch_size": 0}', "speculative_config.disable_by_batch_size"),
-        ('{"method": "medusa", "model": "/heads"}', "speculative_config.method"),
+        ('{"method": "eagle", "model": "/heads"}', "speculative_config.method"),
+        ('{"method": "medusa"}', "speculative_config.model"),
         ("[3]", "speculative_config must be a JSON object"),
         ("{method: ngram}", "speculative_config is not valid JSON"),
     ],
@@ -232,7 +233,7 @@ def test_draft_models_that_cannot_serve_are_refused(tmp_path) -> None:
     ):
         with pytest.raises(UserError, match=f"speculative_config.model: .*{message}"):
             load_draft(target, dataclasses.replace(DRAFT, model=spec))
-    with pytest.raises(UserError, match="speculative_config.model: a draft model runs on one device"):
+    with pytest.raises(UserError, match="speculative_config.model: draft_model drafts run on one device"):
         LLMEngine(cfg, target.params, dataclasses.replace(TINY_ENGINE, speculative=DRAFT), mesh=make_mesh(ParallelConfig(tensor_parallel_size=2)),
                   draft=(cfg, target.params))
 

@@ -11,10 +11,12 @@ import jax.numpy as jnp
 
 from jaxserve.checkpoint import registry
 from jaxserve.checkpoint.gguf_reader import read_gguf
+from jaxserve.checkpoint.heads import load_heads
 from jaxserve.checkpoint.hf_reader import is_hf_folder, read_hf
 from jaxserve.checkpoint.native import is_checkpoint, load_checkpoint, save_checkpoint
 from jaxserve.config import QUANTIZATIONS, ModelConfig, SpeculativeConfig
 from jaxserve.errors import UserError
+from jaxserve.models.draft_heads import DraftHeads
 from jaxserve.models.llama import Params, unstack_layers
 from jaxserve.models.quantize import CALIBRATION_TEXT, quantize_model
 from jaxserve.parallel.sharding import check_tensor_parallel, replicate_kv_heads
@@ -123,12 +125,19 @@ def load_model(
     return LoadedModel(name=spec if spec in registry.REGISTRY else path.name, cfg=cfg, params=params, tokenizer=tokenizer)
 
 
-def load_draft(target: LoadedModel, spec: SpeculativeConfig | None) -> LoadedModel | None:
-    """The draft model a speculative config names (None without one), in the target's dtype and layer
-    layout, checked to speak the target's vocabulary: the same size and the same tokens for a probe
-    text (a draft with another tokenizer would propose nonsense). Errors name `speculative_config.model`."""
+def load_draft(target: LoadedModel, spec: SpeculativeConfig | None) -> tuple[ModelConfig, Params] | DraftHeads | None:
+    """What a speculative config drafts with, for `LLMEngine(draft=...)`: None for n-gram lookup (or
+    no config), the draft heads of method "medusa" (checked to be trained for this model), or the
+    draft model's config and params, in the target's dtype and layer layout, checked to speak the
+    target's vocabulary: the same size and the same tokens for a probe text (a draft with another
+    tokenizer would propose nonsense). Errors name `speculative_config.model`."""
     if spec is None or spec.model is None:
         return None
+    if spec.method == "medusa":
+        try:
+            return load_heads(Path(spec.model), target.cfg.vocab_size, target.cfg.hidden_size, target.params)
+        except UserError as e:
+            raise UserError(f"speculative_config.model: {e}") from None
     try:
         unrolled = not isinstance(target.params["layers"], dict)  # stacked layers are one dict of [L, ...] arrays
         draft = load_model(spec.model, dtype=jnp.dtype(target.params["embed"].dtype).name, unroll_layers=unrolled)
@@ -140,4 +149,4 @@ def load_draft(target: LoadedModel, spec: SpeculativeConfig | None) -> LoadedMod
     probe = CALIBRATION_TEXT[:200]
     if draft.tokenizer.encode(probe) != target.tokenizer.encode(probe):
         raise UserError("speculative_config.model: the draft's tokenizer splits text differently from the model's; a draft must share the model's tokenizer")
-    return draft
+    return draft.cfg, draft.params

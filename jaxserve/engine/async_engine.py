@@ -248,6 +248,6 @@ def engine_replicas(
     draft = load_draft(model, engine_config.speculative)
     return [
         AsyncEngine(LLMEngine(model.cfg, model.params, engine_config, model.tokenizer, mesh=m, grammars=grammars, model_name=model.name,
-                              channel=channel, draft=(draft.cfg, draft.params) if draft else None))
+                              channel=channel, draft=draft))
         for m in meshes
     ]

@@ -26,8 +26,7 @@ class LLM:
         """`mesh`: the devices of one replica (`jaxserve.parallel.mesh`); default one device."""
         self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype)
         draft = load_draft(self.model, engine_config.speculative)
-        self.engine = LLMEngine(self.model.cfg, self.model.params, engine_config, self.model.tokenizer, mesh=mesh, model_name=self.model.name,
-                                draft=(draft.cfg, draft.params) if draft else None)
+        self.engine = LLMEngine(self.model.cfg, self.model.params, engine_config, self.model.tokenizer, mesh=mesh, model_name=self.model.name, draft=draft)
 
     def warmup(self, progress: bool = True) -> None:
         """Compile every step shape now (`LLMEngine.warmup`)."""

@@ -19,8 +19,9 @@ from jaxserve.engine.outputs import RequestOutput, StepOutput, TopLogprobs
 from jaxserve.engine.runner import ModelRunner, StepShapes, decode_group
 from jaxserve.engine.scheduler import Chunk, Scheduler
 from jaxserve.engine.sequence import Sequence, Status
-from jaxserve.engine.speculation import DraftModel, Speculator
+from jaxserve.engine.speculation import DraftModel, HeadsDraft, Speculator
 from jaxserve.errors import UserError
+from jaxserve.models.draft_heads import DraftHeads
 from jaxserve.models.llama import ForwardBatch, Params
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays
 from jaxserve.parallel.channel import Link
@@ -48,12 +49,12 @@ class LLMEngine:
         grammars: GrammarCompiler | None = None,
         model_name: str = "model",
         channel: StepChannel | None = None,
-        draft: tuple[ModelConfig, Params] | None = None,
+        draft: tuple[ModelConfig, Params] | DraftHeads | None = None,
     ) -> None:
         """`grammars`: a grammar cache to share (data-parallel replicas compile a schema once); by
         default the engine makes its own when it has a tokenizer. `channel`: on process 0 of a
         multi-host group, where every program call is sent for the others to replay. `draft`: the
-        draft model a `speculative` config names (`checkpoint.loader.load_draft`)."""
+        draft model or heads a `speculative` config names (`checkpoint.loader.load_draft`)."""
         self.model_config = model_config
         self.engine_config = engine_config
         self.model_name = model_name
@@ -64,10 +65,14 @@ class LLMEngine:
         spec = engine_config.speculative
         if spec is not None and spec.model is not None:
             if channel is not None or (mesh is not None and mesh.size > 1):
-                raise UserError("speculative_config.model: a draft model runs on one device in one process; this build has "
-                                "no draft model with tensor parallelism or a multi-process group (use method 'ngram')")
-            if draft is None:
-                raise ValueError("engine_config.speculative names a draft model: pass it as `draft` (checkpoint.loader.load_draft)")
+                raise UserError(f"speculative_config.model: {spec.method} drafts run on one device in one process; this build has "
+                                "none with tensor parallelism or a multi-process group (use method 'ngram')")
+            if not isinstance(draft, DraftHeads if spec.method == "medusa" else tuple):
+                raise ValueError(f"engine_config.speculative names {spec.method} drafts: pass them as `draft` (checkpoint.loader.load_draft)")
+            if isinstance(draft, DraftHeads) and spec.num_speculative_tokens > draft.config.num_heads:
+                raise UserError(f"speculative_config.num_speculative_tokens: {spec.num_speculative_tokens} exceeds the "
+                                f"{draft.config.num_heads} draft heads in {spec.model}")
+        heads, draft = (draft, None) if isinstance(draft, DraftHeads) else (None, draft)
         page_size = engine_config.page_size
         dtype = storage_dtype(engine_config.kv_cache_dtype, params["embed"].dtype)
         draft_dtype = storage_dtype(engine_config.kv_cache_dtype, draft[1]["embed"].dtype) if draft is not None else None
@@ -89,11 +94,14 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(engine_config, self.blocks)
         drafter = DraftModel(ModelRunner(draft[0], draft[1], self.num_pages, page_size, self.shapes, mesh, draft_dtype)) if draft is not None else None
+        if heads is not None:
+            drafter = HeadsDraft(heads, self.runner, spec.num_speculative_tokens)
         self.speculator = Speculator(spec, drafter) if spec else None
         self.grammars = grammars or (GrammarCompiler(tokenizer, model_config.vocab_size) if tokenizer else None)
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._arrivals = itertools.count()
         self.num_computed_tokens = 0  # tokens whose K/V the device computed (prefix hits excluded)
+        self.num_steps = 0  # model steps run for requests
         self.last_step = StepReport(0, 0, None)
 
     # ---- requests ------------------------------------------------------------------------
@@ -188,11 +196,16 @@ class LLMEngine:
         """Compile every step shape now (the draft model's too), so that serving never waits on the compiler."""
         for runner in self._runners():
             runner.warmup(progress)
+        if isinstance(self._drafter, HeadsDraft):
+            self._drafter.warmup()
+
+    @property
+    def _drafter(self) -> DraftModel | HeadsDraft | None:
+        return self.speculator.draft if self.speculator else None
 
     def _runners(self) -> list[ModelRunner]:
         """The target's runner, then the draft model's."""
-        draft = self.speculator.draft if self.speculator else None
-        return [self.runner] + ([draft.runner] if draft else [])
+        return [self.runner] + ([self._drafter.runner] if isinstance(self._drafter, DraftModel) else [])
 
     def follow(self, link: Link) -> None:
         """On a follower process of a multi-host group: replay process 0's program calls until it
@@ -212,7 +225,11 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         s, b = self.scheduler, self.blocks
         spec = self.speculator.snapshot() if self.speculator else None
-        return EngineStats(len(s.running), len(s.waiting), b.usage, b.prefix_queries, b.prefix_hits, s.num_preemptions, sum(r.num_compiles for r in self._runners()), spec)
+        return EngineStats(len(s.running), len(s.waiting), b.usage, b.prefix_queries, b.prefix_hits, s.num_preemptions, self._num_compiles(), spec)
+
+    def _num_compiles(self) -> int:
+        """Programs compiled: the runners' and the draft heads'."""
+        return sum(r.num_compiles for r in self._runners()) + (self._drafter.num_compiles if isinstance(self._drafter, HeadsDraft) else 0)
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -225,8 +242,9 @@ class LLMEngine:
             return []
         groups, last_row, prompt_slots = self._batch(chunks)
         self.runner.forward(groups)
-        if self.speculator is not None and self.speculator.draft is not None:
-            self.speculator.draft.mirror(groups)
+        self.num_steps += 1
+        if isinstance(self._drafter, DraftModel):
+            self._drafter.mirror(groups)
         sampled = [c for c in chunks if c.completes]
         rows = self.shapes.sampled_rows(sum(g.tokens.shape[0] for g in groups))
         sampling, positions = self._sampling(sampled, last_row, rows)
@@ -252,6 +270,7 @@ class LLMEngine:
                 seq.candidates = list(zip(top[0][row, :width].tolist(), top[1][row, :width].tolist()))
                 beams.add(seq.request_id)
             elif chunk.completes:
+                seq.spec.hidden_step, seq.spec.hidden_row = self.num_steps, row
                 outputs += self._guarded(seq, lambda: [self._append(seq, int(tokens[row]), float(logprobs[row]), _alternatives(seq, top, row))])
         for request_id in sorted(beams):
             outputs += self._advance_beams(request_id)
@@ -274,7 +293,8 @@ class LLMEngine:
         fill exactly (5 rows run as 8: a padded bucket costs more than its drafts save). A request
         with a grammar or beams decodes without: its next token's mask or candidates need the one
         before. A step with more decoding sequences than `disable_by_batch_size` drafts nothing. A
-        draft model's tokens get their pages before it runs: it writes their K/V."""
+        draft model's tokens get their pages before it runs: it writes their K/V. Draft heads draft
+        for the sequences the latest step sampled (the hidden states they read are that step's)."""
         spec = self.speculator
         base = sum(c.length for c in chunks if not c.rows)  # decode rows, one per sequence before drafts
         if base > (spec.cfg.disable_by_batch_size or max(1, self.engine_config.max_num_seqs // 2)):
@@ -287,7 +307,7 @@ class LLMEngine:
             c = chunks[i]
             share = -(-spare // (len(eligible) - n))  # what is left, split over the sequences still to come
             k = spec.budget(c.seq.spec, min(share, c.seq.params.max_tokens - len(c.seq.output_ids) - 1, self.max_model_len - c.seq.num_tokens))
-            if k < 1:
+            if k < 1 or (isinstance(spec.draft, HeadsDraft) and c.seq.spec.hidden_step != self.num_steps):
                 continue
             if spec.draft is None:
                 draft = spec.lookup(c.seq.tokens, k)
@@ -319,6 +339,7 @@ class LLMEngine:
         sampled = tokens[row : row + len(draft) + 1].tolist()
         accepted = next((j for j, d in enumerate(draft) if sampled[j] != d), len(draft))
         self.speculator.record(seq.spec, len(draft), accepted)
+        seq.spec.hidden_step, seq.spec.hidden_row = self.num_steps, row + accepted  # behind the last token kept
         outputs = []
         for j in range(accepted + 1):
             outputs.append(self._append(seq, sampled[j], float(logprobs[row + j]), _alternatives(seq, top, row + j)))

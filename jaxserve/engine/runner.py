@@ -87,26 +87,34 @@ class StepShapes:
         and engines of any limits share them all (one set per vocabulary)."""
         return 1 << (rows - 1).bit_length()
 
+    @property
+    def max_sampled_rows(self) -> int:
+        """The sampler's row count for the largest step."""
+        return self.sampled_rows(self.decode_rows[-1] + self.prefill_rows[-1])
+
     def combos(self) -> list[tuple[int, int]]:
         """(decode rows, prefill rows) of every step program."""
         return [c for c in itertools.product((0, *self.decode_rows), (0, *self.prefill_rows)) if any(c)]
 
 
 def model_step(
-    params: Params, cache: KVCache, groups: Sequence[ForwardBatch], cfg: ModelConfig
-) -> tuple[jnp.ndarray, jnp.ndarray | None, KVCache]:
+    params: Params, cache: KVCache, groups: Sequence[ForwardBatch], cfg: ModelConfig, hidden_rows: int
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None, KVCache]:
     """Forward the groups; return the logits [R, V] at each row's last valid token (rows in group
-    order, then zero rows up to `StepShapes.sampled_rows`), the hidden states [Bp * T, D] of the
-    prefill group (for prompt log-probs; None without one) and the updated cache."""
+    order, then zero rows up to `StepShapes.sampled_rows`), the hidden states [hidden_rows, D] those
+    logits came from (rows as the logits', zero-padded to one shape for every step: draft heads read
+    them), the hidden states [Bp * T, D] of the prefill group (for prompt log-probs; None without
+    one) and the updated cache."""
     hidden, cache = forward(params, cache, groups, cfg)
     last_rows = []
     for g, h in zip(groups, hidden):  # h: [B, T, D]
         last = jnp.clip(g.kv_lens - 1 - g.positions[:, 0], 0, g.tokens.shape[1] - 1)  # [B]
         last_rows.append(jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0])  # [B, D]
-    logits = compute_logits(params, jnp.concatenate(last_rows), cfg)  # [Bd + Bp, V]
+    last = jnp.concatenate(last_rows)  # [Bd + Bp, D]
+    logits = compute_logits(params, last, cfg)  # [Bd + Bp, V]
     logits = jnp.pad(logits, ((0, StepShapes.sampled_rows(logits.shape[0]) - logits.shape[0]), (0, 0)))  # [R, V]
     prefill = hidden[-1].reshape(-1, hidden[-1].shape[-1]) if groups[-1].tokens.shape[1] > 1 else None
-    return logits, prefill, cache
+    return logits, jnp.pad(last, ((0, hidden_rows - last.shape[0]), (0, 0))), prefill, cache
 
 
 def copy_pages(cache: KVCache, src: jnp.ndarray, dst: jnp.ndarray) -> KVCache:
@@ -168,9 +176,9 @@ class ModelRunner:
         dtype = cache_dtype or params["embed"].dtype
         self.cache = jax.jit(lambda: KVCache.create(cfg, num_pages, page_size, dtype), out_shardings=cache_sh)()
         self._step = jax.jit(
-            functools.partial(model_step, cfg=cfg),
+            functools.partial(model_step, cfg=cfg, hidden_rows=shapes.max_sampled_rows),
             in_shardings=(param_sh, cache_sh, replicated),
-            out_shardings=(replicated, replicated, cache_sh),
+            out_shardings=(replicated, replicated, replicated, cache_sh),
             donate_argnums=(1,),
         )
         self._sample = jax.jit(sample, static_argnums=4, in_shardings=replicated, out_shardings=replicated)  # 4: num_top
@@ -179,6 +187,7 @@ class ModelRunner:
             functools.partial(prompt_logprobs, cfg=cfg), in_shardings=(param_sh, replicated, replicated), out_shardings=replicated
         )
         self._logits: jax.Array | None = None  # [R, V] of the latest step
+        self._hidden: jax.Array | None = None  # [max_sampled_rows, D] of the latest step, its logits' rows
         self._prefill: jax.Array | None = None  # [Bp * T, D] of the latest step (None without prefill rows)
 
     @property
@@ -200,6 +209,11 @@ class ModelRunner:
         """The latest step's logits [R, V], on the device."""
         return self._logits
 
+    @property
+    def last_hidden(self) -> jax.Array | None:
+        """The hidden states [max_sampled_rows, D] behind the latest step's logits, on the device."""
+        return self._hidden
+
     def step_hlo(self, groups: Sequence[ForwardBatch]) -> str:
         """The compiled step program for these groups' shapes, as HLO text (to inspect collectives)."""
         return self._step.lower(self.params, self.cache, tuple(groups)).compile().as_text()
@@ -207,7 +221,7 @@ class ModelRunner:
     def forward(self, groups: Sequence[ForwardBatch]) -> None:
         """Dispatch one model step over the row groups; its outputs stay on the device."""
         self._call("forward", tuple(groups))
-        self._logits, self._prefill, self.cache = self._step(self.params, self.cache, self._global(tuple(groups)))
+        self._logits, self._hidden, self._prefill, self.cache = self._step(self.params, self.cache, self._global(tuple(groups)))
 
     def sample(self, sampling: SamplingArrays, positions: np.ndarray, adjust: LogitAdjust | None, top: bool) -> tuple[np.ndarray, ...]:
         """The latest step's tokens [R] and log-probs [R] on the host; with `top`, also top ids and

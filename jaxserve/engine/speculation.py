@@ -13,22 +13,27 @@ Verify rows use spare decode rows of the warmed-up shapes (no new programs): a s
 while its decode rows stay within the largest decode bucket, so k shrinks as the batch grows and
 a full batch decodes as before. A sequence whose recent drafts were mostly rejected pauses.
 
-Drafts come from prompt lookup (`ngram_draft`, on the host) or from a draft model (`DraftModel`): a
+Drafts come from prompt lookup (`ngram_draft`, on the host), from a draft model (`DraftModel`): a
 smaller model with the same vocabulary that decodes k tokens ahead, sampling each as the target
 would at that position (same seed and filters), so a target that is its own draft has every draft
-accepted.
+accepted; or from draft heads trained on the model (`HeadsDraft`, `jaxserve.models.draft_heads`),
+which read the hidden state behind the sequence's last token and sample the same way.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import SpeculativeConfig
 from jaxserve.engine.runner import ModelRunner, StepShapes, decode_group
-from jaxserve.ops.sampling import SamplingArrays
+from jaxserve.models.draft_heads import DraftHeads, HeadParams, advance, draft_logits, lm_head
+from jaxserve.ops.sampling import SamplingArrays, sample
 
 if TYPE_CHECKING:
     from jaxserve.engine.sequence import Sequence  # which imports this module
@@ -55,6 +60,8 @@ class SpecState:
 
     rate: float = 1.0  # moving average of accepted / drafted
     pause: int = 0  # steps to skip before drafting again
+    hidden_step: int = -1  # the engine step that sampled the sequence's last token ...
+    hidden_row: int = 0  # ... and its row there (where draft heads find the hidden state behind it)
 
 
 @dataclass
@@ -104,13 +111,76 @@ class DraftModel:
         return drafts
 
 
+def heads_propose(
+    heads: HeadParams,
+    table: jnp.ndarray,  # [D, N] the LM head's columns of the draft vocabulary
+    vocab: jnp.ndarray,  # [N] their token ids
+    embed: jnp.ndarray,  # [V, D]
+    final_norm: jnp.ndarray,  # [D]
+    hidden: jnp.ndarray,  # [H, D] the latest model step's hidden states
+    rows: jnp.ndarray,  # [B] the row of each sequence's last token in `hidden`
+    tokens: jnp.ndarray,  # [B] that token
+    sampling: SamplingArrays,
+    positions: jnp.ndarray,  # [B] the position of the first draft
+    k: int,
+    eps: float,
+) -> jnp.ndarray:
+    """Drafts [B, k]: head i's logits, spread over the whole vocabulary (-inf off the draft
+    vocabulary), sampled as the model samples position + i."""
+    state, token, drafts = hidden[rows].astype(jnp.float32), tokens, []
+    for i in range(k):
+        state = advance(heads, i, state, embed[token])
+        logits = draft_logits(state, final_norm, table, eps)  # [B, N]
+        full = jnp.full((logits.shape[0], embed.shape[0]), -jnp.inf, jnp.float32).at[:, vocab].set(logits)  # [B, V]
+        token = sample(full, sampling, positions + i)[0]
+        drafts.append(token)
+    return jnp.stack(drafts, axis=1)
+
+
+class HeadsDraft:
+    """Draft heads on the target's runner: one program per power-of-two count of drafting sequences.
+    A sequence drafts only if its last token was sampled in the latest step, whose hidden states the
+    runner still holds (`SpecState.hidden_step`)."""
+
+    def __init__(self, heads: DraftHeads, runner: ModelRunner, k: int) -> None:
+        self.runner = runner
+        p = runner.params
+        vocab = jnp.asarray(heads.vocab)
+        dtype = p["embed"].dtype
+        self._weights = (jax.tree.map(lambda x: jnp.asarray(x, dtype), heads.params), jnp.take(lm_head(p), vocab, axis=1), vocab, p["embed"], p["final_norm"])
+        self._propose = jax.jit(functools.partial(heads_propose, k=k, eps=heads.config.rms_norm_eps))
+        self.sizes = tuple(1 << i for i in range(StepShapes.sampled_rows(runner.shapes.decode_rows[-1]).bit_length()))
+
+    @property
+    def num_compiles(self) -> int:
+        return self._propose._cache_size()
+
+    def propose(self, wanted: list[tuple[Sequence, int]]) -> list[list[int]]:
+        """Up to k tokens for each (sequence, k)."""
+        count = StepShapes.sampled_rows(len(wanted))
+        rows, tokens, positions = (np.zeros(count, np.int32) for _ in range(3))
+        sampling = SamplingArrays.greedy(count, self.runner.cfg.vocab_size)
+        for r, (seq, _) in enumerate(wanted):
+            rows[r], tokens[r], positions[r] = seq.spec.hidden_row, seq.tokens[-1], seq.num_tokens
+            sampling.set_row(r, seq.params, seq.params.sample_seed(seq.index))
+        drafts = np.asarray(self._propose(*self._weights, self.runner.last_hidden, rows, tokens, sampling, positions))
+        return [drafts[r, :k].tolist() for r, (_, k) in enumerate(wanted)]
+
+    def warmup(self) -> None:
+        """Compile the program for every count of drafting sequences, after the runner's warm-up (on
+        the hidden states it left: the same shape and placement as every step's)."""
+        for count in self.sizes:
+            zeros = np.zeros(count, np.int32)
+            self._propose(*self._weights, self.runner.last_hidden, zeros, zeros, SamplingArrays.greedy(count, self.runner.cfg.vocab_size), zeros)
+
+
 class Speculator:
     """Plans and proposes drafts for a step's decode rows and keeps the acceptance counters."""
 
     PAUSE_BELOW = 0.2  # a sequence whose moving acceptance falls below this pauses ...
     PAUSE_STEPS = 8  # ... for this many steps, then tries again
 
-    def __init__(self, cfg: SpeculativeConfig, draft: DraftModel | None = None) -> None:
+    def __init__(self, cfg: SpeculativeConfig, draft: DraftModel | HeadsDraft | None = None) -> None:
         self.cfg = cfg
         self.draft = draft
         self.counters = SpecCounters(
