@@ -133,7 +133,7 @@ BAD_INPUT = {
     "kv cache memory negative": (lambda tmp, g: ["--model", str(g), "--kv-cache-memory", "-1"], "kv_cache_memory must be > 0"),
     "empty prompt": (lambda tmp, g: ["--model", str(g), "--prompt", ""], "prompt is empty"),
     "not a model folder": (lambda tmp, g: ["--model", str(tmp)], "neither a jaxserve checkpoint"),
-    "speculative method unknown": (lambda tmp, g: ["--model", str(g), "--speculative-config", '{"method": "medusa"}'], "speculative_config.method"),
+    "speculative method unknown": (lambda tmp, g: ["--model", str(g), "--speculative-config", '{"method": "eagle3"}'], "speculative_config.method"),
     "speculative config not json": (lambda tmp, g: ["--model", str(g), "--speculative-config", "ngram"], "speculative_config is not valid JSON"),
     "draft model missing": (lambda tmp, g: ["--model", str(g), "--speculative-config", json.dumps({"model": str(tmp / "none.gguf")})],
                             "speculative_config.model: model path not found"),
