@@ -187,7 +187,8 @@ class ModelRunner:
             functools.partial(prompt_logprobs, cfg=cfg), in_shardings=(param_sh, replicated, replicated), out_shardings=replicated
         )
         self._logits: jax.Array | None = None  # [R, V] of the latest step
-        self._hidden: jax.Array | None = None  # [max_sampled_rows, D] of the latest step, its logits' rows
+        # [max_sampled_rows, D] of the latest step, its logits' rows (zeros before the first)
+        self._hidden = _place(jnp.zeros((shapes.max_sampled_rows, cfg.hidden_size), params["embed"].dtype), replicated)
         self._prefill: jax.Array | None = None  # [Bp * T, D] of the latest step (None without prefill rows)
 
     @property
@@ -210,7 +211,7 @@ class ModelRunner:
         return self._logits
 
     @property
-    def last_hidden(self) -> jax.Array | None:
+    def last_hidden(self) -> jax.Array:
         """The hidden states [max_sampled_rows, D] behind the latest step's logits, on the device."""
         return self._hidden
 

@@ -167,8 +167,7 @@ class HeadsDraft:
         return [drafts[r, :k].tolist() for r, (_, k) in enumerate(wanted)]
 
     def warmup(self) -> None:
-        """Compile the program for every count of drafting sequences, after the runner's warm-up (on
-        the hidden states it left: the same shape and placement as every step's)."""
+        """Compile the program for every count of drafting sequences."""
         for count in self.sizes:
             zeros = np.zeros(count, np.int32)
             self._propose(*self._weights, self.runner.last_hidden, zeros, zeros, SamplingArrays.greedy(count, self.runner.cfg.vocab_size), zeros)
