@@ -204,6 +204,10 @@ class SpeculativeConfig:
     # No drafts in a step with more decoding sequences than this (None: half of max_num_seqs): under
     # load the verify rows cost more than they save (measured at 16 concurrent streams on a 2-core CPU).
     disable_by_batch_size: int | None = None
+    # Choose each step's k (up to num_speculative_tokens) for the most expected tokens per second,
+    # from this machine's measured step times and the acceptance so far (a jaxserve key): verify rows
+    # are nearly free on a GPU, and each beyond the second costs a 2-core CPU ~0.3x a step.
+    tune_k: bool = True
 
     def __post_init__(self) -> None:
         field = "speculative_config"
@@ -221,6 +225,8 @@ class SpeculativeConfig:
             raise UserError(f"{field}.num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
         if self.disable_by_batch_size is not None and (not isinstance(self.disable_by_batch_size, int) or self.disable_by_batch_size < 1):
             raise UserError(f"{field}.disable_by_batch_size must be an integer >= 1, got {self.disable_by_batch_size!r}")
+        if not isinstance(self.tune_k, bool):
+            raise UserError(f"{field}.tune_k must be true or false, got {self.tune_k!r}")
         for name in ("prompt_lookup_min", "prompt_lookup_max"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"{field}.{name} must be an integer >= 1, got {getattr(self, name)!r}")

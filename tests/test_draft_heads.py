@@ -38,7 +38,7 @@ def trained(tmp_path_factory) -> tuple:
 
 
 def _spec(heads: Path, k: int = 3) -> SpeculativeConfig:
-    return SpeculativeConfig.from_json(json.dumps({"method": "medusa", "model": str(heads), "num_speculative_tokens": k, "disable_by_batch_size": 16}))
+    return SpeculativeConfig.from_json(json.dumps({"method": "medusa", "model": str(heads), "num_speculative_tokens": k, "disable_by_batch_size": 16, "tune_k": False}))
 
 
 def test_training_beats_chance_and_learns(trained) -> None:

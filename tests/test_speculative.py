@@ -22,7 +22,8 @@ from jaxserve.sampling_params import SamplingParams
 from tests.server_process import SERVER_ARGS, SERVER_ENGINE, SERVER_KEY, InProcessServer, ServerProcess, get
 from tests.tiny_models import SMALL_PAGES, TINY_ENGINE, tiny_config, tiny_params, write_gguf
 
-NGRAM = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, disable_by_batch_size=16)  # drafts in crowded steps too
+# Drafts in crowded steps too, and k fixed (not tuned by step times), so the counters tests assert on are the same on every machine.
+NGRAM = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, disable_by_batch_size=16, tune_k=False)
 
 
 @pytest.mark.parametrize(
@@ -133,7 +134,7 @@ def test_no_drafts_in_steps_with_more_decoding_sequences_than_disable_by_batch_s
     assert {rid: _outputs(engine, {rid: loops[rid]})[rid] for rid in loops} == plain and engine.speculator.snapshot().num_drafts > 0
 
 
-DRAFT = SpeculativeConfig(method="draft_model", model="draft", num_speculative_tokens=4, disable_by_batch_size=16)
+DRAFT = SpeculativeConfig(method="draft_model", model="draft", num_speculative_tokens=4, disable_by_batch_size=16, tune_k=False)
 
 
 def _first_layer(cfg, params) -> tuple:
@@ -356,3 +357,51 @@ def test_server_with_speculation_streams_what_the_plain_server_does(smollm2_serv
     bad = ServerProcess(["--speculative-config", json.dumps({"method": "ngram", "num_speculative_tokens": 99})], tmp_path / "bad.txt")
     assert bad.proc.wait(timeout=120) == 2
     assert "speculative_config.num_speculative_tokens must be an integer in [1, 16]" in (tmp_path / "bad.txt").read_text()
+
+
+def test_k_is_planned_from_step_times_and_acceptance() -> None:
+    """`Speculator.plan`: of the k that fill a bucket, untimed buckets are tried first (smallest k
+    first); then the k with the most expected tokens per second, so cheap verify rows (a GPU) get
+    every draft, a CPU whose 4-row step costs 1.6 plain steps gets one draft while acceptance is
+    middling, and all of them once drafts are nearly always accepted; a long run of no drafts
+    retries one."""
+    from jaxserve.engine.speculation import SpecState, Speculator
+
+    sizes = (1, 2, 4, 8)
+    spec = Speculator(dataclasses.replace(NGRAM, tune_k=True, num_speculative_tokens=3))
+    assert [spec.plan(1, 1, sizes) for _ in range(2)] == [0, 0]  # nothing timed: k = 0 (bucket 1) first
+    spec.observe(1, 0.010)
+    assert spec.plan(1, 1, sizes) == 1  # then bucket 2
+    spec.observe(2, 0.010)
+    assert spec.plan(1, 1, sizes) == 3  # then bucket 4, which 1 + 3 rows fill
+    for rows, seconds in ((4, 0.016), (8, 0.030)):
+        spec.observe(rows, seconds)
+    state = SpecState()
+    for _ in range(20):  # the first draft kept 60% of the time, the second 20%, the third never
+        for accepted in (0, 0, 1, 1, 2):
+            spec.record(state, 3, accepted)
+    assert spec.plan(1, 1, sizes) == 1  # 1.6 tokens per 10 ms beat 1.8 per 16 ms
+    spec.step_seconds[4] = 0.0105  # a GPU: 4 rows cost what 1 does
+    assert spec.plan(1, 1, sizes) == 3
+    spec.step_seconds[4] = 0.016
+    for _ in range(200):
+        spec.record(state, 3, 3)
+    assert spec.plan(1, 1, sizes) == 3  # nearly every draft kept: 3.3 tokens per 16 ms beat 1.9 per 10 ms
+    assert spec.plan(6, 2, sizes) == 1  # 6 rows + 2 x 1 draft fill the 8-row bucket
+    slow = Speculator(dataclasses.replace(NGRAM, tune_k=True, num_speculative_tokens=2))
+    slow.step_seconds.update({1: 0.010, 2: 0.030, 4: 0.050})  # drafts never pay
+    assert [slow.plan(1, 1, sizes) for _ in range(18)] == [0] * 16 + [1, 0]
+
+
+def test_tuned_k_keeps_outputs_and_times_each_bucket() -> None:
+    """With `tune_k` on (the default), the outputs are still those without speculation, and the
+    decode buckets of 0 and 1 drafts have been timed."""
+    cfg = tiny_config("llama", max_position_embeddings=2048)
+    params = tiny_params(cfg)
+    rng = random.Random(4)
+    loops = {str(i): ([rng.randrange(3, cfg.vocab_size) for _ in range(5)] * 3, SamplingParams(max_tokens=60, temperature=0.0 if i else 0.8, seed=i, ignore_eos=True))
+             for i in range(2)}
+    plain = _outputs(LLMEngine(cfg, params, TINY_ENGINE, eos_token_ids=(2,)), loops)
+    engine = LLMEngine(cfg, params, dataclasses.replace(TINY_ENGINE, speculative=dataclasses.replace(NGRAM, tune_k=True)), eos_token_ids=(2,))
+    assert {rid: _outputs(engine, {rid: r})[rid] for rid, r in loops.items()} == plain
+    assert set(engine.speculator.step_seconds) >= {1, 2} and engine.speculator.counters.num_accepted_tokens > 0

@@ -241,6 +241,8 @@ class LLMEngine:
         if not chunks:
             return []
         groups, last_row, prompt_slots = self._batch(chunks)
+        timed = self.speculator is not None and self.speculator.cfg.tune_k and groups[-1].tokens.shape[1] == 1  # decode rows only
+        started, compiles = (time.perf_counter(), self._num_compiles()) if timed else (0.0, 0)
         self.runner.forward(groups)
         self.num_steps += 1
         if isinstance(self._drafter, DraftModel):
@@ -252,6 +254,8 @@ class LLMEngine:
         adjust = self._adjust(sampled, last_row, rows) if any(c.seq.params.adjusts_logits for c in sampled) else None
         want_top = any(c.seq.params.logprobs is not None or c.seq.beam is not None for c in sampled)
         tokens, logprobs, *top = self.runner.sample(sampling, positions, adjust, want_top)
+        if timed and self._num_compiles() == compiles:
+            self.speculator.observe(groups[0].tokens.shape[0], time.perf_counter() - started)
         if prompt_slots:
             self._collect_prompt_logprobs(groups[-1].tokens.size, prompt_slots)
         outputs, beams = [], set()
@@ -292,7 +296,8 @@ class LLMEngine:
         are its likeliest to be accepted), then cut from the drafts' ends down to a bucket the rows
         fill exactly (5 rows run as 8: a padded bucket costs more than its drafts save). A request
         with a grammar or beams decodes without: its next token's mask or candidates need the one
-        before. A step with more decoding sequences than `disable_by_batch_size` drafts nothing. A
+        before. A step with more decoding sequences than `disable_by_batch_size` drafts nothing;
+        with `tune_k`, each sequence drafts at most `Speculator.plan`'s k. A
         draft model's tokens get their pages before it runs: it writes their K/V. Draft heads draft
         for the sequences the latest step sampled (the hidden states they read are that step's)."""
         spec = self.speculator
@@ -301,12 +306,13 @@ class LLMEngine:
             return chunks
         spare = min(self.shapes.decode_rows[-1] - base, self.engine_config.max_num_batched_tokens - sum(c.length for c in chunks))
         eligible = [i for i, c in enumerate(chunks) if not c.rows and c.completes and c.seq.matcher is None and c.seq.beam is None]
+        most = spec.plan(base, len(eligible), self.shapes.decode_rows) if spec.cfg.tune_k else spec.cfg.num_speculative_tokens
         drafts: dict[int, list[int]] = {}
         wanted: list[tuple[int, int]] = []  # (chunk, tokens) the draft model is to propose
         for n, i in enumerate(eligible):
             c = chunks[i]
             share = -(-spare // (len(eligible) - n))  # what is left, split over the sequences still to come
-            k = spec.budget(c.seq.spec, min(share, c.seq.params.max_tokens - len(c.seq.output_ids) - 1, self.max_model_len - c.seq.num_tokens))
+            k = spec.budget(c.seq.spec, min(share, most, c.seq.params.max_tokens - len(c.seq.output_ids) - 1, self.max_model_len - c.seq.num_tokens))
             if k < 1 or (isinstance(spec.draft, HeadsDraft) and c.seq.spec.hidden_step != self.num_steps):
                 continue
             if spec.draft is None:

@@ -73,6 +73,7 @@ class SpecCounters:
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [k]: drafts accepted at each offset
     acceptance_lengths: list[int] = field(default_factory=list)  # [k + 1]: passes that accepted 0..k drafts
+    drafted_per_position: list[int] = field(default_factory=list)  # [k]: passes that drafted a token at each offset
 
 
 class DraftModel:
@@ -178,13 +179,45 @@ class Speculator:
 
     PAUSE_BELOW = 0.2  # a sequence whose moving acceptance falls below this pauses ...
     PAUSE_STEPS = 8  # ... for this many steps, then tries again
+    RETRY_AFTER = 16  # after this many steps planned without drafts, one with k = 1 (acceptance may have changed)
 
     def __init__(self, cfg: SpeculativeConfig, draft: DraftModel | HeadsDraft | None = None) -> None:
         self.cfg = cfg
         self.draft = draft
-        self.counters = SpecCounters(
-            accepted_per_position=[0] * cfg.num_speculative_tokens, acceptance_lengths=[0] * (cfg.num_speculative_tokens + 1)
-        )
+        k = cfg.num_speculative_tokens
+        self.counters = SpecCounters(accepted_per_position=[0] * k, acceptance_lengths=[0] * (k + 1), drafted_per_position=[0] * k)
+        self.step_seconds: dict[int, float] = {}  # decode rows -> moving average of a decode-only step's time
+        self.idle = 0  # consecutive steps planned without drafts
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """Time of a decode-only step of `rows` rows (compiles excluded), for `plan`."""
+        old = self.step_seconds.get(rows)
+        self.step_seconds[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def plan(self, base: int, drafting: int, sizes: tuple[int, ...]) -> int:
+        """Drafts per sequence for a step of `base` decode rows, `drafting` of which may draft: of the
+        k that fill a decode bucket (the engine cuts drafts down to one), the one with the most
+        expected tokens per second of step time, from the measured step time of each bucket and the
+        share of passes that kept a draft at each position so far (smoothed towards 1/2, 1/4, ... while
+        few passes have been seen). A k whose bucket has not been timed yet is tried first (the
+        smallest such), so every bucket gets measured."""
+        c, most, drafting = self.counters, self.cfg.num_speculative_tokens, max(drafting, 1)
+        expected, keep = [0.0], 1.0
+        for j in range(most):
+            keep = min(keep, (c.accepted_per_position[j] + 2 * 0.5 ** (j + 1)) / (c.drafted_per_position[j] + 2))
+            expected.append(expected[-1] + keep)  # drafts a sequence drafting j + 1 expects to keep
+        best, best_rate = 0, 0.0
+        for k in sorted({0} | {min((rows - base) // drafting, most) for rows in sizes if rows > base}):
+            seconds = self.step_seconds.get(StepShapes.fit(base + drafting * k, sizes))
+            if seconds is None:
+                return k
+            rate = (base + drafting * expected[k]) / seconds
+            if rate > best_rate:
+                best, best_rate = k, rate
+        self.idle = self.idle + 1 if best == 0 else 0
+        if self.idle > self.RETRY_AFTER:
+            self.idle, best = 0, 1
+        return best
 
     def budget(self, state: SpecState, k: int) -> int:
         """Tokens a sequence may draft this step: up to k, none while it pauses."""
@@ -200,7 +233,8 @@ class Speculator:
     def snapshot(self) -> SpecCounters:
         """A copy of the counters (safe to read while the engine runs on)."""
         c = self.counters
-        return SpecCounters(c.num_drafts, c.num_draft_tokens, c.num_accepted_tokens, list(c.accepted_per_position), list(c.acceptance_lengths))
+        return SpecCounters(c.num_drafts, c.num_draft_tokens, c.num_accepted_tokens, list(c.accepted_per_position), list(c.acceptance_lengths),
+                            list(c.drafted_per_position))
 
     def record(self, state: SpecState, drafted: int, accepted: int) -> None:
         c = self.counters
@@ -210,6 +244,8 @@ class Speculator:
         for j in range(accepted):
             c.accepted_per_position[j] += 1
         c.acceptance_lengths[accepted] += 1
+        for j in range(drafted):
+            c.drafted_per_position[j] += 1
         state.rate = 0.7 * state.rate + 0.3 * accepted / drafted
         if state.rate < self.PAUSE_BELOW:
             state.pause, state.rate = self.PAUSE_STEPS, self.PAUSE_BELOW  # back to the threshold: one good pass resumes
