@@ -234,6 +234,8 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        tuned = self.speculator is not None and self.speculator.cfg.tune_k
+        started, compiles = (time.perf_counter(), self._num_compiles()) if tuned else (0.0, 0)  # drafting included
         chunks = self.scheduler.schedule()
         if self.speculator is not None:
             chunks = self._speculate(chunks)
@@ -241,8 +243,6 @@ class LLMEngine:
         if not chunks:
             return []
         groups, last_row, prompt_slots = self._batch(chunks)
-        timed = self.speculator is not None and self.speculator.cfg.tune_k and groups[-1].tokens.shape[1] == 1  # decode rows only
-        started, compiles = (time.perf_counter(), self._num_compiles()) if timed else (0.0, 0)
         self.runner.forward(groups)
         self.num_steps += 1
         if isinstance(self._drafter, DraftModel):
@@ -254,7 +254,7 @@ class LLMEngine:
         adjust = self._adjust(sampled, last_row, rows) if any(c.seq.params.adjusts_logits for c in sampled) else None
         want_top = any(c.seq.params.logprobs is not None or c.seq.beam is not None for c in sampled)
         tokens, logprobs, *top = self.runner.sample(sampling, positions, adjust, want_top)
-        if timed and self._num_compiles() == compiles:
+        if tuned and groups[-1].tokens.shape[1] == 1 and self._num_compiles() == compiles:  # decode rows only, nothing compiled
             self.speculator.observe(groups[0].tokens.shape[0], time.perf_counter() - started)
         if prompt_slots:
             self._collect_prompt_logprobs(groups[-1].tokens.size, prompt_slots)

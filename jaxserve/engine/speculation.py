@@ -190,7 +190,8 @@ class Speculator:
         self.idle = 0  # consecutive steps planned without drafts
 
     def observe(self, rows: int, seconds: float) -> None:
-        """Time of a decode-only step of `rows` rows (compiles excluded), for `plan`."""
+        """Time of a decode-only step of `rows` rows, drafting included (steps that compiled are not
+        timed), for `plan`."""
         old = self.step_seconds.get(rows)
         self.step_seconds[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
