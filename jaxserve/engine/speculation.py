@@ -191,9 +191,11 @@ class Speculator:
 
     def observe(self, rows: int, seconds: float) -> None:
         """Time of a decode-only step of `rows` rows, drafting included (steps that compiled are not
-        timed), for `plan`."""
+        timed), for `plan`. A faster time replaces the estimate at once and a slower one moves it up
+        by a twentieth: a step's own cost is what it takes unhindered, and one slow step (another
+        process, a page fault) must not keep a bucket that is then rarely chosen looking expensive."""
         old = self.step_seconds.get(rows)
-        self.step_seconds[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self.step_seconds[rows] = seconds if old is None else min(seconds, 0.95 * old + 0.05 * seconds)
 
     def plan(self, base: int, drafting: int, sizes: tuple[int, ...]) -> int:
         """Drafts per sequence for a step of `base` decode rows, `drafting` of which may draft: of the

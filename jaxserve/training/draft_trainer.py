@@ -103,7 +103,7 @@ def record_hidden(model: LoadedModel, sequences: list[list[int]], rows: int = 8)
     cfg, order = model.cfg, sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     longest = -(-max(map(len, sequences)) // 128) * 128
     cache = KVCache.create(cfg, rows * longest // PAGE + 1, PAGE, model.params["embed"].dtype)
-    run = jax.jit(lambda params, cache, batch: forward(params, cache, [batch], cfg)[0][0], donate_argnums=())
+    run = jax.jit(lambda params, cache, batch: forward(params, cache, [batch], cfg)[0][0])  # [rows, t, D]; the cache is scratch
     out: list[np.ndarray | None] = [None] * len(sequences)
     for start in tqdm(range(0, len(order), rows), desc="recording hidden states", unit="batch"):
         group = order[start : start + rows]
