@@ -201,7 +201,7 @@ def test_server_with_a_draft_model_answers_as_the_offline_engine_without(tmp_pat
             logprobs += chunk.choices[0].logprobs.token_logprobs if chunk.choices[0].logprobs else []
         return text, logprobs
 
-    spec = SpeculativeConfig.from_json(json.dumps({"model": str(draft_path), "num_speculative_tokens": 3}))
+    spec = SpeculativeConfig.from_json(json.dumps({"model": str(draft_path), "num_speculative_tokens": 3, "tune_k": False}))
     with InProcessServer(model, dataclasses.replace(TINY_ENGINE, speculative=spec)) as server:
         async def everyone() -> list:
             async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0) as client:
@@ -342,7 +342,7 @@ def test_server_with_speculation_streams_what_the_plain_server_does(smollm2_serv
     async def all_of(url: str) -> list:
         return await asyncio.gather(*(ask(url, i) for i in range(16)))
 
-    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "disable_by_batch_size": 16}'
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "disable_by_batch_size": 16, "tune_k": false}'
     with ServerProcess([*SERVER_ARGS, "--speculative-config", spec], tmp_path / "log.txt") as server:
         drafted = asyncio.run(all_of(server.url))
         metrics = get(server.url + "/metrics", SERVER_KEY)[1]
