@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +33,10 @@ from jaxserve.config import EngineConfig
 from jaxserve.engine.llm import LLM
 from jaxserve.errors import UserError
 from jaxserve.models.draft_heads import DraftHeads, HeadParams, HeadsConfig, chain_logits, draft_logits, init_heads, lm_head
-from jaxserve.models.llama import ForwardBatch, Params, forward
+from jaxserve.models.llama import ForwardBatch, forward
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.training.prompts import builtin_prompts, encode_prompts, read_prompts
 
-log = logging.getLogger(__name__)
 PAGE = 16  # page size of the scratch cache that hidden states are recorded with
 HEAD_DECAY = 0.8  # loss weight of head i: HEAD_DECAY ** i
 
