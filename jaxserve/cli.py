@@ -11,7 +11,7 @@ import sys
 from typing import Sequence
 
 from jaxserve.checkpoint.registry import DEFAULT_MODEL, cache_dir
-from jaxserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, load_yaml
+from jaxserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, TrainDraftConfig, load_yaml
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 
@@ -145,8 +145,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     conv.add_argument("src", help="GGUF file, HF folder (config.json + safetensors) or jaxserve checkpoint")
     conv.add_argument("dst", help="output folder")
     conv.set_defaults(func=_cmd_convert)
-
-    from jaxserve.training.draft_trainer import TrainDraftConfig
 
     td = sub.add_parser("train-draft", help='train draft heads for a model from its own answers (serve them with {"method": "medusa", "model": OUT})')
     td.add_argument("model", help="registry name, GGUF file, HF folder or jaxserve checkpoint")
@@ -380,7 +378,7 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from jaxserve.checkpoint.loader import load_model
-    from jaxserve.training.draft_trainer import TrainDraftConfig, train_draft
+    from jaxserve.training.draft_trainer import train_draft
 
     names = {f.name for f in dataclasses.fields(TrainDraftConfig)}
     cfg = TrainDraftConfig(**{k: (Path(v) if k == "prompts" and v else v) for k, v in vars(args).items() if k in names})

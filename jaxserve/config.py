@@ -361,3 +361,31 @@ class ServerConfig:
                 raise UserError(f"{name} must be > 0, got {value}")
         if any(not k for k in self.api_keys):
             raise UserError("API keys must not be empty")
+
+
+@dataclass(frozen=True)
+class TrainDraftConfig:
+    """`jaxserve train-draft`'s settings (`jaxserve.training.draft_trainer`); each is a flag of that name."""
+
+    num_heads: int = 4
+    prompts: Path | None = None  # JSONL of prompts or chats (default: the built-in set)
+    num_prompts: int | None = None  # use the first this many prompts (default: all)
+    samples_per_prompt: int = 1  # answers per prompt: one greedy, the rest sampled
+    max_tokens: int = 128  # per answer
+    draft_vocab_size: int = 8192  # the most frequent answer tokens the heads can propose
+    steps: int = 1200
+    batch_size: int = 128  # positions per step
+    learning_rate: float = 3e-3
+    warmup_steps: int = 60
+    held_out: float = 0.08  # fraction of prompts kept for the acceptance check
+    eval_every: int = 300
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_heads", "samples_per_prompt", "max_tokens", "draft_vocab_size", "steps", "batch_size", "eval_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not 0 < self.held_out < 1:
+            raise UserError(f"--held-out must be in (0, 1), got {self.held_out}")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning-rate must be > 0, got {self.learning_rate}")

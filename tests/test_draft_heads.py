@@ -16,11 +16,11 @@ import openai
 import pytest
 
 from jaxserve.checkpoint.loader import load_draft, load_model
-from jaxserve.config import SpeculativeConfig
+from jaxserve.config import SpeculativeConfig, TrainDraftConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.training.draft_trainer import TrainDraftConfig, train_draft
+from jaxserve.training.draft_trainer import train_draft
 from tests.server_process import InProcessServer
 from tests.tiny_models import TINY_ENGINE, tiny_config, tiny_params, write_gguf
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
+from jaxserve.checkpoint.native import restore_tree, save_atomically
 from jaxserve.errors import UserError
 from jaxserve.models.draft_heads import DraftHeads, HeadsConfig
 from jaxserve.models.llama import Params
@@ -32,27 +31,14 @@ def _probe(params: Params) -> dict[str, np.ndarray]:
 
 
 def save_heads(folder: Path, heads: DraftHeads, model_params: Params, report: dict[str, Any]) -> None:
-    """Write atomically (into `folder.tmp`, then rename); `report` (training figures) goes into heads.json."""
-    import orbax.checkpoint as ocp
-
-    folder = Path(folder).absolute()
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tree = {"heads": jax.tree.map(np.asarray, heads.params), "vocab": np.asarray(heads.vocab, np.int32), "probe": _probe(model_params)}
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp / "weights", tree)
+    """Write atomically (`native.save_atomically`); `report` (training figures) goes into heads.json."""
+    tree = {"heads": heads.params, "vocab": np.asarray(heads.vocab, np.int32), "probe": _probe(model_params)}
     meta = {"kind": KIND, "format_version": FORMAT_VERSION, "config": dataclasses.asdict(heads.config), "training": report}
-    (tmp / MARKER).write_text(json.dumps(meta, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    save_atomically(folder, tree, "weights", lambda tmp: (tmp / MARKER).write_text(json.dumps(meta, indent=1)))
 
 
 def load_heads(folder: Path, vocab_size: int, hidden_size: int, model_params: Params) -> DraftHeads:
     """Heads for this model, or a UserError saying why not (missing, broken, or trained for another model)."""
-    import orbax.checkpoint as ocp
-
     folder = Path(folder).expanduser().absolute()
     if not (folder / MARKER).is_file():
         raise UserError(f"{folder} holds no draft heads (no {MARKER}; make them with `jaxserve train-draft`)")
@@ -61,10 +47,7 @@ def load_heads(folder: Path, vocab_size: int, hidden_size: int, model_params: Pa
         if meta.get("kind") != KIND or meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"kind {meta.get('kind')!r}, format {meta.get('format_version')!r}")
         cfg = HeadsConfig(**meta["config"])
-        with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.metadata(folder / "weights")
-            tree = tree.item_metadata.tree if hasattr(tree, "item_metadata") else tree
-            tree = ckptr.restore(folder / "weights", jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree))
+        tree = restore_tree(folder / "weights")
         params, vocab = tree["heads"], np.asarray(tree["vocab"], np.int32)
         shapes = (params["w_in"].shape, params["w_out"].shape, vocab.shape)
         want = ((cfg.num_heads, 2 * cfg.hidden_size, cfg.hidden_size), (cfg.num_heads, cfg.hidden_size, cfg.hidden_size), (cfg.draft_vocab_size,))

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from jaxserve.cache.kv_cache import KVCache
 from jaxserve.checkpoint.heads import save_heads
 from jaxserve.checkpoint.loader import LoadedModel
-from jaxserve.config import EngineConfig
+from jaxserve.config import EngineConfig, TrainDraftConfig
 from jaxserve.engine.llm import LLM
 from jaxserve.errors import UserError
 from jaxserve.models.draft_heads import DraftHeads, HeadParams, HeadsConfig, chain_logits, draft_logits, init_heads, lm_head
@@ -39,32 +39,6 @@ from jaxserve.training.prompts import builtin_prompts, encode_prompts, read_prom
 
 PAGE = 16  # page size of the scratch cache that hidden states are recorded with
 HEAD_DECAY = 0.8  # loss weight of head i: HEAD_DECAY ** i
-
-
-@dataclass(frozen=True)
-class TrainDraftConfig:
-    num_heads: int = 4
-    prompts: Path | None = None  # JSONL of prompts or chats (default: the built-in set)
-    num_prompts: int | None = None  # use the first this many prompts (default: all)
-    samples_per_prompt: int = 1  # answers per prompt: one greedy, the rest sampled
-    max_tokens: int = 128  # per answer
-    draft_vocab_size: int = 8192  # the most frequent answer tokens the heads can propose
-    steps: int = 1200
-    batch_size: int = 128  # positions per step
-    learning_rate: float = 3e-3
-    warmup_steps: int = 60
-    held_out: float = 0.08  # fraction of prompts kept for the acceptance check
-    eval_every: int = 300
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("num_heads", "samples_per_prompt", "max_tokens", "draft_vocab_size", "steps", "batch_size", "eval_every"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
-        if not 0 < self.held_out < 1:
-            raise UserError(f"--held-out must be in (0, 1), got {self.held_out}")
-        if self.learning_rate <= 0:
-            raise UserError(f"--learning-rate must be > 0, got {self.learning_rate}")
 
 
 @dataclass
