@@ -75,7 +75,7 @@ def test_heads_change_no_output_offline_or_served(trained) -> None:
     plain = _outputs(LLMEngine(model.cfg, model.params, TINY_ENGINE, eos_token_ids=(2,)), requests)
     engine_cfg = dataclasses.replace(TINY_ENGINE, speculative=_spec(heads))
     engine = LLMEngine(model.cfg, model.params, engine_cfg, eos_token_ids=(2,), draft=load_draft(model, engine_cfg.speculative))
-    engine.speculator.draft.warmup()  # the heads' programs (the model's are warmed as without heads)
+    engine.speculator.draft.warmup(progress=False)  # the heads' programs (the model's are warmed as without heads)
     assert engine.speculator.draft.num_compiles == len(engine.speculator.draft.sizes) == 4  # 1, 2, 4, 8 drafting sequences
     assert _outputs(engine, requests) == plain
     assert {rid: _outputs(engine, {rid: r})[rid] for rid, r in list(requests.items())[:4]} == {rid: plain[rid] for rid in list(requests)[:4]}

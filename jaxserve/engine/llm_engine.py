@@ -194,18 +194,17 @@ class LLMEngine:
 
     def warmup(self, progress: bool = True) -> None:
         """Compile every step shape now (the draft model's too), so that serving never waits on the compiler."""
-        for runner in self._runners():
-            runner.warmup(progress)
-        if isinstance(self._drafter, HeadsDraft):
-            self._drafter.warmup()
+        self.runner.warmup(progress)
+        if self._drafter is not None:
+            self._drafter.warmup(progress)
 
     @property
     def _drafter(self) -> DraftModel | HeadsDraft | None:
         return self.speculator.draft if self.speculator else None
 
     def _runners(self) -> list[ModelRunner]:
-        """The target's runner, then the draft model's."""
-        return [self.runner] + ([self._drafter.runner] if isinstance(self._drafter, DraftModel) else [])
+        """The runners whose caches hold the sequences' pages: the target's, then a draft model's."""
+        return [self.runner] + (self._drafter.caches if self._drafter is not None else [])
 
     def follow(self, link: Link) -> None:
         """On a follower process of a multi-host group: replay process 0's program calls until it
@@ -228,8 +227,8 @@ class LLMEngine:
         return EngineStats(len(s.running), len(s.waiting), b.usage, b.prefix_queries, b.prefix_hits, s.num_preemptions, self._num_compiles(), spec)
 
     def _num_compiles(self) -> int:
-        """Programs compiled: the runners' and the draft heads'."""
-        return sum(r.num_compiles for r in self._runners()) + (self._drafter.num_compiles if isinstance(self._drafter, HeadsDraft) else 0)
+        """Programs compiled: the model's and the drafter's."""
+        return self.runner.num_compiles + (self._drafter.num_compiles if self._drafter is not None else 0)
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -245,7 +244,7 @@ class LLMEngine:
         groups, last_row, prompt_slots = self._batch(chunks)
         self.runner.forward(groups)
         self.num_steps += 1
-        if isinstance(self._drafter, DraftModel):
+        if self._drafter is not None:
             self._drafter.mirror(groups)
         sampled = [c for c in chunks if c.completes]
         rows = self.shapes.sampled_rows(sum(g.tokens.shape[0] for g in groups))
@@ -313,7 +312,7 @@ class LLMEngine:
             c = chunks[i]
             share = -(-spare // (len(eligible) - n))  # what is left, split over the sequences still to come
             k = spec.budget(c.seq.spec, min(share, most, c.seq.params.max_tokens - len(c.seq.output_ids) - 1, self.max_model_len - c.seq.num_tokens))
-            if k < 1 or (isinstance(spec.draft, HeadsDraft) and c.seq.spec.hidden_step != self.num_steps):
+            if k < 1 or (spec.draft is not None and spec.draft.needs_latest_step and c.seq.spec.hidden_step != self.num_steps):
                 continue
             if spec.draft is None:
                 draft = spec.lookup(c.seq.tokens, k)

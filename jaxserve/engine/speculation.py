@@ -83,8 +83,22 @@ class DraftModel:
     pages, and page accounting stays the scheduler's alone. Rows it drafts past a sequence's end
     are overwritten as the sequence grows, as rejected verify rows are."""
 
+    needs_latest_step = False  # it drafts for any decoding sequence
+
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
+
+    @property
+    def caches(self) -> list[ModelRunner]:
+        """Runners whose paged caches follow the target's pages (beam search copies pages in them)."""
+        return [self.runner]
+
+    @property
+    def num_compiles(self) -> int:
+        return self.runner.num_compiles
+
+    def warmup(self, progress: bool) -> None:
+        self.runner.warmup(progress)
 
     def mirror(self, groups) -> None:
         """Write the K/V of the target step's rows (`runner.forward`'s groups) into the draft's cache."""
@@ -143,6 +157,8 @@ class HeadsDraft:
     A sequence drafts only if its last token was sampled in the latest step, whose hidden states the
     runner still holds (`SpecState.hidden_step`)."""
 
+    needs_latest_step = True  # it reads the hidden states the runner kept from the latest step
+
     def __init__(self, heads: DraftHeads, runner: ModelRunner, k: int) -> None:
         self.runner = runner
         p = runner.params
@@ -151,6 +167,11 @@ class HeadsDraft:
         self._weights = (jax.tree.map(lambda x: jnp.asarray(x, dtype), heads.params), jnp.take(lm_head(p), vocab, axis=1), vocab, p["embed"], p["final_norm"])
         self._propose = jax.jit(functools.partial(heads_propose, k=k, eps=heads.config.rms_norm_eps))
         self.sizes = tuple(1 << i for i in range(StepShapes.sampled_rows(runner.shapes.decode_rows[-1]).bit_length()))
+
+    @property
+    def caches(self) -> list[ModelRunner]:
+        """None: the heads keep no cache of their own."""
+        return []
 
     @property
     def num_compiles(self) -> int:
@@ -167,7 +188,10 @@ class HeadsDraft:
         drafts = np.asarray(self._propose(*self._weights, self.runner.last_hidden, rows, tokens, sampling, positions))
         return [drafts[r, :k].tolist() for r, (_, k) in enumerate(wanted)]
 
-    def warmup(self) -> None:
+    def mirror(self, groups) -> None:
+        """Nothing to do: the heads read the target's own hidden states."""
+
+    def warmup(self, progress: bool) -> None:
         """Compile the program for every count of drafting sequences."""
         for count in self.sizes:
             zeros = np.zeros(count, np.int32)
