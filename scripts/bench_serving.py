@@ -4,11 +4,14 @@ Streams `/v1/completions` requests of ~`--prompt-tokens` random words and `--out
 (`ignore_eos`, so every request generates the same amount), either closed-loop (`--concurrency`
 clients, each sending its next request when the last finishes) or open-loop (`--rate` requests/s,
 Poisson arrivals). Per level: time to first token and inter-token latency (p50/p99), output
-tokens/s over the level's wall time, and errors.
+tokens/s over the level's wall time, and errors. Given several endpoints (two servers that differ
+in one setting), the closed-loop levels run against each in turn, `--rounds` times, so a noisy
+machine slows both alike, and the report divides each endpoint's figures by the first's.
 
     jaxserve serve --max-num-seqs 32 &
     python scripts/bench_serving.py --base-url http://127.0.0.1:8000/v1 --concurrency 1 4 16 32
     python scripts/bench_serving.py --base-url http://127.0.0.1:8000/v1 --rate 2 --num-requests 64
+    python scripts/bench_serving.py --base-url http://127.0.0.1:8000/v1 http://127.0.0.1:8001/v1 --rounds 3   # off against on
 """
 
 from __future__ import annotations
@@ -125,37 +128,67 @@ def make_prompts(n: int, words: int, seed: int) -> list[str]:
     return [f"Request {i}: " + " ".join(rng.choice(WORDS) for _ in range(words)) for i in range(n)]
 
 
+async def model_name(session: aiohttp.ClientSession, url: str, model: str | None) -> str:
+    if model is not None:
+        return model
+    async with session.get(url + "/models") as r:
+        return (await r.json())["data"][0]["id"]
+
+
 async def main_async(args: argparse.Namespace) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = aiohttp.ClientTimeout(total=args.timeout)
+    urls = args.base_url
     async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-        model = args.model
-        if model is None:
-            async with session.get(args.base_url + "/models") as r:
-                model = (await r.json())["data"][0]["id"]
+        models = {url: await model_name(session, url, args.model) for url in urls}
         warm = make_prompts(4, args.prompt_tokens, seed=99)
-        await closed_loop(session, args.base_url, model, warm, args.output_tokens, 4)  # first-request effects
-        report: dict = {"base_url": args.base_url, "model": model, "prompt_words": args.prompt_tokens, "output_tokens": args.output_tokens, "levels": {}}
+        for url in urls:
+            await closed_loop(session, url, models[url], warm, args.output_tokens, 4)  # first-request effects
+        report: dict = {"base_url": urls[0], "model": models[urls[0]], "prompt_words": args.prompt_tokens, "output_tokens": args.output_tokens, "levels": {}}
         if args.rate:
             prompts = make_prompts(args.num_requests or 64, args.prompt_tokens, seed=0)
-            results, wall = await open_loop(session, args.base_url, model, prompts, args.output_tokens, args.rate, seed=1)
+            results, wall = await open_loop(session, urls[0], models[urls[0]], prompts, args.output_tokens, args.rate, seed=1)
             report["levels"][f"rate_{args.rate}"] = summarise(results, wall)
             print(json.dumps({f"rate {args.rate}/s": report["levels"][f"rate_{args.rate}"]}), flush=True)
-        else:
-            for c in args.concurrency:
-                prompts = make_prompts(args.num_requests or max(8, 3 * c), args.prompt_tokens, seed=c)
-                results, wall = await closed_loop(session, args.base_url, model, prompts, args.output_tokens, c)
-                report["levels"][f"concurrency_{c}"] = summarise(results, wall)
-                print(json.dumps({f"concurrency {c}": report["levels"][f"concurrency_{c}"]}), flush=True)
-            levels = report["levels"]
-            if "concurrency_1" in levels and "concurrency_16" in levels:
-                report["throughput_16_over_1"] = round(levels["concurrency_16"]["output_tokens_per_s"] / levels["concurrency_1"]["output_tokens_per_s"], 2)
+            return report
+        per_url: dict[str, dict] = {url: {} for url in urls}
+        for c in args.concurrency:
+            prompts = make_prompts(args.num_requests or max(8, 3 * c), args.prompt_tokens, seed=c)
+            runs: dict[str, tuple[list[Result], float]] = {url: ([], 0.0) for url in urls}
+            for r in range(args.rounds):  # the endpoints take turns, in reversed order every other round
+                for url in urls if r % 2 == 0 else urls[::-1]:
+                    results, wall = await closed_loop(session, url, models[url], prompts, args.output_tokens, c)
+                    runs[url] = (runs[url][0] + results, runs[url][1] + wall)
+            for url in urls:
+                per_url[url][f"concurrency_{c}"] = summarise(*runs[url])
+            print(json.dumps({f"concurrency {c}": {url: per_url[url][f"concurrency_{c}"] for url in urls}}), flush=True)
+        report["levels"] = per_url[urls[0]]
+        levels = report["levels"]
+        if "concurrency_1" in levels and "concurrency_16" in levels:
+            report["throughput_16_over_1"] = round(levels["concurrency_16"]["output_tokens_per_s"] / levels["concurrency_1"]["output_tokens_per_s"], 2)
+        if len(urls) > 1:
+            report["rounds"] = args.rounds
+            report["compared"] = {
+                url: {
+                    "levels": per_url[url],
+                    "against_first": {
+                        level: {
+                            "output_tokens_per_s": round(s["output_tokens_per_s"] / levels[level]["output_tokens_per_s"], 3),
+                            "ttft_p50_s": round(s["ttft_p50_s"] / levels[level]["ttft_p50_s"], 3) if s["ttft_p50_s"] and levels[level]["ttft_p50_s"] else None,
+                        }
+                        for level, s in per_url[url].items()
+                    },
+                }
+                for url in urls[1:]
+            }
         return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--base-url", nargs="+", default=["http://127.0.0.1:8000/v1"],
+                        help="endpoint(s); with several (say, speculation off and on), each level runs against each in turn and the report gives the others' figures against the first's")
+    parser.add_argument("--rounds", type=int, default=1, help="turns per endpoint and level (the order alternates): more rounds even out a noisy machine")
     parser.add_argument("--model", default=None, help="default: the first model the server lists")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])

@@ -23,6 +23,7 @@ Sections (--sections, comma-separated; default "workloads"):
     python scripts/bench_speculative.py                                   # workloads, on this machine
     python scripts/bench_speculative.py --sections equality,workloads
     python scripts/bench_speculative.py --speculative-config '{"method": "medusa", "model": "HEADS_DIR"}'
+    python scripts/bench_speculative.py --quantization int8 --speculative-config '{"method": "medusa", "model": "HEADS_DIR"}'
     python scripts/bench_speculative.py --sections equality,large --out bench_results/speculative_gpu.json
 """
 
@@ -261,6 +262,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="workloads", help="comma-separated: workloads, equality, large")
     parser.add_argument("--speculative-config", default=DEFAULT_SPEC, help=f"vLLM-style JSON (default {DEFAULT_SPEC})")
+    parser.add_argument("--quantization", choices=("int8",), help="the target's dense layers (default: the model dtype's)")
     parser.add_argument("--context", type=int, default=1024, help="KV tokens per row in the large section's step times")
     parser.add_argument("--out", type=Path, default=Path("bench_results/speculative.json"))
     args = parser.parse_args()
@@ -278,7 +280,8 @@ def main() -> None:
     enable_compilation_cache(cache_dir() / "jax_cache")
     report: dict[str, Any] = {"backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
                               "speculative_config": dataclasses.asdict(spec), "new_tokens": NEW_TOKENS}
-    model = load_model(unroll_layers=False) if {"workloads", "equality"} & set(sections) else None
+    report["quantization"] = args.quantization
+    model = load_model(quantization=args.quantization) if {"workloads", "equality"} & set(sections) else None  # the serving layout
     for section in sections:
         start = time.perf_counter()
         report[section] = {"equality": lambda: equality(model, spec), "workloads": lambda: workloads(model, spec),

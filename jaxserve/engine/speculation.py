@@ -33,7 +33,8 @@ import numpy as np
 from jaxserve.config import SpeculativeConfig
 from jaxserve.engine.runner import ModelRunner, StepShapes, decode_group
 from jaxserve.models.draft_heads import DraftHeads, HeadParams, advance, draft_logits, lm_head
-from jaxserve.ops.sampling import SamplingArrays, sample
+from jaxserve.ops.quant import Int8Weight, quantize
+from jaxserve.ops.sampling import SamplingArrays, filtered_logits, gumbel_noise
 
 if TYPE_CHECKING:
     from jaxserve.engine.sequence import Sequence  # which imports this module
@@ -128,7 +129,7 @@ class DraftModel:
 
 def heads_propose(
     heads: HeadParams,
-    table: jnp.ndarray,  # [D, N] the LM head's columns of the draft vocabulary
+    table: Int8Weight,  # [D, N] the LM head's columns of the draft vocabulary
     vocab: jnp.ndarray,  # [N] their token ids
     embed: jnp.ndarray,  # [V, D]
     final_norm: jnp.ndarray,  # [D]
@@ -140,14 +141,21 @@ def heads_propose(
     k: int,
     eps: float,
 ) -> jnp.ndarray:
-    """Drafts [B, k]: head i's logits, spread over the whole vocabulary (-inf off the draft
-    vocabulary), sampled as the model samples position + i."""
+    """Drafts [B, k]: head i's guess over the draft vocabulary, by argmax for greedy rows and, for
+    sampled rows, with the request's filters and the model's own noise at position + i (gathered at
+    the draft vocabulary). Everything runs over the N draft ids, never the whole vocabulary."""
     state, token, drafts = hidden[rows].astype(jnp.float32), tokens, []
+    sampled = sampling.temperature > 0  # [B]
     for i in range(k):
         state = advance(heads, i, state, embed[token])
         logits = draft_logits(state, final_norm, table, eps)  # [B, N]
-        full = jnp.full((logits.shape[0], embed.shape[0]), -jnp.inf, jnp.float32).at[:, vocab].set(logits)  # [B, V]
-        token = sample(full, sampling, positions + i)[0]
+        greedy = jnp.argmax(logits, axis=-1)
+
+        def draw(_: None, logits: jnp.ndarray = logits, greedy: jnp.ndarray = greedy, i: int = i) -> jnp.ndarray:
+            noise = gumbel_noise(sampling.seed, positions + i, embed.shape[0])[:, vocab]  # [B, N]
+            return jnp.where(sampled, jnp.argmax(filtered_logits(logits, sampling) + noise, axis=-1), greedy)
+
+        token = vocab[jax.lax.cond(jnp.any(sampled), draw, lambda _: greedy, None)]
         drafts.append(token)
     return jnp.stack(drafts, axis=1)
 
@@ -164,7 +172,10 @@ class HeadsDraft:
         p = runner.params
         vocab = jnp.asarray(heads.vocab)
         dtype = p["embed"].dtype
-        self._weights = (jax.tree.map(lambda x: jnp.asarray(x, dtype), heads.params), jnp.take(lm_head(p), vocab, axis=1), vocab, p["embed"], p["final_norm"])
+        table = quantize(jnp.take(lm_head(p), vocab, axis=1))  # int8: drafts need only the ranking, and it reads a quarter of the bytes
+        # each head's weights in their own buffers: a slice of a stacked [K, ...] array is a copy on XLA:CPU
+        per_head = {name: tuple(jnp.asarray(w, dtype)) for name, w in heads.params.items()}
+        self._weights = (per_head, table, vocab, p["embed"], p["final_norm"])
         self._propose = jax.jit(functools.partial(heads_propose, k=k, eps=heads.config.rms_norm_eps))
         self.sizes = tuple(1 << i for i in range(StepShapes.sampled_rows(runner.shapes.decode_rows[-1]).bit_length()))
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxserve.models.llama import Params
 from jaxserve.ops.norm import rms_norm
-from jaxserve.ops.quant import matmul
+from jaxserve.ops.quant import Int8Weight, linear, matmul
 
 HeadParams = dict[str, Any]
 
@@ -81,9 +81,10 @@ def advance(heads: HeadParams, i: int, state: jnp.ndarray, embedded: jnp.ndarray
     return state + matmul(jax.nn.silu(matmul(x, heads["w_in"][i])), heads["w_out"][i])
 
 
-def draft_logits(state: jnp.ndarray, final_norm: jnp.ndarray, table: jnp.ndarray, eps: float) -> jnp.ndarray:
-    """float32 logits [B, N] over the draft vocabulary; `table` is the LM head's columns [D, N]."""
-    return matmul(rms_norm(state, final_norm, eps), table, jnp.float32)
+def draft_logits(state: jnp.ndarray, final_norm: jnp.ndarray, table: jnp.ndarray | Int8Weight, eps: float) -> jnp.ndarray:
+    """Logits [B, N] over the draft vocabulary from float32 states [B, D]; `table` is the LM head's
+    columns [D, N] (int8 when serving)."""
+    return linear(rms_norm(state, final_norm, eps), table)
 
 
 def chain_logits(heads: HeadParams, hidden: jnp.ndarray, embedded: jnp.ndarray, final_norm: jnp.ndarray, table: jnp.ndarray, eps: float) -> jnp.ndarray:

@@ -133,6 +133,14 @@ def filtered_logits(logits: jnp.ndarray, s: SamplingArrays) -> jnp.ndarray:
     return jnp.where(keys >= threshold[:, None], scaled, -jnp.inf)
 
 
+def gumbel_noise(seed: jnp.ndarray, positions: jnp.ndarray, vocab_size: int) -> jnp.ndarray:
+    """Each row's Gumbel noise [B, V] over the vocabulary, from `fold_in(PRNGKey(seed), position)`:
+    the sampler's, and the draft proposers' (a draft sampled with the target's noise at its position
+    is the token the target itself is likeliest to sample there)."""
+    keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.PRNGKey(seed), pos))(seed, positions)
+    return jax.vmap(lambda k: jax.random.gumbel(k, (vocab_size,), jnp.float32))(keys)
+
+
 def sample(
     logits: jnp.ndarray,  # [B, V] float32
     s: SamplingArrays,
@@ -151,9 +159,7 @@ def sample(
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_: None) -> jnp.ndarray:
-        keys = jax.vmap(lambda seed, pos: jax.random.fold_in(jax.random.PRNGKey(seed), pos))(s.seed, positions)
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(keys)  # [B, V]
-        drawn = jnp.argmax(filtered_logits(logits, s) + gumbel, axis=-1).astype(jnp.int32)
+        drawn = jnp.argmax(filtered_logits(logits, s) + gumbel_noise(s.seed, positions, logits.shape[-1]), axis=-1).astype(jnp.int32)
         return jnp.where(s.temperature > 0, drawn, greedy)
 
     tokens = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda _: greedy, None)
