@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
@@ -19,6 +20,8 @@ from jaxserve.checkpoint.loader import load_draft, load_model
 from jaxserve.config import SpeculativeConfig, TrainDraftConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.errors import UserError
+from jaxserve.models.draft_heads import advance, draft_logits, lm_head
+from jaxserve.ops.sampling import SamplingArrays
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.training.draft_trainer import train_draft
 from tests.server_process import InProcessServer
@@ -98,6 +101,37 @@ def test_heads_change_no_output_offline_or_served(trained) -> None:
                 return await asyncio.gather(*(ask(client, i) for i in range(6)))
 
         assert asyncio.run(everyone()) == texts
+
+
+def test_served_drafts_follow_the_float_heads(trained) -> None:
+    """The serving proposer (int8 draft-vocabulary head, drafts picked over the draft ids) drafts
+    what the heads as trained (float head, chained greedily) draft, but for near-ties; sampled rows
+    draft ids of the draft vocabulary too."""
+    model, heads_dir, _ = trained
+    heads = load_draft(model, _spec(heads_dir))
+    rows = 64
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(rows, model.cfg.hidden_size)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(3, model.cfg.vocab_size, rows), jnp.int32)
+    vocab = jnp.asarray(heads.vocab)
+    table = jnp.take(lm_head(model.params), vocab, axis=1)  # [D, N] float
+    state, token, expected = hidden, tokens, []
+    for i in range(heads.config.num_heads):
+        state = advance(heads.params, i, state, model.params["embed"][token])
+        token = vocab[jnp.argmax(draft_logits(state, model.params["final_norm"], table, heads.config.rms_norm_eps), axis=-1)]
+        expected.append(token)
+    expected = np.stack(expected, axis=1)  # [rows, K]
+    engine_cfg = dataclasses.replace(TINY_ENGINE, speculative=_spec(heads_dir))
+    engine = LLMEngine(model.cfg, model.params, engine_cfg, eos_token_ids=(2,), draft=heads)
+    proposer = engine.speculator.draft
+    index = np.arange(rows, dtype=np.int32)
+    drafted = proposer.draft(hidden, index, np.asarray(tokens), SamplingArrays.greedy(rows, model.cfg.vocab_size), index)
+    print("first draft agrees", (drafted[:, 0] == expected[:, 0]).mean(), "all", (drafted == expected).mean())
+    assert (drafted[:, 0] == expected[:, 0]).mean() > 0.9 and (drafted == expected).mean() > 0.8
+    sampled = SamplingArrays.greedy(rows, model.cfg.vocab_size)
+    sampled.temperature[:], sampled.top_p[:], sampled.seed[:] = 0.8, 0.95, np.arange(rows)
+    drawn = proposer.draft(hidden, index, np.asarray(tokens), sampled, index)
+    assert np.isin(drawn, heads.vocab).all() and (drawn != drafted).any()
 
 
 def test_heads_that_cannot_serve_are_refused(trained, tmp_path) -> None:

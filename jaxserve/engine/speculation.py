@@ -196,8 +196,13 @@ class HeadsDraft:
         for r, (seq, _) in enumerate(wanted):
             rows[r], tokens[r], positions[r] = seq.spec.hidden_row, seq.tokens[-1], seq.num_tokens
             sampling.set_row(r, seq.params, seq.params.sample_seed(seq.index))
-        drafts = np.asarray(self._propose(*self._weights, self.runner.last_hidden, rows, tokens, sampling, positions))
+        drafts = self.draft(self.runner.last_hidden, rows, tokens, sampling, positions)
         return [drafts[r, :k].tolist() for r, (_, k) in enumerate(wanted)]
+
+    def draft(self, hidden: jax.Array, rows: np.ndarray, tokens: np.ndarray, sampling: SamplingArrays, positions: np.ndarray) -> np.ndarray:
+        """Drafts [B, k] from hidden states [H, D], for each row's hidden-state row, last token and
+        first draft position [B] (`heads_propose`)."""
+        return np.asarray(self._propose(*self._weights, hidden, rows, tokens, sampling, positions))
 
     def mirror(self, groups) -> None:
         """Nothing to do: the heads read the target's own hidden states."""
@@ -206,7 +211,7 @@ class HeadsDraft:
         """Compile the program for every count of drafting sequences."""
         for count in self.sizes:
             zeros = np.zeros(count, np.int32)
-            self._propose(*self._weights, self.runner.last_hidden, zeros, zeros, SamplingArrays.greedy(count, self.runner.cfg.vocab_size), zeros)
+            self.draft(self.runner.last_hidden, zeros, zeros, SamplingArrays.greedy(count, self.runner.cfg.vocab_size), zeros)
 
 
 class Speculator:
