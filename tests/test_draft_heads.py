@@ -20,7 +20,7 @@ from jaxserve.checkpoint.loader import load_draft, load_model
 from jaxserve.config import SpeculativeConfig, TrainDraftConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.errors import UserError
-from jaxserve.models.draft_heads import advance, draft_logits, lm_head
+from jaxserve.models.draft_heads import advance, draft_logits, draft_table
 from jaxserve.ops.sampling import SamplingArrays
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.training.draft_trainer import train_draft
@@ -114,7 +114,7 @@ def test_served_drafts_follow_the_float_heads(trained) -> None:
     hidden = jnp.asarray(rng.normal(size=(rows, model.cfg.hidden_size)), jnp.float32)
     tokens = jnp.asarray(rng.integers(3, model.cfg.vocab_size, rows), jnp.int32)
     vocab = jnp.asarray(heads.vocab)
-    table = jnp.take(lm_head(model.params), vocab, axis=1)  # [D, N] float
+    table = draft_table(model.params, vocab)  # [D, N] float
     state, token, expected = hidden, tokens, []
     for i in range(heads.config.num_heads):
         state = advance(heads.params, i, state, model.params["embed"][token])

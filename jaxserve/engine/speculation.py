@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxserve.config import SpeculativeConfig
 from jaxserve.engine.runner import ModelRunner, StepShapes, decode_group
-from jaxserve.models.draft_heads import DraftHeads, HeadParams, advance, draft_logits, lm_head
+from jaxserve.models.draft_heads import DraftHeads, HeadParams, advance, draft_logits, draft_table
 from jaxserve.ops.quant import Int8Weight, quantize
 from jaxserve.ops.sampling import SamplingArrays, filtered_logits, gumbel_noise
 
@@ -151,7 +151,7 @@ def heads_propose(
         logits = draft_logits(state, final_norm, table, eps)  # [B, N]
         greedy = jnp.argmax(logits, axis=-1)
 
-        def draw(_: None, logits: jnp.ndarray = logits, greedy: jnp.ndarray = greedy, i: int = i) -> jnp.ndarray:
+        def draw(_: None) -> jnp.ndarray:  # traced by the cond below, in this iteration
             noise = gumbel_noise(sampling.seed, positions + i, embed.shape[0])[:, vocab]  # [B, N]
             return jnp.where(sampled, jnp.argmax(filtered_logits(logits, sampling) + noise, axis=-1), greedy)
 
@@ -172,7 +172,7 @@ class HeadsDraft:
         p = runner.params
         vocab = jnp.asarray(heads.vocab)
         dtype = p["embed"].dtype
-        table = quantize(jnp.take(lm_head(p), vocab, axis=1))  # int8: drafts need only the ranking, and it reads a quarter of the bytes
+        table = quantize(draft_table(p, vocab))  # int8: drafts need only the ranking, and it reads a quarter of the bytes
         # each head's weights in their own buffers: a slice of a stacked [K, ...] array is a copy on XLA:CPU
         per_head = {name: tuple(jnp.asarray(w, dtype)) for name, w in heads.params.items()}
         self._weights = (per_head, table, vocab, p["embed"], p["final_norm"])

@@ -64,9 +64,11 @@ def init_heads(num_heads: int, hidden_size: int, key: jax.Array) -> HeadParams:
     }
 
 
-def lm_head(params: Params) -> jnp.ndarray:
-    """The model's output projection [D, V] (the embedding, transposed, when tied)."""
-    return params["lm_head"] if "lm_head" in params else params["embed"].T
+def draft_table(params: Params, vocab: np.ndarray | jnp.ndarray) -> jnp.ndarray:
+    """The columns [D, N] of the model's output projection (the embedding, transposed, when tied)
+    for the draft vocabulary's ids [N]."""
+    head = params["lm_head"] if "lm_head" in params else params["embed"].T  # [D, V]
+    return jnp.take(head, jnp.asarray(vocab), axis=1)
 
 
 def _unit(x: jnp.ndarray) -> jnp.ndarray:

@@ -32,7 +32,7 @@ from jaxserve.checkpoint.loader import LoadedModel
 from jaxserve.config import EngineConfig, TrainDraftConfig
 from jaxserve.engine.llm import LLM
 from jaxserve.errors import UserError
-from jaxserve.models.draft_heads import DraftHeads, HeadParams, HeadsConfig, chain_logits, draft_logits, init_heads, lm_head
+from jaxserve.models.draft_heads import DraftHeads, HeadParams, HeadsConfig, chain_logits, draft_logits, draft_table, init_heads
 from jaxserve.models.llama import ForwardBatch, forward
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.training.prompts import builtin_prompts, encode_prompts, read_prompts
@@ -169,7 +169,7 @@ def train_draft(model: LoadedModel, out: Path, cfg: TrainDraftConfig, engine: En
     flat_hidden, flat_tokens = np.concatenate(corpus.hidden), np.concatenate(corpus.tokens)
     train_pos = Positions.of(corpus, train_seqs, k)
     eval_pos = Positions.of(corpus, eval_seqs, k + 1)
-    table = jnp.take(lm_head(model.params), jnp.asarray(vocab), axis=1).astype(jnp.float32)  # [D, N]
+    table = draft_table(model.params, vocab).astype(jnp.float32)  # [D, N]
     final_norm, embed = model.params["final_norm"].astype(jnp.float32), model.params["embed"]
     jvocab = jnp.asarray(vocab)
 
