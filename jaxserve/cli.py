@@ -11,7 +11,7 @@ import sys
 from typing import Sequence
 
 from jaxserve.checkpoint.registry import DEFAULT_MODEL, cache_dir
-from jaxserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, TrainDraftConfig, load_yaml
+from jaxserve.config import KV_CACHE_DTYPES, PREEMPTION_MODES, QUANTIZATIONS, TrainDraftConfig, load_yaml
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 
@@ -46,7 +46,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype",
         default="auto",
         choices=KV_CACHE_DTYPES,
-        help="KV-cache storage: auto (the model's dtype) or bfloat16 (half the memory of float32; outputs differ slightly)",
+        help="KV-cache storage: auto (the model's dtype), bfloat16 (half the memory of float32), or int8 / fp8_e4m3 "
+        "(fp8 for short): 8-bit values with a scale per token and KV head, about half the memory of bfloat16; outputs differ slightly",
     )
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=False, help="compile every step shape before the first request")
     p.add_argument(
@@ -134,6 +135,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     srv.add_argument("--num-pages", type=int, default=1024, help="KV-cache pages (when --kv-cache-memory is not given)")
     srv.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    srv.add_argument("--swap-space", type=float, default=0.0,
+                     help="GiB of host memory for the KV cache of preempted requests, copied back when they resume (default 0: they recompute)")
+    srv.add_argument("--preemption-mode", default="auto", choices=PREEMPTION_MODES,
+                     help="with --swap-space: auto swaps contexts longer than a threshold measured at start (logged) and recomputes "
+                     "shorter ones; swap always swaps while the pool has room; recompute never swaps")
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 429")
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
@@ -323,6 +329,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
         speculative=_speculative(args),
+        swap_space=args.swap_space,
+        preemption_mode=args.preemption_mode,
     )
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size))
     check_mesh(mesh, dist)

@@ -18,7 +18,8 @@ from jaxserve.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 QUANTIZATIONS = ("int8",)  # weight formats `load_model` can convert dense layers to
-KV_CACHE_DTYPES = ("auto", "bfloat16")  # KV-cache storage (EngineConfig.kv_cache_dtype)
+KV_CACHE_DTYPES = ("auto", "bfloat16", "int8", "fp8", "fp8_e4m3")  # KV-cache storage (EngineConfig.kv_cache_dtype; fp8 = fp8_e4m3)
+PREEMPTION_MODES = ("auto", "swap", "recompute")  # EngineConfig.preemption_mode
 MIN_SECRET_BYTES = 16  # a shorter cluster secret could be guessed from a recorded handshake
 
 
@@ -263,10 +264,12 @@ class EngineConfig:
     page_size: int = 16
     num_pages: int = 1024  # including the null page; ignored when kv_cache_memory is set
     kv_cache_memory: float | None = None  # bytes (> 1), or a fraction (<= 1) of free accelerator memory
-    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) or "bfloat16" (half the bytes of float32)
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype), "bfloat16", or 8-bit "int8" / "fp8_e4m3" with per-token scales
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
+    swap_space: float = 0.0  # GiB of host memory for the KV cache of preempted sequences (0: none; they recompute)
+    preemption_mode: str = "auto"  # "auto" (swap long contexts, recompute short ones, by measured cost), "swap", "recompute"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "prefill_row_len", "page_size"):
@@ -278,8 +281,12 @@ class EngineConfig:
             raise UserError(f"num_pages must be >= 2, got {self.num_pages}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise UserError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
+        if self.swap_space < 0:
+            raise UserError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise UserError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}; got {self.preemption_mode!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise UserError(f"kv_cache_dtype must be 'auto' or 'bfloat16', got {self.kv_cache_dtype!r}")
+            raise UserError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
 
     @property
     def max_prefill_rows(self) -> int:

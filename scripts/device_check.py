@@ -5,7 +5,8 @@ check fails. The report: `backend`, `devices`, `checks` (each `name`, `ok`, `sec
 `decode` (each `layout`, `batch`, `step_ms`, `tokens_per_s`, `roofline_ms`, `roofline_ratio`) and `ok`. Checks:
 
 - pallas_decode_matches_reference: the decode kernel (`decode_attention`: Pallas, Triton on GPU,
-  interpreted elsewhere) against the reference `paged_attention`, in float32 and bfloat16; in full
+  interpreted elsewhere) against the reference `paged_attention`, in float32, bfloat16, and int8 and
+  fp8 (where the device has it) caches with per-token scales; in full
   mode also over a cache of more than 2**31 elements, read near its end (offsets past 32 bits);
 - golden_smollm2: greedy SmolLM2 in float32 (matmul precision "highest": no TF32) against the
   Hugging Face golden tokens, diverging only at near-ties (as tests/test_smollm2_golden.py);
@@ -56,6 +57,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from jaxserve.cache.kv_cache import KVCache, storage_dtype, supported_kv_dtypes  # noqa: E402
 from jaxserve.checkpoint.loader import default_dtype, load_model  # noqa: E402
 from jaxserve.checkpoint.registry import cache_dir  # noqa: E402
 from jaxserve.config import EngineConfig, ModelConfig, ParallelConfig  # noqa: E402
@@ -75,7 +77,7 @@ SMOLLM2 = "smollm2-135m-instruct"
 # order flips such near-ties. float32 as the golden test; bfloat16 rounds logits ~100x coarser.
 NEAR_TIE = {"float32": 0.01, "bfloat16": 0.1}
 # Kernel vs reference: max |difference| of attention outputs (values ~ N(0, 1)).
-ATTENTION_ATOL = {"float32": 1e-4, "bfloat16": 3e-2}
+ATTENTION_ATOL = {"float32": 1e-4, "bfloat16": 3e-2, "int8": 1e-4, "fp8_e4m3": 1e-4}
 PAGE_SIZE = 16
 
 TINY = ModelConfig(
@@ -132,35 +134,43 @@ def run_checks(names: tuple[str, ...], fn: Callable[[], dict[str, dict[str, Any]
     return [{"name": name, **results[name], "seconds": seconds} for name in names]
 
 
-def random_pages(key: jax.Array, hkv: int, num_pages: int, used: np.ndarray, d: int, dtype: jnp.dtype) -> jax.Array:
-    """A one-layer cache [Hkv, 1, num_pages, page, D], zero except random values in the `used` pages:
-    a huge cache costs its zeros, not a random fill."""
-    cache = jnp.zeros((hkv, 1, num_pages, PAGE_SIZE, d), dtype)
-    values = jax.random.normal(key, (hkv, 1, len(used), PAGE_SIZE, d), dtype)
-    return cache.at[:, :, used].set(values)
+def random_cache(key: jax.Array, hkv: int, num_pages: int, used: np.ndarray, d: int, kv_dtype: str) -> KVCache:
+    """A one-layer cache [Hkv, 1, num_pages, page, D] holding `kv_dtype` (as `--kv-cache-dtype`; a
+    float dtype's name for plain values), zero except random values in the `used` pages: a huge cache
+    costs its zeros, not a random fill."""
+    eight_bit = kv_dtype in ("int8", "fp8_e4m3")
+    value_dtype = jnp.dtype(jnp.float32 if eight_bit else kv_dtype)
+    cfg = ModelConfig(architecture="llama", vocab_size=1, hidden_size=d, intermediate_size=1, num_layers=1,
+                      num_heads=hkv, num_kv_heads=hkv, head_dim=d)
+    cache = KVCache.create(cfg, num_pages, PAGE_SIZE, storage_dtype(kv_dtype if eight_bit else "auto", value_dtype))
+    page = np.repeat(used, PAGE_SIZE)  # [N]: every slot of the used pages
+    offset = np.tile(np.arange(PAGE_SIZE, dtype=np.int32), len(used))
+    k, v = jax.random.normal(key, (2, hkv, len(page), d), value_dtype)
+    return jax.jit(lambda c: c.write(0, page, offset, k, v))(cache)
 
 
-def attention_case(hq: int, hkv: int, d: int, num_pages: int, dtype: jnp.dtype) -> dict[str, Any]:
+def attention_case(hq: int, hkv: int, d: int, num_pages: int, kv_dtype: str) -> dict[str, Any]:
     """Whether the kernel is finite, and its max |difference| from the reference over 7 decode rows of
     1 token to a full page table, on pages taken from the end of the cache (the largest offsets). A
     padding row (length 0) rides along unchecked: the engine discards it, and the reference leaves
-    the mean of a block's values there where the kernel leaves zeros."""
+    the mean of a block's values there where the kernel leaves zeros. 8-bit caches take float32
+    queries; both paths read the same codes and scales."""
     width = table_width(8 * PAGE_SIZE * 4, PAGE_SIZE)  # a few kernel blocks
     lengths = np.asarray([0, 1, 15, 16, 17, 100, 333, width * PAGE_SIZE], np.int32)  # [B]
     rng = np.random.default_rng(0)
     used = num_pages - 1 - rng.permutation(len(lengths) * width).astype(np.int32)  # distinct, near the end
     table = used.reshape(len(lengths), width)  # [B, P]
-    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-    k_cache = random_pages(kk, hkv, num_pages, used, d, dtype)
-    v_cache = random_pages(kv, hkv, num_pages, used, d, dtype)
-    q = jax.random.normal(kq, (len(lengths), 1, hq, d), dtype)  # [B, 1, Hq, D]
+    kq, kc = jax.random.split(jax.random.key(0))
+    cache = random_cache(kc, hkv, num_pages, used, d, kv_dtype)
+    q_dtype = jnp.dtype(jnp.float32 if kv_dtype in ("int8", "fp8_e4m3") else kv_dtype)
+    q = jax.random.normal(kq, (len(lengths), 1, hq, d), q_dtype)  # [B, 1, Hq, D]
     positions = np.maximum(lengths - 1, 0)[:, None]  # [B, 1]
-    kernel = jax.jit(decode_attention)(q, k_cache, v_cache, 0, table, lengths)
+    kernel = jax.jit(decode_attention)(q, cache, 0, table, lengths)
     f32 = lambda x: x.astype(jnp.float32)  # the reference in float32 on the same (rounded) inputs
-    reference = jax.jit(paged_attention)(f32(q), f32(k_cache), f32(v_cache), 0, table, positions, lengths)
+    reference = jax.jit(paged_attention)(f32(q), cache if cache.k_scale is not None else jax.tree.map(f32, cache), 0, table, positions, lengths)
     err = float(jnp.max(jnp.abs(f32(kernel) - reference)[1:]))  # row 0 is the padding row
     finite = bool(jnp.all(jnp.isfinite(kernel)))
-    ok = finite and err <= ATTENTION_ATOL[dtype.name]
+    ok = finite and err <= ATTENTION_ATOL[kv_dtype]
     return {"finite": finite, "max_abs_err": err if finite else None, "ok": ok}
 
 
@@ -174,10 +184,10 @@ def check_attention(plan: Plan) -> dict[str, Any]:
         if not fits(2 * hkv * pages * PAGE_SIZE * d * 4, headroom=3):
             cases.append({"shape": [hq, hkv, d, pages], "skipped": "does not fit in device memory"})
             continue
-        for dtype in ("float32", "bfloat16"):
+        for dtype in ("float32", "bfloat16", "int8", *(("fp8_e4m3",) if "fp8_e4m3" in supported_kv_dtypes() else ())):
             slab = pages * PAGE_SIZE * d  # elements per KV head; hkv * slab past 2**31 needs 64-bit offsets
             with jax.default_matmul_precision("highest"):
-                result = attention_case(hq, hkv, d, pages, jnp.dtype(dtype))
+                result = attention_case(hq, hkv, d, pages, dtype)
             cases.append({"hq": hq, "hkv": hkv, "head_dim": d, "slab_elements": slab, "dtype": dtype, **result})
     return {"ok": all(c.get("ok", True) for c in cases), "cases": cases}
 

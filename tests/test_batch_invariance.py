@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserve.cache.kv_cache import KVCache
 from jaxserve.ops.attention import paged_attention
 from jaxserve.ops.norm import rms_norm
 from jaxserve.ops.quant import matmul
@@ -50,10 +51,9 @@ def test_one_row_products_equal_rows_of_larger_ones() -> None:
         np.testing.assert_array_equal(np.asarray(product(x[i : i + 1], w))[0], batch[i])
 
 
-def _attention_rows(batch: int, t: int, kv_len: int, cache: tuple, start: int) -> np.ndarray:
+def _attention_rows(batch: int, t: int, kv_len: int, cache: KVCache, start: int) -> np.ndarray:
     """Row 0's attention output in a group of `batch` rows (the others at their own lengths)."""
-    k_cache, v_cache = cache
-    hkv, _, num_pages, page_size, d = k_cache.shape
+    hkv, _, num_pages, page_size, d = cache.k.shape
     rng = np.random.default_rng(batch)
     q = np.random.default_rng(7).normal(size=(1, t, 3 * hkv, d)).astype(np.float32)
     q = np.concatenate([q, rng.normal(size=(batch - 1, t, 3 * hkv, d)).astype(np.float32)])
@@ -64,8 +64,8 @@ def _attention_rows(batch: int, t: int, kv_len: int, cache: tuple, start: int) -
     lens = np.full(batch, 50, np.int32)
     lens[0] = kv_len
     positions[1:] = np.minimum(positions[1:], 49)
-    attend = jax.jit(paged_attention, static_argnums=3)
-    return np.asarray(attend(jnp.asarray(q), k_cache, v_cache, 0, table, positions, lens))[0]
+    attend = jax.jit(paged_attention, static_argnums=2)
+    return np.asarray(attend(jnp.asarray(q), cache, 0, table, positions, lens))[0]
 
 
 @pytest.mark.parametrize("t,kv_len,start", [(1, 7, 6), (1, 99, 98), (1, 130, 129), (64, 128, 64)])
@@ -74,7 +74,7 @@ def test_attention_rows_do_not_depend_on_the_group(t: int, kv_len: int, start: i
     once its group had 8 or 16 rows."""
     rng = np.random.default_rng(3)
     shape = (3, 1, 64, 16, 64)  # [Hkv, L, pages, page_size, D]
-    cache = tuple(jnp.asarray(rng.normal(size=shape).astype(np.float32)) for _ in range(2))
+    cache = KVCache(*(jnp.asarray(rng.normal(size=shape).astype(np.float32)) for _ in range(2)))
     alone = _attention_rows(1, t, kv_len, cache, start)
     for batch in (2, 8, 16, 32):
         np.testing.assert_array_equal(_attention_rows(batch, t, kv_len, cache, start), alone, err_msg=f"{batch} rows")

@@ -238,21 +238,25 @@ def test_priority_orders_admission(tiny) -> None:
     assert order == ["urgent", "a", "b", "late"]
 
 
-def test_bfloat16_kv_cache_tracks_the_model_and_stays_batch_invariant(tiny) -> None:
-    """A bfloat16 cache (stored as bits, half the bytes) holds log-probs within bfloat16 rounding of
-    the float model, and a seeded request samples the same tokens alone and in a batch."""
+@pytest.mark.parametrize("kv_cache_dtype,stored,atol", [("bfloat16", np.uint16, 0.05), ("int8", np.int8, 0.03), ("fp8_e4m3", np.uint8, 0.15)])
+def test_compact_kv_cache_tracks_the_model_and_stays_batch_invariant(tiny, kv_cache_dtype, stored, atol) -> None:
+    """A bfloat16 cache (stored as bits, half the bytes) and 8-bit caches (codes with a scale per token
+    and KV head) hold log-probs within their rounding of the float model, and a seeded request samples
+    the same tokens alone and in a batch."""
     cfg, params = tiny
     rng = random.Random(5)
     prompt = _prompt(rng, 70, cfg.vocab_size)
     sp = SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=1, ignore_eos=True)
-    engine = _engine(tiny, max_num_batched_tokens=64, kv_cache_dtype="bfloat16")
-    assert engine.runner.cache.k.dtype == np.uint16
+    engine = _engine(tiny, max_num_batched_tokens=64, kv_cache_dtype=kv_cache_dtype)
+    assert engine.runner.cache.k.dtype == stored
+    assert (engine.runner.cache.k_scale is None) == (kv_cache_dtype == "bfloat16")
     result = engine.run({"r": (prompt, sp)})["r"]
     logits = reference_logits(params, cfg, prompt)
     logprobs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     got = [lp for lp, _ in result.prompt_logprobs]
     want = [logprobs[pos, prompt[pos + 1]] for pos in range(len(prompt) - 1)]
-    np.testing.assert_allclose(got, want, atol=0.05)
+    print(f"{kv_cache_dtype} cache: max |prompt log-prob error| {max(abs(g - w) for g, w in zip(got, want)):.4f}")
+    np.testing.assert_allclose(got, want, atol=atol)
     # The rounding is real: a float32 cache agrees within 1e-4 (test_logprobs_and_prompt_logprobs_match_the_model).
     assert max(abs(g - w) for g, w in zip(got, want)) > 1e-3
     sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=3)

@@ -13,7 +13,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server_process import SERVER_KEY, get, post
+from tests.server_process import SERVER_ENGINE, SERVER_KEY, get, post
 
 MODEL = "smollm2-135m-instruct"
 VOCAB = 49152
@@ -307,6 +307,15 @@ def test_vllm_metric_names_and_histograms_count_what_was_sent(server, client) ->
     assert delta("jaxserve:iteration_tokens_total_sum") >= out.usage.prompt_tokens
     info = [line for line in text.splitlines() if line.startswith("jaxserve:cache_config_info{")]
     assert info and 'block_size="16"' in info[0] and 'enable_prefix_caching="True"' in info[0] and info[0].endswith(" 1.0")
+    quant = [line for line in text.splitlines() if line.startswith("jaxserve:quantization_info{")]
+    assert quant and 'weights="float32"' in quant[0] and 'kv_cache_dtype="float32"' in quant[0] and 'kv_cache_scales="none"' in quant[0]
+
+
+def test_models_carry_how_weights_and_kv_cache_are_stored(client) -> None:
+    (card,) = client.models.list().data
+    assert card.id == MODEL and client.models.retrieve(MODEL).model_extra["metadata"] == card.model_extra["metadata"]
+    tokens = (SERVER_ENGINE.num_pages - 1) * SERVER_ENGINE.page_size
+    assert card.model_extra["metadata"] == {"weights": "float32", "kv_cache_dtype": "float32", "kv_cache_tokens": tokens, "kv_cache_scales": None}
 
 
 # ---- the Responses API -------------------------------------------------------------------------

@@ -18,11 +18,12 @@ from tests.tiny_models import tiny_config, tiny_params
 ENGINE = EngineConfig(max_num_seqs=2, max_num_batched_tokens=64, prefill_row_len=32, num_pages=16, max_model_len=128)
 
 
-def _run(cfg, params, tp: int, ids: list[int]) -> tuple[np.ndarray, np.ndarray, ModelRunner]:
+def _run(cfg, params, tp: int, ids: list[int], cache_dtype=None) -> tuple[np.ndarray, np.ndarray, ModelRunner]:
     """Last-token logits [1, V] and prefill hidden states [T, D] of one prompt on a 1 x tp mesh."""
     params, cfg = replicate_kv_heads(params, cfg, tp)
     shapes = StepShapes.from_config(ENGINE, 128)
-    runner = ModelRunner(cfg, params, ENGINE.num_pages, ENGINE.page_size, shapes, make_mesh(ParallelConfig(tensor_parallel_size=tp)))
+    mesh = make_mesh(ParallelConfig(tensor_parallel_size=tp))
+    runner = ModelRunner(cfg, params, ENGINE.num_pages, ENGINE.page_size, shapes, mesh, cache_dtype)
     t = shapes.row_len
     table = np.zeros((1, shapes.table_width), np.int32)
     table[0, :2] = [1, 2]
@@ -45,6 +46,19 @@ def test_tensor_parallel_matches_one_device(tp: int, vocab: int) -> None:
     np.testing.assert_allclose(hidden, ref_hidden, atol=1e-5, rtol=1e-5)
     assert runner.cache.k.sharding.shard_shape(runner.cache.k.shape)[0] == max(cfg.num_kv_heads, tp) // tp
     assert runner.params["layers"]["wq"].sharding.spec[-1] == MODEL
+
+
+def test_an_int8_cache_splits_its_scales_with_its_kv_heads() -> None:
+    """Each device holds the codes and the scales of its own KV heads, and the numbers stay those of
+    one device (a code may land on the other side of a rounding edge: hence the tolerance)."""
+    cfg = tiny_config(num_heads=8, num_kv_heads=4, head_dim=8, vocab_size=262)
+    params = tiny_params(cfg)
+    ids = [5, 17, 99, 3, 250, 42, 7, 64, 128, 200]
+    ref_logits, _, _ = _run(cfg, params, 1, ids, np.int8)
+    logits, _, runner = _run(cfg, params, 4, ids, np.int8)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-3, rtol=1e-3)
+    for x in (runner.cache.k, runner.cache.k_scale, runner.cache.v_scale):
+        assert x.sharding.shard_shape(x.shape)[0] == 1
 
 
 def _bytes_on(tree, device) -> int:

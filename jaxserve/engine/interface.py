@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jaxserve.engine.speculation import SpecCounters
+from jaxserve.engine.swapper import SwapCounters
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import Tokenizer
 
@@ -24,6 +25,7 @@ class ModelInfo:
     vocab_size: int
     max_model_len: int  # prompt + output tokens one sequence may hold
     tokenizer: Tokenizer | None
+    weights: str = "float32"  # how the dense layers are stored: a float dtype's name, or "int8" (W8A8)
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,9 @@ class EngineLimits:
     max_num_batched_tokens: int
     kv_cache_tokens: int  # tokens the KV cache holds over all sequences
     page_size: int
-    kv_cache_dtype: str  # what the KV cache stores
+    kv_cache_dtype: str  # what the KV cache stores: a float dtype's name, "int8" or "fp8_e4m3"
     enable_prefix_caching: bool
+    kv_cache_scales: str | None = None  # what one 8-bit scale covers ("token_head"); None for float caches
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,11 @@ class EngineStats:
     kv_cache_usage: float  # fraction of KV-cache pages in use (0-1)
     prefix_cache_queries: int  # full blocks looked up in the prefix cache
     prefix_cache_hits: int
-    preemptions: int  # sequences preempted (recomputed later)
+    preemptions: int  # sequences preempted (recomputed or swapped out)
     compiles: int  # programs compiled (flat after warm-up)
     spec: SpecCounters | None = None  # speculative decoding's totals (None: speculation off)
+    swap: SwapCounters | None = None  # swaps to and from host memory (None: no swap space)
+    host_kv_cache_usage: float = 0.0  # fraction of the host swap pool's pages in use (0-1)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxserve.cache.block_manager import BlockManager
-from jaxserve.cache.kv_cache import page_bytes, pages_for_memory, storage_dtype
+from jaxserve.cache.host_pool import HostPool, host_pages_for
+from jaxserve.cache.kv_cache import check_kv_dtype, is_quantized, kv_dtype_name, page_bytes, pages_for_memory, storage_dtype
 from jaxserve.engine.beam import BeamSearch, Hypothesis
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.interface import EngineLimits, EngineStats, ModelInfo, StepReport
@@ -20,9 +21,11 @@ from jaxserve.engine.runner import ModelRunner, StepShapes, decode_group
 from jaxserve.engine.scheduler import Chunk, Scheduler
 from jaxserve.engine.sequence import Sequence, Status
 from jaxserve.engine.speculation import DraftModel, HeadsDraft, Speculator
+from jaxserve.engine.swapper import Swapper, swap_min_tokens
 from jaxserve.errors import UserError
 from jaxserve.models.draft_heads import DraftHeads
 from jaxserve.models.llama import ForwardBatch, Params
+from jaxserve.ops.quant import weight_format
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays
 from jaxserve.parallel.channel import Link
 from jaxserve.parallel.distributed import StepChannel, follow
@@ -74,29 +77,36 @@ class LLMEngine:
                                 f"{draft.config.num_heads} draft heads in {spec.model}")
         heads, draft = (draft, None) if isinstance(draft, DraftHeads) else (None, draft)
         page_size = engine_config.page_size
+        check_kv_dtype(engine_config.kv_cache_dtype)
         dtype = storage_dtype(engine_config.kv_cache_dtype, params["embed"].dtype)
         draft_dtype = storage_dtype(engine_config.kv_cache_dtype, draft[1]["embed"].dtype) if draft is not None else None
         bytes_per_page = page_bytes(model_config, page_size, dtype) + (page_bytes(draft[0], page_size, draft_dtype) if draft is not None else 0)
-        self.kv_cache_dtype = np.dtype(dtype).name
+        self.weights = weight_format(params)
+        self.kv_cache_dtype = kv_dtype_name(engine_config.kv_cache_dtype, params["embed"].dtype)
         self.num_pages = engine_config.num_pages if engine_config.kv_cache_memory is None else pages_for_memory(bytes_per_page, engine_config.kv_cache_memory)
         self.shapes = StepShapes.from_config(engine_config, self.max_model_len)
         self.runner = ModelRunner(model_config, params, self.num_pages, page_size, self.shapes, mesh, dtype)
         self.runner.channel = channel
         self.blocks = BlockManager(self.num_pages, engine_config.enable_prefix_caching)
         log.info(
-            "KV cache: %d pages of %d tokens = %d tokens (%.1f MiB%s); %d step shapes",
+            "KV cache: %d pages of %d tokens = %d tokens (%s, %.1f MiB%s); %d step shapes",
             self.num_pages - 1,
             page_size,
             (self.num_pages - 1) * page_size,
+            self.kv_cache_dtype + (" with a scale per token and KV head" if is_quantized(dtype) else ""),
             self.num_pages * bytes_per_page / 2**20,
             ", the draft model's cache included" if draft is not None else "",
             len(self.shapes.combos()),
         )
-        self.scheduler = Scheduler(engine_config, self.blocks)
         drafter = DraftModel(ModelRunner(draft[0], draft[1], self.num_pages, page_size, self.shapes, mesh, draft_dtype)) if draft is not None else None
         if heads is not None:
             drafter = HeadsDraft(heads, self.runner, spec.num_speculative_tokens)
         self.speculator = Speculator(spec, drafter) if spec else None
+        self.swapper = self._swapper(bytes_per_page)
+        threshold = None
+        if self.swapper is not None:
+            threshold = 1 if engine_config.preemption_mode == "swap" else swap_min_tokens(self.runner, page_size)
+        self.scheduler = Scheduler(engine_config, self.blocks, self.swapper.pool if self.swapper else None, threshold)
         self.grammars = grammars or (GrammarCompiler(tokenizer, model_config.vocab_size) if tokenizer else None)
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._arrivals = itertools.count()
@@ -198,6 +208,26 @@ class LLMEngine:
         if self._drafter is not None:
             self._drafter.warmup(progress)
 
+    def _swapper(self, bytes_per_page: int) -> Swapper | None:
+        """The host pool and its copies, when `swap_space` asks for them (and preemption may swap)."""
+        c = self.engine_config
+        if c.swap_space == 0 or c.preemption_mode == "recompute":
+            return None
+        if self.runner.channel is not None:
+            raise UserError("swap_space: swapping to host memory needs a single-process engine; multi-host groups recompute")
+        pages = host_pages_for(c.swap_space, bytes_per_page, "swap_space")
+        if pages < 1:
+            raise UserError(f"swap_space of {c.swap_space:g} GiB holds no page of {bytes_per_page} bytes")
+        log.info("swap space: %d host pages of %d tokens = %d tokens (%.2f GiB)", pages, c.page_size, pages * c.page_size, pages * bytes_per_page / 2**30)
+        return Swapper(self._runners(), HostPool([r.cache for r in self._runners()], pages))
+
+    def _swap(self, chunks: list[Chunk]) -> list[Chunk]:
+        """Run the schedule's host copies; a sequence whose copy failed recomputes, and its chunk waits."""
+        failed = self.swapper.run(*self.scheduler.take_copies())
+        for seq in failed:
+            self.scheduler.recompute(seq)
+        return [c for c in chunks if c.seq not in failed]
+
     @property
     def _drafter(self) -> DraftModel | HeadsDraft | None:
         return self.speculator.draft if self.speculator else None
@@ -213,18 +243,22 @@ class LLMEngine:
 
     @property
     def info(self) -> ModelInfo:
-        return ModelInfo(self.model_name, self.model_config.vocab_size, self.max_model_len, self.tokenizer)
+        return ModelInfo(self.model_name, self.model_config.vocab_size, self.max_model_len, self.tokenizer, self.weights)
 
     @property
     def limits(self) -> EngineLimits:
         kv_tokens = (self.num_pages - 1) * self.engine_config.page_size  # page 0 is the null page
         c = self.engine_config
-        return EngineLimits(c.max_num_seqs, c.max_num_batched_tokens, kv_tokens, c.page_size, self.kv_cache_dtype, c.enable_prefix_caching)
+        return EngineLimits(c.max_num_seqs, c.max_num_batched_tokens, kv_tokens, c.page_size, self.kv_cache_dtype, c.enable_prefix_caching,
+                            "token_head" if is_quantized(self.runner.cache.k.dtype) else None)
 
     def stats(self) -> EngineStats:
         s, b = self.scheduler, self.blocks
         spec = self.speculator.snapshot() if self.speculator else None
-        return EngineStats(len(s.running), len(s.waiting), b.usage, b.prefix_queries, b.prefix_hits, s.num_preemptions, self._num_compiles(), spec)
+        swap = dataclasses.replace(self.swapper.counters) if self.swapper else None
+        host_usage = self.swapper.pool.usage if self.swapper else 0.0
+        return EngineStats(len(s.running), len(s.waiting), b.usage, b.prefix_queries, b.prefix_hits, s.num_preemptions, self._num_compiles(), spec,
+                           swap, host_usage)
 
     def _num_compiles(self) -> int:
         """Programs compiled: the model's and the drafter's."""
@@ -236,6 +270,8 @@ class LLMEngine:
         tuned = self.speculator is not None and self.speculator.cfg.tune_k
         started, compiles = (time.perf_counter(), self._num_compiles()) if tuned else (0.0, 0)  # drafting included
         chunks = self.scheduler.schedule()
+        if self.swapper is not None:
+            chunks = self._swap(chunks)  # before drafting: a draft model writes into freshly reserved pages
         if self.speculator is not None:
             chunks = self._speculate(chunks)
         self.last_step = StepReport(len(chunks), sum(c.length for c in chunks), None)

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from jaxserve.cache.kv_cache import KVCache
+from jaxserve.cache.kv_cache import KVCache, cache_arrays
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.models.llama import ForwardBatch, Params, compute_logits, forward
 from jaxserve.ops.attention import table_width
@@ -30,6 +30,9 @@ from jaxserve.parallel.distributed import StepChannel
 from jaxserve.parallel.mesh import make_mesh
 from jaxserve.parallel.sharding import CACHE_SPEC, param_shardings
 from jaxserve.sampling_params import MAX_BEAMS, MAX_LOGPROBS
+
+
+SWAP_CHUNK = 16  # pages per host copy: one compiled program each way
 
 
 def enable_compilation_cache(folder: Path) -> None:
@@ -117,10 +120,14 @@ def model_step(
     return logits, jnp.pad(last, ((0, hidden_rows - last.shape[0]), (0, 0))), prefill, cache
 
 
-def copy_pages(cache: KVCache, src: jnp.ndarray, dst: jnp.ndarray) -> KVCache:
-    """Page dst[i] := page src[i] in every layer and KV head ([K] each; padding copies the null page
-    onto itself): beam search's copy-on-write of a forked beam's partial last page."""
-    return cache.replace(k=cache.k.at[:, :, dst].set(cache.k[:, :, src]), v=cache.v.at[:, :, dst].set(cache.v[:, :, src]))
+def read_pages(cache: KVCache, pages: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """Pages [n] of every cache array: `{"k": [Hkv, L, n, page_size, D], ...}` (scales when present)."""
+    return {name: a[:, :, pages] for name, a in cache_arrays(cache).items()}
+
+
+def write_pages(cache: KVCache, pages: jnp.ndarray, data: dict[str, jnp.ndarray]) -> KVCache:
+    """Pages [n] of every cache array := `data` (as `read_pages` gives it)."""
+    return cache.replace(**{name: getattr(cache, name).at[:, :, pages].set(x) for name, x in data.items()})
 
 
 def prompt_logprobs(params: Params, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, ...]:
@@ -168,6 +175,7 @@ class ModelRunner:
         self.shapes = shapes
         self.mesh = mesh if mesh is not None else make_mesh()
         self.channel: StepChannel | None = None
+        self.host_copies = False  # whether pages are copied to and from host memory (warm-up compiles the copies)
         param_sh = param_shardings(params, self.mesh, cfg)
         cache_sh = NamedSharding(self.mesh, CACHE_SPEC)
         self._replicated = replicated = NamedSharding(self.mesh, P())
@@ -182,7 +190,9 @@ class ModelRunner:
             donate_argnums=(1,),
         )
         self._sample = jax.jit(sample, static_argnums=4, in_shardings=replicated, out_shardings=replicated)  # 4: num_top
-        self._copy = jax.jit(copy_pages, in_shardings=(cache_sh, replicated, replicated), out_shardings=cache_sh, donate_argnums=(0,))
+        self._copy = jax.jit(KVCache.copy_pages, in_shardings=(cache_sh, replicated, replicated), out_shardings=cache_sh, donate_argnums=(0,))
+        self._read = jax.jit(read_pages, in_shardings=(cache_sh, replicated), out_shardings=cache_sh)
+        self._write = jax.jit(write_pages, in_shardings=(cache_sh, replicated, cache_sh), out_shardings=cache_sh, donate_argnums=(0,))
         self._prompt_logprobs = jax.jit(
             functools.partial(prompt_logprobs, cfg=cfg), in_shardings=(param_sh, replicated, replicated), out_shardings=replicated
         )
@@ -194,7 +204,7 @@ class ModelRunner:
     @property
     def num_compiles(self) -> int:
         """Distinct input shapes the jitted programs have been traced for."""
-        return sum(f._cache_size() for f in (self._step, self._sample, self._prompt_logprobs, self._copy))
+        return sum(f._cache_size() for f in (self._step, self._sample, self._prompt_logprobs, self._copy, self._read, self._write))
 
     def _call(self, name: str, *args: Any) -> None:
         """Send the call to the other processes of a multi-host group before making it."""
@@ -241,9 +251,21 @@ class ModelRunner:
         self._call("copy_pages", src, dst)
         self.cache = self._copy(self.cache, *self._global((src, dst)))
 
+    def read_pages(self, pages: np.ndarray) -> dict[str, np.ndarray]:
+        """Device pages [SWAP_CHUNK] (padding: 0) of every cache array, on the host: `[Hkv, L, SWAP_CHUNK, ...]`."""
+        if self.channel is not None:
+            raise RuntimeError("host copies of the KV cache need a single-process engine")
+        return {name: np.asarray(x) for name, x in self._read(self.cache, pages).items()}
+
+    def write_pages(self, pages: np.ndarray, data: dict[str, np.ndarray]) -> None:
+        """Write `data` (as `read_pages` returns it) into device pages [SWAP_CHUNK] (padding: 0, the null page)."""
+        if self.channel is not None:
+            raise RuntimeError("host copies of the KV cache need a single-process engine")
+        self.cache = self._write(self.cache, pages, data)
+
     def warmup(self, progress: bool = True) -> None:
-        """Compile every program the engine can call (step shapes x sampler variants, the page copy),
-        on padding rows that write only to the null page."""
+        """Compile every program the engine can call (step shapes x sampler variants, the page copy, the
+        host copies when used), on padding rows that write only to the null page."""
         vocab, s = self.cfg.vocab_size, self.shapes
 
         def rows(b: int, t: int) -> ForwardBatch:
@@ -265,3 +287,6 @@ class ModelRunner:
                 bar.update()
         no_copy = np.zeros(MAX_BEAMS, np.int32)
         self.copy_pages(no_copy, no_copy)
+        if self.host_copies:
+            null = np.zeros(SWAP_CHUNK, np.int32)
+            self.write_pages(null, self.read_pages(null))

@@ -7,7 +7,12 @@ chunks beside running decodes (chunked prefill) within the per-step token budget
 out, the lowest-priority, latest-arrived running sequence is preempted: its pages are released and
 it is recomputed later from its tokens, so its output is the same as if it had never stopped (bit for
 bit where prefill and decode rows share one attention implementation: on CPU and TPU; on GPU, decode
-rows use the Pallas kernel, whose rounding can differ from the recompute's).
+rows use the Pallas kernel, whose rounding can differ from the recompute's). With a host pool
+(`--swap-space`) a preempted sequence's computed pages are swapped out to host memory instead and
+copied back when it resumes, when its context is long enough that copying beats recomputing
+(`swap_min_tokens`, measured by the engine). A waiting request that outranks running ones (a lower
+`priority`) preempts them at the start of a step when it would not fit otherwise, so it starts in
+that step.
 
 Prefill chunks run as rows of `prefill_row_len` tokens: a chunk that does not finish its prompt fills
 whole rows, and a step holds at most `max_prefill_rows` of them. The n samples of one request share
@@ -22,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 from jaxserve.cache.block_manager import BlockManager
+from jaxserve.cache.host_pool import HostPool
 from jaxserve.config import EngineConfig
 from jaxserve.engine.sequence import Sequence, Status
 
@@ -40,13 +46,28 @@ class Chunk:
         return self.start + self.length - len(self.draft) == self.seq.num_tokens
 
 
+@dataclass(frozen=True)
+class HostCopy:
+    """Pages of one sequence to copy between device and host memory before the step runs."""
+
+    seq: Sequence
+    device_pages: list[int]
+    host_pages: list[int]
+
+
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, blocks: BlockManager) -> None:
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager, host: HostPool | None = None, swap_min_tokens: int | None = None) -> None:
+        """`host`: where preempted sequences with at least `swap_min_tokens` computed tokens are swapped
+        (None: no swapping)."""
         self.cfg = cfg
         self.blocks = blocks
+        self.host = host
+        self.swap_min_tokens = swap_min_tokens
         self.waiting: list[Sequence] = []  # sorted by Sequence.order
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.swap_outs: list[HostCopy] = []  # this step's copies to host memory, then back (`take_copies`)
+        self.swap_ins: list[HostCopy] = []
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -60,18 +81,60 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.pages)
-        seq.pages = []
+        if seq.host_pages:
+            self.host.release(seq.host_pages)
+        seq.pages, seq.host_pages = [], []
         seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def take_copies(self) -> tuple[list[HostCopy], list[HostCopy]]:
+        """The host copies the latest `schedule` decided (swap-outs, then swap-ins), handed over once:
+        the engine runs them before the step, outs first (a page a victim released may be refilled
+        in the same step)."""
+        out, self.swap_outs, self.swap_ins = (self.swap_outs, self.swap_ins), [], []
+        return out
 
     def _pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.cfg.page_size)
 
     def _preempt(self, seq: Sequence) -> None:
+        """Stop a running sequence: swap its computed pages out when it qualifies and the pool has
+        room, else drop them (it recomputes)."""
         self.running.remove(seq)
+        computed = seq.pages[: self._pages_for(seq.num_computed)]
+        swap = self.host is not None and self.swap_min_tokens is not None and seq.num_computed >= self.swap_min_tokens
+        host = self.host.allocate(len(computed)) if swap and computed else None
+        if host is not None:
+            self.swap_outs.append(HostCopy(seq, computed, host))
+            seq.host_pages = host
+        else:
+            seq.num_computed = 0
         self.blocks.release(seq.pages)
-        seq.pages, seq.num_computed = [], 0
+        seq.pages = []
         self.num_preemptions += 1
         self.add(seq)
+
+    def recompute(self, seq: Sequence) -> None:
+        """Drop whatever a sequence holds (device and host pages) so that it recomputes from its tokens:
+        the fallback when a host copy fails."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.pages)
+        if seq.host_pages:
+            self.host.release(seq.host_pages)
+        seq.pages, seq.host_pages, seq.num_computed = [], [], 0
+        self.add(seq)
+
+    def _make_room_for(self, seq: Sequence) -> None:
+        """Preempt running sequences that `seq` (waiting) outranks, lowest first, until its first chunk
+        would find a running slot and pages."""
+        need = self._pages_for(min(seq.num_tokens, seq.num_computed + self.cfg.max_num_batched_tokens))
+        while self.running and (len(self.running) >= self.cfg.max_num_seqs or self.blocks.num_free < need):
+            victim = max(self.running, key=lambda s: s.order)
+            if victim.priority <= seq.priority:
+                return
+            self._preempt(victim)
 
     def _chunk(self, seq: Sequence, start: int, budget: int, rows_left: int) -> Chunk | None:
         """The largest chunk of `seq` from `start` that fits the token budget and free prefill rows."""
@@ -87,6 +150,8 @@ class Scheduler:
         """This step's chunks: running sequences first (in order), then newly admitted ones."""
         budget, rows_left, prefills = self.cfg.max_num_batched_tokens, self.cfg.max_prefill_rows, 0
         chunks: list[Chunk] = []
+        if self.waiting and not self.waiting[0].waits_for_leader():
+            self._make_room_for(self.waiting[0])
         self.running.sort(key=lambda s: s.order)
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
@@ -105,19 +170,27 @@ class Scheduler:
                 break
             if seq.waits_for_leader():
                 continue
-            # Prompt log-probs need every prompt position computed, so such a request skips the cache.
-            hashes = [] if seq.wants_prompt_logprobs(0) else seq.full_block_hashes(self.cfg.page_size, seq.num_tokens)
-            hit = self.blocks.match_prefix(hashes)
-            if len(hit) * self.cfg.page_size >= seq.num_tokens:
-                hit = hit[:-1]  # always compute at least one token: its logits give the next token
-            chunk = self._chunk(seq, len(hit) * self.cfg.page_size, budget, rows_left)
-            if chunk is None:
-                break
-            self.blocks.acquire(hit)
-            fresh = self.blocks.allocate(self._pages_for(chunk.start + chunk.length) - len(hit))
-            if fresh is None:
-                self.blocks.release(hit)
-                break
+            if seq.host_pages:  # swapped out: its pages come back from host memory
+                chunk = self._chunk(seq, seq.num_computed, budget, rows_left)
+                fresh = self.blocks.allocate(self._pages_for(chunk.start + chunk.length)) if chunk else None
+                if fresh is None:
+                    break
+                self.swap_ins.append(HostCopy(seq, fresh[: len(seq.host_pages)], seq.host_pages))
+                hit, seq.host_pages = [], []
+            else:
+                # Prompt log-probs need every prompt position computed, so such a request skips the cache.
+                hashes = [] if seq.wants_prompt_logprobs(0) else seq.full_block_hashes(self.cfg.page_size, seq.num_tokens)
+                hit = self.blocks.match_prefix(hashes)
+                if len(hit) * self.cfg.page_size >= seq.num_tokens:
+                    hit = hit[:-1]  # always compute at least one token: its logits give the next token
+                chunk = self._chunk(seq, len(hit) * self.cfg.page_size, budget, rows_left)
+                if chunk is None:
+                    break
+                self.blocks.acquire(hit)
+                fresh = self.blocks.allocate(self._pages_for(chunk.start + chunk.length) - len(hit))
+                if fresh is None:
+                    self.blocks.release(hit)
+                    break
             self.waiting.remove(seq)
             seq.pages, seq.num_computed, seq.status = hit + fresh, chunk.start, Status.RUNNING
             if seq.num_cached_tokens is None:

@@ -37,7 +37,8 @@ class Sequence:
     sent: int = 0  # characters of `text` already released to the caller
     prompt_logprobs: list = field(default_factory=list)  # per prompt position after the first, once computed
     pages: list[int] = field(default_factory=list)
-    num_computed: int = 0  # leading tokens whose K/V are in the cache
+    num_computed: int = 0  # leading tokens whose K/V are in the cache (or, while swapped out, in host_pages)
+    host_pages: list[int] = field(default_factory=list)  # host-memory pages holding its K/V while swapped out
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
     arrival_time: float = field(default_factory=time.perf_counter)
     queue_seconds: float | None = None  # arrival to first admission into the running batch

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.cache.kv_cache import KVCache, to_cache
+from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import ModelConfig
 from jaxserve.ops.norm import rms_norm
 from jaxserve.ops.attention import decode_attention, paged_attention, use_decode_kernel, write_slots
@@ -115,10 +115,10 @@ def forward(
     """
     kernel = use_decode_kernel() if decode_kernel is None else decode_kernel
 
-    def attend(q, k_cache, v_cache, i, g):  # q: [B, T, Hq, Dh]
+    def attend(q, cache, i, g):  # q: [B, T, Hq, Dh]
         if kernel and q.shape[1] == 1:
-            return decode_attention(q, k_cache, v_cache, i, g.page_table, g.kv_lens)
-        return paged_attention(q, k_cache, v_cache, i, g.page_table, g.positions, g.kv_lens)
+            return decode_attention(q, cache, i, g.page_table, g.kv_lens)
+        return paged_attention(q, cache, i, g.page_table, g.positions, g.kv_lens)
 
     dtype = params["embed"].dtype
     shapes = [g.tokens.shape for g in groups]
@@ -134,7 +134,7 @@ def forward(
 
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
 
-    def layer(h, k_cache, v_cache, lp, i):
+    def layer(h, cache, lp, i):
         x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
         seen = {"attn": jnp.max(jnp.abs(x), axis=0)} if observe else {}
         if "wqkv" in lp:  # fused layout (see unstack_layers)
@@ -147,12 +147,9 @@ def forward(
         q = apply_rope(q.reshape(1, n, cfg.num_heads, cfg.head_dim), cos, sin)[0]  # [N, Hq, Dh]
         k = apply_rope(k.reshape(1, n, cfg.num_kv_heads, cfg.head_dim), cos, sin)[0]
         v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
-        # [Hkv, N, Dh] into cache[:, i, page, offset]: the head axis stays whole, so a cache split
-        # over KV heads is written where it lives
-        k_cache = k_cache.at[:, i, page, offset].set(to_cache(k.swapaxes(0, 1), k_cache.dtype), mode="promise_in_bounds")
-        v_cache = v_cache.at[:, i, page, offset].set(to_cache(v.swapaxes(0, 1), v_cache.dtype), mode="promise_in_bounds")
+        cache = cache.write(i, page, offset, k.swapaxes(0, 1), v.swapaxes(0, 1))  # [Hkv, N, Dh] each
         attn = [
-            attend(qg.reshape(*shape, *qg.shape[1:]), k_cache, v_cache, i, g).reshape(size, -1)
+            attend(qg.reshape(*shape, *qg.shape[1:]), cache, i, g).reshape(size, -1)
             for qg, shape, size, g in zip(jnp.split(q, splits), shapes, sizes, groups)
         ]
         h = h + linear(jnp.concatenate(attn).astype(dtype), lp["wo"])
@@ -165,24 +162,23 @@ def forward(
         if observe:
             seen.update(mlp=jnp.max(jnp.abs(x), axis=0), down=jnp.max(jnp.abs(act), axis=0))
         h = h + linear(act, lp["w_down"])
-        return h, k_cache, v_cache, seen
+        return h, cache, seen
 
-    k_cache, v_cache = cache.k, cache.v
     if isinstance(params["layers"], dict):  # stacked [L, ...]: one traced layer, looped by scan
         def scan_body(carry, xs):
             *carry, seen = layer(*carry, *xs)
             return tuple(carry), seen
 
         xs = (params["layers"], jnp.arange(cfg.num_layers))
-        (h, k_cache, v_cache), observed = jax.lax.scan(scan_body, (h, k_cache, v_cache), xs)  # values [L, ...]
+        (h, cache), observed = jax.lax.scan(scan_body, (h, cache), xs)  # values [L, ...]
     else:  # per-layer buffers: unrolled, so no layer's weights are sliced (copied) out of a stack
         observed = []
         for i, lp in enumerate(params["layers"]):
-            h, k_cache, v_cache, seen = layer(h, k_cache, v_cache, lp, i)
+            h, cache, seen = layer(h, cache, lp, i)
             observed.append(seen)
         observed = tuple(observed)
     hidden = tuple(x.reshape(*shape, -1) for x, shape in zip(jnp.split(h, splits), shapes))
-    out = (hidden, KVCache(k=k_cache, v=v_cache))
+    out = (hidden, cache)
     return (*out, observed) if observe else out
 
 

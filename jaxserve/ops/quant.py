@@ -9,7 +9,10 @@ on the batch either: `jaxserve.ops.norm`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
+import jax
 import jax.numpy as jnp
 
 @flax.struct.dataclass
@@ -52,3 +55,9 @@ def linear(x: jnp.ndarray, w: jnp.ndarray | Int8Weight) -> jnp.ndarray:
     xq = jnp.round(xf * (127 / amax)).astype(jnp.int8)  # [..., in]
     acc = matmul(xq, w.q, jnp.int32)  # [..., out]; integer sums: exact in any order
     return (acc.astype(jnp.float32) * row_scale * w.scale).astype(x.dtype)
+
+
+def weight_format(params: Any) -> str:
+    """How a model's dense layers are stored: "int8" when any is an `Int8Weight`, else the embedding's dtype."""
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
+    return "int8" if any(isinstance(x, Int8Weight) for x in leaves) else jnp.dtype(params["embed"].dtype).name

@@ -291,7 +291,11 @@ class Server:
     # ---- other endpoints -----------------------------------------------------------------
 
     def _model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "jaxserve", "max_model_len": self.max_model_len}
+        limits, info = self.engines[0].limits, self.engines[0].info
+        metadata = {"weights": info.weights, "kv_cache_dtype": limits.kv_cache_dtype, "kv_cache_tokens": limits.kv_cache_tokens,
+                    "kv_cache_scales": limits.kv_cache_scales}
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "jaxserve", "max_model_len": self.max_model_len,
+                "metadata": metadata}
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [self._model_card()]})

@@ -63,6 +63,12 @@ class _EngineCollector(Collector):
             info.add_metric([self.model, str(i), str(lim.page_size), str(lim.kv_cache_tokens // lim.page_size), lim.kv_cache_dtype,
                              str(lim.enable_prefix_caching)], 1.0)
         yield info
+        quant = GaugeMetricFamily("jaxserve:quantization_info", "How each engine stores weights and KV cache (value 1; the labels say it).",
+                                  labels=["model_name", "engine", "weights", "kv_cache_dtype", "kv_cache_scales"])
+        for i, engine in enumerate(self.engines):
+            lim = engine.limits
+            quant.add_metric([self.model, str(i), engine.info.weights, lim.kv_cache_dtype, lim.kv_cache_scales or "none"], 1.0)
+        yield quant
 
     def _speculation(self, snapshots: Sequence[EngineStats]) -> Iterator:
         """vLLM's spec-decode counters, per engine that speculates: drafts, drafted and accepted
