@@ -159,6 +159,13 @@ def test_models_tokenize_detokenize_version_metrics(server, client, smollm2) -> 
         "jaxserve:batch_size_bucket",
         "jaxserve:num_preemptions_total",
         "jaxserve:num_compiles",
+        "jaxserve:kv_swap_out_total",
+        "jaxserve:kv_swap_in_total",
+        "jaxserve:kv_swap_out_bytes_total",
+        "jaxserve:kv_swap_in_bytes_total",
+        "jaxserve:kv_swap_fallbacks_total",
+        "jaxserve:host_kv_cache_usage_perc",
+        "jaxserve:quantization_info",
     ):
         assert name in text, name
     compiles = [line for line in text.splitlines() if line.startswith("jaxserve:num_compiles")]
@@ -183,6 +190,8 @@ BAD_REQUESTS = [
     ("bad utf-8", "/v1/completions", b'{"prompt": "\xff\xfe"}', 400, None),
     ("huge body", "/v1/completions", {"prompt": "x" * 300000}, 413, None),
     ("unknown model", "/v1/completions", {"model": "gpt-5", "prompt": "hi"}, 404, "model"),
+    ("priority not an integer", "/v1/completions", {"prompt": "hi", "priority": "high"}, 400, "priority"),
+    ("priority out of range", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "priority": 2**40}, 400, "priority"),
     ("missing prompt", "/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("prompt a number", "/v1/completions", {"prompt": 5}, 400, "prompt"),
     ("empty prompt list", "/v1/completions", {"prompt": []}, 400, "prompt"),

@@ -257,7 +257,7 @@ class Server:
         """(prompt index, step output) of every prompt, as the engine merges them; records latency
         and token metrics. Leaving early aborts every prompt's request."""
         record = RequestMetrics(self.metrics, req.prompts, req.params.n, req.params.max_tokens)
-        async with contextlib.aclosing(engine.generate(req.request_id, checked)) as outputs:
+        async with contextlib.aclosing(engine.generate(req.request_id, checked, req.priority)) as outputs:
             async for i, out in outputs:
                 record.output(i, out)
                 yield i, out

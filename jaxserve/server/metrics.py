@@ -46,7 +46,13 @@ class _EngineCollector(Collector):
                 "Prefix-cache hits / queries since start (0-1).",
                 lambda s: s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0,
             ),
-            "num_preemptions": ("counter", "Sequences preempted (recomputed later) since start.", lambda s: s.preemptions),
+            "num_preemptions": ("counter", "Sequences preempted (recomputed or swapped out) since start.", lambda s: s.preemptions),
+            "kv_swap_out": ("counter", "Preempted sequences whose KV cache was copied to host memory.", lambda s: s.swap.swap_outs if s.swap else 0),
+            "kv_swap_in": ("counter", "Swapped sequences whose KV cache was copied back to the device.", lambda s: s.swap.swap_ins if s.swap else 0),
+            "kv_swap_out_bytes": ("counter", "Bytes of KV cache copied to host memory.", lambda s: s.swap.swap_out_bytes if s.swap else 0),
+            "kv_swap_in_bytes": ("counter", "Bytes of KV cache copied back from host memory.", lambda s: s.swap.swap_in_bytes if s.swap else 0),
+            "kv_swap_fallbacks": ("counter", "Host copies that failed; their sequence recomputed instead.", lambda s: s.swap.fallbacks if s.swap else 0),
+            "host_kv_cache_usage_perc": ("gauge", "Fraction of the host swap pool's pages in use (0-1).", lambda s: s.host_kv_cache_usage),
             "num_compiles": ("gauge", "Programs compiled since start (flat after warm-up).", lambda s: s.compiles),
         }
         snapshots = [e.stats() for e in self.engines]

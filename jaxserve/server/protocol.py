@@ -71,6 +71,7 @@ class Request:
     prompt_logprobs: int | None = None  # vLLM: log-probs of the prompt tokens in the response (top k + the token)
     echo_text: str = ""  # chat echo: the final assistant message the reply continues
     responses: Any = None  # a Responses API request: its `jaxserve.server.responses.ResponsesRequest`
+    priority: int = 0  # lower runs first and may preempt running requests of a higher value (vLLM's field)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -184,6 +185,7 @@ class _Common:
     return_token_ids: bool
     prompt_logprobs: int | None
     truncate: int | None  # truncate_prompt_tokens: keep only the last k prompt tokens
+    priority: int  # vLLM's: lower runs first, and may preempt running requests of a higher value
 
 
 def _common(body: dict) -> _Common:
@@ -202,7 +204,11 @@ def _common(body: dict) -> _Common:
     truncate = _field(body, "truncate_prompt_tokens", int)
     if truncate is not None and truncate < 1:
         raise ApiError(400, f"'truncate_prompt_tokens' must be >= 1, got {truncate}", "truncate_prompt_tokens")
-    return _Common(stream, flags["include_usage"], flags["continuous_usage_stats"], _field(body, "return_token_ids", bool, False), prompt_logprobs, truncate)
+    priority = _field(body, "priority", int, 0)
+    if not -(2**31) <= priority < 2**31:
+        raise ApiError(400, f"'priority' must be a 32-bit integer, got {priority}", "priority")
+    return _Common(stream, flags["include_usage"], flags["continuous_usage_stats"], _field(body, "return_token_ids", bool, False), prompt_logprobs,
+                   truncate, priority)
 
 
 def _truncated(prompt: list[int], common: _Common, max_model_len: int) -> list[int]:
@@ -258,6 +264,7 @@ def parse_completion(body: dict, tok: Tokenizer, model: str, max_model_len: int)
     return Request(
         "completion", model, prompts, params, common.stream, common.include_usage, echo, logprobs, drop, guide_param,
         continuous_usage=common.continuous_usage, return_token_ids=common.return_token_ids, prompt_logprobs=common.prompt_logprobs,
+        priority=common.priority,
     )
 
 
@@ -388,5 +395,5 @@ def parse_chat(body: dict, tok: Tokenizer, model: str, max_model_len: int) -> Re
     return Request(
         "chat", model, [prompt], params, common.stream, common.include_usage, logprobs=count, guide_param=guide_param, tools=plan,
         continuous_usage=common.continuous_usage, return_token_ids=common.return_token_ids, prompt_logprobs=common.prompt_logprobs,
-        echo=echo, echo_text=_message_text(final, len(body["messages"]) - 1) if echo else "",
+        echo=echo, echo_text=_message_text(final, len(body["messages"]) - 1) if echo else "", priority=common.priority,
     )

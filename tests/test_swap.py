@@ -1,0 +1,186 @@
+"""Swap instead of recompute (`--swap-space`, `--preemption-mode`): a preempted sequence's pages go to
+host memory and come back, outputs stay those of a roomy cache, a priority-0 arrival preempts by
+swap and starts at once, and every device and host page ends free."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+
+import numpy as np
+import pytest
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.errors import UserError
+from jaxserve.sampling_params import SamplingParams
+from tests.tiny_models import SMALL_PAGES, tiny_config, tiny_params
+
+SWAP = dataclasses.replace(SMALL_PAGES, swap_space=0.01, preemption_mode="swap")  # 10 MiB: thousands of tiny pages
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_config("llama", max_position_embeddings=256)
+    return cfg, tiny_params(cfg)
+
+
+def _engine(tiny, cfg: EngineConfig, **kw) -> LLMEngine:
+    model_cfg, params = tiny
+    return LLMEngine(model_cfg, params, dataclasses.replace(cfg, **kw), eos_token_ids=(2,))
+
+
+def _requests(vocab: int, count: int, seed: int) -> dict[str, tuple[list[int], SamplingParams]]:
+    """Prompts of 5-60 tokens, 20-40 new tokens each, greedy and seeded sampling."""
+    rng = random.Random(seed)
+    return {
+        str(i): (
+            [rng.randrange(3, vocab) for _ in range(rng.randint(5, 60))],
+            SamplingParams(max_tokens=rng.randint(20, 40), temperature=rng.choice([0.0, 0.8]), top_p=0.95, seed=i, ignore_eos=True),
+        )
+        for i in range(count)
+    }
+
+
+def _tokens(results) -> dict[str, list[int]]:
+    return {rid: out.outputs[0].token_ids for rid, out in results.items()}
+
+
+def _all_free(engine: LLMEngine) -> None:
+    engine.blocks.check_consistency()
+    assert engine.blocks.usage == 0.0
+    if engine.swapper is not None:
+        engine.swapper.pool.check_consistency()
+        assert engine.swapper.pool.num_free == engine.swapper.pool.num_pages
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_swapped_outputs_equal_a_roomy_cache_and_recompute(tiny, kv_cache_dtype: str) -> None:
+    """16 requests on 47 pages of 4 tokens: sequences are preempted again and again. With swap their
+    pages (and an int8 cache's scales) round-trip through host memory; the tokens equal a roomy
+    cache's and a recomputing engine's."""
+    requests = _requests(tiny[0].vocab_size, 16, seed=1)
+    roomy = _tokens(_engine(tiny, SMALL_PAGES, num_pages=400, kv_cache_dtype=kv_cache_dtype).run(requests))
+    recompute = _engine(tiny, SMALL_PAGES, kv_cache_dtype=kv_cache_dtype)
+    swap = _engine(tiny, SWAP, kv_cache_dtype=kv_cache_dtype)
+    assert _tokens(recompute.run(requests)) == roomy
+    assert _tokens(swap.run(requests)) == roomy
+    c = swap.stats().swap
+    assert recompute.stats().swap is None and recompute.stats().preemptions > 0
+    assert c.swap_outs > 0 and c.swap_ins == c.swap_outs and c.fallbacks == 0
+    assert c.swap_out_bytes == c.swap_in_bytes > 0 and c.swap_out_bytes % swap.swapper.pool.page_bytes() == 0
+    _all_free(swap)
+
+
+def test_a_priority_request_swaps_low_priority_streams_out_and_starts_in_the_next_step(tiny) -> None:
+    """16 low-priority streams hold every running slot and nearly every page; a priority-0 request
+    arriving then computes its prompt in the very next step (its first token comes out of it), the
+    streams it displaced are swapped, not recomputed, and every stream ends with the tokens it has
+    alone."""
+    cfg, _ = tiny
+    limits = dataclasses.replace(SWAP, num_pages=80, max_num_seqs=16)
+    rng = random.Random(2)
+    streams = {f"s{i}": ([rng.randrange(3, cfg.vocab_size) for _ in range(8)], SamplingParams(max_tokens=40, temperature=0.8, seed=i, ignore_eos=True))
+               for i in range(16)}
+    engine = _engine(tiny, limits)
+    for rid, (prompt, sp) in streams.items():
+        engine.add_request(rid, prompt, sp, priority=1)
+    got: dict[str, list[int]] = {}
+    for _ in range(60):  # until the streams fill every slot and all but a few of the 79 pages
+        if len(engine.scheduler.running) == 16 and engine.blocks.num_free < 4:
+            break
+        for out in engine.step():
+            got.setdefault(out.request_id, []).append(out.token_id)
+    assert len(engine.scheduler.running) == 16 and engine.blocks.num_free < 4
+    swapped = engine.stats().swap.swap_outs
+    engine.add_request("urgent", [5, 6, 7, 8, 9, 10, 11, 12, 13, 14], SamplingParams(max_tokens=4, temperature=0.0), priority=0)
+    first = engine.step()
+    assert "urgent" in [out.request_id for out in first]
+    for out in first:
+        got.setdefault(out.request_id, []).append(out.token_id)
+    assert engine.stats().swap.swap_outs > swapped
+    while engine.has_unfinished():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).append(out.token_id)
+    alone = _engine(tiny, SMALL_PAGES, num_pages=400).run(streams)
+    for rid in streams:
+        assert [t for t in got[rid] if t is not None] == alone[rid].outputs[0].token_ids, rid
+    _all_free(engine)
+
+
+def test_stress_300_requests_with_swaps_aborts_and_priorities(tiny) -> None:
+    """300 requests on a small cache, a third of them urgent (priority 0), a third sharing a prefix,
+    random aborts: after warm-up nothing compiles, every device and host page ends free, and each
+    finished request has the tokens of a roomy cache."""
+    cfg, _ = tiny
+    engine = _engine(tiny, SWAP)
+    engine.warmup(progress=False)
+    compiled = engine.stats().compiles
+    rng = random.Random(9)
+    shared = [rng.randrange(3, cfg.vocab_size) for _ in range(24)]
+    requests = {rid: ((shared if int(rid) % 3 == 1 else []) + prompt, sp) for rid, (prompt, sp) in _requests(cfg.vocab_size, 300, seed=3).items()}
+    results: dict[str, list[int]] = {}
+    live: set[str] = set()
+    aborted: set[str] = set()
+    for rid, (prompt, sp) in requests.items():
+        engine.add_request(rid, prompt, sp, priority=int(int(rid) % 3 != 0))
+        live.add(rid)
+        for _ in range(rng.randint(0, 2)):
+            for out in engine.step():
+                results.setdefault(out.request_id, []).append(out.token_id)
+        if rng.random() < 0.1:
+            victim = rng.choice(sorted(live - aborted))
+            engine.abort(victim)
+            aborted.add(victim)
+        engine.blocks.check_consistency()
+    while engine.has_unfinished():
+        for out in engine.step():
+            results.setdefault(out.request_id, []).append(out.token_id)
+    stats = engine.stats()
+    assert stats.compiles == compiled
+    assert stats.swap.swap_outs > 0 and stats.swap.swap_ins > 0 and stats.swap.fallbacks == 0 and len(aborted) > 10
+    _all_free(engine)
+    done = {rid: requests[rid] for rid in requests if rid not in aborted}
+    roomy = _engine(tiny, SMALL_PAGES, num_pages=2000, max_num_seqs=8).run(done)
+    for rid in done:
+        assert [t for t in results[rid] if t is not None] == roomy[rid].outputs[0].token_ids, rid
+
+
+def test_a_failed_copy_falls_back_to_recompute_and_is_counted(tiny, monkeypatch) -> None:
+    """The first copy back to the device fails: that sequence recomputes from its tokens instead,
+    the fallback is counted, and no output changes."""
+    requests = _requests(tiny[0].vocab_size, 16, seed=1)
+    want = _tokens(_engine(tiny, SMALL_PAGES, num_pages=400).run(requests))
+    engine = _engine(tiny, SWAP)
+    write, calls = engine.runner.write_pages, []
+
+    def flaky(pages: np.ndarray, data: dict) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated copy failure")
+        write(pages, data)
+
+    monkeypatch.setattr(engine.runner, "write_pages", flaky)
+    assert _tokens(engine.run(requests)) == want
+    c = engine.stats().swap
+    assert c.fallbacks == 1 and c.swap_ins == c.swap_outs - 1
+    _all_free(engine)
+
+
+def test_auto_mode_measures_when_swapping_pays_and_logs_it(tiny, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="jaxserve"):
+        engine = _engine(tiny, SMALL_PAGES, swap_space=0.01, preemption_mode="auto")
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("preemption:"))
+    threshold = engine.scheduler.swap_min_tokens
+    assert ("always recompute" in line) if threshold is None else (f"contexts of {threshold} tokens or more swap" in line)
+    assert _engine(tiny, SMALL_PAGES, swap_space=0.01, preemption_mode="recompute").swapper is None
+
+
+def test_swap_space_beyond_host_memory_is_refused(tiny) -> None:
+    with pytest.raises(UserError, match=r"swap_space of 1e\+06 GiB exceeds the [0-9.]+ GiB of host memory available"):
+        _engine(tiny, SMALL_PAGES, swap_space=1e6)
+    with pytest.raises(UserError, match="preemption_mode must be one of auto, swap, recompute; got 'never'"):
+        EngineConfig(preemption_mode="never")
+    with pytest.raises(UserError, match="swap_space must be >= 0 GiB"):
+        EngineConfig(swap_space=-1)
