@@ -241,14 +241,16 @@ def test_draft_models_that_cannot_serve_are_refused(tmp_path) -> None:
 
 @pytest.mark.parametrize("proposer,count", [("ngram", 300), ("draft_model", 60)])
 def test_stress_with_speculation_aborts_preemption_and_a_shared_prefix(proposer: str, count: int) -> None:
-    """300 requests (60 with a draft model, whose steps are several) on a small cache (preemptions),
-    half sharing a prefix, random aborts: after warm-up no compile (the draft model's programs
-    included), every page ends free, and each finished request equals its run without speculation.
-    The draft model is the target with one layer dropped."""
+    """300 requests (60 with a draft model, whose steps are several) on a small cache (preemptions:
+    recomputed with n-gram drafts, swapped to host memory with the draft model, whose own cache is
+    swapped alongside), half sharing a prefix, random aborts: after warm-up no compile (the draft
+    model's programs included), every page ends free, and each finished request equals its run
+    without speculation. The draft model is the target with one layer dropped."""
     cfg = tiny_config("llama", max_position_embeddings=256)
     params = tiny_params(cfg)
     spec, draft = (NGRAM, None) if proposer == "ngram" else (DRAFT, _first_layer(cfg, params))
-    engine = LLMEngine(cfg, params, dataclasses.replace(SMALL_PAGES, speculative=spec), eos_token_ids=(2,), draft=draft)
+    swap = {} if proposer == "ngram" else {"swap_space": 0.01, "preemption_mode": "swap"}
+    engine = LLMEngine(cfg, params, dataclasses.replace(SMALL_PAGES, speculative=spec, **swap), eos_token_ids=(2,), draft=draft)
     engine.warmup(progress=False)
     compiled = engine.stats().compiles
     rng = random.Random(7)
@@ -274,6 +276,7 @@ def test_stress_with_speculation_aborts_preemption_and_a_shared_prefix(proposer:
     assert engine.blocks.usage == 0.0 and engine.blocks.num_free == SMALL_PAGES.num_pages - 1
     assert engine.scheduler.num_preemptions > 0 and engine.blocks.prefix_hits > 0 and len(aborted) > count // 30
     assert engine.speculator.snapshot().num_accepted_tokens > 0
+    assert proposer == "ngram" or (engine.stats().swap.swap_outs > 0 and engine.swapper.pool.usage == 0.0)
     engine.blocks.check_consistency()
     done = {rid: requests[rid] for rid in requests if rid not in aborted}
     plain = LLMEngine(cfg, params, SMALL_PAGES, eos_token_ids=(2,)).run(done)
