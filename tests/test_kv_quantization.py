@@ -94,24 +94,26 @@ def test_decode_kernel_reads_8bit_pages_as_the_reference_does(kv_cache_dtype: st
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
 
 
-@pytest.mark.parametrize("kv_cache_dtype,agreement,max_kl", [("int8", 0.97, 0.005), ("fp8_e4m3", 0.93, 0.02)])
-def test_smollm2_with_an_8bit_cache_tracks_a_float32_cache(smollm2, kv_cache_dtype: str, agreement: float, max_kl: float) -> None:
+def test_smollm2_with_an_8bit_cache_tracks_a_float32_cache(smollm2) -> None:
     """Float32 weights, teacher-forced over two passages (nothing is calibrated for the cache): next-token
-    choices with the 8-bit cache agree with a float32 cache's nearly everywhere, and the distributions
-    stay close."""
-    agree, kl, n = 0.0, 0.0, 0
+    choices with an 8-bit cache agree with a float32 cache's nearly everywhere (int8 at least 97% of
+    positions), and the distributions stay close."""
+    bounds = {"int8": (0.97, 0.005), "fp8_e4m3": (0.93, 0.02)}  # (agreement at least, mean KL below)
+    agree, kl, n = dict.fromkeys(bounds, 0.0), dict.fromkeys(bounds, 0.0), 0
     for text in (HELD_OUT, PASSAGE):
         ids = smollm2.tokenizer.encode(text)
         ref = prefill_logits(smollm2.cfg, smollm2.params, ids).astype(np.float64)
-        got = prefill_logits(smollm2.cfg, smollm2.params, ids, kv_cache_dtype=kv_cache_dtype).astype(np.float64)
-        assert not np.array_equal(got, ref)  # the cache really was 8-bit
         log_p = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
-        log_q = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
-        kl += float(np.sum(np.exp(log_p) * (log_p - log_q)))
-        agree += float(np.sum(ref.argmax(-1) == got.argmax(-1)))
         n += len(ids)
-    print(f"{kv_cache_dtype} KV cache vs float32 over {n} tokens: top-1 agreement {agree / n:.4f}, mean KL {kl / n:.5f}")
-    assert agree / n >= agreement and kl / n < max_kl
+        for kv_cache_dtype in bounds:
+            got = prefill_logits(smollm2.cfg, smollm2.params, ids, kv_cache_dtype=kv_cache_dtype).astype(np.float64)
+            assert not np.array_equal(got, ref)  # the cache really was 8-bit
+            log_q = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
+            kl[kv_cache_dtype] += float(np.sum(np.exp(log_p) * (log_p - log_q)))
+            agree[kv_cache_dtype] += float(np.sum(ref.argmax(-1) == got.argmax(-1)))
+    for kv_cache_dtype, (least, most) in bounds.items():
+        print(f"{kv_cache_dtype} KV cache vs float32 over {n} tokens: top-1 agreement {agree[kv_cache_dtype] / n:.4f}, mean KL {kl[kv_cache_dtype] / n:.5f}")
+        assert agree[kv_cache_dtype] / n >= least and kl[kv_cache_dtype] / n < most, kv_cache_dtype
 
 
 def test_a_kv_dtype_the_backend_lacks_is_refused_with_the_supported_ones(monkeypatch) -> None:

@@ -76,6 +76,18 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Stop a sequence (finished or aborted) and release its pages."""
+        self._drop(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    def recompute(self, seq: Sequence) -> None:
+        """Drop whatever a sequence holds (device and host pages) so that it recomputes from its tokens:
+        the fallback when a host copy fails."""
+        self._drop(seq)
+        seq.num_computed = 0
+        self.add(seq)
+
+    def _drop(self, seq: Sequence) -> None:
+        """Take a sequence off its queue and give back its device and host pages."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -84,7 +96,6 @@ class Scheduler:
         if seq.host_pages:
             self.host.release(seq.host_pages)
         seq.pages, seq.host_pages = [], []
-        seq.status, seq.finish_reason = Status.FINISHED, reason
 
     def take_copies(self) -> tuple[list[HostCopy], list[HostCopy]]:
         """The host copies the latest `schedule` decided (swap-outs, then swap-ins), handed over once:
@@ -111,19 +122,6 @@ class Scheduler:
         self.blocks.release(seq.pages)
         seq.pages = []
         self.num_preemptions += 1
-        self.add(seq)
-
-    def recompute(self, seq: Sequence) -> None:
-        """Drop whatever a sequence holds (device and host pages) so that it recomputes from its tokens:
-        the fallback when a host copy fails."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        self.blocks.release(seq.pages)
-        if seq.host_pages:
-            self.host.release(seq.host_pages)
-        seq.pages, seq.host_pages, seq.num_computed = [], [], 0
         self.add(seq)
 
     def _make_room_for(self, seq: Sequence) -> None:
