@@ -20,7 +20,7 @@ from jaxserve.engine.speculation import ngram_draft
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 from tests.server_process import SERVER_ARGS, SERVER_ENGINE, SERVER_KEY, InProcessServer, ServerProcess, get
-from tests.tiny_models import SMALL_PAGES, TINY_ENGINE, tiny_config, tiny_params, write_gguf
+from tests.tiny_models import SMALL_PAGES, TINY_ENGINE, run_with_aborts, tiny_config, tiny_params, write_gguf
 
 # Drafts in crowded steps too, and k fixed (not tuned by step times), so the counters tests assert on are the same on every machine.
 NGRAM = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_max=3, disable_by_batch_size=16, tune_k=False)
@@ -257,21 +257,7 @@ def test_stress_with_speculation_aborts_preemption_and_a_shared_prefix(proposer:
     shared = [rng.randrange(3, cfg.vocab_size) for _ in range(24)] * 2
     requests = {rid: ((shared if int(rid) % 2 else []) + prompt[:40], dataclasses.replace(sp, n=1, max_tokens=min(sp.max_tokens, 30)))
                 for rid, (prompt, sp) in _requests(cfg, count, seed=1).items()}
-    results, live, aborted = {}, set(), set()
-    for rid, (prompt, sp) in requests.items():
-        engine.add_request(rid, prompt, sp)
-        live.add(rid)
-        for _ in range(rng.randint(0, 2)):
-            for out in engine.step():
-                results.setdefault(out.request_id, []).append(out.token_id)
-        if rng.random() < 0.1:
-            victim = rng.choice(sorted(live - aborted))
-            engine.abort(victim)
-            aborted.add(victim)
-        engine.blocks.check_consistency()
-    while engine.has_unfinished():
-        for out in engine.step():
-            results.setdefault(out.request_id, []).append(out.token_id)
+    results, aborted = run_with_aborts(engine, requests, rng)
     assert engine.stats().compiles == compiled
     assert engine.blocks.usage == 0.0 and engine.blocks.num_free == SMALL_PAGES.num_pages - 1
     assert engine.scheduler.num_preemptions > 0 and engine.blocks.prefix_hits > 0 and len(aborted) > count // 30

@@ -15,7 +15,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
-from tests.tiny_models import SMALL_PAGES, tiny_config, tiny_params
+from tests.tiny_models import SMALL_PAGES, run_with_aborts, tiny_config, tiny_params
 
 SWAP = dataclasses.replace(SMALL_PAGES, swap_space=0.01, preemption_mode="swap")  # 10 MiB: thousands of tiny pages
 ROOMY = dataclasses.replace(SMALL_PAGES, num_pages=400)  # no preemption (one compiled set for every test here)
@@ -122,23 +122,7 @@ def test_stress_300_requests_with_swaps_aborts_and_priorities(tiny) -> None:
     rng = random.Random(9)
     shared = [rng.randrange(3, cfg.vocab_size) for _ in range(24)]
     requests = {rid: ((shared if int(rid) % 3 == 1 else []) + prompt, sp) for rid, (prompt, sp) in _requests(cfg.vocab_size, 300, seed=3).items()}
-    results: dict[str, list[int]] = {}
-    live: set[str] = set()
-    aborted: set[str] = set()
-    for rid, (prompt, sp) in requests.items():
-        engine.add_request(rid, prompt, sp, priority=int(int(rid) % 3 != 0))
-        live.add(rid)
-        for _ in range(rng.randint(0, 2)):
-            for out in engine.step():
-                results.setdefault(out.request_id, []).append(out.token_id)
-        if rng.random() < 0.1:
-            victim = rng.choice(sorted(live - aborted))
-            engine.abort(victim)
-            aborted.add(victim)
-        engine.blocks.check_consistency()
-    while engine.has_unfinished():
-        for out in engine.step():
-            results.setdefault(out.request_id, []).append(out.token_id)
+    results, aborted = run_with_aborts(engine, requests, rng, priority=lambda rid: int(int(rid) % 3 != 0))
     stats = engine.stats()
     assert stats.compiles == compiled
     assert stats.swap.swap_outs > 0 and stats.swap.swap_ins > 0 and stats.swap.fallbacks == 0 and len(aborted) > 10

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 from pathlib import Path
 
 import jax
@@ -209,3 +210,30 @@ def _prefill_logits(params: Params, cache, batch, cfg: ModelConfig) -> jax.Array
 
     (hidden,), _ = forward(params, cache, (batch,), cfg)  # [1, T, D]
     return compute_logits(params, hidden, cfg)  # [1, T, V]
+
+
+def run_with_aborts(engine, requests: dict, rng: random.Random, priority=lambda rid: 0) -> tuple[dict[str, list], set[str]]:
+    """Add `requests` (id -> prompt, params) one at a time with 0-2 engine steps between, aborting a
+    random live request after one in ten, checking page accounting at each; then run to the end.
+    Returns every request's streamed token ids (None marks a finish) and the aborted ids."""
+    results: dict[str, list] = {}
+    live: set[str] = set()
+    aborted: set[str] = set()
+
+    def step() -> None:
+        for out in engine.step():
+            results.setdefault(out.request_id, []).append(out.token_id)
+
+    for rid, (prompt, sp) in requests.items():
+        engine.add_request(rid, prompt, sp, priority=priority(rid))
+        live.add(rid)
+        for _ in range(rng.randint(0, 2)):
+            step()
+        if rng.random() < 0.1:
+            victim = rng.choice(sorted(live - aborted))
+            engine.abort(victim)
+            aborted.add(victim)
+        engine.blocks.check_consistency()
+    while engine.has_unfinished():
+        step()
+    return results, aborted
