@@ -64,18 +64,17 @@ def test_seeded_sampling_is_batch_invariant(llm) -> None:
 
 
 def test_preemption_keeps_outputs_identical(smollm2, llm) -> None:
-    """Preempted sequences recompute, or swap their pages to host memory and back: either way the
-    tokens are those of a roomy cache."""
+    """Preempted sequences swap their pages to host memory and back: the tokens are those of a roomy
+    cache (recompute is held to the same on the tiny model: tests/test_swap.py)."""
     prompts = _prompts(8, seed=4, max_words=40)
     params = [SamplingParams(max_tokens=24, temperature=0.0 if i % 2 else 0.9, seed=i, ignore_eos=True) for i in range(8)]
     roomy = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    for swap_space in (0, 0.1):
-        tight = _engine(smollm2, num_pages=12, swap_space=swap_space, preemption_mode="swap")  # 11 pages of 16 tokens: too few for all
-        squeezed = tight.generate(prompts, params, use_tqdm=False)
-        assert tight.engine.scheduler.num_preemptions > 0
-        assert [o.outputs[0].token_ids for o in squeezed] == roomy
-        tight.engine.blocks.check_consistency()
-        assert tight.engine.blocks.usage == 0.0
+    tight = _engine(smollm2, num_pages=12, swap_space=0.1, preemption_mode="swap")  # 11 pages of 16 tokens: too few for all
+    squeezed = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in squeezed] == roomy
+    tight.engine.blocks.check_consistency()
+    assert tight.engine.blocks.usage == 0.0
     swaps = tight.engine.stats().swap
     assert swaps.swap_outs > 0 and swaps.swap_ins == swaps.swap_outs and tight.engine.swapper.pool.usage == 0.0
 
