@@ -174,10 +174,18 @@ class KVCache:
             out.append(decode(_gather_pages(stored, layer, page_table).reshape(hkv, -1, d), s, dtype))
         return out[0], out[1]
 
+    def take(self, pages: jnp.ndarray) -> dict[str, jnp.ndarray]:
+        """Pages [n] of every cache array: `{"k": [Hkv, L, n, page_size, D], ...}` (scales when present)."""
+        return {name: a[:, :, pages] for name, a in cache_arrays(self).items()}
+
+    def put(self, pages: jnp.ndarray, data: dict[str, jnp.ndarray]) -> KVCache:
+        """Pages [n] of every cache array := `data` (as `take` gives it)."""
+        return self.replace(**{name: getattr(self, name).at[:, :, pages].set(x) for name, x in data.items()})
+
     def copy_pages(self, src: jnp.ndarray, dst: jnp.ndarray) -> KVCache:
         """Page dst[i] := page src[i] in every layer and KV head, scales included (padding copies the
         null page onto itself): beam search's copy-on-write of a forked beam's partial last page."""
-        return jax.tree.map(lambda a: a.at[:, :, dst].set(a[:, :, src]), self)
+        return self.put(dst, self.take(src))
 
 
 def cache_arrays(cache: KVCache) -> dict[str, jnp.ndarray]:

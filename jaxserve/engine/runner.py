@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from jaxserve.cache.kv_cache import KVCache, cache_arrays
+from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.models.llama import ForwardBatch, Params, compute_logits, forward
 from jaxserve.ops.attention import table_width
@@ -120,16 +120,6 @@ def model_step(
     return logits, jnp.pad(last, ((0, hidden_rows - last.shape[0]), (0, 0))), prefill, cache
 
 
-def read_pages(cache: KVCache, pages: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """Pages [n] of every cache array: `{"k": [Hkv, L, n, page_size, D], ...}` (scales when present)."""
-    return {name: a[:, :, pages] for name, a in cache_arrays(cache).items()}
-
-
-def write_pages(cache: KVCache, pages: jnp.ndarray, data: dict[str, jnp.ndarray]) -> KVCache:
-    """Pages [n] of every cache array := `data` (as `read_pages` gives it)."""
-    return cache.replace(**{name: getattr(cache, name).at[:, :, pages].set(x) for name, x in data.items()})
-
-
 def prompt_logprobs(params: Params, hidden: jnp.ndarray, targets: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.ndarray, ...]:
     """Log-probs [N] of each next prompt token `targets` [N] after hidden states [N, D], and the top
     MAX_LOGPROBS ids and log-probs [N, K]."""
@@ -191,8 +181,8 @@ class ModelRunner:
         )
         self._sample = jax.jit(sample, static_argnums=4, in_shardings=replicated, out_shardings=replicated)  # 4: num_top
         self._copy = jax.jit(KVCache.copy_pages, in_shardings=(cache_sh, replicated, replicated), out_shardings=cache_sh, donate_argnums=(0,))
-        self._read = jax.jit(read_pages, in_shardings=(cache_sh, replicated), out_shardings=cache_sh)
-        self._write = jax.jit(write_pages, in_shardings=(cache_sh, replicated, cache_sh), out_shardings=cache_sh, donate_argnums=(0,))
+        self._read = jax.jit(KVCache.take, in_shardings=(cache_sh, replicated), out_shardings=cache_sh)
+        self._write = jax.jit(KVCache.put, in_shardings=(cache_sh, replicated, cache_sh), out_shardings=cache_sh, donate_argnums=(0,))
         self._prompt_logprobs = jax.jit(
             functools.partial(prompt_logprobs, cfg=cfg), in_shardings=(param_sh, replicated, replicated), out_shardings=replicated
         )
