@@ -140,6 +140,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     srv.add_argument("--preemption-mode", default="auto", choices=PREEMPTION_MODES,
                      help="with --swap-space: auto swaps contexts longer than a threshold measured at start (logged) and recomputes "
                      "shorter ones; swap always swaps while the pool has room; recompute never swaps")
+    srv.add_argument("--host-prefix-cache", type=float, default=0.0,
+                     help="GiB of host memory for prefix-cache blocks evicted from the device, copied back on a later hit instead of "
+                     "recomputed (default 0: evicted blocks are forgotten)")
+    srv.add_argument("--prefix-cache-dir", default=None,
+                     help="with --host-prefix-cache: a folder the host prefix tier is loaded from at start and saved to at shutdown, "
+                     "so a restarted server keeps long system prompts warm (a corrupt or mismatched one is ignored with a warning)")
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 429")
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
@@ -331,6 +337,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         speculative=_speculative(args),
         swap_space=args.swap_space,
         preemption_mode=args.preemption_mode,
+        host_prefix_cache=args.host_prefix_cache,
+        prefix_cache_dir=args.prefix_cache_dir,
     )
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size))
     check_mesh(mesh, dist)

@@ -270,6 +270,8 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None  # None: no speculative decoding
     swap_space: float = 0.0  # GiB of host memory for the KV cache of preempted sequences (0: none; they recompute)
     preemption_mode: str = "auto"  # "auto" (swap long contexts, recompute short ones, by measured cost), "swap", "recompute"
+    host_prefix_cache: float = 0.0  # GiB of host memory for prefix-cache blocks the device evicts (0: they are forgotten)
+    prefix_cache_dir: str | None = None  # folder the host prefix tier is loaded from at start and saved to at shutdown
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "prefill_row_len", "page_size"):
@@ -283,6 +285,12 @@ class EngineConfig:
             raise UserError(f"kv_cache_memory must be > 0, got {self.kv_cache_memory}")
         if self.swap_space < 0:
             raise UserError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        if self.host_prefix_cache < 0:
+            raise UserError(f"host_prefix_cache must be >= 0 GiB, got {self.host_prefix_cache}")
+        if self.host_prefix_cache and not self.enable_prefix_caching:
+            raise UserError("host_prefix_cache needs prefix caching: it holds the blocks the device prefix cache evicts")
+        if self.prefix_cache_dir and not self.host_prefix_cache:
+            raise UserError("prefix_cache_dir persists the host prefix tier: set host_prefix_cache (GiB) too")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise UserError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}; got {self.preemption_mode!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -165,6 +165,13 @@ def test_models_tokenize_detokenize_version_metrics(server, client, smollm2) -> 
         "jaxserve:kv_swap_in_bytes_total",
         "jaxserve:kv_swap_fallbacks_total",
         "jaxserve:host_kv_cache_usage_perc",
+        'jaxserve:prefix_cache_hits_total{engine="0",model_name="smollm2-135m-instruct",tier="device"}',
+        'jaxserve:prefix_cache_hits_total{engine="0",model_name="smollm2-135m-instruct",tier="host"}',
+        "jaxserve:host_prefix_cache_usage_perc",
+        "jaxserve:prefix_cache_host_stored_total",
+        "jaxserve:prefix_cache_host_stored_bytes_total",
+        "jaxserve:prefix_cache_host_loaded_bytes_total",
+        "jaxserve:prefix_cache_host_fallbacks_total",
         "jaxserve:quantization_info",
     ):
         assert name in text, name

@@ -37,7 +37,8 @@ def block_hashes(tokens: Sequence[int], page_size: int, parent: BlockHash = b"")
 
 
 class BlockManager:
-    def __init__(self, num_pages: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_pages: int, enable_prefix_caching: bool = True, record_evictions: bool = False) -> None:
+        """`record_evictions`: keep the (page, hash) of every evicted cached block for `take_evicted`."""
         if num_pages < 2:
             raise UserError(f"the KV cache needs at least 2 pages, got {num_pages}")
         self.num_pages = num_pages
@@ -47,6 +48,8 @@ class BlockManager:
         self._hash_of: dict[int, BlockHash] = {}  # page -> hash of the full block it holds
         self._page_of: dict[BlockHash, int] = {}  # hash -> page
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced pages, LRU first
+        self.record_evictions = record_evictions
+        self._evicted: list[tuple[int, BlockHash]] = []
         self.prefix_queries = 0  # full blocks looked up
         self.prefix_hits = 0  # of which found
 
@@ -90,7 +93,10 @@ class BlockManager:
                 page = self._free.pop()
             else:
                 page, _ = self._evictable.popitem(last=False)
-                del self._page_of[self._hash_of.pop(page)]
+                block_hash = self._hash_of.pop(page)
+                del self._page_of[block_hash]
+                if self.record_evictions:
+                    self._evicted.append((page, block_hash))
             self._refs[page] = 1
             pages.append(page)
         return pages
@@ -104,6 +110,18 @@ class BlockManager:
                     self._evictable[page] = None
                 else:
                     self._free.append(page)
+
+    def take_evicted(self) -> list[tuple[int, BlockHash]]:
+        """The cached blocks evicted since the last call, as (page, hash); their pages still hold them
+        until the next step writes."""
+        out, self._evicted = self._evicted, []
+        return out
+
+    def cached_blocks(self) -> list[tuple[int, BlockHash]]:
+        """Every cached block as (page, hash), least recently used first: idle ones in LRU order, then
+        those in use."""
+        idle = [(page, self._hash_of[page]) for page in self._evictable]
+        return idle + [(page, h) for page, h in self._hash_of.items() if page not in self._evictable]
 
     def register(self, page: int, block_hash: BlockHash) -> None:
         """Record that `page` now holds the full block `block_hash` (its K/V are written)."""

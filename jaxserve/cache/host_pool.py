@@ -33,13 +33,22 @@ def available_host_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def host_pages_for(gib: float, bytes_per_page: int, what: str) -> int:
-    """Pages of `bytes_per_page` in `gib` GiB of host memory; a UserError when that is more memory
-    than the host has available."""
-    want, have = int(gib * GIB), available_host_memory()
-    if want > have:
-        raise UserError(f"{what} of {gib:g} GiB exceeds the {have / GIB:.1f} GiB of host memory available")
-    return want // bytes_per_page
+def check_host_memory(wants: dict[str, float]) -> None:
+    """A UserError naming the numbers when the GiB asked for under each name add up to more host memory
+    than is available."""
+    asked = {name: gib for name, gib in wants.items() if gib}
+    have = available_host_memory()
+    if sum(asked.values()) * GIB > have:
+        what = " + ".join(f"{name} of {gib:g} GiB" for name, gib in asked.items())
+        raise UserError(f"{what} exceeds the {have / GIB:.1f} GiB of host memory available")
+
+
+def host_pages(gib: float, bytes_per_page: int, what: str) -> int:
+    """Pages of `bytes_per_page` in `gib` GiB of host memory; a UserError when not even one fits."""
+    pages = int(gib * GIB) // bytes_per_page
+    if pages < 1:
+        raise UserError(f"{what} of {gib:g} GiB holds no page of {bytes_per_page} bytes")
+    return pages
 
 
 class HostPool:

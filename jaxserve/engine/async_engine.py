@@ -18,6 +18,7 @@ import itertools
 import logging
 import queue
 import threading
+from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
 
 from jax.sharding import Mesh
@@ -90,11 +91,13 @@ class AsyncEngine:
         self._thread.start()
 
     async def shutdown(self) -> None:
-        """Stop the engine thread; requests still running end with finish_reason "abort"."""
+        """Stop the engine thread (requests still running end with finish_reason "abort"), then close the
+        engine (it saves what outlives the process)."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        await asyncio.get_running_loop().run_in_executor(None, self._engine.close)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -246,8 +249,11 @@ def engine_replicas(
     channel of a multi-host group (one replica only)."""
     grammars = GrammarCompiler(model.tokenizer, model.cfg.vocab_size)
     draft = load_draft(model, engine_config.speculative)
+    configs = [engine_config] * len(meshes)
+    if engine_config.prefix_cache_dir and len(meshes) > 1:  # each replica saves its own host prefix tier
+        configs = [dataclasses.replace(engine_config, prefix_cache_dir=str(Path(engine_config.prefix_cache_dir) / f"replica{i}")) for i in range(len(meshes))]
     return [
-        AsyncEngine(LLMEngine(model.cfg, model.params, engine_config, model.tokenizer, mesh=m, grammars=grammars, model_name=model.name,
+        AsyncEngine(LLMEngine(model.cfg, model.params, c, model.tokenizer, mesh=m, grammars=grammars, model_name=model.name,
                               channel=channel, draft=draft))
-        for m in meshes
+        for m, c in zip(meshes, configs)
     ]

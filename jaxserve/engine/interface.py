@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from jaxserve.engine.speculation import SpecCounters
+from jaxserve.engine.prefix_tier import PrefixTierCounters
 from jaxserve.engine.swapper import SwapCounters
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import Tokenizer
@@ -55,6 +56,7 @@ class EngineStats:
     spec: SpecCounters | None = None  # speculative decoding's totals (None: speculation off)
     swap: SwapCounters | None = None  # swaps to and from host memory (None: no swap space)
     host_kv_cache_usage: float = 0.0  # fraction of the host swap pool's pages in use (0-1)
+    prefix_tier: PrefixTierCounters | None = None  # the host prefix tier's totals (None: no host prefix cache)
 
 
 @dataclass(frozen=True)

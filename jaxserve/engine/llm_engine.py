@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import time
+from pathlib import Path
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from jaxserve.cache.block_manager import BlockManager
-from jaxserve.cache.host_pool import HostPool, host_pages_for
+from jaxserve.cache.host_pool import HostPool, check_host_memory, host_pages
+from jaxserve.cache.host_prefix import HostPrefixCache
 from jaxserve.cache.kv_cache import check_kv_dtype, is_quantized, kv_dtype_name, page_bytes, pages_for_memory, storage_dtype
 from jaxserve.engine.beam import BeamSearch, Hypothesis
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.interface import EngineLimits, EngineStats, ModelInfo, StepReport
 from jaxserve.engine.outputs import RequestOutput, StepOutput, TopLogprobs
+from jaxserve.engine.page_copier import PageCopier
+from jaxserve.engine.prefix_tier import PrefixTier
 from jaxserve.engine.runner import ModelRunner, StepShapes, decode_group
 from jaxserve.engine.scheduler import Chunk, Scheduler
 from jaxserve.engine.sequence import Sequence, Status
@@ -87,7 +93,7 @@ class LLMEngine:
         self.shapes = StepShapes.from_config(engine_config, self.max_model_len)
         self.runner = ModelRunner(model_config, params, self.num_pages, page_size, self.shapes, mesh, dtype)
         self.runner.channel = channel
-        self.blocks = BlockManager(self.num_pages, engine_config.enable_prefix_caching)
+        self.blocks = BlockManager(self.num_pages, engine_config.enable_prefix_caching, record_evictions=engine_config.host_prefix_cache > 0)
         log.info(
             "KV cache: %d pages of %d tokens = %d tokens (%s, %.1f MiB%s); %d step shapes",
             self.num_pages - 1,
@@ -102,11 +108,12 @@ class LLMEngine:
         if heads is not None:
             drafter = HeadsDraft(heads, self.runner, spec.num_speculative_tokens)
         self.speculator = Speculator(spec, drafter) if spec else None
-        self.swapper = self._swapper(bytes_per_page)
+        self.copier, self.swapper, self.prefix_tier = self._host_tiers(bytes_per_page, params)
         threshold = None
         if self.swapper is not None:
             threshold = 1 if engine_config.preemption_mode == "swap" else swap_min_tokens(self.runner, page_size)
-        self.scheduler = Scheduler(engine_config, self.blocks, self.swapper.pool if self.swapper else None, threshold)
+        self.scheduler = Scheduler(engine_config, self.blocks, self.swapper.pool if self.swapper else None, threshold,
+                                   self.prefix_tier.cache if self.prefix_tier else None)
         self.grammars = grammars or (GrammarCompiler(tokenizer, model_config.vocab_size) if tokenizer else None)
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._arrivals = itertools.count()
@@ -208,25 +215,60 @@ class LLMEngine:
         if self._drafter is not None:
             self._drafter.warmup(progress)
 
-    def _swapper(self, bytes_per_page: int) -> Swapper | None:
-        """The host pool and its copies, when `swap_space` asks for them (and preemption may swap)."""
+    def _host_tiers(self, bytes_per_page: int, params: Params) -> tuple[PageCopier | None, Swapper | None, PrefixTier | None]:
+        """The host pools and their copies, when `swap_space` (and a preemption mode that may swap) or
+        `host_prefix_cache` ask for them."""
         c = self.engine_config
-        if c.swap_space == 0 or c.preemption_mode == "recompute":
-            return None
+        wants = {"swap_space": c.swap_space if c.preemption_mode != "recompute" else 0.0, "host_prefix_cache": c.host_prefix_cache}
+        if not any(wants.values()):
+            return None, None, None
         if self.runner.channel is not None:
-            raise UserError("swap_space: swapping to host memory needs a single-process engine; multi-host groups recompute")
-        pages = host_pages_for(c.swap_space, bytes_per_page, "swap_space")
-        if pages < 1:
-            raise UserError(f"swap_space of {c.swap_space:g} GiB holds no page of {bytes_per_page} bytes")
-        log.info("swap space: %d host pages of %d tokens = %d tokens (%.2f GiB)", pages, c.page_size, pages * c.page_size, pages * bytes_per_page / 2**30)
-        return Swapper(self._runners(), HostPool([r.cache for r in self._runners()], pages))
+            names = ", ".join(name for name, gib in wants.items() if gib)
+            raise UserError(f"{names}: host-memory KV tiers need a single-process engine; multi-host groups have none")
+        check_host_memory(wants)
+        copier = PageCopier(self._runners())
+        caches = [r.cache for r in self._runners()]
+        swapper = tier = None
+        for name, gib in wants.items():
+            if not gib:
+                continue
+            pages = host_pages(gib, bytes_per_page, name)
+            log.info("%s: %d host pages of %d tokens = %d tokens (%.2f GiB)", name, pages, c.page_size, pages * c.page_size, pages * bytes_per_page / 2**30)
+            pool = HostPool(caches, pages)
+            if name == "swap_space":
+                swapper = Swapper(copier, pool)
+            else:
+                folder = Path(c.prefix_cache_dir) if c.prefix_cache_dir else None
+                tier = PrefixTier(copier, HostPrefixCache(pool), folder, self._fingerprint(params) if folder else "")
+        return copier, swapper, tier
 
-    def _swap(self, chunks: list[Chunk]) -> list[Chunk]:
-        """Run the schedule's host copies; a sequence whose copy failed recomputes, and its chunk waits."""
-        failed = self.swapper.run(*self.scheduler.take_copies())
+    def _fingerprint(self, params: Params) -> str:
+        """What a saved host prefix tier must have been computed by: this model (name, config, weight
+        format and a sample of its embedding) and this cache layout."""
+        sample = [np.asarray(leaf[:2]).tobytes() for leaf in jax.tree_util.tree_leaves(params["embed"])]
+        parts = [self.model_name, repr(self.model_config), self.weights, self.kv_cache_dtype, str(self.engine_config.page_size), *sample]
+        return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
+
+    def _host_copies(self, chunks: list[Chunk]) -> list[Chunk]:
+        """Run the schedule's host copies, every read before any write (a page given up in this
+        schedule may be refilled in this step); a sequence whose copy failed recomputes, and its chunk waits."""
+        copies, failed = self.scheduler.take_copies(), []
+        if self.prefix_tier is not None:
+            self.prefix_tier.store(self.blocks.take_evicted())
+        if self.swapper is not None:
+            failed += self.swapper.run(copies.swap_outs, copies.swap_ins)
+        if self.prefix_tier is not None:
+            failed += self.prefix_tier.fetch(copies.prefix_ins)
         for seq in failed:
             self.scheduler.recompute(seq)
         return [c for c in chunks if c.seq not in failed]
+
+    def close(self) -> None:
+        """Save what outlives the process: with `prefix_cache_dir`, the host prefix tier, the blocks the
+        device still caches copied into it first (the hottest prefixes are those nobody evicted)."""
+        if self.prefix_tier is not None and self.prefix_tier.folder is not None:
+            self.prefix_tier.store(self.blocks.cached_blocks())
+            self.prefix_tier.close()
 
     @property
     def _drafter(self) -> DraftModel | HeadsDraft | None:
@@ -257,8 +299,9 @@ class LLMEngine:
         spec = self.speculator.snapshot() if self.speculator else None
         swap = dataclasses.replace(self.swapper.counters) if self.swapper else None
         host_usage = self.swapper.pool.usage if self.swapper else 0.0
+        tier = self.prefix_tier.counters if self.prefix_tier else None
         return EngineStats(len(s.running), len(s.waiting), b.usage, b.prefix_queries, b.prefix_hits, s.num_preemptions, self._num_compiles(), spec,
-                           swap, host_usage)
+                           swap, host_usage, tier)
 
     def _num_compiles(self) -> int:
         """Programs compiled: the model's and the drafter's."""
@@ -270,8 +313,8 @@ class LLMEngine:
         tuned = self.speculator is not None and self.speculator.cfg.tune_k
         started, compiles = (time.perf_counter(), self._num_compiles()) if tuned else (0.0, 0)  # drafting included
         chunks = self.scheduler.schedule()
-        if self.swapper is not None:
-            chunks = self._swap(chunks)  # before drafting: a draft model writes into freshly reserved pages
+        if self.copier is not None:
+            chunks = self._host_copies(chunks)  # before drafting: a draft model writes into freshly reserved pages
         if self.speculator is not None:
             chunks = self._speculate(chunks)
         self.last_step = StepReport(len(chunks), sum(c.length for c in chunks), None)

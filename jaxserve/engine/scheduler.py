@@ -10,7 +10,8 @@ bit where prefill and decode rows share one attention implementation: on CPU and
 rows use the Pallas kernel, whose rounding can differ from the recompute's). With a host pool
 (`--swap-space`) a preempted sequence's computed pages are swapped out to host memory instead and
 copied back when it resumes, when its context is long enough that copying beats recomputing
-(`swap_min_tokens`, measured by the engine). A waiting request that outranks running ones (a lower
+(`swap_min_tokens`, measured by the engine). With a host prefix tier (`--host-prefix-cache`), a prompt
+whose cached prefix the device lost finds the rest of it there and copies it back. A waiting request that outranks running ones (a lower
 `priority`) preempts them at the start of a step when it would not fit otherwise, so it starts in
 that step.
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 from jaxserve.cache.block_manager import BlockManager
 from jaxserve.cache.host_pool import HostPool
+from jaxserve.cache.host_prefix import HostPrefixCache
 from jaxserve.config import EngineConfig
 from jaxserve.engine.sequence import Sequence, Status
 
@@ -55,19 +57,30 @@ class HostCopy:
     host_pages: list[int]
 
 
+@dataclass
+class HostCopies:
+    """One step's copies between device and host memory, run before the step in this order: reads
+    first (a page given up in this schedule may be refilled in the same step), then writes."""
+
+    swap_outs: list[HostCopy]
+    swap_ins: list[HostCopy]
+    prefix_ins: list[HostCopy]  # host prefix hits copied into their sequences' fresh pages
+
+
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, blocks: BlockManager, host: HostPool | None = None, swap_min_tokens: int | None = None) -> None:
+    def __init__(self, cfg: EngineConfig, blocks: BlockManager, host: HostPool | None = None, swap_min_tokens: int | None = None,
+                 host_prefix: HostPrefixCache | None = None) -> None:
         """`host`: where preempted sequences with at least `swap_min_tokens` computed tokens are swapped
-        (None: no swapping)."""
+        (None: no swapping); `host_prefix`: the host prefix tier, looked up after the device cache."""
         self.cfg = cfg
         self.blocks = blocks
         self.host = host
         self.swap_min_tokens = swap_min_tokens
+        self.host_prefix = host_prefix
         self.waiting: list[Sequence] = []  # sorted by Sequence.order
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.swap_outs: list[HostCopy] = []  # this step's copies to host memory, then back (`take_copies`)
-        self.swap_ins: list[HostCopy] = []
+        self._copies = HostCopies([], [], [])  # this step's, handed over by `take_copies`
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -97,11 +110,9 @@ class Scheduler:
             self.host.release(seq.host_pages)
         seq.pages, seq.host_pages = [], []
 
-    def take_copies(self) -> tuple[list[HostCopy], list[HostCopy]]:
-        """The host copies the latest `schedule` decided (swap-outs, then swap-ins), handed over once:
-        the engine runs them before the step, outs first (a page a victim released may be refilled
-        in the same step)."""
-        out, self.swap_outs, self.swap_ins = (self.swap_outs, self.swap_ins), [], []
+    def take_copies(self) -> HostCopies:
+        """The host copies the latest `schedule` decided, handed over once: the engine runs them before the step."""
+        out, self._copies = self._copies, HostCopies([], [], [])
         return out
 
     def _pages_for(self, num_tokens: int) -> int:
@@ -115,7 +126,7 @@ class Scheduler:
         swap = self.host is not None and self.swap_min_tokens is not None and seq.num_computed >= self.swap_min_tokens
         host = self.host.allocate(len(computed)) if swap and computed else None
         if host is not None:
-            self.swap_outs.append(HostCopy(seq, computed, host))
+            self._copies.swap_outs.append(HostCopy(seq, computed, host))
             seq.host_pages = host
         else:
             seq.num_computed = 0
@@ -173,22 +184,27 @@ class Scheduler:
                 fresh = self.blocks.allocate(self._pages_for(chunk.start + chunk.length)) if chunk else None
                 if fresh is None:
                     break
-                self.swap_ins.append(HostCopy(seq, fresh[: len(seq.host_pages)], seq.host_pages))
+                self._copies.swap_ins.append(HostCopy(seq, fresh[: len(seq.host_pages)], seq.host_pages))
                 hit, seq.host_pages = [], []
             else:
-                # Prompt log-probs need every prompt position computed, so such a request skips the cache.
-                hashes = [] if seq.wants_prompt_logprobs(0) else seq.full_block_hashes(self.cfg.page_size, seq.num_tokens)
+                # Prompt log-probs need every prompt position computed, so such a request skips the cache;
+                # the last token is always computed: its logits give the next token.
+                hashes = [] if seq.wants_prompt_logprobs(0) else seq.full_block_hashes(self.cfg.page_size, seq.num_tokens - 1)
                 hit = self.blocks.match_prefix(hashes)
-                if len(hit) * self.cfg.page_size >= seq.num_tokens:
-                    hit = hit[:-1]  # always compute at least one token: its logits give the next token
-                chunk = self._chunk(seq, len(hit) * self.cfg.page_size, budget, rows_left)
-                if chunk is None:
-                    break
-                self.blocks.acquire(hit)
-                fresh = self.blocks.allocate(self._pages_for(chunk.start + chunk.length) - len(hit))
+                from_host = self.host_prefix.match(hashes[len(hit) :]) if self.host_prefix is not None else []
+                chunk = self._chunk(seq, (len(hit) + len(from_host)) * self.cfg.page_size, budget, rows_left)
+                fresh = None
+                if chunk is not None:
+                    self.blocks.acquire(hit)
+                    fresh = self.blocks.allocate(self._pages_for(chunk.start + chunk.length) - len(hit))
+                    if fresh is None:
+                        self.blocks.release(hit)
                 if fresh is None:
-                    self.blocks.release(hit)
+                    if from_host:
+                        self.host_prefix.unpin(from_host)
                     break
+                if from_host:
+                    self._copies.prefix_ins.append(HostCopy(seq, fresh[: len(from_host)], from_host))
             self.waiting.remove(seq)
             seq.pages, seq.num_computed, seq.status = hit + fresh, chunk.start, Status.RUNNING
             if seq.num_cached_tokens is None:

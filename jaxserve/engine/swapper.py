@@ -1,5 +1,5 @@
 """Swap instead of recompute: copies of preempted sequences' pages between the device caches and a
-host pool, in fixed-size chunks (one compiled program each way), with counts, bytes and fallbacks.
+host pool, with counts, bytes and fallbacks, and the measured context length from which it pays.
 
 A failed copy never corrupts output: the sequence behind it falls back to recomputing from its
 tokens, and the fallback is counted.
@@ -16,6 +16,7 @@ from typing import Sequence as Seq
 import numpy as np
 
 from jaxserve.cache.host_pool import HostPool
+from jaxserve.engine.page_copier import PageCopier
 from jaxserve.engine.runner import SWAP_CHUNK, ModelRunner
 from jaxserve.engine.scheduler import HostCopy
 from jaxserve.engine.sequence import Sequence
@@ -37,14 +38,12 @@ class SwapCounters:
 
 
 class Swapper:
-    """Moves pages between the `runners`' caches (same page numbers) and `pool`."""
+    """Swaps preempted sequences' pages between the device caches and `pool` through `copier`."""
 
-    def __init__(self, runners: Seq[ModelRunner], pool: HostPool) -> None:
-        self.runners = list(runners)
+    def __init__(self, copier: PageCopier, pool: HostPool) -> None:
+        self.copier = copier
         self.pool = pool
         self.counters = SwapCounters()
-        for runner in self.runners:
-            runner.host_copies = True
 
     def run(self, outs: Seq[HostCopy], ins: Seq[HostCopy]) -> list[Sequence]:
         """Copy `outs` to host memory, then `ins` back to the device (releasing their host pages);
@@ -52,10 +51,7 @@ class Swapper:
         failed = []
         for copy in outs:
             try:
-                for i, runner in enumerate(self.runners):
-                    for dev, host in _chunks(copy.device_pages, copy.host_pages):
-                        data = runner.read_pages(_padded(dev))
-                        self.pool.store(i, host, {name: x[:, :, : len(host)] for name, x in data.items()})
+                self.copier.to_host(self.pool, copy.device_pages, copy.host_pages)
             except Exception:  # noqa: BLE001 - any failure: the sequence recomputes instead
                 log.exception("swap-out of request %s failed; it will recompute", copy.seq.request_id)
                 failed.append(copy.seq)
@@ -67,11 +63,7 @@ class Swapper:
                 self.pool.release(copy.host_pages)
                 continue
             try:
-                for i, runner in enumerate(self.runners):
-                    for dev, host in _chunks(copy.device_pages, copy.host_pages):
-                        data = self.pool.load(i, host)
-                        pad = SWAP_CHUNK - len(host)
-                        runner.write_pages(_padded(dev), {name: np.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3)) for name, x in data.items()})
+                self.copier.to_device(self.pool, copy.device_pages, copy.host_pages)
             except Exception:  # noqa: BLE001
                 log.exception("swap-in of request %s failed; it will recompute", copy.seq.request_id)
                 failed.append(copy.seq)
@@ -116,15 +108,3 @@ def swap_min_tokens(runner: ModelRunner, page_size: int, repeats: int = 3) -> in
         "contexts always recompute" if never else f"contexts of {threshold} tokens or more swap, shorter ones recompute",
     )
     return threshold
-
-
-def _padded(pages: Seq[int]) -> np.ndarray:
-    """Pages padded with the null page to one copy chunk."""
-    out = np.zeros(SWAP_CHUNK, np.int32)
-    out[: len(pages)] = pages
-    return out
-
-
-def _chunks(device: Seq[int], host: Seq[int]) -> list[tuple[Seq[int], Seq[int]]]:
-    """Paired device and host pages, SWAP_CHUNK at a time."""
-    return [(device[i : i + SWAP_CHUNK], host[i : i + SWAP_CHUNK]) for i in range(0, len(host), SWAP_CHUNK)]

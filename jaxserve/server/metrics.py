@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.engine.interface import EngineStats, StepReport
 from jaxserve.engine.outputs import StepOutput
+from jaxserve.engine.prefix_tier import PrefixTierCounters
 
 _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -26,6 +27,11 @@ _MASK = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 _TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)  # vLLM's 1-2-5 series
 _N = (1, 2, 5, 10, 20)
 _REQUEST_TIME = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+def _tier(stats: EngineStats) -> PrefixTierCounters:
+    """The host prefix tier's counters (zeros when there is none)."""
+    return stats.prefix_tier or PrefixTierCounters()
 
 
 class _EngineCollector(Collector):
@@ -40,11 +46,10 @@ class _EngineCollector(Collector):
             "num_requests_waiting": ("gauge", "Sequences waiting to be scheduled.", lambda s: s.waiting),
             "kv_cache_usage_perc": ("gauge", "Fraction of KV-cache pages in use (0-1).", lambda s: s.kv_cache_usage),
             "prefix_cache_queries": ("counter", "Full blocks looked up in the prefix cache.", lambda s: s.prefix_cache_queries),
-            "prefix_cache_hits": ("counter", "Full blocks found in the prefix cache.", lambda s: s.prefix_cache_hits),
             "prefix_cache_hit_rate": (
                 "gauge",
-                "Prefix-cache hits / queries since start (0-1).",
-                lambda s: s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0,
+                "Prefix-cache hits (device and host tiers) / queries since start (0-1).",
+                lambda s: (s.prefix_cache_hits + _tier(s).hits) / s.prefix_cache_queries if s.prefix_cache_queries else 0.0,
             ),
             "num_preemptions": ("counter", "Sequences preempted (recomputed or swapped out) since start.", lambda s: s.preemptions),
             "kv_swap_out": ("counter", "Preempted sequences whose KV cache was copied to host memory.", lambda s: s.swap.swap_outs if s.swap else 0),
@@ -53,6 +58,12 @@ class _EngineCollector(Collector):
             "kv_swap_in_bytes": ("counter", "Bytes of KV cache copied back from host memory.", lambda s: s.swap.swap_in_bytes if s.swap else 0),
             "kv_swap_fallbacks": ("counter", "Host copies that failed; their sequence recomputed instead.", lambda s: s.swap.fallbacks if s.swap else 0),
             "host_kv_cache_usage_perc": ("gauge", "Fraction of the host swap pool's pages in use (0-1).", lambda s: s.host_kv_cache_usage),
+            "host_prefix_cache_usage_perc": ("gauge", "Fraction of the host prefix tier's pages holding a block (0-1).", lambda s: _tier(s).usage),
+            "prefix_cache_host_stored": ("counter", "Blocks evicted from the device prefix cache and stored in the host tier.", lambda s: _tier(s).stored),
+            "prefix_cache_host_stored_bytes": ("counter", "Bytes of KV cache copied to the host prefix tier.", lambda s: _tier(s).stored_bytes),
+            "prefix_cache_host_loaded_bytes": ("counter", "Bytes of KV cache copied back from the host prefix tier.", lambda s: _tier(s).loaded_bytes),
+            "prefix_cache_host_fallbacks": ("counter", "Copies back from the host prefix tier that failed; their sequence recomputed.",
+                                            lambda s: _tier(s).fallbacks),
             "num_compiles": ("gauge", "Programs compiled since start (flat after warm-up).", lambda s: s.compiles),
         }
         snapshots = [e.stats() for e in self.engines]
@@ -61,6 +72,12 @@ class _EngineCollector(Collector):
             for i, stats in enumerate(snapshots):
                 family.add_metric([self.model, str(i)], read(stats))
             yield family
+        hits = CounterMetricFamily("jaxserve:prefix_cache_hits", "Full blocks found in the prefix cache, by tier (device first, then host).",
+                                   labels=["model_name", "engine", "tier"])
+        for i, stats in enumerate(snapshots):
+            hits.add_metric([self.model, str(i), "device"], stats.prefix_cache_hits)
+            hits.add_metric([self.model, str(i), "host"], _tier(stats).hits)
+        yield hits
         yield from self._speculation(snapshots)
         info = GaugeMetricFamily("jaxserve:cache_config_info", "KV-cache configuration of each engine (value 1; the labels say it).", labels=[
             "model_name", "engine", "block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"])

@@ -1,0 +1,91 @@
+"""The host prefix tier's copies: blocks the device prefix cache evicts go to host memory before the
+step overwrites their pages, and host hits come back before the step reads them. Counts, bytes and
+fallbacks; saved to and loaded from `--prefix-cache-dir`.
+
+A failed copy never corrupts output: a block that fails to reach host memory is forgotten, and a
+sequence whose blocks fail to come back recomputes them (counted as a fallback), the blocks forgotten.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence as Seq
+
+from jaxserve.cache.block_manager import BlockHash
+from jaxserve.cache.host_prefix import HostPrefixCache
+from jaxserve.engine.page_copier import PageCopier
+from jaxserve.engine.scheduler import HostCopy
+from jaxserve.engine.sequence import Sequence
+
+log = logging.getLogger("jaxserve.prefix_tier")
+
+
+@dataclass
+class PrefixTierCounters:
+    """Totals since start: blocks found in host memory (after the device missed them), blocks stored
+    there, the bytes each way, and copies back that failed (their sequence recomputed)."""
+
+    hits: int = 0
+    stored: int = 0
+    stored_bytes: int = 0
+    loaded_bytes: int = 0
+    fallbacks: int = 0
+    usage: float = 0.0  # fraction of the tier's host pages holding a block
+
+
+class PrefixTier:
+    """Moves evicted blocks to `cache` and host hits back through `copier`; `folder` persists it."""
+
+    def __init__(self, copier: PageCopier, cache: HostPrefixCache, folder: Path | None, fingerprint: str) -> None:
+        self.copier, self.cache = copier, cache
+        self.folder, self.fingerprint = folder, fingerprint
+        self._counters = PrefixTierCounters()
+        if folder is not None:
+            cache.load(folder, fingerprint)
+
+    @property
+    def counters(self) -> PrefixTierCounters:
+        c = self._counters
+        return PrefixTierCounters(self.cache.hits, self.cache.stored, c.stored_bytes, c.loaded_bytes, c.fallbacks, self.cache.usage)
+
+    def store(self, evicted: Seq[tuple[int, BlockHash]]) -> None:
+        """Copy evicted blocks (device page, hash) to host memory; ones already there are only made recent."""
+        pairs: dict[int, tuple[int, BlockHash]] = {}  # host page -> (device page, hash); a page reused in the batch keeps the latest
+        for page, block_hash in evicted:
+            host = self.cache.reserve(block_hash)
+            if host is not None:
+                pairs[host] = (page, block_hash)
+        if not pairs:
+            return
+        try:
+            self.copier.to_host(self.cache.pool, [page for page, _ in pairs.values()], list(pairs))
+        except Exception:  # noqa: BLE001 - the blocks are only forgotten, as without a host tier
+            log.exception("copying %d evicted prefix blocks to host memory failed; they are forgotten", len(pairs))
+            self.cache.forget(list(pairs))
+            return
+        self._counters.stored_bytes += len(pairs) * self.cache.pool.page_bytes()
+
+    def fetch(self, copies: Seq[HostCopy]) -> list[Sequence]:
+        """Copy host hits back into their sequences' fresh device pages; returns the sequences whose copy
+        failed, which must recompute."""
+        failed = []
+        for copy in copies:
+            try:
+                self.copier.to_device(self.cache.pool, copy.device_pages, copy.host_pages)
+            except Exception:  # noqa: BLE001 - the sequence recomputes instead
+                log.exception("copying prefix blocks of request %s back from host memory failed; it will recompute", copy.seq.request_id)
+                failed.append(copy.seq)
+                self.cache.forget(copy.host_pages)  # so that its retry recomputes them
+            else:
+                self._counters.loaded_bytes += len(copy.host_pages) * self.cache.pool.page_bytes()
+            finally:
+                self.cache.unpin(copy.host_pages)
+        self._counters.fallbacks += len(failed)
+        return failed
+
+    def close(self) -> None:
+        """Save the tier to its folder, if it has one."""
+        if self.folder is not None:
+            self.cache.save(self.folder, self.fingerprint)
