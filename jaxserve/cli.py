@@ -11,7 +11,7 @@ import sys
 from typing import Sequence
 
 from jaxserve.checkpoint.registry import DEFAULT_MODEL, cache_dir
-from jaxserve.config import KV_CACHE_DTYPES, PREEMPTION_MODES, QUANTIZATIONS, TrainDraftConfig, load_yaml
+from jaxserve.config import INT4_GROUP, KV_CACHE_DTYPES, PREEMPTION_MODES, QUANTIZATIONS, TrainDraftConfig, load_yaml
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 
@@ -24,8 +24,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--quantization",
         default=None,
         choices=QUANTIZATIONS,
-        help="int8: dense layers as int8 weights times int8 activations, SmoothQuant-calibrated at load; the LM head stays float (outputs differ slightly from float)",
+        help="int8: dense layers as int8 weights times int8 activations, SmoothQuant-calibrated at load; int4: dense weights as "
+        "4-bit codes with a scale and offset per group of input rows (--quantization-group-size), AWQ-calibrated at load. The LM "
+        "head stays float; outputs differ slightly from float",
     )
+    p.add_argument("--quantization-group-size", type=int, default=INT4_GROUP, choices=(32, 64, 128),
+                   help=f"int4: input rows per scale and offset (default {INT4_GROUP}, GGUF's 4-bit block)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices each model replica is split over (must divide the heads)")
     p.add_argument(
         "--unroll-layers",
@@ -202,7 +206,7 @@ def _single_stream(args: argparse.Namespace):
         raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
     speculative = _speculative(args)  # before loading: a bad config fails at once
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size))
-    model = load_model(args.model, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size)
+    model = load_model(args.model, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size, args.quantization_group_size)
     max_len = min(args.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
     engine = EngineConfig(
         max_num_seqs=1,
@@ -342,7 +346,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size))
     check_mesh(mesh, dist)
-    model = load_model(args.model, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size)
+    model = load_model(args.model, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size, args.quantization_group_size)
     if dist.process_id > 0:  # a follower: the same runner as process 0's, driven by its calls
         try:
             LLMEngine(model.cfg, model.params, engine_config, model.tokenizer, mesh=mesh).follow(peer)

@@ -17,7 +17,8 @@ import yaml
 from jaxserve.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-QUANTIZATIONS = ("int8",)  # weight formats `load_model` can convert dense layers to
+QUANTIZATIONS = ("int8", "int4")  # weight formats `load_model` can convert dense layers to
+INT4_GROUP = 32  # default input rows per int4 scale and offset: GGUF's 4-bit block
 KV_CACHE_DTYPES = ("auto", "bfloat16", "int8", "fp8", "fp8_e4m3")  # KV-cache storage (EngineConfig.kv_cache_dtype; fp8 = fp8_e4m3)
 PREEMPTION_MODES = ("auto", "swap", "recompute")  # EngineConfig.preemption_mode
 MIN_SECRET_BYTES = 16  # a shorter cluster secret could be guessed from a recorded handshake

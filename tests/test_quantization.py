@@ -1,4 +1,5 @@
-"""Int8 (W8A8) dense layers: close to float, and exact whatever else is in the batch."""
+"""Quantized dense layers: int8 (W8A8) close to float and exact whatever else is in the batch; int4
+(weight-only, grouped) packed losslessly, with AWQ-style scales that never round worse than plain."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from jaxserve.checkpoint.loader import load_model
 from jaxserve.config import EngineConfig
 from jaxserve.engine.llm import LLM
 from jaxserve.errors import UserError
-from jaxserve.models.quantize import CALIBRATION_TEXT, observe_activations, quantize_model, smooth_layer
+from jaxserve.models.quantize import CALIBRATION_TEXT, _int4_error, awq_scales, fold_scales, observe_activations, quantize_model, smooth_layer
 from jaxserve.ops.norm import rms_norm
-from jaxserve.ops.quant import Int8Weight, linear, quantize
+from jaxserve.ops.quant import Int4Weight, Int8Weight, linear, pack_int4, quantize, quantize_int4, weight_format
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.models.llama import unstack_layers
 from tests.tiny_models import prefill_logits, tiny_config, tiny_params
@@ -138,6 +139,58 @@ def test_int8_engine_batched_equals_one_at_a_time(smollm2_int8_stacked) -> None:
         assert (out.outputs[0].token_ids, out.outputs[0].logprobs) == (alone.token_ids, alone.logprobs), prompt
 
 
+def test_int4_packs_codes_losslessly_and_rounds_within_half_a_step() -> None:
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (2, 64, 5))
+    codes[:, [0, 32]], codes[:, [1, 33]] = 0, 15  # each group spans the whole grid, as llama.cpp's Q4_1 blocks do
+    codes = jnp.asarray(codes, jnp.uint8)
+    scale, offset = jnp.asarray(rng.uniform(0.01, 0.1, (2, 2, 5))), jnp.asarray(rng.normal(size=(2, 2, 5)))
+    w = pack_int4(codes, scale, offset)
+    assert w.packed.shape == (2, 32, 5) and w.packed.dtype == jnp.uint8 and w.group == 32
+    np.testing.assert_array_equal(np.asarray(w.codes()), np.asarray(codes))
+    # A weight already on a 4-bit grid (as GGUF Q4_1 blocks dequantized are) comes back exactly.
+    exact = w.dequantize()
+    again = quantize_int4(exact, 32)
+    np.testing.assert_allclose(np.asarray(again.dequantize()), np.asarray(exact), atol=1e-6)
+    x = jnp.asarray(rng.normal(size=(2, 128, 7)), jnp.float32)
+    q = quantize_int4(x, 64)
+    step = np.asarray(q.scale, np.float32).repeat(64, axis=-2)
+    assert np.all(np.abs(np.asarray(q.dequantize()) - np.asarray(x)) <= step / 2 + 1e-3)
+    a = jnp.asarray(rng.normal(size=(3, 128)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(linear(a, jax.tree.map(lambda t: t[0], q))), np.asarray(a @ q.dequantize()[0]))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_awq_scales_keep_the_float_model_and_never_round_worse(fused: bool) -> None:
+    """The scales only move range between activations and weights (exact in float), and the chosen
+    exponent's activation-weighted error is at most plain rounding's (exponent 0)."""
+    cfg = tiny_config()
+    params = tiny_params(cfg)
+    params = unstack_layers(params) if fused else params
+    ids = list(range(3, 40))
+    observed = observe_activations(params, cfg, ids)
+    layers = [params["layers"]] if not fused else list(params["layers"])
+    seen = [observed] if not fused else list(observed)
+    folded = []
+    for lp, o in zip(layers, seen):
+        s = awq_scales(lp, o, group=32)
+        folded.append(fold_scales(lp, s))
+        for act, names in (("attn", ("wqkv", "wq", "wk", "wv")), ("down", ("w_down",))):
+            ws = [lp[k] for k in names if k in lp]
+            assert np.all(np.asarray(_int4_error(ws, s[act], o[f"{act}_sq"], 32)) <= np.asarray(_int4_error(ws, jnp.ones_like(s[act]), o[f"{act}_sq"], 32)) * (1 + 1e-5))
+    out = folded[0] if not fused else tuple(folded)
+    np.testing.assert_allclose(prefill_logits(cfg, {**params, "layers": out}, ids), prefill_logits(cfg, params, ids), rtol=1e-4, atol=1e-4)
+    q = quantize_model(params, cfg, ids, "int4", 32)
+    assert weight_format(q) == "int4" and isinstance((q["layers"] if not fused else q["layers"][0])["w_down"], Int4Weight)
+
+
+def test_int4_group_size_that_does_not_divide_a_layer_is_refused() -> None:
+    cfg = tiny_config()  # hidden 64
+    params = unstack_layers(tiny_params(cfg))
+    with pytest.raises(UserError, match="int4 with group size 48: layer 0's wqkv has 64 input rows, which do not split into groups of 48"):
+        quantize_model(params, cfg, list(range(3, 20)), "int4", 48)
+
+
 def test_unknown_quantization_is_a_clear_error() -> None:
-    with pytest.raises(UserError, match="unknown quantization 'int4'"):
-        load_model("smollm2-135m-instruct", quantization="int4")
+    with pytest.raises(UserError, match="unknown quantization 'int3'"):
+        load_model("smollm2-135m-instruct", quantization="int3")

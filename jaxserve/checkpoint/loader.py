@@ -14,7 +14,7 @@ from jaxserve.checkpoint.gguf_reader import read_gguf
 from jaxserve.checkpoint.heads import load_heads
 from jaxserve.checkpoint.hf_reader import is_hf_folder, read_hf
 from jaxserve.checkpoint.native import is_checkpoint, load_checkpoint, save_checkpoint
-from jaxserve.config import QUANTIZATIONS, ModelConfig, SpeculativeConfig
+from jaxserve.config import INT4_GROUP, QUANTIZATIONS, ModelConfig, SpeculativeConfig
 from jaxserve.errors import UserError
 from jaxserve.models.draft_heads import DraftHeads
 from jaxserve.models.llama import Params, unstack_layers
@@ -95,8 +95,10 @@ def load_model(
     unroll_layers: bool | None = None,
     quantization: str | None = None,
     tensor_parallel_size: int = 1,
+    group_size: int = INT4_GROUP,
 ) -> LoadedModel:
-    """Load a model, optionally with int8 dense layers (`quantization="int8"`), laid out for
+    """Load a model, optionally with quantized dense layers (`quantization`: "int8" W8A8, or "int4"
+    weight-only in groups of `group_size` input rows; `jaxserve.models.quantize`), laid out for
     `tensor_parallel_size` devices (KV heads copied when there are fewer than devices; the returned
     config says how many the cache holds).
 
@@ -121,7 +123,7 @@ def load_model(
     if unroll_layers:
         params = unstack_layers(params)
     if quantization:
-        params = quantize_model(params, cfg, tokenizer.encode(CALIBRATION_TEXT))  # int8, the one method
+        params = quantize_model(params, cfg, tokenizer.encode(CALIBRATION_TEXT), quantization, group_size)
     return LoadedModel(name=spec if spec in registry.REGISTRY else path.name, cfg=cfg, params=params, tokenizer=tokenizer)
 
 

@@ -26,7 +26,7 @@ class ModelInfo:
     vocab_size: int
     max_model_len: int  # prompt + output tokens one sequence may hold
     tokenizer: Tokenizer | None
-    weights: str = "float32"  # how the dense layers are stored: a float dtype's name, or "int8" (W8A8)
+    weights: str = "float32"  # how the dense layers are stored: a float dtype's name, "int8" (W8A8) or "int4" (weight-only)
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,12 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.float32
     return jax.tree.unflatten(treedef, [init(p[-1].key, s, k).astype(dtype) for (p, s), k in zip(flat, keys)])
 
 
+def _channel_stats(name: str, x: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """Per channel of x [N, C]: max |x| under `name`, mean x^2 under `name`_sq."""
+    xf = x.astype(jnp.float32)
+    return {name: jnp.max(jnp.abs(xf), axis=0), f"{name}_sq": jnp.mean(jnp.square(xf), axis=0)}
+
+
 def forward(
     params: Params,
     cache: KVCache,
@@ -110,8 +116,9 @@ def forward(
     dense layers run over all their tokens at once, so weights are read once per step, while attention
     runs per group at its own shape. One-token groups use the Pallas decode kernel when
     `decode_kernel` (default: on GPU). Returns each group's hidden states [B, T, D] and the cache;
-    with `observe`, also per layer the max |activation| of each channel entering the dense layers,
-    {"attn": [D], "mlp": [D], "down": [F]} (stacked [L, ...] under scan), which int8 calibrates on.
+    with `observe`, also per layer the max |activation| and mean square of each channel entering the
+    dense layers, {"attn": [D], "attn_sq": [D], "mlp", "mlp_sq": [D], "down", "down_sq": [F]} (stacked
+    [L, ...] under scan), which int8 and int4 calibrate on.
     """
     kernel = use_decode_kernel() if decode_kernel is None else decode_kernel
 
@@ -136,7 +143,7 @@ def forward(
 
     def layer(h, cache, lp, i):
         x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
-        seen = {"attn": jnp.max(jnp.abs(x), axis=0)} if observe else {}
+        seen = _channel_stats("attn", x) if observe else {}
         if "wqkv" in lp:  # fused layout (see unstack_layers)
             qkv = linear(x, lp["wqkv"]) + (lp["bqkv"] if cfg.qkv_bias else 0)
             q, k, v = jnp.split(qkv, [q_dim, q_dim + kv_dim], axis=-1)
@@ -160,7 +167,7 @@ def forward(
             gate, up = linear(x, lp["w_gate"]), linear(x, lp["w_up"])
         act = jax.nn.silu(gate) * up
         if observe:
-            seen.update(mlp=jnp.max(jnp.abs(x), axis=0), down=jnp.max(jnp.abs(act), axis=0))
+            seen.update(_channel_stats("mlp", x), **_channel_stats("down", act))
         h = h + linear(act, lp["w_down"])
         return h, cache, seen
 

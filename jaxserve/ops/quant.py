@@ -1,10 +1,15 @@
-"""Int8 weight-and-activation (W8A8) linear layers.
+"""Quantized linear layers: int8 weight-and-activation (W8A8), and 4-bit weight-only (W4A16).
 
 On CPUs with VNNI/AMX, XLA runs an int8 x int8 -> int32 dot about 4x faster than the same float32
 dot, and the weights take a quarter of the memory traffic. Weights get one scale per output column
 (fixed at load); activations get one scale per row (computed in the step), so every row's result
 depends on that row alone and batch invariance holds (given a norm before it whose bits do not depend
 on the batch either: `jaxserve.ops.norm`).
+
+4-bit weights stay packed in memory (two codes a byte) with a float16 scale and offset per group of
+input rows and output column; the step unpacks them and multiplies in the activations' dtype, which
+XLA fuses into the dot's operand where the backend can. Its rows are as batch-invariant as a float
+layer's.
 """
 
 from __future__ import annotations
@@ -32,6 +37,51 @@ def quantize(w: jnp.ndarray) -> Int8Weight:
     return Int8Weight(q=q, scale=scale)
 
 
+@flax.struct.dataclass
+class Int4Weight:
+    """A [..., in, out] weight as 4-bit codes q in [0, 15], w ~= q * scale + offset per group of input
+    rows and output column: GGUF's Q4_0, Q4_1 and Q4_K blocks, and zero-point (asymmetric) int4, alike."""
+
+    packed: jnp.ndarray  # [..., in / 2, out] uint8: input row 2i in the low nibble, 2i + 1 in the high
+    scale: jnp.ndarray  # [..., in / group, out] float16
+    offset: jnp.ndarray  # [..., in / group, out] float16
+
+    @property
+    def group(self) -> int:
+        return 2 * self.packed.shape[-2] // self.scale.shape[-2]
+
+    def codes(self) -> jnp.ndarray:
+        """The codes [..., in, out] (uint8)."""
+        p = self.packed  # [..., in / 2, out]
+        return jnp.stack([p & 0xF, p >> 4], axis=-2).reshape(*p.shape[:-2], 2 * p.shape[-2], p.shape[-1])
+
+    def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jnp.ndarray:
+        """The weight [..., in, out] in `dtype`."""
+        q = self.codes()
+        *lead, n, out = q.shape
+        grouped = q.reshape(*lead, n // self.group, self.group, out).astype(jnp.float32)  # [..., G, group, out]
+        w = grouped * self.scale[..., :, None, :].astype(jnp.float32) + self.offset[..., :, None, :].astype(jnp.float32)
+        return w.reshape(*lead, n, out).astype(dtype)
+
+
+def pack_int4(codes: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray) -> Int4Weight:
+    """An `Int4Weight` from codes [..., in, out] in [0, 15] and per-group scale and offset [..., in / group, out]."""
+    q = codes.astype(jnp.uint8)
+    return Int4Weight(packed=q[..., 0::2, :] | (q[..., 1::2, :] << 4), scale=scale.astype(jnp.float16), offset=offset.astype(jnp.float16))
+
+
+def quantize_int4(w: jnp.ndarray, group: int) -> Int4Weight:
+    """Round-to-nearest asymmetric 4-bit in groups of `group` input rows: each group's min and max map to
+    codes 0 and 15 (the float16-rounded scale and offset are the ones the codes are chosen for)."""
+    *lead, n, out = w.shape
+    g = w.astype(jnp.float32).reshape(*lead, n // group, group, out)  # [..., G, group, out]
+    lo, hi = jnp.min(g, axis=-2), jnp.max(g, axis=-2)  # [..., G, out]
+    scale = jnp.where(hi > lo, (hi - lo) / 15, 1.0).astype(jnp.float16).astype(jnp.float32)
+    offset = lo.astype(jnp.float16).astype(jnp.float32)
+    q = jnp.clip(jnp.round((g - offset[..., None, :]) / scale[..., None, :]), 0, 15)
+    return pack_int4(q.reshape(*lead, n, out), scale, offset)
+
+
 def matmul(x: jnp.ndarray, w: jnp.ndarray, out_dtype: jnp.dtype | None = None) -> jnp.ndarray:
     """x [..., in] @ w [in, out] -> [..., out] over the rows of x, a single row padded to two.
 
@@ -44,8 +94,11 @@ def matmul(x: jnp.ndarray, w: jnp.ndarray, out_dtype: jnp.dtype | None = None) -
     return out.reshape(*x.shape[:-1], -1)
 
 
-def linear(x: jnp.ndarray, w: jnp.ndarray | Int8Weight) -> jnp.ndarray:
-    """x [..., in] @ w [in, out] -> [..., out] in x's dtype; int8 weights quantize x per row."""
+def linear(x: jnp.ndarray, w: jnp.ndarray | Int8Weight | Int4Weight) -> jnp.ndarray:
+    """x [..., in] @ w [in, out] -> [..., out] in x's dtype; int8 weights quantize x per row, int4
+    weights are unpacked into x's dtype."""
+    if isinstance(w, Int4Weight):
+        return matmul(x, w.dequantize(x.dtype))
     if not isinstance(w, Int8Weight):
         return matmul(x, w)
     xf = x.astype(jnp.float32)
@@ -57,7 +110,14 @@ def linear(x: jnp.ndarray, w: jnp.ndarray | Int8Weight) -> jnp.ndarray:
     return (acc.astype(jnp.float32) * row_scale * w.scale).astype(x.dtype)
 
 
+def is_quantized_weight(x: Any) -> bool:
+    return isinstance(x, (Int8Weight, Int4Weight))
+
+
 def weight_format(params: Any) -> str:
-    """How a model's dense layers are stored: "int8" when any is an `Int8Weight`, else the embedding's dtype."""
-    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Int8Weight))
-    return "int8" if any(isinstance(x, Int8Weight) for x in leaves) else jnp.dtype(params["embed"].dtype).name
+    """How a model's dense layers are stored: "int8" or "int4" when any is quantized, else the embedding's dtype."""
+    leaves = jax.tree.leaves(params, is_leaf=is_quantized_weight)
+    for kind, name in ((Int4Weight, "int4"), (Int8Weight, "int8")):
+        if any(isinstance(x, kind) for x in leaves):
+            return name
+    return jnp.dtype(params["embed"].dtype).name

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from jaxserve.config import ModelConfig
 from jaxserve.errors import UserError
 from jaxserve.models.llama import Params
-from jaxserve.ops.quant import Int8Weight
+from jaxserve.ops.quant import Int4Weight, Int8Weight, is_quantized_weight
 from jaxserve.parallel.mesh import MODEL
 
 COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")  # [..., in, out]: out split
@@ -73,7 +73,7 @@ def _spec(name: str, ndim: int, tp: int, vocab: int) -> tuple:
 
 
 def param_shardings(params: Params, mesh: Mesh, cfg: ModelConfig) -> Params:
-    """A NamedSharding for every leaf of `params` (stacked or per-layer, float or int8)."""
+    """A NamedSharding for every leaf of `params` (stacked or per-layer, float, int8 or int4)."""
     tp = mesh.shape[MODEL]
 
     def for_weight(path, w):
@@ -81,6 +81,9 @@ def param_shardings(params: Params, mesh: Mesh, cfg: ModelConfig) -> Params:
         if isinstance(w, Int8Weight):  # q splits like the float matrix; scale [..., out] like its output
             spec = _spec(name, w.q.ndim, tp, cfg.vocab_size)
             return Int8Weight(q=NamedSharding(mesh, P(*spec)), scale=NamedSharding(mesh, P(*spec[:-2], spec[-1])))
+        if isinstance(w, Int4Weight):  # codes, scales and offsets [..., in / k, out] all split like the float matrix
+            spec = P(*_spec(name, w.packed.ndim, tp, cfg.vocab_size))
+            return Int4Weight(packed=NamedSharding(mesh, spec), scale=NamedSharding(mesh, spec), offset=NamedSharding(mesh, spec))
         return NamedSharding(mesh, P(*_spec(name, w.ndim, tp, cfg.vocab_size)))
 
-    return jax.tree_util.tree_map_with_path(for_weight, params, is_leaf=lambda x: isinstance(x, Int8Weight))
+    return jax.tree_util.tree_map_with_path(for_weight, params, is_leaf=is_quantized_weight)
