@@ -127,3 +127,5 @@ def test_bad_host_prefix_settings_are_refused(tiny) -> None:
         EngineConfig(host_prefix_cache=1, enable_prefix_caching=False)
     with pytest.raises(UserError, match="set host_prefix_cache"):
         EngineConfig(prefix_cache_dir="/tmp/x")
+    with pytest.raises(UserError, match="prefix_cache_dir: cannot create /proc/jaxserve"):
+        _engine(tiny, prefix_cache_dir="/proc/jaxserve")

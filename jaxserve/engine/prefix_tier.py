@@ -9,6 +9,7 @@ sequence whose blocks fail to come back recomputes them (counted as a fallback),
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence as Seq
@@ -18,6 +19,7 @@ from jaxserve.cache.host_prefix import HostPrefixCache
 from jaxserve.engine.page_copier import PageCopier
 from jaxserve.engine.scheduler import HostCopy
 from jaxserve.engine.sequence import Sequence
+from jaxserve.errors import UserError
 
 log = logging.getLogger("jaxserve.prefix_tier")
 
@@ -43,6 +45,13 @@ class PrefixTier:
         self.folder, self.fingerprint = folder, fingerprint
         self._counters = PrefixTierCounters()
         if folder is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                writable = os.access(folder, os.W_OK)
+            except OSError as e:
+                raise UserError(f"prefix_cache_dir: cannot create {folder}: {e.strerror}") from None
+            if not writable:
+                raise UserError(f"prefix_cache_dir: {folder} is not writable")
             cache.load(folder, fingerprint)
 
     @property
@@ -86,6 +95,10 @@ class PrefixTier:
         return failed
 
     def close(self) -> None:
-        """Save the tier to its folder, if it has one."""
+        """Save the tier to its folder, if it has one; a failure is logged (the next start finds the
+        previous save, or nothing)."""
         if self.folder is not None:
-            self.cache.save(self.folder, self.fingerprint)
+            try:
+                self.cache.save(self.folder, self.fingerprint)
+            except OSError:
+                log.exception("saving the host prefix cache to %s failed", self.folder)
