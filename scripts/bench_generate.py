@@ -6,7 +6,10 @@ float32 decode tokens/s on the same GGUF in the same run, as a ratio. With --lla
 with llama-cpp-python), also llama.cpp's decode on the same weights dequantized to an F32 GGUF: what a
 hand-written C++ engine reaches on this machine's memory bandwidth.
 
-    python scripts/bench_generate.py [--reference-python PY] [--llama-cpp-python PY] [--out bench_results/generate.json]
+With --quantizations (default int8 int4), also single-stream decode tokens/s and the decoder layers'
+bytes in memory with each weight format, beside float, in the same run.
+
+    python scripts/bench_generate.py [--reference-python PY] [--llama-cpp-python PY] [--quantizations int8 int4] [--out bench_results/generate.json]
 """
 
 from __future__ import annotations
@@ -93,11 +96,20 @@ def write_f32_gguf(src: Path, dst: Path) -> Path:
     return dst
 
 
+def dense_bytes(params) -> int:
+    """Bytes the decoder layers' weights take in memory (packed codes, scales and offsets included)."""
+    import jax
+
+    return sum(x.nbytes for x in jax.tree.leaves(params["layers"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference-python", help="a Python with torch and transformers (default: this one, if it has them)")
     parser.add_argument("--llama-cpp-python", help="a Python with llama-cpp-python, to measure llama.cpp F32 decode too")
     parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--quantizations", nargs="*", default=["int8", "int4"], choices=["int8", "int4"],
+                        help="also decode with these weight formats in the same run (none: skip)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/generate.json"))
     args = parser.parse_args()
 
@@ -124,18 +136,23 @@ def main() -> None:
         jax.block_until_ready(model.params)
         warm_load = time.perf_counter() - t0
 
-        llm = LLM(model, EngineConfig(max_num_seqs=1, num_pages=129, max_model_len=2048))
         prompt_ids = model.tokenizer.encode(PROMPT)
         sp = SamplingParams(max_tokens=args.decode_tokens, temperature=0.0, ignore_eos=True)
 
-        def timed_run() -> list[float]:
-            stamps = [time.perf_counter()]
-            for _ in llm.stream(prompt_ids, sp):
-                stamps.append(time.perf_counter())
-            return stamps
+        def timed_runs(m) -> tuple[LLM, list[float], list[float]]:
+            """The engine, a cold run (compiles the prefill and decode buckets) and the best of 3 warm ones."""
+            llm = LLM(m, EngineConfig(max_num_seqs=1, num_pages=129, max_model_len=2048))
 
-        cold = timed_run()  # compiles the prefill and decode buckets
-        warm = min((timed_run() for _ in range(3)), key=lambda s: s[-1] - s[1])  # best of 3
+            def run() -> list[float]:
+                stamps = [time.perf_counter()]
+                for _ in llm.stream(prompt_ids, sp):
+                    stamps.append(time.perf_counter())
+                return stamps
+
+            cold = run()
+            return llm, cold, min((run() for _ in range(3)), key=lambda s: s[-1] - s[1])
+
+        llm, cold, warm = timed_runs(model)
         first_two_cold, first_two_warm = cold[2] - cold[0], warm[2] - warm[0]
         prefill_s = warm[1] - warm[0]
         decode_tps = (len(warm) - 2) / (warm[-1] - warm[1])
@@ -155,6 +172,14 @@ def main() -> None:
             "decode_tokens_per_s": round(decode_tps, 1),
             "step_compiles": llm.engine.runner.num_compiles,
         }
+        if args.quantizations:  # decode of the same model with quantized dense layers, in this run
+            result["quantized"] = {"float": {"dense_weight_bytes": dense_bytes(model.params), "decode_tokens_per_s": round(decode_tps, 1)}}
+            for q in args.quantizations:
+                quantized = load_model(entry.name, quantization=q)
+                _, _, qwarm = timed_runs(quantized)
+                result["quantized"][q] = {"dense_weight_bytes": dense_bytes(quantized.params),
+                                          "decode_tokens_per_s": round((len(qwarm) - 2) / (qwarm[-1] - qwarm[1]), 1)}
+                del quantized
         python = args.reference_python or (sys.executable if importlib.util.find_spec("torch") else None)
         if python:
             ref = other_engine_decode(python, REFERENCE_DECODE, gguf, args.decode_tokens)

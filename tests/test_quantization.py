@@ -184,6 +184,17 @@ def test_awq_scales_keep_the_float_model_and_never_round_worse(fused: bool) -> N
     assert weight_format(q) == "int4" and isinstance((q["layers"] if not fused else q["layers"][0])["w_down"], Int4Weight)
 
 
+def test_int4_at_group_32_gives_back_smollm2s_gguf_weights_exactly(smollm2) -> None:
+    """SmolLM2's dense weights are GGUF Q4_1 blocks of 32 (dequantized at load): 4-bit codes in groups
+    of 32 with a float16 scale and offset hold them exactly, at 5 bits a weight instead of 16."""
+    layers = smollm2.params["layers"]  # stacked [L, in, out]
+    for name in ("wq", "wk", "w_down"):
+        w = quantize_int4(layers[name], 32)
+        np.testing.assert_allclose(np.asarray(w.dequantize()), np.asarray(layers[name], np.float32), rtol=0, atol=1e-6)
+        bits = 8 * sum(x.nbytes for x in (w.packed, w.scale, w.offset)) / layers[name].size
+        assert bits == 5.0
+
+
 def test_int4_group_size_that_does_not_divide_a_layer_is_refused() -> None:
     cfg = tiny_config()  # hidden 64
     params = unstack_layers(tiny_params(cfg))
