@@ -10,10 +10,10 @@ bit where prefill and decode rows share one attention implementation: on CPU and
 rows use the Pallas kernel, whose rounding can differ from the recompute's). With a host pool
 (`--swap-space`) a preempted sequence's computed pages are swapped out to host memory instead and
 copied back when it resumes, when its context is long enough that copying beats recomputing
-(`swap_min_tokens`, measured by the engine). With a host prefix tier (`--host-prefix-cache`), a prompt
-whose cached prefix the device lost finds the rest of it there and copies it back. A waiting request that outranks running ones (a lower
-`priority`) preempts them at the start of a step when it would not fit otherwise, so it starts in
-that step.
+(`swap_min_tokens`, measured by the engine). With a host prefix tier (`--host-prefix-cache`), a
+prompt whose cached prefix the device lost finds the rest of it there and copies it back. A waiting
+request that outranks running ones (a lower `priority`) preempts them at the start of a step when it
+would not fit otherwise, so it starts in that step.
 
 Prefill chunks run as rows of `prefill_row_len` tokens: a chunk that does not finish its prompt fills
 whole rows, and a step holds at most `max_prefill_rows` of them. The n samples of one request share
