@@ -16,13 +16,12 @@ setup: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/jaxserve serve
 
-# Two workers, a test file each at a time (files on the shared SmolLM2 server together: see
-# tests/conftest.py): XLA compiles on one core, so two files overlap their compiles and model steps on
-# a 2-core machine. PYTEST_WORKERS=0 runs in one process.
+# Two workers, a test file each at a time: XLA compiles on one core, so two files overlap their
+# compiles and model steps on a 2-core machine. PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=15 -n $(PYTEST_WORKERS) --dist loadgroup
+	$(VENV)/bin/python -m pytest -q --durations=15 -n $(PYTEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(VENV)/bin/python scripts/bench_generate.py

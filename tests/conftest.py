@@ -16,15 +16,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 GOLDEN = Path(__file__).parent / "golden" / "smollm2_reference.json"
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for xdist's `--dist loadgroup` (the Makefile's): one per file, as `loadfile` would, except
-    that every file with a test on the shared SmolLM2 server joins one group, so that one worker
-    starts and warms up that server once."""
-    shared = {item.path for item in items if "smollm2_server" in item.fixturenames}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("smollm2_server" if item.path in shared else item.path.name))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache() -> None:
     """Reuse compiled steps across test runs (same cache as the CLI)."""
