@@ -43,7 +43,7 @@ class PrefixTier:
     def __init__(self, copier: PageCopier, cache: HostPrefixCache, folder: Path | None, fingerprint: str) -> None:
         self.copier, self.cache = copier, cache
         self.folder, self.fingerprint = folder, fingerprint
-        self._counters = PrefixTierCounters()
+        self.stored_bytes = self.loaded_bytes = self.fallbacks = 0  # the rest of the counters are the cache's
         if folder is not None:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -56,8 +56,7 @@ class PrefixTier:
 
     @property
     def counters(self) -> PrefixTierCounters:
-        c = self._counters
-        return PrefixTierCounters(self.cache.hits, self.cache.stored, c.stored_bytes, c.loaded_bytes, c.fallbacks, self.cache.usage)
+        return PrefixTierCounters(self.cache.hits, self.cache.stored, self.stored_bytes, self.loaded_bytes, self.fallbacks, self.cache.usage)
 
     def store(self, evicted: Seq[tuple[int, BlockHash]]) -> None:
         """Copy evicted blocks (device page, hash) to host memory; ones already there are only made recent."""
@@ -74,7 +73,7 @@ class PrefixTier:
             log.exception("copying %d evicted prefix blocks to host memory failed; they are forgotten", len(pairs))
             self.cache.forget(list(pairs))
             return
-        self._counters.stored_bytes += len(pairs) * self.cache.pool.page_bytes()
+        self.stored_bytes += len(pairs) * self.cache.pool.page_bytes()
 
     def fetch(self, copies: Seq[HostCopy]) -> list[Sequence]:
         """Copy host hits back into their sequences' fresh device pages; returns the sequences whose copy
@@ -88,10 +87,10 @@ class PrefixTier:
                 failed.append(copy.seq)
                 self.cache.forget(copy.host_pages)  # so that its retry recomputes them
             else:
-                self._counters.loaded_bytes += len(copy.host_pages) * self.cache.pool.page_bytes()
+                self.loaded_bytes += len(copy.host_pages) * self.cache.pool.page_bytes()
             finally:
                 self.cache.unpin(copy.host_pages)
-        self._counters.fallbacks += len(failed)
+        self.fallbacks += len(failed)
         return failed
 
     def close(self) -> None:
