@@ -16,6 +16,15 @@ from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 
 
+QUANTIZATION_HELP = (
+    "int8: dense layers as int8 weights times int8 activations, SmoothQuant-calibrated; int4: dense weights as 4-bit codes with "
+    "a scale and offset per group of input rows (--quantization-group-size), AWQ-calibrated, or a GGUF's Q4_0/Q4_1/Q4_K blocks "
+    "kept as stored. The LM head stays float; outputs differ slightly from float"
+)
+GROUP_SIZES = (32, 64, 128)
+GROUP_SIZE_HELP = f"int4: input rows per scale and offset (default {INT4_GROUP}, GGUF's 4-bit block)"
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML file of option defaults (command-line flags take precedence)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, GGUF file, HF folder or jaxserve checkpoint (default: {DEFAULT_MODEL})")
@@ -24,12 +33,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--quantization",
         default=None,
         choices=QUANTIZATIONS,
-        help="int8: dense layers as int8 weights times int8 activations, SmoothQuant-calibrated at load; int4: dense weights as "
-        "4-bit codes with a scale and offset per group of input rows (--quantization-group-size), AWQ-calibrated at load. The LM "
-        "head stays float; outputs differ slightly from float",
+        help=QUANTIZATION_HELP + " (a checkpoint converted with --quantization is served as it is, without this flag)",
     )
-    p.add_argument("--quantization-group-size", type=int, default=INT4_GROUP, choices=(32, 64, 128),
-                   help=f"int4: input rows per scale and offset (default {INT4_GROUP}, GGUF's 4-bit block)")
+    p.add_argument("--quantization-group-size", type=int, default=None, choices=GROUP_SIZES, help=GROUP_SIZE_HELP)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices each model replica is split over (must divide the heads)")
     p.add_argument(
         "--unroll-layers",
@@ -158,8 +164,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     srv.set_defaults(func=_cmd_serve, warmup=True)
 
     conv = sub.add_parser("convert", help="convert a GGUF file or HF folder to a jaxserve checkpoint")
-    conv.add_argument("src", help="GGUF file, HF folder (config.json + safetensors) or jaxserve checkpoint")
+    conv.add_argument("src", help="GGUF file, HF folder (config.json + safetensors), jaxserve checkpoint or registry name")
     conv.add_argument("dst", help="output folder")
+    conv.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                      help=QUANTIZATION_HELP + "; calibrated once, here, and stored packed (embedding and LM head as 8-bit blocks)")
+    conv.add_argument("--quantization-group-size", type=int, default=None, choices=GROUP_SIZES, help=GROUP_SIZE_HELP)
     conv.set_defaults(func=_cmd_convert)
 
     td = sub.add_parser("train-draft", help='train draft heads for a model from its own answers (serve them with {"method": "medusa", "model": OUT})')
@@ -389,8 +398,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     from jaxserve.checkpoint.loader import convert
 
-    cfg = convert(Path(args.src), Path(args.dst))
-    print(f"wrote {args.dst} ({cfg.architecture}, {cfg.num_layers} layers, vocab {cfg.vocab_size})", file=sys.stderr)
+    cfg = convert(args.src, Path(args.dst), args.quantization, args.quantization_group_size)
+    size = sum(f.stat().st_size for f in Path(args.dst).rglob("*") if f.is_file())
+    weights = args.quantization or "float32"
+    print(f"wrote {args.dst} ({cfg.architecture}, {cfg.num_layers} layers, vocab {cfg.vocab_size}, {weights} weights, {size / 2**20:.1f} MiB)", file=sys.stderr)
     return 0
 
 

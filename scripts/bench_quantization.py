@@ -6,7 +6,11 @@ Formats: int8 (W8A8, SmoothQuant), and int4 at each `--group-sizes` both with pl
 with the AWQ-style scales `--quantization int4` calibrates (a group size that does not divide a
 layer is reported as refused). The float reference is the model as loaded (float32).
 
-    python scripts/bench_quantization.py                      # about 5 minutes on 2 CPU cores
+Checkpoints on disk: the model saved in float32 and bfloat16, and converted with
+`jaxserve convert --quantization int4` from the model (AWQ at group 32) and, for a registry model,
+from its GGUF (4-bit blocks kept as stored); each int4 checkpoint is loaded back and compared too.
+
+    python scripts/bench_quantization.py                      # about 6 minutes on 2 CPU cores
     python scripts/bench_quantization.py --group-sizes 32 64 128 --out bench_results/quantization.json
 """
 
@@ -15,15 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the held-out passages and the logits helper of the tests
 
-from jaxserve.checkpoint.loader import load_model  # noqa: E402
+from jaxserve.checkpoint import registry  # noqa: E402
+from jaxserve.checkpoint.loader import convert, load_model  # noqa: E402
+from jaxserve.checkpoint.native import save_checkpoint  # noqa: E402
 from jaxserve.errors import UserError  # noqa: E402
 from jaxserve.models.quantize import CALIBRATION_TEXT, DENSE, check_group_size, quantize_model  # noqa: E402
 from jaxserve.ops.quant import quantize_int4  # noqa: E402
@@ -40,10 +48,36 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
             "mean_kl": round(float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1))), 4)}
 
 
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def checkpoints(spec: str, model, measure_logits) -> dict:
+    """Bytes on disk of the model's float32, bfloat16 and int4 checkpoints, the int4 ones loaded back and measured."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        out = {}
+        for dtype in ("float32", "bfloat16"):
+            save_checkpoint(tmp / dtype, model.cfg, jax.tree.map(lambda x: np.asarray(x, jnp.dtype(dtype)), model.params), model.tokenizer)
+            out[dtype] = {"bytes": folder_bytes(tmp / dtype)}
+        sources = {"int4_awq_g32": spec}
+        if spec in registry.REGISTRY:
+            sources["int4_gguf_blocks"] = registry.download_gguf(registry.REGISTRY[spec], tmp / "source.gguf")
+        for name, src in sources.items():
+            start = time.perf_counter()
+            convert(src, tmp / name, "int4")
+            seconds = round(time.perf_counter() - start, 1)
+            loaded = load_model(str(tmp / name), "float32", unroll_layers=False)
+            size = folder_bytes(tmp / name)
+            out[name] = {"bytes": size, "x_under_bfloat16": round(out["bfloat16"]["bytes"] / size, 2), "convert_s": seconds,
+                         **measure_logits(loaded.params)}
+        return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--group-sizes", type=int, nargs="*", default=[32, 64, 128])
     parser.add_argument("--out", type=Path, default=Path("bench_results/quantization.json"))
     args = parser.parse_args()
 
@@ -53,8 +87,11 @@ def main() -> None:
     calibration = model.tokenizer.encode(CALIBRATION_TEXT)
     dense_float = sum(model.params["layers"][k].size for k in DENSE if k in model.params["layers"])
 
+    def measure_logits(params) -> dict:
+        return {name: compare(refs[name], prefill_logits(model.cfg, params, ids).astype(np.float64)) for name, ids in texts.items()}
+
     def measure(params, seconds: float | None) -> dict:
-        row = {name: compare(refs[name], prefill_logits(model.cfg, params, ids).astype(np.float64)) for name, ids in texts.items()}
+        row = measure_logits(params)
         dense = sum(x.nbytes for k in DENSE if k in params["layers"] for x in jax.tree.leaves(params["layers"][k]))
         return {**row, "calibration_s": seconds, "dense_bytes": dense, "x_under_bfloat16": round(2 * dense_float / dense, 2)}
 
@@ -72,6 +109,7 @@ def main() -> None:
         start = time.perf_counter()
         awq = quantize_model(model.params, model.cfg, calibration, "int4", group)
         result["formats"][f"int4_g{group}_awq"] = measure(awq, round(time.perf_counter() - start, 1))
+    result["checkpoints"] = checkpoints(args.model, model, measure_logits)
     print(json.dumps(result, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

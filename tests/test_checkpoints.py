@@ -3,6 +3,7 @@ safetensors (single and sharded), and round trips through `convert` with identic
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -13,8 +14,10 @@ import pytest
 from jaxserve.checkpoint.gguf_reader import read_gguf
 from jaxserve.checkpoint.hf_reader import read_hf
 from jaxserve.checkpoint.layout import unpermute_rope
-from jaxserve.checkpoint.loader import convert
+from jaxserve.checkpoint.loader import convert, load_model
 from jaxserve.checkpoint.native import load_checkpoint
+from jaxserve.errors import UserError
+from jaxserve.ops.quant import Int4Weight, weight_format
 from tests.tiny_models import permute_rope, prefill_logits, tiny_config, tiny_params, write_gguf, write_hf_folder
 
 Q = gguf.GGMLQuantizationType
@@ -61,6 +64,88 @@ def test_gguf_quantized_weights_dequantize(tmp_path: Path, qtype) -> None:
     np.testing.assert_array_equal(loaded["layers"]["wq"][1], expected.T)
     # Quantization error stays small, so the permutation really was undone.
     assert np.abs(loaded["layers"]["wq"][1] - params["layers"]["wq"][1]).mean() < 0.05
+
+
+def _q4k_bytes(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    """Random Q4_K blocks [rows, cols / 256 * 144] with finite float16 super-block scales."""
+    blocks = rng.integers(0, 256, (rows, cols // 256, 144), dtype=np.uint8)
+    blocks[..., 0:4] = rng.uniform(0.001, 0.01, (rows, cols // 256, 2)).astype(np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
+def test_gguf_4bit_blocks_are_kept_as_stored(tmp_path: Path, qtype) -> None:
+    """Kept packed, every block dequantizes to gguf's own floats to the bit (Q/K rows unpermuted with
+    their scales); a parameter one layer stores in another type (layer 0's ffn_down in Q8_0, as
+    Q4_K_M files mix in Q6_K) is read as float."""
+    cfg = tiny_config("llama", hidden_size=256, intermediate_size=256, num_heads=8, num_kv_heads=4, head_dim=32)
+    params = tiny_params(cfg)
+    raw = {"blk.0.ffn_down.weight": (gguf.quants.quantize(params["layers"]["w_down"][0].T, Q.Q8_0), Q.Q8_0)}
+    if qtype == Q.Q4_K:  # gguf cannot write Q4_K: random blocks are valid ones
+        rng = np.random.default_rng(0)
+        rows = {"attn_q": 256, "attn_k": 128, "attn_v": 128, "attn_output": 256, "ffn_gate": 256, "ffn_up": 256, "ffn_down": 256}
+        for i in range(cfg.num_layers):
+            raw.update({f"blk.{i}.{n}.weight": (_q4k_bytes(rng, r, 256), qtype) for n, r in rows.items() if (i, n) != (0, "ffn_down")})
+    path = write_gguf(tmp_path / "q.gguf", cfg, params, None if qtype == Q.Q4_K else qtype, raw=raw)
+    _, floats, _ = read_gguf(path)
+    _, packed, _ = read_gguf(path, keep_int4=True)
+    for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up"):
+        w = packed["layers"][name]
+        assert isinstance(w, Int4Weight) and w.group == 32, name
+        assert w.scale.dtype == (np.float32 if qtype == Q.Q4_K else np.float16)  # Q4_K's d * sc needs 17 bits
+        np.testing.assert_array_equal(np.asarray(w.dequantize()), floats["layers"][name], err_msg=name)
+    np.testing.assert_array_equal(packed["layers"]["w_down"], floats["layers"]["w_down"])
+
+
+def _int4_source(tmp_path: Path, source: str) -> Path:
+    """A tiny tied llama as GGUF: float32, or Q4_1 blocks with layer 1's ffn_down in Q8_0."""
+    cfg = tiny_config("llama", tie_word_embeddings=True)
+    params = tiny_params(cfg)
+    if source == "f32":
+        return write_gguf(tmp_path / "f32.gguf", cfg, params)
+    raw = {"blk.1.ffn_down.weight": (gguf.quants.quantize(params["layers"]["w_down"][1].T, Q.Q8_0), Q.Q8_0)}
+    return write_gguf(tmp_path / "q4_1.gguf", cfg, params, Q.Q4_1, raw=raw)
+
+
+def test_int4_load_keeps_gguf_blocks_and_rounds_the_rest(tmp_path: Path) -> None:
+    src = _int4_source(tmp_path, "q4_1")
+    _, floats, _ = read_gguf(src)
+    model = load_model(str(src), "float32", unroll_layers=False, quantization="int4")
+    layers = model.params["layers"]
+    np.testing.assert_array_equal(np.asarray(layers["wq"].dequantize()), floats["layers"]["wq"])
+    np.testing.assert_array_equal(np.asarray(layers["attn_norm"]), floats["layers"]["attn_norm"])  # no scales folded in
+    down = layers["w_down"]  # float in the file (mixed types): rounded to 4 bits, within half a step
+    step = np.asarray(down.scale, np.float32).repeat(32, axis=-2)
+    assert np.all(np.abs(np.asarray(down.dequantize()) - floats["layers"]["w_down"]) <= step / 2 + 1e-6)
+    unrolled = load_model(str(src), "float32", quantization="int4")  # q/k/v fused field by field
+    assert isinstance(unrolled.params["layers"][0]["wqkv"], Int4Weight)
+    np.testing.assert_allclose(prefill_logits(unrolled.cfg, unrolled.params, PROMPT), prefill_logits(model.cfg, model.params, PROMPT), atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["f32", "q4_1"])
+def test_int4_checkpoint_is_served_as_converted(tmp_path: Path, source: str) -> None:
+    """Calibrated (float source) or kept (4-bit blocks) once at convert: loading the checkpoint gives
+    the dense layers and norms load-time quantization gives, to the bit; the embedding comes back
+    from 8-bit blocks within half a step."""
+    src = _int4_source(tmp_path, source)
+    ref = load_model(str(src), "float32", unroll_layers=False, quantization="int4")
+    convert(src, tmp_path / "q4", "int4")
+    assert json.loads((tmp_path / "q4" / "jaxserve.json").read_text())["weights"] == "int4"
+    got = load_model(str(tmp_path / "q4"), "float32", unroll_layers=False)
+    assert weight_format(got.params) == "int4"
+    _assert_same_params(got.params["layers"], ref.params["layers"])
+    embed, ref_embed = np.asarray(got.params["embed"]), np.asarray(ref.params["embed"])
+    half_step = np.abs(ref_embed).reshape(-1, 32).max(-1).repeat(32).reshape(embed.shape) / 127 / 2
+    assert np.all(np.abs(embed - ref_embed) <= half_step * 1.01)
+    logits, ref_logits = prefill_logits(got.cfg, got.params, PROMPT), prefill_logits(ref.cfg, ref.params, PROMPT)
+    np.testing.assert_allclose(logits, ref_logits, atol=0.02 * np.abs(ref_logits).max())  # the embedding's rounding, amplified by random weights
+    # Served as stored: another quantization or group size is refused, the same one is a no-op.
+    with pytest.raises(UserError, match="holds int4 weights, which cannot be re-quantized to int8"):
+        load_model(str(tmp_path / "q4"), "float32", quantization="int8")
+    with pytest.raises(UserError, match="holds int4 weights in groups of 32, not 64"):
+        load_model(str(tmp_path / "q4"), "float32", quantization="int4", group_size=64)
+    again = load_model(str(tmp_path / "q4"), "float32", unroll_layers=False, quantization="int4")
+    _assert_same_params(again.params["layers"], got.params["layers"])
 
 
 @pytest.mark.parametrize("shards", [1, 3])

@@ -12,7 +12,8 @@ from jaxserve.engine.runner import ModelRunner, StepShapes
 from jaxserve.errors import UserError
 from jaxserve.models.llama import ForwardBatch
 from jaxserve.parallel.mesh import MODEL, make_mesh
-from jaxserve.parallel.sharding import check_tensor_parallel, replicate_kv_heads
+from jaxserve.models.quantize import quantize_model
+from jaxserve.parallel.sharding import check_int4_split, check_tensor_parallel, replicate_kv_heads
 from tests.tiny_models import tiny_config, tiny_params
 
 ENGINE = EngineConfig(max_num_seqs=2, max_num_batched_tokens=64, prefill_row_len=32, num_pages=16, max_model_len=128)
@@ -59,6 +60,22 @@ def test_an_int8_cache_splits_its_scales_with_its_kv_heads() -> None:
     np.testing.assert_allclose(logits, ref_logits, atol=1e-3, rtol=1e-3)
     for x in (runner.cache.k, runner.cache.k_scale, runner.cache.v_scale):
         assert x.sharding.shard_shape(x.shape)[0] == 1
+
+
+def test_int4_weights_split_with_their_groups() -> None:
+    """Codes, scales and offsets split together: a row-split weight's devices each get whole groups,
+    KV heads copied for TP 4 are copied in all three, and the numbers stay those of one device. A
+    split inside a group is refused."""
+    cfg = tiny_config(hidden_size=128, intermediate_size=256, num_heads=8, num_kv_heads=2, head_dim=16, vocab_size=262)
+    ids = [5, 17, 99, 3, 250, 42, 7, 64, 128, 200]
+    params = quantize_model(tiny_params(cfg), cfg, ids, "int4", 32)
+    ref_logits, _, _ = _run(cfg, params, 1, ids)
+    logits, _, runner = _run(cfg, params, 4, ids)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    down = runner.params["layers"]["w_down"]  # [L, 256 / 2, 128] codes, [L, 8, 128] scales: rows split 4 ways
+    assert down.packed.sharding.shard_shape(down.packed.shape)[1] == 32 and down.scale.sharding.shard_shape(down.scale.shape)[1] == 2
+    with pytest.raises(UserError, match="tensor_parallel_size 8 would split wo's 128 input rows inside int4 groups of 32"):
+        check_int4_split(params, 8)
 
 
 def _bytes_on(tree, device) -> int:

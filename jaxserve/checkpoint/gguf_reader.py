@@ -1,4 +1,5 @@
-"""GGUF files: config, tokenizer and dequantized float32 weights (every type `gguf` dequantizes)."""
+"""GGUF files: config, tokenizer and weights: dequantized to float32 (every type `gguf` dequantizes),
+or, on request, dense layers stored in 4-bit blocks kept as their codes (`gguf_blocks`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from jaxserve.checkpoint.gguf_blocks import block_codes, scale_dtypes, to_int4
 from jaxserve.checkpoint.layout import ParamBuilder, unpermute_rope
 from jaxserve.config import ModelConfig
 from jaxserve.errors import UserError
 from jaxserve.models.llama import Params
+from jaxserve.models.quantize import DENSE
 from jaxserve.tokenizer import Tokenizer
 
 # GGUF tensor suffix -> our per-layer parameter name.
@@ -54,8 +57,27 @@ def _dequantize(tensor: Any) -> np.ndarray:
         raise UserError(f"tensor {tensor.name} cannot be read (corrupt or truncated file): {e}") from None
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, Params, Tokenizer]:
-    """Load a GGUF file fully into host memory."""
+def _layer_param(name: str) -> str | None:
+    parts = name.split(".", 2)
+    return _LAYER_TENSORS.get(parts[2]) if len(parts) == 3 and parts[0] == "blk" else None
+
+
+def _int4_params(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Dense layer parameters stored in 4-bit blocks in every layer -> the scale dtype that holds them
+    exactly. A parameter some layers store otherwise (Q4_K_M files keep some in Q6_K) is dequantized:
+    a stacked parameter has one format."""
+    kinds: dict[str, set] = {}
+    for name, tensor in tensors.items():
+        param = _layer_param(name)
+        if param in DENSE:
+            kinds.setdefault(param, set()).add(tensor.tensor_type)
+    dtypes = scale_dtypes()
+    return {p: max((dtypes[k] for k in ks), key=lambda d: np.dtype(d).itemsize) for p, ks in kinds.items() if ks <= set(dtypes)}
+
+
+def read_gguf(path: Path, keep_int4: bool = False) -> tuple[ModelConfig, Params, Tokenizer]:
+    """Load a GGUF file fully into host memory; with `keep_int4`, dense layers in Q4_0, Q4_1 or Q4_K
+    blocks (in every layer) come back as `Int4Weight`s holding the file's codes and scales."""
     path = Path(path)
     reader = _open(path)
     try:
@@ -68,20 +90,28 @@ def read_gguf(path: Path) -> tuple[ModelConfig, Params, Tokenizer]:
     tokenizer = Tokenizer.from_gguf(meta)
     builder = ParamBuilder(cfg)
     permute = cfg.architecture in ("llama", "mistral")
+    packed = _int4_params(tensors) if keep_int4 else {}
     for name, tensor in tqdm(tensors.items(), desc=f"reading {path.name}", unit="tensor", leave=False):
         if name == "rope_freqs.weight":
             continue
-        weight = _dequantize(tensor)
         if name in _GLOBAL_TENSORS:
-            builder.put(_GLOBAL_TENSORS[name], weight)
+            builder.put(_GLOBAL_TENSORS[name], _dequantize(tensor))
             continue
-        parts = name.split(".", 2)
-        if len(parts) != 3 or parts[0] != "blk" or parts[2] not in _LAYER_TENSORS:
+        param = _layer_param(name)
+        if param is None:
             raise UserError(f"unexpected tensor {name!r} in {path.name}")
-        layer, suffix = int(parts[1]), parts[2]
-        if permute and suffix.startswith("attn_q."):
-            weight = unpermute_rope(weight, cfg.num_heads)
-        elif permute and suffix.startswith("attn_k."):
-            weight = unpermute_rope(weight, cfg.num_kv_heads)
-        builder.put(_LAYER_TENSORS[suffix], weight, layer)
+        # Rows are output features, in the file's order: a permutation of rows moves codes and scales alike.
+        weights = _read_blocks(tensor) if param in packed else (_dequantize(tensor),)
+        if permute and param in ("wq", "bq"):
+            weights = tuple(unpermute_rope(w, cfg.num_heads) for w in weights)
+        elif permute and param in ("wk", "bk"):
+            weights = tuple(unpermute_rope(w, cfg.num_kv_heads) for w in weights)
+        builder.put(param, to_int4(*weights, packed[param]) if param in packed else weights[0], int(name.split(".")[1]))
     return cfg, builder.build(), tokenizer
+
+
+def _read_blocks(tensor: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        return block_codes(tensor.data, tensor.tensor_type)
+    except Exception as e:
+        raise UserError(f"tensor {tensor.name} cannot be read (corrupt or truncated file): {e}") from None

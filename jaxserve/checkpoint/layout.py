@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from jaxserve.config import ModelConfig
 from jaxserve.errors import UserError
 from jaxserve.models.llama import Params, param_shapes
+from jaxserve.ops.quant import Int4Weight
 
 
 class ParamBuilder:
-    """Collects weights in PyTorch layout ([out, in]) into stacked, transposed float32 arrays."""
+    """Collects weights in PyTorch layout ([out, in]) into stacked, transposed float32 arrays, and
+    4-bit layer weights (already [in, out]) into stacked `Int4Weight`s."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         self.shapes = param_shapes(cfg)
         self.params: Params = {"layers": {}}
         self._filled: set[tuple[str, int]] = set()
 
-    def put(self, name: str, weight: np.ndarray, layer: int | None = None) -> None:
+    def put(self, name: str, weight: np.ndarray | Int4Weight, layer: int | None = None) -> None:
         """Store `weight` (PyTorch layout) as param `name`, of layer `layer` when stacked."""
         shape = self.shapes["layers"][name] if layer is not None else self.shapes.get(name)
         if shape is None:
             raise UserError(f"unexpected tensor for parameter {name!r}")
+        if isinstance(weight, Int4Weight):
+            self._put_int4(name, weight, shape, layer)
+            return
         if weight.ndim == 2:
             weight = weight if name == "embed" else weight.T
         target = shape[1:] if layer is not None else shape
@@ -33,6 +39,15 @@ class ParamBuilder:
             stack = self.params["layers"].setdefault(name, np.empty(shape, np.float32))
             stack[layer] = weight
         self._filled.add((name, -1 if layer is None else layer))
+
+    def _put_int4(self, name: str, weight: Int4Weight, shape: tuple[int, ...], layer: int) -> None:
+        packed = weight.packed.shape  # [in / 2, out]
+        if (2 * packed[0], packed[1]) != tuple(shape[1:]):
+            raise UserError(f"tensor {name!r} has shape {(2 * packed[0], packed[1])}, expected {tuple(shape[1:])}")
+        stack = self.params["layers"].setdefault(name, jax.tree.map(lambda a: np.empty((shape[0], *a.shape), a.dtype), weight))
+        for dst, src in zip(jax.tree.leaves(stack), jax.tree.leaves(weight)):
+            dst[layer] = src
+        self._filled.add((name, layer))
 
     def build(self) -> Params:
         """The finished pytree; fails naming the first missing tensor."""

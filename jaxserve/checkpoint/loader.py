@@ -19,7 +19,8 @@ from jaxserve.errors import UserError
 from jaxserve.models.draft_heads import DraftHeads
 from jaxserve.models.llama import Params, unstack_layers
 from jaxserve.models.quantize import CALIBRATION_TEXT, quantize_model
-from jaxserve.parallel.sharding import check_tensor_parallel, replicate_kv_heads
+from jaxserve.ops.quant import Int4Weight, is_quantized_weight, weight_format
+from jaxserve.parallel.sharding import check_int4_split, check_tensor_parallel, replicate_kv_heads
 from jaxserve.tokenizer import Tokenizer
 
 
@@ -36,14 +37,15 @@ def default_dtype() -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def read_source(path: Path) -> tuple[ModelConfig, Params, Tokenizer]:
-    """Host (NumPy float32) weights from a GGUF file, an HF folder or our checkpoint."""
+def read_source(path: Path, keep_int4: bool = False) -> tuple[ModelConfig, Params, Tokenizer]:
+    """Host (NumPy) weights from a GGUF file (4-bit blocks kept packed with `keep_int4`), an HF folder
+    or our checkpoint (float32, or quantized as it was converted)."""
     if not path.exists():
         raise UserError(f"model path not found: {path}")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise UserError(f"{path} is not a .gguf file")
-        return read_gguf(path)
+        return read_gguf(path, keep_int4)
     if is_checkpoint(path):
         return load_checkpoint(path)
     if is_hf_folder(path):
@@ -51,9 +53,14 @@ def read_source(path: Path) -> tuple[ModelConfig, Params, Tokenizer]:
     raise UserError(f"{path} is neither a jaxserve checkpoint nor a Hugging Face folder (config.json + *.safetensors)")
 
 
-def convert(src: Path, dst: Path) -> ModelConfig:
-    """Write our checkpoint format from any readable source."""
-    cfg, params, tokenizer = read_source(Path(src))
+def convert(src: str | Path, dst: Path, quantization: str | None = None, group_size: int | None = None) -> ModelConfig:
+    """Write our checkpoint format from any readable source or registry name, float or quantized
+    (calibrated once, here, as `load_model` would at every start; GGUF 4-bit blocks are kept as they are)."""
+    if quantization is None:
+        cfg, params, tokenizer = read_source(resolve(str(src)))
+    else:
+        model = load_model(str(src), "float32", unroll_layers=False, quantization=quantization, group_size=group_size)
+        cfg, params, tokenizer = model.cfg, model.params, model.tokenizer
     save_checkpoint(Path(dst), cfg, params, tokenizer)
     return cfg
 
@@ -95,10 +102,11 @@ def load_model(
     unroll_layers: bool | None = None,
     quantization: str | None = None,
     tensor_parallel_size: int = 1,
-    group_size: int = INT4_GROUP,
+    group_size: int | None = None,
 ) -> LoadedModel:
     """Load a model, optionally with quantized dense layers (`quantization`: "int8" W8A8, or "int4"
-    weight-only in groups of `group_size` input rows; `jaxserve.models.quantize`), laid out for
+    weight-only in groups of `group_size` input rows, default `INT4_GROUP`; `jaxserve.models.quantize`;
+    a GGUF's 4-bit blocks are kept as stored; a quantized checkpoint is served as it was converted), laid out for
     `tensor_parallel_size` devices (KV heads copied when there are fewer than devices; the returned
     config says how many the cache holds).
 
@@ -110,21 +118,38 @@ def load_model(
     if quantization not in (None, *QUANTIZATIONS):
         raise UserError(f"unknown quantization {quantization!r} (use {', '.join(QUANTIZATIONS)})")
     path = resolve(spec)
-    cfg, host_params, tokenizer = read_source(path)
+    cfg, host_params, tokenizer = read_source(path, keep_int4=quantization == "int4")
     try:
         jdtype = jnp.dtype(dtype or default_dtype())
     except TypeError:
         raise UserError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)") from None
+    _check_stored_quantization(path, host_params, quantization, group_size)
     check_tensor_parallel(cfg, tensor_parallel_size)
-    params = jax.tree.map(lambda x: jnp.asarray(x, jdtype), host_params)
+    params = jax.tree.map(lambda x: jax.tree.map(jnp.asarray, x) if is_quantized_weight(x) else jnp.asarray(x, jdtype),
+                          host_params, is_leaf=is_quantized_weight)
     params, cfg = replicate_kv_heads(params, cfg, tensor_parallel_size)
+    if quantization:
+        params = quantize_model(params, cfg, tokenizer.encode(CALIBRATION_TEXT), quantization, group_size or INT4_GROUP)
+    check_int4_split(params, tensor_parallel_size)
     if unroll_layers is None:
         unroll_layers = tensor_parallel_size == 1
     if unroll_layers:
         params = unstack_layers(params)
-    if quantization:
-        params = quantize_model(params, cfg, tokenizer.encode(CALIBRATION_TEXT), quantization, group_size)
     return LoadedModel(name=spec if spec in registry.REGISTRY else path.name, cfg=cfg, params=params, tokenizer=tokenizer)
+
+
+def _check_stored_quantization(path: Path, params: Params, quantization: str | None, group_size: int | None) -> None:
+    """A quantized source is served as stored: another quantization or int4 group size is refused."""
+    stored = weight_format(params)
+    if stored not in QUANTIZATIONS:
+        return
+    if quantization not in (None, stored):
+        raise UserError(f"{path.name} holds {stored} weights, which cannot be re-quantized to {quantization}; "
+                        f"convert the float model with --quantization {quantization} instead")
+    groups = {x.group for x in jax.tree.leaves(params, is_leaf=is_quantized_weight) if isinstance(x, Int4Weight)}
+    if group_size is not None and groups - {group_size}:
+        raise UserError(f"{path.name} holds int4 weights in groups of {', '.join(map(str, sorted(groups)))}, not {group_size}; "
+                        "drop --quantization-group-size, or convert the float model with it")
 
 
 def load_draft(target: LoadedModel, spec: SpeculativeConfig | None) -> tuple[ModelConfig, Params] | DraftHeads | None:

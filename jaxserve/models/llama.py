@@ -198,17 +198,20 @@ def compute_logits(params: Params, hidden: jnp.ndarray, cfg: ModelConfig) -> jnp
 
 def unstack_layers(params: Params) -> Params:
     """Stacked [L, ...] layers -> a tuple of per-layer dicts (separate buffers; see `forward`), with
-    q/k/v and gate/up each concatenated into one matrix: at small batch, XLA:CPU runs a few wide dots
-    much faster than many narrow ones."""
+    q/k/v and gate/up each concatenated into one matrix (quantized ones field by field, along their
+    output columns): at small batch, XLA:CPU runs a few wide dots much faster than many narrow ones."""
     layers = params["layers"]
-    num_layers = next(iter(layers.values())).shape[0]
+    num_layers = next(iter(jax.tree.leaves(layers))).shape[0]
+
+    def fuse(*ws: Any) -> Any:
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *ws)
+
     fused = []
     for i in range(num_layers):
-        lp = {k: v[i] for k, v in layers.items()}
-        lp["wqkv"] = jnp.concatenate([lp.pop("wq"), lp.pop("wk"), lp.pop("wv")], axis=-1)
+        lp = jax.tree.map(lambda v: v[i], layers)
+        lp["wqkv"] = fuse(lp.pop("wq"), lp.pop("wk"), lp.pop("wv"))
         if "bq" in lp:
-            lp["bqkv"] = jnp.concatenate([lp.pop("bq"), lp.pop("bk"), lp.pop("bv")], axis=-1)
-        lp["w_gate_up"] = jnp.concatenate([lp.pop("w_gate"), lp.pop("w_up")], axis=-1)
+            lp["bqkv"] = fuse(lp.pop("bq"), lp.pop("bk"), lp.pop("bv"))
+        lp["w_gate_up"] = fuse(lp.pop("w_gate"), lp.pop("w_up"))
         fused.append(lp)
     return {**params, "layers": tuple(fused)}
-

@@ -24,7 +24,7 @@ from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import INT4_GROUP, ModelConfig
 from jaxserve.models.llama import ForwardBatch, Params, forward
 from jaxserve.errors import UserError
-from jaxserve.ops.quant import quantize, quantize_int4
+from jaxserve.ops.quant import is_quantized_weight, quantize, quantize_int4
 
 CALIBRATION_TEXT = (
     "The old lighthouse keeper climbed the stairs every evening to light the lamp. Ships passing in the "
@@ -137,19 +137,25 @@ def check_group_size(params: Params, group: int) -> None:
 def quantize_model(params: Params, cfg: ModelConfig, calibration_ids: list[int], quantization: str = "int8", group_size: int = INT4_GROUP) -> Params:
     """Every dense matrix quantized after calibrating on `calibration_ids`: "int8" (W8A8, SmoothQuant)
     or "int4" (weight-only in groups of `group_size` input rows, AWQ-style scales); embeddings, norms,
-    biases and the LM head stay in float."""
-    if quantization == "int4":
-        check_group_size(params, group_size)
-    observed = observe_activations(params, cfg, calibration_ids)
-
-    def convert(lp: dict, seen: dict) -> dict:
-        if quantization == "int4":
-            return {k: quantize_int4(v, group_size) if k in DENSE else v for k, v in fold_scales(lp, awq_scales(lp, seen, group_size)).items()}
-        return {k: quantize(v) if k in DENSE else v for k, v in smooth_layer(lp, seen).items()}
-
+    biases and the LM head stay in float. Layers go one at a time, stacked or not, so calibrating needs
+    one layer's temporaries. Where some dense layers come quantized (a GGUF's 4-bit blocks), scales
+    cannot fold into their inputs: the float rest is rounded plainly, without calibration."""
     layers = params["layers"]
-    if isinstance(layers, dict):
-        layers = convert(layers, observed)
+    stacked = isinstance(layers, dict)
+    num_layers = next(iter(jax.tree.leaves(layers))).shape[0] if stacked else len(layers)
+    per_layer = [jax.tree.map(lambda v: v[i], layers) for i in range(num_layers)] if stacked else list(layers)
+    if any(is_quantized_weight(v) for lp in per_layer for v in lp.values()):
+        out = [{k: quantize_int4(v, group_size) if k in DENSE and not is_quantized_weight(v) else v for k, v in lp.items()} for lp in per_layer]
     else:
-        layers = tuple(convert(lp, seen) for lp, seen in zip(layers, observed))
-    return {**params, "layers": layers}
+        if quantization == "int4":
+            check_group_size(params, group_size)
+        observed = observe_activations(params, cfg, calibration_ids)
+        seen = [jax.tree.map(lambda v: v[i], observed) for i in range(num_layers)] if stacked else list(observed)
+
+        def convert(lp: dict, seen: dict) -> dict:
+            if quantization == "int4":
+                return {k: quantize_int4(v, group_size) if k in DENSE else v for k, v in fold_scales(lp, awq_scales(lp, seen, group_size)).items()}
+            return {k: quantize(v) if k in DENSE else v for k, v in smooth_layer(lp, seen).items()}
+
+        out = [convert(lp, o) for lp, o in zip(per_layer, seen)]
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *out) if stacked else tuple(out)}

@@ -43,8 +43,8 @@ class Int4Weight:
     rows and output column: GGUF's Q4_0, Q4_1 and Q4_K blocks, and zero-point (asymmetric) int4, alike."""
 
     packed: jnp.ndarray  # [..., in / 2, out] uint8: input row 2i in the low nibble, 2i + 1 in the high
-    scale: jnp.ndarray  # [..., in / group, out] float16
-    offset: jnp.ndarray  # [..., in / group, out] float16
+    scale: jnp.ndarray  # [..., in / group, out] float16 (float32 for GGUF Q4_K, whose scales float16 cannot hold)
+    offset: jnp.ndarray  # [..., in / group, out] like scale
 
     @property
     def group(self) -> int:
@@ -64,10 +64,11 @@ class Int4Weight:
         return w.reshape(*lead, n, out).astype(dtype)
 
 
-def pack_int4(codes: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray) -> Int4Weight:
-    """An `Int4Weight` from codes [..., in, out] in [0, 15] and per-group scale and offset [..., in / group, out]."""
+def pack_int4(codes: jnp.ndarray, scale: jnp.ndarray, offset: jnp.ndarray, scale_dtype: jnp.dtype = jnp.float16) -> Int4Weight:
+    """An `Int4Weight` from codes [..., in, out] in [0, 15] and per-group scale and offset [..., in / group, out]
+    (NumPy in, NumPy out: host weights stay on the host)."""
     q = codes.astype(jnp.uint8)
-    return Int4Weight(packed=q[..., 0::2, :] | (q[..., 1::2, :] << 4), scale=scale.astype(jnp.float16), offset=offset.astype(jnp.float16))
+    return Int4Weight(packed=q[..., 0::2, :] | (q[..., 1::2, :] << 4), scale=scale.astype(scale_dtype), offset=offset.astype(scale_dtype))
 
 
 def quantize_int4(w: jnp.ndarray, group: int) -> Int4Weight:

@@ -51,8 +51,8 @@ def replicate_kv_heads(params: Params, cfg: ModelConfig, tp: int) -> tuple[Param
 
     layers = dict(params["layers"])
     for name in ("wk", "wv", "bk", "bv"):
-        if name in layers:
-            layers[name] = repeat(layers[name])
+        if name in layers:  # quantized weights: every field ends in the output columns
+            layers[name] = jax.tree.map(repeat, layers[name])
     return {**params, "layers": layers}, dataclasses.replace(cfg, num_kv_heads=tp)
 
 
@@ -70,6 +70,18 @@ def _spec(name: str, ndim: int, tp: int, vocab: int) -> tuple:
     if name == "lm_head" and vocab % tp == 0:
         return (None, MODEL)
     return (None,) * ndim  # norms, fused single-device matrices (see load_model), indivisible vocabularies
+
+
+def check_int4_split(params: Params, tp: int) -> None:
+    """A clear error unless each device's slice of a row-split int4 weight holds whole groups."""
+    layers = params["layers"]
+    for lp in [layers] if isinstance(layers, dict) else layers:
+        for name in ROW:
+            w = lp.get(name)
+            if isinstance(w, Int4Weight) and w.scale.shape[-2] % tp:
+                n = 2 * w.packed.shape[-2]
+                raise UserError(f"tensor_parallel_size {tp} would split {name}'s {n} input rows inside int4 groups of {w.group} "
+                                f"({n // w.group} groups); use a tensor parallel size that divides {n // w.group}, or a smaller group size")
 
 
 def param_shardings(params: Params, mesh: Mesh, cfg: ModelConfig) -> Params:
