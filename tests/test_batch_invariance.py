@@ -39,16 +39,19 @@ def test_ordered_sum_is_a_sum(width: int) -> None:
     np.testing.assert_allclose(got, x.astype(np.float64).sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-5)
 
 
-def test_one_row_products_equal_rows_of_larger_ones() -> None:
-    """XLA:CPU's matrix-vector kernel sums in another order than its matrix kernel; `matmul` pads a
-    single row to two."""
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(8, 576)).astype(np.float32))
-    w = jnp.asarray(rng.normal(size=(576, 1728)).astype(np.float32) / 24)
+@pytest.mark.parametrize(("width_in", "width_out"), [(64, 32), (64, 262), (576, 1728), (1536, 576)])
+def test_product_rows_have_their_own_bits_at_any_row_count(width_in: int, width_out: int) -> None:
+    """XLA:CPU's matrix-vector kernel sums in another order than its matrix kernel (`matmul` pads a
+    single row to two), and from 33 rows (64 for the tiny model's 64 x 32 and 64 x 262) an AVX-512
+    CPU's float products took another kernel (`matmul` runs 32-row blocks): every row, wherever it
+    sits in 2 to 300 rows, has the bits it has alone."""
+    rng = np.random.default_rng(width_in + width_out)
+    x = jnp.asarray(rng.normal(size=(300, width_in)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(width_in, width_out)).astype(np.float32) / np.sqrt(width_in))
     product = jax.jit(matmul)
-    batch = np.asarray(product(x, w))
-    for i in range(8):
-        np.testing.assert_array_equal(np.asarray(product(x[i : i + 1], w))[0], batch[i])
+    alone = np.stack([np.asarray(product(x[i : i + 1], w))[0] for i in range(0, 300, 7)])
+    for rows in (2, 31, 33, 64, 65, 300):
+        np.testing.assert_array_equal(np.asarray(product(x[:rows], w))[::7], alone[: -(-rows // 7)], err_msg=f"{rows} rows")
 
 
 def _attention_rows(batch: int, t: int, kv_len: int, cache: KVCache, start: int) -> np.ndarray:

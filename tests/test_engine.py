@@ -44,10 +44,8 @@ def test_batched_greedy_equals_one_at_a_time(smollm2, llm) -> None:
     single = _engine(smollm2, max_num_seqs=1)
     for prompt, sp, out in zip(prompts, params, batched):
         alone = single.generate([prompt], sp, use_tqdm=False)[0].outputs[0]  # an engine that only ever runs one request
-        assert out.outputs[0].token_ids == alone.token_ids, prompt
-        # Float log-probs agree to the last bits only while a step has at most 32 rows: XLA:CPU's float
-        # matmul switches kernels above that (the int8 engine test, whose dense dots are exact, checks bits).
-        np.testing.assert_allclose(out.outputs[0].logprobs, alone.logprobs, rtol=0, atol=1e-4, err_msg=prompt)
+        # To the bit, though batched steps mix decodes with prefill chunks far past 32 rows (`ops/quant.matmul`).
+        assert (out.outputs[0].token_ids, out.outputs[0].logprobs) == (alone.token_ids, alone.logprobs), prompt
 
 
 def test_seeded_sampling_is_batch_invariant(llm) -> None:

@@ -83,15 +83,29 @@ def quantize_int4(w: jnp.ndarray, group: int) -> Int4Weight:
     return pack_int4(q.reshape(*lead, n, out), scale, offset)
 
 
-def matmul(x: jnp.ndarray, w: jnp.ndarray, out_dtype: jnp.dtype | None = None) -> jnp.ndarray:
-    """x [..., in] @ w [in, out] -> [..., out] over the rows of x, a single row padded to two.
+ROW_BLOCK = 32  # float products on XLA:CPU run in blocks of at most this many rows
 
-    XLA:CPU runs a one-row product through a matrix-vector kernel that sums in another order than its
-    matrix kernel (so a row's last bits would depend on whether others share the step) and, for int8,
-    5x slower than a two-row product."""
+
+def matmul(x: jnp.ndarray, w: jnp.ndarray, out_dtype: jnp.dtype | None = None) -> jnp.ndarray:
+    """x [..., in] @ w [in, out] -> [..., out] over the rows of x, a single row padded to two, and on
+    CPU float rows in blocks of `ROW_BLOCK`.
+
+    XLA:CPU picks a product's kernel, and with it the order of each row's sum, from the row count: a
+    one-row product runs a matrix-vector kernel (other bits, and for int8 5x slower than two rows),
+    and from 33 rows (SmolLM2's shapes; 64 for some tiny ones, on an AVX-512 CPU) it hands float
+    products to YNNPACK. From 2 to 32 rows every row of every shape measured has the bits it has
+    alone (AVX2 and AVX-512, one device or eight), so longer float products run as a loop over
+    32-row blocks: a token's bits do not depend on how many rows share its step, or where in them it
+    sits. That costs long prefill products on CPU 1.4-1.7x (SmolLM2, 256 rows). Integer sums are
+    exact in any order, so int8 products keep one kernel call."""
     rows = x.reshape(-1, x.shape[-1])  # [N, in]
-    padded = jnp.pad(rows, ((0, 1), (0, 0))) if rows.shape[0] == 1 else rows
-    out = jnp.matmul(padded, w, preferred_element_type=out_dtype)[: rows.shape[0]]  # [N, out]
+    n = rows.shape[0]
+    if n <= ROW_BLOCK or jnp.issubdtype(rows.dtype, jnp.integer) or jax.default_backend() != "cpu":
+        padded = jnp.pad(rows, ((0, 1), (0, 0))) if n == 1 else rows
+        out = jnp.matmul(padded, w, preferred_element_type=out_dtype)[:n]  # [N, out]
+    else:
+        blocks = jnp.pad(rows, ((0, -n % ROW_BLOCK), (0, 0))).reshape(-1, ROW_BLOCK, rows.shape[-1])  # [N / 32, 32, in]
+        out = jax.lax.map(lambda b: jnp.matmul(b, w, preferred_element_type=out_dtype), blocks).reshape(-1, w.shape[-1])[:n]
     return out.reshape(*x.shape[:-1], -1)
 
 
