@@ -122,17 +122,17 @@ def test_int4_load_keeps_gguf_blocks_and_rounds_the_rest(tmp_path: Path) -> None
     np.testing.assert_allclose(prefill_logits(unrolled.cfg, unrolled.params, PROMPT), prefill_logits(model.cfg, model.params, PROMPT), atol=1e-5)
 
 
-@pytest.mark.parametrize("source", ["f32", "q4_1"])
-def test_int4_checkpoint_is_served_as_converted(tmp_path: Path, source: str) -> None:
+@pytest.mark.parametrize(("source", "quantization"), [("f32", "int4"), ("q4_1", "int4"), ("f32", "int8")])
+def test_quantized_checkpoint_is_served_as_converted(tmp_path: Path, source: str, quantization: str) -> None:
     """Calibrated (float source) or kept (4-bit blocks) once at convert: loading the checkpoint gives
     the dense layers and norms load-time quantization gives, to the bit; the embedding comes back
     from 8-bit blocks within half a step."""
     src = _int4_source(tmp_path, source)
-    ref = load_model(str(src), "float32", unroll_layers=False, quantization="int4")
-    convert(src, tmp_path / "q4", "int4")
-    assert json.loads((tmp_path / "q4" / "jaxserve.json").read_text())["weights"] == "int4"
-    got = load_model(str(tmp_path / "q4"), "float32", unroll_layers=False)
-    assert weight_format(got.params) == "int4"
+    ref = load_model(str(src), "float32", unroll_layers=False, quantization=quantization)
+    convert(src, tmp_path / "q", quantization)
+    assert json.loads((tmp_path / "q" / "jaxserve.json").read_text())["weights"] == quantization
+    got = load_model(str(tmp_path / "q"), "float32", unroll_layers=False)
+    assert weight_format(got.params) == quantization
     _assert_same_params(got.params["layers"], ref.params["layers"])
     embed, ref_embed = np.asarray(got.params["embed"]), np.asarray(ref.params["embed"])
     half_step = np.abs(ref_embed).reshape(-1, 32).max(-1).repeat(32).reshape(embed.shape) / 127 / 2
@@ -140,11 +140,13 @@ def test_int4_checkpoint_is_served_as_converted(tmp_path: Path, source: str) -> 
     logits, ref_logits = prefill_logits(got.cfg, got.params, PROMPT), prefill_logits(ref.cfg, ref.params, PROMPT)
     np.testing.assert_allclose(logits, ref_logits, atol=0.02 * np.abs(ref_logits).max())  # the embedding's rounding, amplified by random weights
     # Served as stored: another quantization or group size is refused, the same one is a no-op.
-    with pytest.raises(UserError, match="holds int4 weights, which cannot be re-quantized to int8"):
-        load_model(str(tmp_path / "q4"), "float32", quantization="int8")
-    with pytest.raises(UserError, match="holds int4 weights in groups of 32, not 64"):
-        load_model(str(tmp_path / "q4"), "float32", quantization="int4", group_size=64)
-    again = load_model(str(tmp_path / "q4"), "float32", unroll_layers=False, quantization="int4")
+    other = "int8" if quantization == "int4" else "int4"
+    with pytest.raises(UserError, match=f"holds {quantization} weights, which cannot be re-quantized to {other}"):
+        load_model(str(tmp_path / "q"), "float32", quantization=other)
+    if quantization == "int4":
+        with pytest.raises(UserError, match="holds int4 weights in groups of 32, not 64"):
+            load_model(str(tmp_path / "q"), "float32", quantization="int4", group_size=64)
+    again = load_model(str(tmp_path / "q"), "float32", unroll_layers=False, quantization=quantization)
     _assert_same_params(again.params["layers"], got.params["layers"])
 
 

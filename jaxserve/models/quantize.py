@@ -128,7 +128,7 @@ def check_group_size(params: Params, group: int) -> None:
     layers = params["layers"]
     for i, lp in enumerate([layers] if isinstance(layers, dict) else layers):
         for name in DENSE:
-            if name in lp and lp[name].shape[-2] % group:
+            if name in lp and not is_quantized_weight(lp[name]) and lp[name].shape[-2] % group:
                 where = "every layer's" if isinstance(layers, dict) else f"layer {i}'s"
                 raise UserError(f"int4 with group size {group}: {where} {name} has {lp[name].shape[-2]} input rows, which do not "
                                 f"split into groups of {group} (use a group size that divides it)")
@@ -144,11 +144,11 @@ def quantize_model(params: Params, cfg: ModelConfig, calibration_ids: list[int],
     stacked = isinstance(layers, dict)
     num_layers = next(iter(jax.tree.leaves(layers))).shape[0] if stacked else len(layers)
     per_layer = [jax.tree.map(lambda v: v[i], layers) for i in range(num_layers)] if stacked else list(layers)
+    if quantization == "int4":
+        check_group_size(params, group_size)
     if any(is_quantized_weight(v) for lp in per_layer for v in lp.values()):
         out = [{k: quantize_int4(v, group_size) if k in DENSE and not is_quantized_weight(v) else v for k, v in lp.items()} for lp in per_layer]
     else:
-        if quantization == "int4":
-            check_group_size(params, group_size)
         observed = observe_activations(params, cfg, calibration_ids)
         seen = [jax.tree.map(lambda v: v[i], observed) for i in range(num_layers)] if stacked else list(observed)
 
