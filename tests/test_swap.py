@@ -13,6 +13,7 @@ import pytest
 
 from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.engine.runner import SWAP_CHUNK
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 from tests.tiny_models import SMALL_PAGES, run_with_aborts, tiny_config, tiny_params
@@ -69,6 +70,9 @@ def test_swapped_outputs_equal_a_roomy_cache_and_recompute(tiny) -> None:
     assert recompute.stats().swap is None and recompute.stats().preemptions > 0
     assert c.swap_outs > 0 and c.swap_ins == c.swap_outs and c.fallbacks == 0
     assert c.swap_out_bytes == c.swap_in_bytes > 0 and c.swap_out_bytes % swap.swapper.pool.page_bytes() == 0
+    # The copy programs read pages out into, and write them back from, page-locked host memory.
+    pages = np.zeros(SWAP_CHUNK, np.int32)
+    assert {x.sharding.memory_kind for x in swap.runner._read(swap.runner.cache, pages).values()} == {"pinned_host"}
     _all_free(swap)
 
 

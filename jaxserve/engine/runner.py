@@ -128,6 +128,14 @@ def prompt_logprobs(params: Params, hidden: jnp.ndarray, targets: jnp.ndarray, c
     return jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
 
 
+def _pinned_host(sharding: NamedSharding) -> NamedSharding:
+    """`sharding` in page-locked host memory where the devices have it (GPU, TPU, and XLA:CPU, where
+    it is the same RAM): the copy programs then move pages by DMA straight between device and host
+    buffers, with no staging copy through pageable memory."""
+    kinds = {m.kind for m in sharding.mesh.devices.flat[0].addressable_memories()}
+    return sharding.with_memory_kind("pinned_host") if "pinned_host" in kinds else sharding
+
+
 def _place(x: Any, sharding: NamedSharding) -> jax.Array:
     """Host or single-device data as a global array. Across processes every process passes the same
     value and keeps its own shards."""
@@ -181,8 +189,9 @@ class ModelRunner:
         )
         self._sample = jax.jit(sample, static_argnums=4, in_shardings=replicated, out_shardings=replicated)  # 4: num_top
         self._copy = jax.jit(KVCache.copy_pages, in_shardings=(cache_sh, replicated, replicated), out_shardings=cache_sh, donate_argnums=(0,))
-        self._read = jax.jit(KVCache.take, in_shardings=(cache_sh, replicated), out_shardings=cache_sh)
-        self._write = jax.jit(KVCache.put, in_shardings=(cache_sh, replicated, cache_sh), out_shardings=cache_sh, donate_argnums=(0,))
+        host_sh = _pinned_host(cache_sh)  # page copies to and from host memory
+        self._read = jax.jit(KVCache.take, in_shardings=(cache_sh, replicated), out_shardings=host_sh)
+        self._write = jax.jit(KVCache.put, in_shardings=(cache_sh, replicated, host_sh), out_shardings=cache_sh, donate_argnums=(0,))
         self._prompt_logprobs = jax.jit(
             functools.partial(prompt_logprobs, cfg=cfg), in_shardings=(param_sh, replicated, replicated), out_shardings=replicated
         )
