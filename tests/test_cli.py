@@ -87,6 +87,11 @@ def test_convert_then_generate_from_checkpoint(capsys, tiny_gguf: Path, tmp_path
     from_gguf = json.loads(_run(capsys, "generate", "--model", str(tiny_gguf), *args)[1])
     from_ckpt = json.loads(_run(capsys, "generate", "--model", str(tmp_path / "ckpt"), *args)[1])
     assert from_ckpt == from_gguf
+    code, _, err = _run(capsys, "convert", str(tiny_gguf), str(tmp_path / "q4"), "--quantization", "int4")
+    assert code == 0 and "int4 weights" in err
+    assert len(json.loads(_run(capsys, "generate", "--model", str(tmp_path / "q4"), *args)[1])["token_ids"]) == 8
+    code, _, err = _run(capsys, "generate", "--model", str(tmp_path / "q4"), "--quantization", "int8", *args)
+    assert code == 2 and "holds int4 weights, which cannot be re-quantized to int8" in err
 
 
 def test_chat_keeps_history_and_streams(tiny_gguf: Path) -> None:
