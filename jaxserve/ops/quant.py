@@ -94,10 +94,10 @@ def matmul(x: jnp.ndarray, w: jnp.ndarray, out_dtype: jnp.dtype | None = None) -
     one-row product runs a matrix-vector kernel (other bits, and for int8 5x slower than two rows),
     and from 33 rows (SmolLM2's shapes; 64 for some tiny ones, on an AVX-512 CPU) it hands float
     products to YNNPACK. From 2 to 32 rows every row of every shape measured has the bits it has
-    alone (AVX2 and AVX-512, one device or eight), so longer float products run as a loop over
-    32-row blocks: a token's bits do not depend on how many rows share its step, or where in them it
-    sits. That costs long prefill products on CPU 1.4-1.7x (SmolLM2, 256 rows). Integer sums are
-    exact in any order, so int8 products keep one kernel call."""
+    alone (on an AVX-512 CPU, also with codegen capped at AVX2, one device or eight), so longer float
+    products run as a loop over 32-row blocks: a token's bits do not depend on how many rows share
+    its step, or where in them it sits. That costs long prefill products on CPU 1.4-1.7x (SmolLM2,
+    256 rows). Integer sums are exact in any order, so int8 products keep one kernel call."""
     rows = x.reshape(-1, x.shape[-1])  # [N, in]
     n = rows.shape[0]
     if n <= ROW_BLOCK or jnp.issubdtype(rows.dtype, jnp.integer) or jax.default_backend() != "cpu":
