@@ -400,7 +400,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     cfg = convert(args.src, Path(args.dst), args.quantization, args.quantization_group_size)
     size = sum(f.stat().st_size for f in Path(args.dst).rglob("*") if f.is_file())
-    weights = args.quantization or "float32"
+    weights = json.loads((Path(args.dst) / "jaxserve.json").read_text())["weights"]
     print(f"wrote {args.dst} ({cfg.architecture}, {cfg.num_layers} layers, vocab {cfg.vocab_size}, {weights} weights, {size / 2**20:.1f} MiB)", file=sys.stderr)
     return 0
 

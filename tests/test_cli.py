@@ -92,6 +92,8 @@ def test_convert_then_generate_from_checkpoint(capsys, tiny_gguf: Path, tmp_path
     assert len(json.loads(_run(capsys, "generate", "--model", str(tmp_path / "q4"), *args)[1])["token_ids"]) == 8
     code, _, err = _run(capsys, "generate", "--model", str(tmp_path / "q4"), "--quantization", "int8", *args)
     assert code == 2 and "holds int4 weights, which cannot be re-quantized to int8" in err
+    code, _, err = _run(capsys, "convert", str(tiny_gguf), str(tmp_path / "f"), "--quantization-group-size", "64")
+    assert code == 2 and "--quantization-group-size applies to --quantization int4 only" in err
 
 
 def test_chat_keeps_history_and_streams(tiny_gguf: Path) -> None:

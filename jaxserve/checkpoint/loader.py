@@ -57,6 +57,8 @@ def convert(src: str | Path, dst: Path, quantization: str | None = None, group_s
     """Write our checkpoint format from any readable source or registry name, float or quantized
     (calibrated once, here, as `load_model` would at every start; GGUF 4-bit blocks are kept as they are)."""
     if quantization is None:
+        if group_size is not None:
+            raise UserError("--quantization-group-size applies to --quantization int4 only")
         cfg, params, tokenizer = read_source(resolve(str(src)))
     else:
         model = load_model(str(src), "float32", unroll_layers=False, quantization=quantization, group_size=group_size)
@@ -149,7 +151,7 @@ def _check_stored_quantization(path: Path, params: Params, quantization: str | N
     groups = {x.group for x in jax.tree.leaves(params, is_leaf=is_quantized_weight) if isinstance(x, Int4Weight)}
     if group_size is not None and groups - {group_size}:
         raise UserError(f"{path.name} holds int4 weights in groups of {', '.join(map(str, sorted(groups)))}, not {group_size}; "
-                        "drop --quantization-group-size, or convert the float model with it")
+                        "drop --quantization-group-size to serve them as stored")
 
 
 def load_draft(target: LoadedModel, spec: SpeculativeConfig | None) -> tuple[ModelConfig, Params] | DraftHeads | None:

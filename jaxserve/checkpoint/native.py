@@ -26,8 +26,7 @@ from jaxserve.ops.quant import Int4Weight, Int8Weight, is_quantized_weight, weig
 from jaxserve.tokenizer import Tokenizer
 
 MARKER = "jaxserve.json"
-FORMAT_VERSION = 2  # 2: dense layers may be quantized; 1 (float only) is still read
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2)  # 1: float weights; 2: quantized dense layers (older readers refuse them)
 BLOCK8 = 32  # values per float16 scale in the 8-bit blocks of a quantized checkpoint's embedding and LM head
 _WEIGHT_KINDS = {frozenset(f.name for f in dataclasses.fields(k)): k for k in (Int4Weight, Int8Weight)}
 
@@ -99,10 +98,14 @@ def _from_disk(node: Any) -> Any:
 def save_checkpoint(folder: Path, cfg: ModelConfig, params: Params, tokenizer: Tokenizer) -> None:
     """Write atomically (`save_atomically`); params as loaded (float, or with quantized dense layers)."""
 
+    if not isinstance(params["layers"], dict):
+        raise ValueError("save stacked layers (load_model(..., unroll_layers=False)): the format stores [L, ...] arrays")
+    weights = weight_format(params)
+
     def write_files(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         tokenizer.save(tmp)
-        (tmp / MARKER).write_text(json.dumps({"format_version": FORMAT_VERSION, "weights": weight_format(params)}))
+        (tmp / MARKER).write_text(json.dumps({"format_version": 2 if weights in QUANTIZATIONS else 1, "weights": weights}))
 
     save_atomically(folder, _to_disk(params), "params", write_files)
 

@@ -130,8 +130,8 @@ def prompt_logprobs(params: Params, hidden: jnp.ndarray, targets: jnp.ndarray, c
 
 def _pinned_host(sharding: NamedSharding) -> NamedSharding:
     """`sharding` in page-locked host memory where the devices have it (GPU, TPU, and XLA:CPU, where
-    it is the same RAM): the copy programs then move pages by DMA straight between device and host
-    buffers, with no staging copy through pageable memory."""
+    it is the same RAM): the copy programs then move pages by DMA between device and host buffers,
+    with no staging copy through pageable memory."""
     kinds = {m.kind for m in sharding.mesh.devices.flat[0].addressable_memories()}
     return sharding.with_memory_kind("pinned_host") if "pinned_host" in kinds else sharding
 
@@ -191,7 +191,10 @@ class ModelRunner:
         self._copy = jax.jit(KVCache.copy_pages, in_shardings=(cache_sh, replicated, replicated), out_shardings=cache_sh, donate_argnums=(0,))
         host_sh = _pinned_host(cache_sh)  # page copies to and from host memory
         self._read = jax.jit(KVCache.take, in_shardings=(cache_sh, replicated), out_shardings=host_sh)
-        self._write = jax.jit(KVCache.put, in_shardings=(cache_sh, replicated, host_sh), out_shardings=cache_sh, donate_argnums=(0,))
+        self._write = jax.jit(  # copies the pages to the device first: no compute runs in host memory
+            lambda cache, pages, data: KVCache.put(cache, pages, jax.device_put(data, cache_sh)),
+            in_shardings=(cache_sh, replicated, host_sh), out_shardings=cache_sh, donate_argnums=(0,),
+        )
         self._prompt_logprobs = jax.jit(
             functools.partial(prompt_logprobs, cfg=cfg), in_shardings=(param_sh, replicated, replicated), out_shardings=replicated
         )

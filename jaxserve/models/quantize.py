@@ -143,19 +143,20 @@ def quantize_model(params: Params, cfg: ModelConfig, calibration_ids: list[int],
     layers = params["layers"]
     stacked = isinstance(layers, dict)
     num_layers = next(iter(jax.tree.leaves(layers))).shape[0] if stacked else len(layers)
-    per_layer = [jax.tree.map(lambda v: v[i], layers) for i in range(num_layers)] if stacked else list(layers)
+    layer = (lambda i: jax.tree.map(lambda v: v[i], layers)) if stacked else (lambda i: layers[i])  # sliced when used
     if quantization == "int4":
         check_group_size(params, group_size)
-    if any(is_quantized_weight(v) for lp in per_layer for v in lp.values()):
-        out = [{k: quantize_int4(v, group_size) if k in DENSE and not is_quantized_weight(v) else v for k, v in lp.items()} for lp in per_layer]
+    if any(is_quantized_weight(w) for w in jax.tree.leaves(layers, is_leaf=is_quantized_weight)):
+        out = [{k: quantize_int4(v, group_size) if k in DENSE and not is_quantized_weight(v) else v for k, v in layer(i).items()}
+               for i in range(num_layers)]
     else:
         observed = observe_activations(params, cfg, calibration_ids)
-        seen = [jax.tree.map(lambda v: v[i], observed) for i in range(num_layers)] if stacked else list(observed)
+        seen = (lambda i: jax.tree.map(lambda v: v[i], observed)) if stacked else (lambda i: observed[i])
 
         def convert(lp: dict, seen: dict) -> dict:
             if quantization == "int4":
                 return {k: quantize_int4(v, group_size) if k in DENSE else v for k, v in fold_scales(lp, awq_scales(lp, seen, group_size)).items()}
             return {k: quantize(v) if k in DENSE else v for k, v in smooth_layer(lp, seen).items()}
 
-        out = [convert(lp, o) for lp, o in zip(per_layer, seen)]
+        out = [convert(layer(i), seen(i)) for i in range(num_layers)]
     return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *out) if stacked else tuple(out)}
