@@ -397,10 +397,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from jaxserve.checkpoint.loader import convert
+    from jaxserve.checkpoint.native import MARKER, folder_bytes
 
     cfg = convert(args.src, Path(args.dst), args.quantization, args.quantization_group_size)
-    size = sum(f.stat().st_size for f in Path(args.dst).rglob("*") if f.is_file())
-    weights = json.loads((Path(args.dst) / "jaxserve.json").read_text())["weights"]
+    size = folder_bytes(Path(args.dst))
+    weights = json.loads((Path(args.dst) / MARKER).read_text())["weights"]
     print(f"wrote {args.dst} ({cfg.architecture}, {cfg.num_layers} layers, vocab {cfg.vocab_size}, {weights} weights, {size / 2**20:.1f} MiB)", file=sys.stderr)
     return 0
 

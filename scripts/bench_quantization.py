@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the held-out 
 
 from jaxserve.checkpoint import registry  # noqa: E402
 from jaxserve.checkpoint.loader import convert, load_model  # noqa: E402
-from jaxserve.checkpoint.native import save_checkpoint  # noqa: E402
+from jaxserve.checkpoint.native import folder_bytes, save_checkpoint  # noqa: E402
 from jaxserve.errors import UserError  # noqa: E402
 from jaxserve.models.quantize import CALIBRATION_TEXT, DENSE, check_group_size, quantize_model  # noqa: E402
 from jaxserve.ops.quant import quantize_int4  # noqa: E402
@@ -46,10 +46,6 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
     log_q = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
     return {"agreement": round(float(np.mean(ref.argmax(-1) == got.argmax(-1))), 3),
             "mean_kl": round(float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1))), 4)}
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def checkpoints(spec: str, model, measure_logits) -> dict:

@@ -35,6 +35,11 @@ def is_checkpoint(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (a checkpoint's size on disk)."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
 def save_atomically(folder: Path, tree: Any, name: str, write_files: Callable[[Path], None]) -> None:
     """Write a folder atomically: `tree` (arrays) with orbax under `name`, then `write_files(tmp)`
     (its marker last), all into `folder.tmp`, renamed over `folder` at the end."""

@@ -196,6 +196,12 @@ def compute_logits(params: Params, hidden: jnp.ndarray, cfg: ModelConfig) -> jnp
     return matmul(x, head, jnp.float32)
 
 
+def layer_at(layers: Any, i: int) -> Any:
+    """Layer i's entry of per-layer values: a slice of stacked [L, ...] arrays (a dict of them), or the
+    i-th of per-layer dicts (a tuple)."""
+    return jax.tree.map(lambda v: v[i], layers) if isinstance(layers, dict) else layers[i]
+
+
 def unstack_layers(params: Params) -> Params:
     """Stacked [L, ...] layers -> a tuple of per-layer dicts (separate buffers; see `forward`), with
     q/k/v and gate/up each concatenated into one matrix (quantized ones field by field, along their
@@ -208,7 +214,7 @@ def unstack_layers(params: Params) -> Params:
 
     fused = []
     for i in range(num_layers):
-        lp = jax.tree.map(lambda v: v[i], layers)
+        lp = layer_at(layers, i)
         lp["wqkv"] = fuse(lp.pop("wq"), lp.pop("wk"), lp.pop("wv"))
         if "bq" in lp:
             lp["bqkv"] = fuse(lp.pop("bq"), lp.pop("bk"), lp.pop("bv"))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import INT4_GROUP, ModelConfig
-from jaxserve.models.llama import ForwardBatch, Params, forward
+from jaxserve.models.llama import ForwardBatch, Params, forward, layer_at
 from jaxserve.errors import UserError
 from jaxserve.ops.quant import is_quantized_weight, quantize, quantize_int4
 
@@ -141,22 +141,18 @@ def quantize_model(params: Params, cfg: ModelConfig, calibration_ids: list[int],
     one layer's temporaries. Where some dense layers come quantized (a GGUF's 4-bit blocks), scales
     cannot fold into their inputs: the float rest is rounded plainly, without calibration."""
     layers = params["layers"]
-    stacked = isinstance(layers, dict)
-    num_layers = next(iter(jax.tree.leaves(layers))).shape[0] if stacked else len(layers)
-    layer = (lambda i: jax.tree.map(lambda v: v[i], layers)) if stacked else (lambda i: layers[i])  # sliced when used
     if quantization == "int4":
         check_group_size(params, group_size)
     if any(is_quantized_weight(w) for w in jax.tree.leaves(layers, is_leaf=is_quantized_weight)):
-        out = [{k: quantize_int4(v, group_size) if k in DENSE and not is_quantized_weight(v) else v for k, v in layer(i).items()}
-               for i in range(num_layers)]
+        out = [{k: quantize_int4(v, group_size) if k in DENSE and not is_quantized_weight(v) else v for k, v in layer_at(layers, i).items()}
+               for i in range(cfg.num_layers)]
     else:
         observed = observe_activations(params, cfg, calibration_ids)
-        seen = (lambda i: jax.tree.map(lambda v: v[i], observed)) if stacked else (lambda i: observed[i])
 
         def convert(lp: dict, seen: dict) -> dict:
             if quantization == "int4":
                 return {k: quantize_int4(v, group_size) if k in DENSE else v for k, v in fold_scales(lp, awq_scales(lp, seen, group_size)).items()}
             return {k: quantize(v) if k in DENSE else v for k, v in smooth_layer(lp, seen).items()}
 
-        out = [convert(layer(i), seen(i)) for i in range(num_layers)]
-    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *out) if stacked else tuple(out)}
+        out = [convert(layer_at(layers, i), layer_at(observed, i)) for i in range(cfg.num_layers)]  # one layer sliced at a time
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *out) if isinstance(layers, dict) else tuple(out)}
