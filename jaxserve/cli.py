@@ -11,7 +11,7 @@ import sys
 from typing import Sequence
 
 from jaxserve.checkpoint.registry import DEFAULT_MODEL, cache_dir
-from jaxserve.config import INT4_GROUP, KV_CACHE_DTYPES, PREEMPTION_MODES, QUANTIZATIONS, TrainDraftConfig, load_yaml
+from jaxserve.config import INT4_GROUP, KV_CACHE_DTYPES, PREEMPTION_MODES, QUANTIZATIONS, SCHEDULING_POLICIES, TrainDraftConfig, load_yaml
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 
@@ -125,6 +125,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", action="append", default=[], help="accepted bearer key (repeatable; env JAXSERVE_API_KEY, comma-separated)")
+    srv.add_argument("--api-keys-file", default=None,
+                     help="YAML mapping each key (or sha256:<hex> of it) to a tenant with limits, priority, fair-share weight and "
+                     "models; reloaded on SIGHUP")
     srv.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
     srv.add_argument("--data-parallel-size", type=int, default=1, help="independent engine replicas, each on its own tensor-parallel devices")
     srv.add_argument("--coordinator-address", default=None, help="host:port of process 0, for a multi-process group (jax.distributed)")
@@ -156,6 +159,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     srv.add_argument("--prefix-cache-dir", default=None,
                      help="with --host-prefix-cache: a folder the host prefix tier is loaded from at start and saved to at shutdown, "
                      "so a restarted server keeps long system prompts warm (a corrupt or mismatched one is ignored with a warning)")
+    srv.add_argument("--scheduling-policy", default="priority", choices=SCHEDULING_POLICIES,
+                     help="fcfs: arrival order; priority: request priority, then arrival; fair: priority, then weighted fair share "
+                     "of computed tokens across tenants, preempting the tenant most over its share")
+    srv.add_argument("--otlp-traces-endpoint", default=None,
+                     help="URL OpenTelemetry spans are posted to (e.g. http://collector:4318/v1/traces; default: tracing off)")
+    srv.add_argument("--cost-per-hour", type=float, default=None,
+                     help="what the machine costs in USD per hour: gives cost per million tokens and each tenant's share on /metrics")
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests beyond which new ones get 429")
     srv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
@@ -326,6 +336,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         api_keys=tuple(args.api_key),
+        api_keys_file=args.api_keys_file,
+        otlp_traces_endpoint=args.otlp_traces_endpoint,
+        cost_per_hour=args.cost_per_hour,
         served_model_name=args.served_model_name,
         max_waiting=args.max_waiting,
         request_timeout=args.request_timeout,
@@ -352,6 +365,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         preemption_mode=args.preemption_mode,
         host_prefix_cache=args.host_prefix_cache,
         prefix_cache_dir=args.prefix_cache_dir,
+        scheduling_policy=args.scheduling_policy,
     )
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size))
     check_mesh(mesh, dist)

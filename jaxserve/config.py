@@ -21,6 +21,7 @@ QUANTIZATIONS = ("int8", "int4")  # weight formats `load_model` can convert dens
 INT4_GROUP = 32  # default input rows per int4 scale and offset: GGUF's 4-bit block
 KV_CACHE_DTYPES = ("auto", "bfloat16", "int8", "fp8", "fp8_e4m3")  # KV-cache storage (EngineConfig.kv_cache_dtype; fp8 = fp8_e4m3)
 PREEMPTION_MODES = ("auto", "swap", "recompute")  # EngineConfig.preemption_mode
+SCHEDULING_POLICIES = ("fcfs", "priority", "fair")  # EngineConfig.scheduling_policy
 MIN_SECRET_BYTES = 16  # a shorter cluster secret could be guessed from a recorded handshake
 
 
@@ -273,6 +274,9 @@ class EngineConfig:
     preemption_mode: str = "auto"  # "auto" (swap long contexts, recompute short ones, by measured cost), "swap", "recompute"
     host_prefix_cache: float = 0.0  # GiB of host memory for prefix-cache blocks the device evicts (0: they are forgotten)
     prefix_cache_dir: str | None = None  # folder the host prefix tier is loaded from at start and saved to at shutdown
+    # "fcfs" (arrival order), "priority" (request priority, then arrival; a waiting request preempts
+    # lower ones), "fair" (priority, then weighted fair share of computed tokens across tenants)
+    scheduling_policy: str = "priority"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "prefill_row_len", "page_size"):
@@ -294,6 +298,8 @@ class EngineConfig:
             raise UserError("prefix_cache_dir persists the host prefix tier: set host_prefix_cache (GiB) too")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise UserError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}; got {self.preemption_mode!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise UserError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {self.scheduling_policy!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise UserError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
 
@@ -355,7 +361,10 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    api_keys: tuple[str, ...] = ()  # each one unlimited tenant's key (with no api_keys_file); empty with no file: no authentication
+    api_keys_file: str | None = None  # YAML of keys, tenants and their limits (`jaxserve.server.tenants`), reloaded on SIGHUP
+    otlp_traces_endpoint: str | None = None  # where OpenTelemetry spans go (None: tracing off)
+    cost_per_hour: float | None = None  # USD the machine costs per hour (None: no cost figures)
     served_model_name: str | None = None  # None: the model's own name
     max_waiting: int = 256  # queued requests beyond which new ones get 429
     request_timeout: float | None = 600.0  # seconds per request; None: no limit
@@ -377,6 +386,10 @@ class ServerConfig:
                 raise UserError(f"{name} must be > 0, got {value}")
         if any(not k for k in self.api_keys):
             raise UserError("API keys must not be empty")
+        if self.api_keys and self.api_keys_file:
+            raise UserError("give --api-key or --api-keys-file, not both: a keys file names every key with its tenant")
+        if self.cost_per_hour is not None and self.cost_per_hour <= 0:
+            raise UserError(f"cost_per_hour must be > 0 USD, got {self.cost_per_hour}")
 
 
 @dataclass(frozen=True)

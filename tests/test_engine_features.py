@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from jaxserve.engine.interface import Admission
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
@@ -231,7 +232,7 @@ def test_priority_orders_admission(tiny) -> None:
     engine = _engine(tiny, max_num_seqs=1)
     sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     for request_id, priority in (("a", 0), ("b", 0), ("urgent", -1), ("late", 1)):
-        engine.add_request(request_id, [5, 6, 7], sp, priority=priority)
+        engine.add_request(request_id, [5, 6, 7], sp, Admission(priority=priority))
     order = []
     while engine.has_unfinished():
         order += [out.request_id for out in engine.step() if out.finish_reason]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxserve.config import EngineConfig
+from jaxserve.engine.interface import Admission
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.runner import SWAP_CHUNK
 from jaxserve.errors import UserError
@@ -109,7 +110,7 @@ def test_a_priority_request_swaps_low_priority_streams_out_and_starts_in_the_nex
                for i in range(slots)}
     engine = _engine(tiny, SWAP)
     for rid, (prompt, sp) in streams.items():
-        engine.add_request(rid, prompt, sp, priority=1)
+        engine.add_request(rid, prompt, sp, Admission(priority=1))
     got: dict[str, list[int]] = {}
     for _ in range(60):  # until the streams fill every slot and all but a few of the 47 pages
         if len(engine.scheduler.running) == slots and engine.blocks.num_free < 4:
@@ -118,7 +119,7 @@ def test_a_priority_request_swaps_low_priority_streams_out_and_starts_in_the_nex
             got.setdefault(out.request_id, []).append(out.token_id)
     assert len(engine.scheduler.running) == slots and engine.blocks.num_free < 4
     swapped = engine.stats().swap.swap_outs
-    engine.add_request("urgent", [5, 6, 7, 8, 9, 10, 11, 12, 13, 14], SamplingParams(max_tokens=4, temperature=0.0), priority=0)
+    engine.add_request("urgent", [5, 6, 7, 8, 9, 10, 11, 12, 13, 14], SamplingParams(max_tokens=4, temperature=0.0), Admission(priority=0))
     first = engine.step()
     assert "urgent" in [out.request_id for out in first]
     for out in first:

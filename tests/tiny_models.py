@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine.interface import Admission
 from jaxserve.models.llama import Params, init_params
 
 # Limits of the tiny-model engines, one step-shape set each, compiled once for all the tests that use
@@ -225,7 +226,7 @@ def run_with_aborts(engine, requests: dict, rng: random.Random, priority=lambda 
             results.setdefault(out.request_id, []).append(out.token_id)
 
     for rid, (prompt, sp) in requests.items():
-        engine.add_request(rid, prompt, sp, priority=priority(rid))
+        engine.add_request(rid, prompt, sp, Admission(priority=priority(rid)))
         live.add(rid)
         for _ in range(rng.randint(0, 2)):
             step()

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from jaxserve.checkpoint.loader import LoadedModel, load_draft
 from jaxserve.config import EngineConfig
-from jaxserve.engine.interface import CheckedRequest, EngineLimits, EngineStats, ModelInfo, StepReport
+from jaxserve.engine.interface import Admission, CheckedRequest, EngineLimits, EngineStats, ModelInfo, StepReport
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.outputs import StepOutput
 from jaxserve.parallel.distributed import StepChannel
@@ -112,7 +112,7 @@ class AsyncEngine:
             self._engine.check_request(list(prompt), params)
         return CheckedRequest(tuple(tuple(p) for p in prompts), params, seconds)
 
-    async def generate(self, request_id: str, request: CheckedRequest, priority: int = 0) -> AsyncIterator[tuple[int, StepOutput]]:
+    async def generate(self, request_id: str, request: CheckedRequest, admission: Admission = Admission()) -> AsyncIterator[tuple[int, StepOutput]]:
         """(prompt index, output) of every sample of every prompt as steps produce them, merged, until
         all have finished; each output carries `request_id`. Leaving early aborts what still runs."""
         if self.error is not None:
@@ -126,7 +126,7 @@ class AsyncEngine:
 
         async def run(i: int, prompt: tuple[int, ...]) -> None:
             try:
-                async for out in self._one(request_id, list(prompt), request.params, priority):
+                async for out in self._one(request_id, list(prompt), request.params, admission):
                     await merged.put((i, out))
                 await merged.put((i, None))
             except BaseException as e:
@@ -150,12 +150,12 @@ class AsyncEngine:
             await asyncio.gather(*tasks, return_exceptions=True)
             self._active.discard(request_id)
 
-    async def _one(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int) -> AsyncIterator[StepOutput]:
+    async def _one(self, request_id: str, prompt_ids: list[int], params: SamplingParams, admission: Admission) -> AsyncIterator[StepOutput]:
         """One prompt's outputs (its n samples), under an engine id of its own."""
         engine_id = f"{request_id}#{next(self._ids)}"
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[engine_id] = stream
-        self._send(("add", engine_id, prompt_ids, params, priority))
+        self._send(("add", engine_id, prompt_ids, params, admission))
         unfinished = set(range(params.n))
         try:
             while unfinished:
@@ -208,9 +208,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _, engine_id, prompt_ids, params, priority = command
+                _, engine_id, prompt_ids, params, admission = command
                 try:
-                    self._engine.enqueue(engine_id, prompt_ids, params, priority)
+                    self._engine.enqueue(engine_id, prompt_ids, params, admission)
                 except UserError as e:
                     self._post(engine_id, e)
             else:

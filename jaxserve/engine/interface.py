@@ -69,6 +69,16 @@ class StepReport:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """What admission decided about a request, travelling with it to the scheduler's policy."""
+
+    priority: int = 0  # lower runs first (vLLM's field), already capped by the tenant's class
+    tenant: str = ""  # whose request it is, for fair share ("": the one anonymous tenant)
+    weight: float = 1.0  # the tenant's fair-share weight (> 0)
+    timeline: bool = False  # record when its phases ran, for its trace (`jaxserve.engine.timeline`)
+
+
+@dataclass(frozen=True)
 class CheckedRequest:
     """A request whose every check passed (`AsyncEngine.check`): the only thing `generate` takes."""
 

@@ -19,7 +19,7 @@ from jaxserve.cache.host_prefix import HostPrefixCache
 from jaxserve.cache.kv_cache import check_kv_dtype, is_quantized, kv_dtype_name, page_bytes, pages_for_memory, storage_dtype
 from jaxserve.engine.beam import BeamSearch, Hypothesis
 from jaxserve.config import EngineConfig, ModelConfig
-from jaxserve.engine.interface import EngineLimits, EngineStats, ModelInfo, StepReport
+from jaxserve.engine.interface import Admission, EngineLimits, EngineStats, ModelInfo, StepReport
 from jaxserve.engine.outputs import RequestOutput, StepOutput, TopLogprobs
 from jaxserve.engine.page_copier import PageCopier
 from jaxserve.engine.prefix_tier import PrefixTier
@@ -158,13 +158,13 @@ class LLMEngine:
         except UserError as e:
             raise UserError(str(e), param="guide") from None
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, admission: Admission = Admission()) -> None:
         """Check a request, then queue it (its n samples): nothing bad can touch a batch."""
         self.compile_guide(params)
         self.check_request(prompt_ids, params)
-        self.enqueue(request_id, prompt_ids, params, priority)
+        self.enqueue(request_id, prompt_ids, params, admission)
 
-    def enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+    def enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams, admission: Admission = Admission()) -> None:
         """Queue a request that passed `check_request` (and `compile_guide`)."""
         if request_id in self.seqs:
             raise UserError(f"request id {request_id!r} is already in use")
@@ -174,7 +174,7 @@ class LLMEngine:
             sp = params if index == 0 else dataclasses.replace(params, prompt_logprobs=None)
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
             leader = samples[0] if samples else None
-            seq = Sequence(request_id, list(prompt_ids), sp, arrival, priority, index, leader, detok)
+            seq = Sequence(request_id, list(prompt_ids), sp, arrival, admission.priority, admission.tenant, admission.weight, index, leader, detok)
             if params.guide is not None:
                 seq.matcher = self.grammars.matcher(params.guide)
             if params.use_beam_search:

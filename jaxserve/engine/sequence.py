@@ -28,6 +28,8 @@ class Sequence:
     params: SamplingParams
     arrival: int  # admission order; a preempted sequence keeps its place
     priority: int = 0  # lower runs first
+    tenant: str = ""  # whose request it is (fair share)
+    weight: float = 1.0  # its tenant's fair-share weight
     index: int = 0  # which of the request's n samples
     leader: Sequence | None = None  # sample 0 of the request, whose prompt pages the others share
     detokenizer: IncrementalDetokenizer | None = None

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from jaxserve.config import ServerConfig
 from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
-from jaxserve.engine.interface import CheckedRequest
+from jaxserve.engine.interface import Admission, CheckedRequest
 from jaxserve.engine.outputs import StepOutput
 from jaxserve.errors import UserError
 from jaxserve.parallel.distributed import PeerLostError
@@ -257,7 +257,7 @@ class Server:
         """(prompt index, step output) of every prompt, as the engine merges them; records latency
         and token metrics. Leaving early aborts every prompt's request."""
         record = RequestMetrics(self.metrics, req.prompts, req.params.n, req.params.max_tokens)
-        async with contextlib.aclosing(engine.generate(req.request_id, checked, req.priority)) as outputs:
+        async with contextlib.aclosing(engine.generate(req.request_id, checked, Admission(priority=req.priority))) as outputs:
             async for i, out in outputs:
                 record.output(i, out)
                 yield i, out
