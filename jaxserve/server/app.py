@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import json
 import logging
+import math
 import signal
 import time
 from importlib.metadata import version
@@ -29,6 +29,9 @@ from jaxserve.engine.outputs import StepOutput
 from jaxserve.errors import UserError
 from jaxserve.parallel.distributed import PeerLostError
 from jaxserve.server.metrics import Metrics, RequestMetrics
+from jaxserve.server.quota import Quotas, TenantQuota
+from jaxserve.server.tenants import KeyTable, Tenant, key_id, load_keys, with_priority
+from jaxserve.server.usage import UsageLedger
 from jaxserve.server.protocol import ApiError, Request, chat_prompt, parse_chat, parse_completion
 from jaxserve.server.render import Renderer, renderer, sse
 from jaxserve.server.responses import ResponsesRenderer, ResponseStore, chat_body
@@ -50,7 +53,10 @@ class Server:
         self.tokenizer = model.tokenizer
         self.max_model_len = model.max_model_len
         self.vocab_size = model.vocab_size
-        self.metrics = Metrics(self.engines, self.model_name)
+        self.keys = load_keys(cfg.api_keys_file) if cfg.api_keys_file else KeyTable.unlimited(cfg.api_keys) if cfg.api_keys else None
+        self.quotas = Quotas()
+        self.usage = UsageLedger(cfg.cost_per_hour)
+        self.metrics = Metrics(self.engines, self.model_name, self.usage)
         self.ready = False
         self.draining = False
         self.created = int(time.time())
@@ -74,9 +80,24 @@ class Server:
                 web.get("/ready", self.ready_probe),
                 web.get("/metrics", self.metrics_page),
                 web.get("/version", self.version),
+                web.get("/v1/usage", self.usage_page),
             ]
         )
+        app.on_response_prepare.append(self._rate_headers)
         return app
+
+    def reload_keys(self) -> None:
+        """Read the keys file again (SIGHUP); a bad file leaves the old one in force. Requests in flight
+        keep the tenant they were admitted as; spent budgets carry over to the new limits."""
+        if not self.cfg.api_keys_file:
+            log.warning("SIGHUP: no --api-keys-file to reload")
+            return
+        try:
+            self.keys = load_keys(self.cfg.api_keys_file)
+        except UserError as e:
+            log.error("keys file not reloaded; the previous one stays in force: %s", e)
+            return
+        log.info("keys file reloaded", extra={"keys": len(self.keys.entries), "tenants": len(self.keys.tenants)})
 
     async def start(self) -> None:
         """Start the engine, then compile every step shape (off the event loop) and become ready."""
@@ -86,6 +107,7 @@ class Server:
             loop = asyncio.get_running_loop()
             await asyncio.gather(*(loop.run_in_executor(None, e.warmup) for e in self.engines))
         self.ready = True
+        self.usage.start()
         log.info("ready", extra={"model": self.model_name, "compiles": self.engines[0].stats().compiles})
 
     async def drain(self) -> None:
@@ -131,6 +153,9 @@ class Server:
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
         self.metrics.http.labels(endpoint, str(response.status)).inc()
+        tenant: Tenant | None = request.get("tenant")
+        if tenant is not None and response.status >= 400:
+            self.usage.record(tenant.name, **({"rate_limited": 1} if response.status == 429 else {"errors": 1}))
         return response
 
     @web.middleware
@@ -149,17 +174,24 @@ class Server:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        if self.cfg.api_keys and request.path not in _OPEN_PATHS:
+        """Find the key's tenant before anything reads the body: an unknown key costs no more than its headers."""
+        keys = self.keys
+        if keys is not None and request.path not in _OPEN_PATHS:
             header = request.headers.get("Authorization", "")
-            token = header[7:].encode() if header.startswith("Bearer ") else b""
-            # Compare against every key in constant time, without stopping at the first match.
-            matches = [hmac.compare_digest(token, key.encode()) for key in self.cfg.api_keys]
-            if not any(matches):
+            found = keys.find(header[7:]) if header.startswith("Bearer ") else None
+            if found is None:
                 raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", type="authentication_error", code="invalid_api_key")
+            request["key_id"], request["tenant"] = key_id(found[0]), found[1]
         return await handler(request)
 
+    async def _rate_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """OpenAI's `x-ratelimit-*` headers on every answer to a tenant with limits."""
+        tenant: Tenant | None = request.get("tenant")
+        if tenant is not None:
+            response.headers.update(self.quotas.of(tenant).headers(self.quotas.clock()))
+
     def _error(self, e: ApiError) -> web.Response:
-        headers = {"Retry-After": "1"} if e.status == 429 else None
+        headers = {"Retry-After": str(max(1, math.ceil(e.retry_after or 1)))} if e.status == 429 else None
         return web.json_response(e.body(), status=e.status, headers=headers)
 
     # ---- inference -----------------------------------------------------------------------
@@ -179,8 +211,9 @@ class Server:
             raise ApiError(400, "the request body must be a JSON object")
         return {**dict(self.cfg.default_sampling), **{k: v for k, v in body.items() if v is not None}}
 
-    def _admit(self, body: dict) -> None:
-        """Refusals that come before parsing: not ready, draining, unknown model, queue full."""
+    def _admit(self, body: dict, request: web.Request) -> None:
+        """Refusals that come before parsing: not ready, draining, unknown model or one the tenant may not
+        use, queue full."""
         if self.draining:
             raise ApiError(503, "the server is shutting down", type="service_unavailable")
         if not self.ready:
@@ -188,6 +221,9 @@ class Server:
         if self.engine_error is not None:
             raise ApiError(503, f"the engine stopped after an error: {self.engine_error}", type="service_unavailable")
         self._admit_model(body)
+        tenant: Tenant | None = request.get("tenant")
+        if tenant is not None and not tenant.may_use(self.model_name):
+            raise ApiError(403, f"this API key may not use the model '{self.model_name}'", "model", "permission_error", "model_not_allowed")
         waiting = self.in_flight - sum(e.stats().running for e in self.engines)
         if waiting >= self.cfg.max_waiting:
             raise ApiError(429, f"too many requests waiting ({waiting}); retry later", type="rate_limit_error")
@@ -207,24 +243,40 @@ class Server:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        self._admit(body)
+        self._admit(body, request)
         return await self._serve(request, parse_completion(body, self.tokenizer, self.model_name, self.max_model_len))
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        self._admit(body)
+        self._admit(body, request)
         return await self._serve(request, parse_chat(body, self.tokenizer, self.model_name, self.max_model_len))
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """The Responses API, computed as the chat request it amounts to."""
         body = await self._body(request)
-        self._admit(body)
+        self._admit(body, request)
         chat, extra = chat_body(body, self.response_store)
         req = parse_chat(chat, self.tokenizer, self.model_name, self.max_model_len)
         return await self._serve(request, dataclasses.replace(req, responses=extra))
 
+    def _grant(self, request: web.Request, req: Request) -> tuple[TenantQuota | None, Admission]:
+        """The tenant's quota, taken for this request (a 429 when a limit says no), and its admission."""
+        tenant: Tenant | None = request.get("tenant")
+        if tenant is None:
+            return None, Admission(priority=req.priority)
+        quota = self.quotas.of(tenant)
+        prompt_tokens = sum(map(len, req.prompts))
+        now = self.quotas.clock()
+        refusal = quota.refusal(prompt_tokens, now)
+        if refusal is not None:
+            raise ApiError(429, refusal.message, type="rate_limit_error", code="rate_limit_exceeded", retry_after=refusal.retry_after)
+        quota.admit(prompt_tokens, now)
+        self.usage.record(tenant.name, requests=1, prompt_tokens=prompt_tokens)
+        return quota, Admission(priority=with_priority(tenant, req.priority), tenant=tenant.name, weight=tenant.weight)
+
     async def _serve(self, request: web.Request, req: Request) -> web.StreamResponse:
         # Counted from here (no await since the admission check), so a burst cannot overshoot max_waiting.
+        quota, admission = self._grant(request, req)
         replica = min(range(len(self.engines)), key=self.load.__getitem__)
         engine = self.engines[replica]
         self.load[replica] += len(req.prompts)
@@ -232,18 +284,22 @@ class Server:
             checked = await self._check(req, engine)
             if req.params.guide is not None:
                 self.metrics.structured.labels(self.model_name, req.guide_param).inc()
-            log.info("request", extra={"request_id": req.request_id, "kind": req.kind, "prompts": len(req.prompts), "n": req.params.n, "stream": req.stream})
+            log.info("request", extra={"request_id": req.request_id, "kind": req.kind, "prompts": len(req.prompts), "n": req.params.n,
+                                       "stream": req.stream, "tenant": admission.tenant or None, "key_id": request.get("key_id")})
+            outputs = self._outputs(req, checked, engine, admission, quota)
             if req.stream:
-                return await self._stream(request, req, checked, engine)
-            return await self._whole(req, checked, engine)
+                return await self._stream(request, req, outputs)
+            return await self._whole(req, outputs)
         finally:
             self.load[replica] -= len(req.prompts)
+            if quota is not None:
+                quota.in_flight -= 1
 
-    async def _whole(self, req: Request, checked: CheckedRequest, engine: AsyncEngine) -> web.Response:
+    async def _whole(self, req: Request, outputs: AsyncIterator[tuple[int, StepOutput]]) -> web.Response:
         render = self._renderer(req)
         try:
-            async with asyncio.timeout(self.cfg.request_timeout):
-                async for i, out in self._outputs(req, checked, engine):
+            async with asyncio.timeout(self.cfg.request_timeout), contextlib.aclosing(outputs):
+                async for i, out in outputs:
                     render.add(i, out)
         except TimeoutError:
             raise ApiError(504, f"the request took longer than {self.cfg.request_timeout} s", type="timeout_error") from None
@@ -253,16 +309,31 @@ class Server:
             raise ApiError(503, str(e), type="service_unavailable") from None
         return web.json_response(render.response())
 
-    async def _outputs(self, req: Request, checked: CheckedRequest, engine: AsyncEngine) -> AsyncIterator[tuple[int, StepOutput]]:
+    async def _outputs(self, req: Request, checked: CheckedRequest, engine: AsyncEngine, admission: Admission,
+                       quota: TenantQuota | None) -> AsyncIterator[tuple[int, StepOutput]]:
         """(prompt index, step output) of every prompt, as the engine merges them; records latency
-        and token metrics. Leaving early aborts every prompt's request."""
+        and token metrics, and spends the tenant's generated tokens as they come: when its bucket runs
+        dry, every unfinished sample ends with `length` (after its last whole token). Leaving early
+        aborts every prompt's request."""
         record = RequestMetrics(self.metrics, req.prompts, req.params.n, req.params.max_tokens)
-        async with contextlib.aclosing(engine.generate(req.request_id, checked, Admission(priority=req.priority))) as outputs:
+        unfinished = {(i, k) for i in range(len(req.prompts)) for k in range(req.params.n)}
+        async with contextlib.aclosing(engine.generate(req.request_id, checked, admission)) as outputs:
             async for i, out in outputs:
+                generated = (out.token_id is not None) + (out.stop_token_id is not None)
+                if quota is not None and generated:
+                    if not quota.spend_generated(generated, self.quotas.clock()):
+                        for j, k in sorted(unfinished):
+                            final = StepOutput(req.request_id, k, None, 0.0, "length")
+                            record.output(j, final)
+                            yield j, final
+                        return
+                    self.usage.record(admission.tenant, generated_tokens=generated)
                 record.output(i, out)
+                if out.finish_reason:
+                    unfinished.discard((i, out.index))
                 yield i, out
 
-    async def _stream(self, request: web.Request, req: Request, checked: CheckedRequest, engine: AsyncEngine) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, req: Request, outputs: AsyncIterator[tuple[int, StepOutput]]) -> web.StreamResponse:
         """Server-sent events: the renderer's opening, its frames for each step output, then its
         closing (usage if asked, [DONE]; the Responses API's own events)."""
         render = self._renderer(req)
@@ -275,8 +346,8 @@ class Server:
 
         await send(render.opening())
         try:
-            async with asyncio.timeout(self.cfg.request_timeout):
-                async for i, out in self._outputs(req, checked, engine):
+            async with asyncio.timeout(self.cfg.request_timeout), contextlib.aclosing(outputs):
+                async for i, out in outputs:
                     await send(render.frames(i, out))
             await send(render.closing())
         except (TimeoutError, RequestFailedError, EngineDeadError) as e:
@@ -349,6 +420,33 @@ class Server:
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": version("jaxserve")})
 
+    async def usage_page(self, request: web.Request) -> web.Response:
+        """Each tenant's totals over a window: `?tenant=NAME` (default: all), `start` and `end` (Unix
+        seconds; default: since the server started), or `window` (seconds back from now). Only admin
+        keys may read it."""
+        tenant: Tenant | None = request.get("tenant")
+        if tenant is not None and not tenant.admin:
+            raise ApiError(403, "reading usage needs an admin key", type="permission_error", code="admin_required")
+        q, now = request.query, self.usage.clock()
+        try:
+            window = float(q["window"]) if "window" in q else None
+            end = float(q.get("end", now))
+            start = end - window if window is not None else float(q.get("start", self.usage.since))
+        except ValueError:
+            raise ApiError(400, "'start', 'end' and 'window' must be numbers (Unix seconds; window in seconds)") from None
+        if not (math.isfinite(start) and math.isfinite(end)) or start > end or (window is not None and window <= 0):
+            raise ApiError(400, "the window must have start <= end (and a positive 'window')")
+        tallies = self.usage.window(start, end)
+        if "tenant" in q:
+            if q["tenant"] not in tallies:
+                raise ApiError(404, f"no usage recorded for tenant '{q['tenant']}'", "tenant", "not_found_error")
+            tallies = {q["tenant"]: tallies[q["tenant"]]}
+        data = [{"tenant": name, "requests": t.requests, "prompt_tokens": t.prompt_tokens, "completion_tokens": t.generated_tokens,
+                 "total_tokens": t.tokens, "errors": t.errors, "rate_limited": t.rate_limited, "cost_usd": self.usage.cost(t)}
+                for name, t in sorted(tallies.items())]
+        return web.json_response({"object": "usage", "start": start, "end": end, "granularity_seconds": 60,
+                                  "cost_per_million_tokens": self.usage.cost_per_million_tokens(), "data": data})
+
 
 async def serve(server: Server) -> int:
     """Listen, warm up, serve until SIGTERM or SIGINT, then drain and stop; the exit status. A lost
@@ -363,6 +461,7 @@ async def serve(server: Server) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
     warm = asyncio.create_task(server.start())
     status = 0
 

@@ -20,6 +20,7 @@ from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.engine.interface import EngineStats, StepReport
 from jaxserve.engine.outputs import StepOutput
 from jaxserve.engine.prefix_tier import PrefixTierCounters
+from jaxserve.server.usage import UsageLedger
 
 _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -121,8 +122,39 @@ class _EngineCollector(Collector):
         yield lengths
 
 
+class _TenantCollector(Collector):
+    """Per-tenant usage from the server's ledger (the same one `/v1/usage` reads), and cost."""
+
+    def __init__(self, usage: UsageLedger, model: str) -> None:
+        self.usage, self.model = usage, model
+
+    def collect(self) -> Iterator:
+        totals = sorted(self.usage.totals.items())
+        for name, doc, read in (
+            ("requests", "Admitted inference requests per tenant.", lambda t: t.requests),
+            ("prompt_tokens", "Prompt tokens of admitted requests per tenant.", lambda t: t.prompt_tokens),
+            ("generation_tokens", "Generated tokens delivered per tenant.", lambda t: t.generated_tokens),
+            ("errors", "Answers with a 4xx or 5xx status other than 429 per tenant.", lambda t: t.errors),
+            ("rate_limited", "Requests refused with 429 per tenant.", lambda t: t.rate_limited),
+        ):
+            family = CounterMetricFamily(f"jaxserve:tenant_{name}", doc, labels=["model_name", "tenant"])
+            for tenant, tally in totals:
+                family.add_metric([self.model, tenant], read(tally))
+            yield family
+        per_million = self.usage.cost_per_million_tokens()
+        if per_million is None:
+            return
+        yield GaugeMetricFamily("jaxserve:cost_per_million_tokens", "USD per million tokens (prompt and generated) at the throughput "
+                                "measured since start, from --cost-per-hour.", value=per_million, labels=None)
+        share = GaugeMetricFamily("jaxserve:tenant_cost_usd", "Each tenant's share of the machine's cost since start, by its tokens.",
+                                  labels=["model_name", "tenant"])
+        for tenant, tally in totals:
+            share.add_metric([self.model, tenant], self.usage.cost(tally))
+        yield share
+
+
 class Metrics:
-    def __init__(self, engines: Sequence[AsyncEngine], model: str) -> None:
+    def __init__(self, engines: Sequence[AsyncEngine], model: str, usage: UsageLedger) -> None:
         self.registry = CollectorRegistry()
         self.model = model
         r, m = self.registry, ["model_name"]
@@ -153,6 +185,7 @@ class Metrics:
             k: Histogram(f"jaxserve:request_{k}_time_seconds", doc, m, buckets=_REQUEST_TIME, registry=r) for k, doc in seconds.items()
         }
         r.register(_EngineCollector(engines, model))
+        r.register(_TenantCollector(usage, model))
         for engine in engines:
             engine.subscribe(self._on_step)
 

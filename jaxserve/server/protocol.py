@@ -23,9 +23,11 @@ from jaxserve.tokenizer import Tokenizer
 class ApiError(Exception):
     """An error answered with an OpenAI error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error", code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error", code: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429 and 503)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
