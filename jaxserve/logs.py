@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
 
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# The trace id of the request whose task is logging (tracing on), added to each of its log lines.
+TRACE_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,6 +21,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        trace_id = TRACE_ID.get()
+        if trace_id is not None:
+            entry["trace_id"] = trace_id
         entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

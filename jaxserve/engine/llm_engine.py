@@ -27,6 +27,7 @@ from jaxserve.engine.runner import ModelRunner, StepShapes, decode_group
 from jaxserve.engine.scheduler import Chunk, Scheduler
 from jaxserve.engine.sequence import Sequence, Status
 from jaxserve.engine.speculation import DraftModel, HeadsDraft, Speculator
+from jaxserve.engine.timeline import Timeline
 from jaxserve.engine.swapper import Swapper, swap_min_tokens
 from jaxserve.errors import UserError
 from jaxserve.models.draft_heads import DraftHeads
@@ -174,7 +175,8 @@ class LLMEngine:
             sp = params if index == 0 else dataclasses.replace(params, prompt_logprobs=None)
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
             leader = samples[0] if samples else None
-            seq = Sequence(request_id, list(prompt_ids), sp, arrival, admission.priority, admission.tenant, admission.weight, index, leader, detok)
+            seq = Sequence(request_id, list(prompt_ids), sp, arrival, admission.priority, admission.tenant, admission.weight, index, leader, detok,
+                           timeline=Timeline() if admission.timeline else None)
             if params.guide is not None:
                 seq.matcher = self.grammars.matcher(params.guide)
             if params.use_beam_search:
@@ -311,7 +313,7 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         tuned = self.speculator is not None and self.speculator.cfg.tune_k
-        started, compiles = (time.perf_counter(), self._num_compiles()) if tuned else (0.0, 0)  # drafting included
+        started, compiles = time.perf_counter(), self._num_compiles() if tuned else 0  # drafting included
         chunks = self.scheduler.schedule()
         if self.copier is not None:
             chunks = self._host_copies(chunks)  # before drafting: a draft model writes into freshly reserved pages
@@ -332,6 +334,7 @@ class LLMEngine:
         adjust = self._adjust(sampled, last_row, rows) if any(c.seq.params.adjusts_logits for c in sampled) else None
         want_top = any(c.seq.params.logprobs is not None or c.seq.beam is not None for c in sampled)
         tokens, logprobs, *top = self.runner.sample(sampling, positions, adjust, want_top)
+        ended = time.perf_counter()
         if tuned and groups[-1].tokens.shape[1] == 1 and self._num_compiles() == compiles:  # decode rows only, nothing compiled
             self.speculator.observe(groups[0].tokens.shape[0], time.perf_counter() - started)
         if prompt_slots:
@@ -341,6 +344,8 @@ class LLMEngine:
             seq, row = chunk.seq, last_row[id(chunk)]
             if seq.status is Status.FINISHED:
                 continue  # its request failed earlier in this loop
+            if seq.timeline is not None:
+                seq.timeline.step(started, ended, max(0, min(chunk.start + chunk.length, len(seq.prompt_ids)) - chunk.start))
             if chunk.draft:
                 outputs += self._guarded(seq, lambda: self._verify(chunk, row, tokens, logprobs, top))
                 continue
@@ -520,7 +525,12 @@ class LLMEngine:
             seq.output_ids.append(token)
             if seq.detokenizer:
                 before = len(seq.text)
-                seq.text += seq.detokenizer.push(token)
+                if seq.timeline is None:
+                    seq.text += seq.detokenizer.push(token)
+                else:
+                    began = time.perf_counter()
+                    seq.text += seq.detokenizer.push(token)
+                    seq.timeline.detokenize_seconds += time.perf_counter() - began
                 stopped_by_string = self._match_stop(seq, before)
             if stopped_by_string or (seq.matcher is not None and seq.matcher.is_stopped()):
                 reason = "stop"  # a stop string, or a grammar that is complete and admits nothing more
@@ -539,7 +549,8 @@ class LLMEngine:
             if all(s.status is Status.FINISHED for s in self.seqs.get(seq.request_id, [])):
                 self.seqs.pop(seq.request_id, None)
         cached, queued = (seq.num_cached_tokens, seq.queue_seconds) if first else (None, None)
-        return StepOutput(seq.request_id, seq.index, token_out, logprob, reason, text, top, prompt, stop_token, cached, queued)
+        return StepOutput(seq.request_id, seq.index, token_out, logprob, reason, text, top, prompt, stop_token, cached, queued,
+                          seq.timeline if reason else None)
 
     def _match_stop(self, seq: Sequence, before: int) -> bool:
         """Cut the output text at the first stop string that the last token completed."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from jaxserve.engine.timeline import Timeline
+
 TopLogprobs = tuple[tuple[int, float], ...]  # (token id, log-prob), most likely first
 
 
@@ -28,6 +30,7 @@ class StepOutput:
     # it waited before it first ran.
     num_cached_tokens: int | None = None
     queue_seconds: float | None = None
+    timeline: Timeline | None = None  # on a traced sample's last output: when its phases ran
 
 
 @dataclass

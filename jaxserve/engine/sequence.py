@@ -9,6 +9,7 @@ from typing import Any
 
 from jaxserve.cache.block_manager import BlockHash, block_hashes, salt_hash
 from jaxserve.engine.speculation import SpecState
+from jaxserve.engine.timeline import Timeline
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import IncrementalDetokenizer
 
@@ -50,6 +51,7 @@ class Sequence:
     candidates: list[tuple[int, float]] | None = None  # a beam's next tokens, computed and not yet chosen from
     hashes: list[BlockHash] = field(default_factory=list)  # of this sequence's full blocks, as far as computed
     spec: SpecState = field(default_factory=SpecState)  # its speculative drafts' recent acceptance
+    timeline: Timeline | None = None  # when its phases ran, if its request is traced
     status: Status = Status.WAITING
     finish_reason: str | None = None
 

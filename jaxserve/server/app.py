@@ -27,10 +27,12 @@ from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFa
 from jaxserve.engine.interface import Admission, CheckedRequest
 from jaxserve.engine.outputs import StepOutput
 from jaxserve.errors import UserError
+from jaxserve.logs import TRACE_ID
 from jaxserve.parallel.distributed import PeerLostError
 from jaxserve.server.metrics import Metrics, RequestMetrics
 from jaxserve.server.quota import Quotas, TenantQuota
 from jaxserve.server.tenants import KeyTable, Tenant, key_id, load_keys, with_priority
+from jaxserve.server.tracing import RequestTrace, Tracing, finish_server_span
 from jaxserve.server.usage import UsageLedger
 from jaxserve.server.protocol import ApiError, Request, chat_prompt, parse_chat, parse_completion
 from jaxserve.server.render import Renderer, renderer, sse
@@ -40,6 +42,7 @@ log = logging.getLogger("jaxserve.server")
 
 _OPEN_PATHS = {"/health", "/ready"}  # answered without an API key (probes)
 _INFERENCE = {"/v1/completions", "/v1/chat/completions"}
+_TRACED = _INFERENCE | {"/v1/responses"}
 
 
 class Server:
@@ -57,6 +60,7 @@ class Server:
         self.quotas = Quotas()
         self.usage = UsageLedger(cfg.cost_per_hour)
         self.metrics = Metrics(self.engines, self.model_name, self.usage)
+        self.tracing = Tracing(cfg.otlp_traces_endpoint) if cfg.otlp_traces_endpoint else None
         self.ready = False
         self.draining = False
         self.created = int(time.time())
@@ -66,7 +70,8 @@ class Server:
     # ---- application ---------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._errors, self._cors, self._auth])
+        traced = [self._trace] if self.tracing is not None else []
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[*traced, self._errors, self._cors, self._auth])
         app.add_routes(
             [
                 web.post("/v1/completions", self.completions),
@@ -120,8 +125,10 @@ class Server:
         await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Stop every engine; requests still running end with finish_reason "abort"."""
+        """Stop every engine; requests still running end with finish_reason "abort". Then export the spans still buffered."""
         await asyncio.gather(*(e.shutdown() for e in self.engines))
+        if self.tracing is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 
     @property
     def in_flight(self) -> int:
@@ -157,6 +164,24 @@ class Server:
         if tenant is not None and response.status >= 400:
             self.usage.record(tenant.name, **({"rate_limited": 1} if response.status == 429 else {"errors": 1}))
         return response
+
+    @web.middleware
+    async def _trace(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        """A server span for each inference request (tracing on); its logs carry the trace id."""
+        if request.path not in _TRACED:
+            return await handler(request)
+        assert self.tracing is not None
+        span = self.tracing.server_span(request.method, request.path, request.headers)
+        request["span"] = span
+        token = TRACE_ID.set(format(span.get_span_context().trace_id, "032x"))
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            finish_server_span(span, status)
+            TRACE_ID.reset(token)
 
     @web.middleware
     async def _cors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
@@ -228,7 +253,7 @@ class Server:
         if waiting >= self.cfg.max_waiting:
             raise ApiError(429, f"too many requests waiting ({waiting}); retry later", type="rate_limit_error")
 
-    async def _check(self, req: Request, engine: AsyncEngine) -> CheckedRequest:
+    async def _check(self, req: Request, engine: AsyncEngine, trace: RequestTrace | None) -> CheckedRequest:
         """Every engine-level check (grammar, context length, token ids) of every prompt, once, before
         any starts; a 400 naming the request's own field for a bad one."""
         try:
@@ -239,6 +264,8 @@ class Server:
             raise ApiError(400, str(e), param, code=e.code) from None
         if checked.grammar_seconds is not None:
             self.metrics.grammar_compile.labels(self.model_name).observe(checked.grammar_seconds)
+            if trace is not None:
+                trace.grammar_compile(checked.grammar_seconds)
         return checked
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -277,23 +304,39 @@ class Server:
     async def _serve(self, request: web.Request, req: Request) -> web.StreamResponse:
         # Counted from here (no await since the admission check), so a burst cannot overshoot max_waiting.
         quota, admission = self._grant(request, req)
+        admission = dataclasses.replace(admission, timeline=request.get("span") is not None)
+        trace = self._request_trace(request, req, admission)
         replica = min(range(len(self.engines)), key=self.load.__getitem__)
         engine = self.engines[replica]
         self.load[replica] += len(req.prompts)
+        error = None
         try:
-            checked = await self._check(req, engine)
+            checked = await self._check(req, engine, trace)
             if req.params.guide is not None:
                 self.metrics.structured.labels(self.model_name, req.guide_param).inc()
             log.info("request", extra={"request_id": req.request_id, "kind": req.kind, "prompts": len(req.prompts), "n": req.params.n,
                                        "stream": req.stream, "tenant": admission.tenant or None, "key_id": request.get("key_id")})
-            outputs = self._outputs(req, checked, engine, admission, quota)
+            outputs = self._outputs(req, checked, engine, admission, quota, trace)
             if req.stream:
                 return await self._stream(request, req, outputs)
             return await self._whole(req, outputs)
+        except BaseException as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
         finally:
             self.load[replica] -= len(req.prompts)
             if quota is not None:
                 quota.in_flight -= 1
+            if trace is not None:
+                trace.end(error)
+
+    def _request_trace(self, request: web.Request, req: Request, admission: Admission) -> RequestTrace | None:
+        span = request.get("span")
+        if span is None:
+            return None
+        p = req.params
+        return self.tracing.request(span, req.kind, self.model_name, admission.tenant, req.request_id, p.max_tokens, p.temperature, p.top_p,
+                                    sum(map(len, req.prompts)))
 
     async def _whole(self, req: Request, outputs: AsyncIterator[tuple[int, StepOutput]]) -> web.Response:
         render = self._renderer(req)
@@ -310,7 +353,7 @@ class Server:
         return web.json_response(render.response())
 
     async def _outputs(self, req: Request, checked: CheckedRequest, engine: AsyncEngine, admission: Admission,
-                       quota: TenantQuota | None) -> AsyncIterator[tuple[int, StepOutput]]:
+                       quota: TenantQuota | None, trace: RequestTrace | None) -> AsyncIterator[tuple[int, StepOutput]]:
         """(prompt index, step output) of every prompt, as the engine merges them; records latency
         and token metrics, and spends the tenant's generated tokens as they come: when its bucket runs
         dry, every unfinished sample ends with `length` (after its last whole token). Leaving early
@@ -325,10 +368,14 @@ class Server:
                         for j, k in sorted(unfinished):
                             final = StepOutput(req.request_id, k, None, 0.0, "length")
                             record.output(j, final)
+                            if trace is not None:
+                                trace.output(j, final)
                             yield j, final
                         return
                     self.usage.record(admission.tenant, generated_tokens=generated)
                 record.output(i, out)
+                if trace is not None:
+                    trace.output(i, out)
                 if out.finish_reason:
                     unfinished.discard((i, out.index))
                 yield i, out
