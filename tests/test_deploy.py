@@ -103,3 +103,22 @@ def test_autoscaling_metric_is_exported(server) -> None:
     exported = metric.replace("jaxserve_", "jaxserve:", 1)  # how prometheus-adapter renames it (deploy/README.md)
     _, text = get(server.url + "/metrics")
     assert re.search(rf"^{re.escape(exported)}{{", text, re.M), f"{exported} is not on /metrics"
+
+
+def test_alert_rules_name_only_exported_metrics(server) -> None:
+    """Every series an alert reads is on /metrics of a server that has answered a request (and has a tenant)."""
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yaml").read_text())["groups"][0]["rules"]
+    assert {"JaxserveHighErrorRate", "JaxserveSlowFirstToken", "JaxserveKVCacheFull", "JaxserveQueueDeep"} <= {r["alert"] for r in rules}
+    get(server.url + "/v1/models")
+    from tests.server_process import post
+
+    assert post(server.url + "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2})[0] == 200
+    _, text = get(server.url + "/metrics")
+    exported = set(re.findall(r"^(jaxserve:[a-z_]+)", text, re.M))
+    for rule in rules:
+        assert rule["labels"]["severity"] in ("page", "warn", "info") and rule["annotations"]["summary"]
+        for name in re.findall(r"jaxserve:[a-z_]+", rule["expr"]):
+            if name.startswith("jaxserve:tenant_"):  # per-tenant families appear with the first tenant (a keys file)
+                assert f"# TYPE {name} counter" in text, name
+            else:
+                assert name in exported, f"{rule['alert']} reads {name}, which /metrics does not have"
