@@ -40,7 +40,7 @@ keys:
     models: [some-other-model]
   "sk-thrifty":
     tenant: thrifty
-    generated_tokens_per_minute: 30
+    generated_tokens_per_minute: 12
   "sk-counted":
     tenant: counted
   "sha256:{hashlib.sha256(HASHED_KEY.encode()).hexdigest()}":
@@ -188,16 +188,23 @@ def test_a_limited_tenant_gets_429s_within_its_limits_and_another_tenant_none(se
 
 
 def test_generated_tokens_run_dry_and_the_stream_ends_with_length(server) -> None:
-    """A tenant allowed 30 generated tokens a minute asks for 40 in a stream: it gets 30 whole tokens,
-    then finish_reason "length"; its next request is refused until the bucket refills."""
+    """A tenant allowed 12 generated tokens a minute (one more every 5 s) asks for 40 in a stream: it
+    gets what its bucket gives, whole tokens, then finish_reason "length"; its next request is refused
+    until the bucket refills."""
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-thrifty", max_retries=0)
+    start = time.monotonic()
     chunks = list(client.completions.create(model=MODEL, prompt="Count: one, two, three,", max_tokens=40, temperature=0, stream=True,
                                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
-    assert chunks[-1].usage.completion_tokens == 30
-    with pytest.raises(openai.RateLimitError) as refused:
+    generated = chunks[-1].usage.completion_tokens
+    assert 12 <= generated <= 12 + 12 * (time.monotonic() - start) / 60
+    assert sum(len(c.choices[0].text) > 0 for c in chunks if c.choices) <= generated
+    try:
         client.completions.create(model=MODEL, prompt="More", max_tokens=4)
-    assert "generated tokens" in refused.value.message
+    except openai.RateLimitError as refused:
+        assert "generated tokens" in refused.message and 1 <= int(refused.response.headers["Retry-After"]) <= 5
+    else:  # granted only if the bucket had time to refill a token
+        assert time.monotonic() - start >= 5 * (1 + generated - 12)
 
 
 def test_model_access_concurrency_priority_and_hashed_keys(server) -> None:
@@ -206,6 +213,8 @@ def test_model_access_concurrency_priority_and_hashed_keys(server) -> None:
             status, _, body = await _complete(session, server.url, "sk-elsewhere", prompt="Hi")
             assert status == 403 and body["error"]["type"] == "permission_error"
             assert "some-other-model" not in json.dumps(body)  # names no model it may use
+            async with session.get(server.url + "/v1/models", headers={"Authorization": "Bearer sk-elsewhere"}) as r:
+                assert (await r.json())["data"] == []  # nor lists the one it may not
             assert (await _complete(session, server.url, HASHED_KEY, prompt="Hi"))[0] == 200
             # max_concurrent 1: a second request while a long one runs is refused
             long = asyncio.create_task(_complete(session, server.url, HASHED_KEY, prompt="Hi", max_tokens=200, ignore_eos=True))

@@ -305,12 +305,12 @@ class Server:
         # Counted from here (no await since the admission check), so a burst cannot overshoot max_waiting.
         quota, admission = self._grant(request, req)
         admission = dataclasses.replace(admission, timeline=request.get("span") is not None)
-        trace = self._request_trace(request, req, admission)
         replica = min(range(len(self.engines)), key=self.load.__getitem__)
         engine = self.engines[replica]
         self.load[replica] += len(req.prompts)
-        error = None
+        trace = error = None
         try:
+            trace = self._request_trace(request, req, admission)
             checked = await self._check(req, engine, trace)
             if req.params.guide is not None:
                 self.metrics.structured.labels(self.model_name, req.guide_param).inc()
@@ -416,7 +416,10 @@ class Server:
                 "metadata": metadata}
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model_card()]})
+        """The served model, unless the key's tenant may not use it."""
+        tenant: Tenant | None = request.get("tenant")
+        cards = [self._model_card()] if tenant is None or tenant.may_use(self.model_name) else []
+        return web.json_response({"object": "list", "data": cards})
 
     async def model(self, request: web.Request) -> web.Response:
         if request.match_info["model"] != self.model_name:
