@@ -50,5 +50,5 @@ def policy_key(policy: str, share: FairShare) -> Callable[[Sequence], tuple]:
     if policy == "fcfs":
         return lambda s: (s.arrival,)
     if policy == "priority":
-        return lambda s: (s.priority, s.arrival)
+        return lambda s: s.order
     return lambda s: (s.priority, share.normalized(s.tenant), s.arrival)

@@ -3,17 +3,36 @@
 Every sequence is fed uniformly: tokens [num_computed, num_tokens) still need their K/V; a step gives
 a sequence a chunk of them, and when the chunk reaches the end, the token sampled from its last
 position is the sequence's next token. A decode is a chunk of one; a long prompt is prefilled in
-chunks beside running decodes (chunked prefill) within the per-step token budget. When pages run
-out, the lowest-priority, latest-arrived running sequence is preempted: its pages are released and
-it is recomputed later from its tokens, so its output is the same as if it had never stopped (bit for
-bit where prefill and decode rows share one attention implementation: on CPU and TPU; on GPU, decode
-rows use the Pallas kernel, whose rounding can differ from the recompute's). With a host pool
-(`--swap-space`) a preempted sequence's computed pages are swapped out to host memory instead and
-copied back when it resumes, when its context is long enough that copying beats recomputing
-(`swap_min_tokens`, measured by the engine). With a host prefix tier (`--host-prefix-cache`), a
-prompt whose cached prefix the device lost finds the rest of it there and copies it back. A waiting
-request that outranks running ones (a lower `priority`) preempts them at the start of a step when it
-would not fit otherwise, so it starts in that step.
+chunks beside running decodes (chunked prefill) within the per-step token budget.
+
+Waiting and running sequences are served in the order of the scheduling policy
+(`EngineConfig.scheduling_policy`, keys from `jaxserve.engine.fair_share.policy_key`):
+- fcfs: arrival order; a request's priority is ignored and nothing is preempted to admit one.
+- priority: lower `priority` first, then arrival. A waiting request that outranks running ones
+  preempts them at the start of a step when it would not fit otherwise, so it starts in that step.
+- fair: priority class first, then the tenant's normalized usage (tokens computed / weight; a
+  tenant that becomes active starts level with the least-served one), then arrival; the orders are
+  re-sorted every step as usage grows. Across classes a waiting request preempts as under priority.
+  Within its class it preempts the latest-arrived sequence of the running tenant most over its
+  share, when that tenant's usage exceeds its own by more than the tokens it holds after its first
+  chunk (in its tenant's units; at most one step's budget for a sequence computed from scratch).
+  That margin is WFQ's finish-time rule (the chunk would have been served before the victim
+  tenant's latest tokens) and a hysteresis: admitting lifts the waiting tenant by at most that, so
+  the victim's tenant stays ahead and cannot preempt back at once, and a swapped-out sequence counts
+  the context it copies back, so swaps do not trade slots every few steps. Only a decoding victim
+  is taken (it produced a token since its admission): every admission makes progress, so every
+  accepted request finishes.
+Each step's chunks are charged to their tenants (decodes as one token; speculative drafts are not).
+
+When pages run out mid-step, the running sequence at the back of the policy order is preempted: its
+pages are released and it is recomputed later from its tokens, so its output is the same as if it
+had never stopped (bit for bit where prefill and decode rows share one attention implementation: on
+CPU and TPU; on GPU, decode rows use the Pallas kernel, whose rounding can differ from the
+recompute's). With a host pool (`--swap-space`) a preempted sequence's computed pages are swapped
+out to host memory instead and copied back when it resumes, when its context is long enough that
+copying beats recomputing (`swap_min_tokens`, measured by the engine). With a host prefix tier
+(`--host-prefix-cache`), a prompt whose cached prefix the device lost finds the rest of it there and
+copies it back.
 
 Prefill chunks run as rows of `prefill_row_len` tokens: a chunk that does not finish its prompt fills
 whole rows, and a step holds at most `max_prefill_rows` of them. The n samples of one request share
@@ -31,6 +50,7 @@ from jaxserve.cache.block_manager import BlockManager
 from jaxserve.cache.host_pool import HostPool
 from jaxserve.cache.host_prefix import HostPrefixCache
 from jaxserve.config import EngineConfig
+from jaxserve.engine.fair_share import FairShare, policy_key
 from jaxserve.engine.sequence import Sequence, Status
 
 
@@ -77,15 +97,17 @@ class Scheduler:
         self.host = host
         self.swap_min_tokens = swap_min_tokens
         self.host_prefix = host_prefix
-        self.waiting: list[Sequence] = []  # sorted by Sequence.order
+        self.policy = cfg.scheduling_policy
+        self.share = FairShare()  # tokens computed per tenant (every policy); normalized usage (fair)
+        self.key = policy_key(self.policy, self.share)
+        self.waiting: list[Sequence] = []  # sorted by `key` (under fair, as of the latest `schedule`)
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._copies = HostCopies([], [], [])  # this step's, handed over by `take_copies`
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
-        keys = [s.order for s in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, seq.order), seq)
+        bisect.insort(self.waiting, seq, key=self.key)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Stop a sequence (finished or aborted) and release its pages."""
@@ -136,14 +158,27 @@ class Scheduler:
         self.add(seq)
 
     def _make_room_for(self, seq: Sequence) -> None:
-        """Preempt running sequences that `seq` (waiting) outranks, lowest first, until its first chunk
-        would find a running slot and pages."""
-        need = self._pages_for(min(seq.num_tokens, seq.num_computed + self.cfg.max_num_batched_tokens))
+        """Preempt running sequences that `seq` (waiting) outranks, back of the policy order first,
+        until its first chunk would find a running slot and pages."""
+        held = min(seq.num_tokens, seq.num_computed + self.cfg.max_num_batched_tokens)  # its tokens after that chunk
+        need = self._pages_for(held)
         while self.running and (len(self.running) >= self.cfg.max_num_seqs or self.blocks.num_free < need):
-            victim = max(self.running, key=lambda s: s.order)
-            if victim.priority <= seq.priority:
+            victim = max((s for s in self.running if self._outranks(seq, s, held)), key=self.key, default=None)
+            if victim is None:
                 return
             self._preempt(victim)
+
+    def _outranks(self, seq: Sequence, victim: Sequence, held: int) -> bool:
+        """Whether waiting `seq`, holding `held` tokens once admitted, may preempt running `victim`:
+        never under fcfs; from a lower priority class under priority and fair; under fair, within its
+        class, when the victim's tenant is ahead of `seq`'s by more than those tokens (in `seq`'s
+        tenant's units) and the victim is decoding (it produced a token since its admission)."""
+        if self.policy == "fcfs":
+            return False
+        if self.policy == "priority" or victim.priority != seq.priority:
+            return victim.priority > seq.priority
+        decoding = victim.num_tokens - victim.num_computed == 1
+        return decoding and self.share.normalized(seq.tenant) + held / seq.weight < self.share.normalized(victim.tenant)
 
     def _chunk(self, seq: Sequence, start: int, budget: int, rows_left: int) -> Chunk | None:
         """The largest chunk of `seq` from `start` that fits the token budget and free prefill rows."""
@@ -156,12 +191,16 @@ class Scheduler:
         return Chunk(seq, start, n, -(-n // row)) if n else None
 
     def schedule(self) -> list[Chunk]:
-        """This step's chunks: running sequences first (in order), then newly admitted ones."""
+        """This step's chunks: running sequences first (in policy order), then newly admitted ones;
+        each charged to its tenant."""
         budget, rows_left, prefills = self.cfg.max_num_batched_tokens, self.cfg.max_prefill_rows, 0
         chunks: list[Chunk] = []
+        if self.policy == "fair":  # usage moved since the latest step: so do the orders
+            self.share.sync({s.tenant for s in self.waiting} | {s.tenant for s in self.running})
+            self.waiting.sort(key=self.key)
         if self.waiting and not self.waiting[0].waits_for_leader():
             self._make_room_for(self.waiting[0])
-        self.running.sort(key=lambda s: s.order)
+        self.running.sort(key=self.key)
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
                 continue  # preempted earlier in this loop, or out of budget
@@ -214,11 +253,13 @@ class Scheduler:
             prefills += chunk.rows > 0
             rows_left -= chunk.rows
             budget -= chunk.length
+        for chunk in chunks:
+            self.share.charge(chunk.seq, chunk.length)
         return chunks
 
     def _grow(self, seq: Sequence, num_tokens: int, scheduled: list[Chunk]) -> bool:
-        """Give `seq` pages for `num_tokens`, preempting from the back of the running order if needed.
-        False when `seq` itself had to be preempted."""
+        """Give `seq` pages for `num_tokens`, preempting from the back of the running (policy) order if
+        needed. False when `seq` itself had to be preempted."""
         need = self._pages_for(num_tokens) - len(seq.pages)
         while need > 0:
             fresh = self.blocks.allocate(need)
