@@ -19,7 +19,7 @@ import pytest
 from jaxserve.errors import UserError
 from jaxserve.server.quota import TokenBucket, duration
 from jaxserve.server.tenants import load_keys
-from tests.server_process import DEADLINE, SERVER_ARGS, ServerProcess, get, until
+from tests.server_process import DEADLINE, SERVER_ARGS, ServerProcess, get, until, wait_for
 
 MODEL = "smollm2-135m-instruct"
 HASHED_KEY = "sk-hashed-key-of-team-h"
@@ -43,6 +43,10 @@ keys:
     generated_tokens_per_minute: 12
   "sk-counted":
     tenant: counted
+  "sk-flood":
+    tenant: flood
+  "sk-small":
+    tenant: small
   "sha256:{hashlib.sha256(HASHED_KEY.encode()).hexdigest()}":
     tenant: hashed
     max_concurrent: 1
@@ -56,7 +60,7 @@ def _server_args(keys_file) -> list[str]:
     args = [a for a in SERVER_ARGS]
     i = args.index("--api-key")
     del args[i : i + 2]
-    return [*args, "--api-keys-file", str(keys_file), "--cost-per-hour", "3.6"]
+    return [*args, "--api-keys-file", str(keys_file), "--cost-per-hour", "3.6", "--scheduling-policy", "fair"]
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +274,42 @@ def test_usage_and_tenant_metrics_agree_with_the_responses(server) -> None:
     assert _metric(metrics, "jaxserve:tenant_cost_usd", tenant="counted") == pytest.approx(row["cost_usd"], rel=0.2)
     status, body = get(server.url + "/v1/usage?window=-5", "sk-admin")
     assert status == 400 and json.loads(body)["error"]["message"]
+
+
+def test_fair_share_lets_a_small_tenant_through_a_flood(server) -> None:
+    """Tenant `flood` fills all 16 slots and queues 32 more long streams; then tenant `small` sends one
+    short request. Under fair share it preempts a flood stream and finishes while most of the flood's
+    queue has not started (first come, first served would start all 32 before it)."""
+    started = 0
+
+    async def flood(session: aiohttp.ClientSession) -> None:
+        nonlocal started
+        body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 300, "temperature": 0, "stream": True, "ignore_eos": True}
+        async with session.post(server.url + "/v1/completions", json=body, headers={"Authorization": "Bearer sk-flood"}) as r:
+            assert r.status == 200
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    started += 1
+                    break
+            async for _ in r.content:
+                pass
+
+    async def run() -> tuple[int, int]:
+        async with aiohttp.ClientSession() as session:
+            streams = [asyncio.create_task(flood(session)) for _ in range(48)]
+            await until(lambda: _running(server) == 16 and _metric(get(server.url + "/metrics", "sk-admin")[1], "jaxserve:num_requests_waiting") == 32,
+                        "every slot taken, the rest of the flood queued")
+            status, _, _ = await _complete(session, server.url, "sk-small", prompt="Hi", max_tokens=4)
+            unstarted = 48 - started
+            for task in streams:
+                task.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+            return status, unstarted
+
+    status, unstarted = asyncio.run(run())
+    assert status == 200 and unstarted >= 24
+    assert _metric(get(server.url + "/metrics", "sk-admin")[1], "jaxserve:num_preemptions_total") >= 1  # it took a flood stream's slot
+    wait_for(lambda: _running(server) == 0, "the cancelled flood freed its slots")
 
 
 def test_unauthenticated_requests_are_refused_before_the_body_is_read(server) -> None:
