@@ -348,6 +348,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         default_sampling=tuple((k, getattr(args, k)) for k in SAMPLING_OPTIONS if hasattr(args, k)),
     )
+    if server_config.api_keys_file:  # a bad keys file or a missing tracing SDK fails before the model loads
+        from jaxserve.server.tenants import load_keys
+
+        load_keys(server_config.api_keys_file)
+    if server_config.otlp_traces_endpoint:
+        from jaxserve.server.tracing import span_exporter
+
+        span_exporter()
     import jax
 
     budget = args.max_num_batched_tokens or (256 if jax.default_backend() == "cpu" else 2048)

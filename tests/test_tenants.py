@@ -45,6 +45,9 @@ keys:
     tenant: counted
   "sk-flood":
     tenant: flood
+  "sk-capped":
+    tenant: capped
+    priority: 2
   "sk-small":
     tenant: small
   "sha256:{hashlib.sha256(HASHED_KEY.encode()).hexdigest()}":
@@ -228,8 +231,15 @@ def test_model_access_concurrency_priority_and_hashed_keys(server) -> None:
             assert (await long)[0] == 200
             status, _, body = await _complete(session, server.url, "sk-free", prompt="Hi", priority="urgent")
             assert status == 400 and body["error"]["param"] == "priority"
+            for key, asked in (("sk-capped", -5), ("sk-capped", 7), ("sk-free", -5)):
+                assert (await _complete(session, server.url, key, prompt="Hi", priority=asked))[0] == 200
+            # a prompt larger than the tenant's whole per-minute budget: a 400, never worth retrying
+            status, headers, body = await _complete(session, server.url, "sk-limited", prompt="word " * 2010)
+            assert status == 400 and body["error"]["code"] == "exceeds_tenant_limit" and "Retry-After" not in headers
 
     asyncio.run(run())
+    priorities = [(r["tenant"], r["priority"]) for r in server.log_records() if r.get("msg") == "request" and r.get("tenant") in ("capped", "free")]
+    assert priorities[-3:] == [("capped", 2), ("capped", 7), ("free", -5)]  # capped by the class; an uncapped tenant keeps its own
 
 
 def _running(server) -> float:
@@ -258,18 +268,19 @@ def test_usage_and_tenant_metrics_agree_with_the_responses(server) -> None:
 
     status, body = get(server.url + "/v1/usage?tenant=counted", "sk-counted")
     assert status == 403  # not an admin key
+    assert get(server.url + "/metrics", "sk-counted")[0] == 403  # nor may it read every tenant's counters there
     status, body = get(server.url + "/v1/usage?tenant=counted", "sk-admin")
     assert status == 200
     row = json.loads(body)["data"][0]
     assert row["tenant"] == "counted"
-    # 4 admitted requests; the bad one is an error, and the 403 above another
-    assert (row["requests"], row["prompt_tokens"], row["completion_tokens"], row["errors"]) == (4, prompt_tokens, completion_tokens, 2)
+    # 4 admitted requests; the bad one is an error, and the two 403s above two more
+    assert (row["requests"], row["prompt_tokens"], row["completion_tokens"], row["errors"]) == (4, prompt_tokens, completion_tokens, 3)
     assert row["cost_usd"] > 0
     metrics = get(server.url + "/metrics", "sk-admin")[1]
     assert _metric(metrics, "jaxserve:tenant_requests_total", tenant="counted") == 4
     assert _metric(metrics, "jaxserve:tenant_prompt_tokens_total", tenant="counted") == prompt_tokens
     assert _metric(metrics, "jaxserve:tenant_generation_tokens_total", tenant="counted") == completion_tokens
-    assert _metric(metrics, "jaxserve:tenant_errors_total", tenant="counted") == 2
+    assert _metric(metrics, "jaxserve:tenant_errors_total", tenant="counted") == 3
     assert _metric(metrics, "jaxserve:cost_per_million_tokens") > 0
     assert _metric(metrics, "jaxserve:tenant_cost_usd", tenant="counted") == pytest.approx(row["cost_usd"], rel=0.2)
     status, body = get(server.url + "/v1/usage?window=-5", "sk-admin")
@@ -294,6 +305,8 @@ def test_fair_share_lets_a_small_tenant_through_a_flood(server) -> None:
             async for _ in r.content:
                 pass
 
+    preempted = _metric(get(server.url + "/metrics", "sk-admin")[1], "jaxserve:num_preemptions_total")
+
     async def run() -> tuple[int, int]:
         async with aiohttp.ClientSession() as session:
             streams = [asyncio.create_task(flood(session)) for _ in range(48)]
@@ -308,7 +321,7 @@ def test_fair_share_lets_a_small_tenant_through_a_flood(server) -> None:
 
     status, unstarted = asyncio.run(run())
     assert status == 200 and unstarted >= 24
-    assert _metric(get(server.url + "/metrics", "sk-admin")[1], "jaxserve:num_preemptions_total") >= 1  # it took a flood stream's slot
+    assert _metric(get(server.url + "/metrics", "sk-admin")[1], "jaxserve:num_preemptions_total") > preempted  # it took a flood stream's slot
     wait_for(lambda: _running(server) == 0, "the cancelled flood freed its slots")
 
 

@@ -93,7 +93,7 @@ def test_spans_continue_the_callers_trace_nested_with_genai_attributes(traced) -
     assert attrs["jaxserve.tenant"] == "default"
     assert _attrs(root)["http.response.status_code"] == 200
     prefill_tokens = sum(_attrs(s)["jaxserve.prompt_tokens"] for s in spans if s.name == "prefill")
-    assert prefill_tokens == reply.usage.prompt_tokens  # nothing cached: every prompt token computed once
+    assert prefill_tokens + reply.usage.prompt_tokens_details.cached_tokens == reply.usage.prompt_tokens  # each uncached token once
     # phases in order, within the request
     queue, decode = by_name["queue"], by_name["decode"]
     first_prefill = min(s.start_time_unix_nano for s in spans if s.name == "prefill")

@@ -32,6 +32,11 @@ class StepOutput:
     queue_seconds: float | None = None
     timeline: Timeline | None = None  # on a traced sample's last output: when its phases ran
 
+    @property
+    def num_generated(self) -> int:
+        """Tokens this output generated, a stop token included (what usage counts)."""
+        return (self.token_id is not None) + (self.stop_token_id is not None)
+
 
 @dataclass
 class CompletionOutput:

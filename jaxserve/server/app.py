@@ -31,7 +31,7 @@ from jaxserve.logs import TRACE_ID
 from jaxserve.parallel.distributed import PeerLostError
 from jaxserve.server.metrics import Metrics, RequestMetrics
 from jaxserve.server.quota import Quotas, TenantQuota
-from jaxserve.server.tenants import KeyTable, Tenant, key_id, load_keys, with_priority
+from jaxserve.server.tenants import ANONYMOUS, KeyTable, Tenant, key_id, load_keys, with_priority
 from jaxserve.server.tracing import RequestTrace, Tracing, finish_server_span
 from jaxserve.server.usage import UsageLedger
 from jaxserve.server.protocol import ApiError, Request, chat_prompt, parse_chat, parse_completion
@@ -43,6 +43,9 @@ log = logging.getLogger("jaxserve.server")
 _OPEN_PATHS = {"/health", "/ready"}  # answered without an API key (probes)
 _INFERENCE = {"/v1/completions", "/v1/chat/completions"}
 _TRACED = _INFERENCE | {"/v1/responses"}
+TENANT = web.RequestKey("tenant", Tenant)  # whose request it is (set by the auth middleware)
+KEY_ID = web.RequestKey("key_id", str)  # how logs name the key it came with
+SPAN = web.RequestKey("span", object)  # its server span (tracing on)
 
 
 class Server:
@@ -102,6 +105,7 @@ class Server:
         except UserError as e:
             log.error("keys file not reloaded; the previous one stays in force: %s", e)
             return
+        self.quotas.reload(self.keys.tenants.values())
         log.info("keys file reloaded", extra={"keys": len(self.keys.entries), "tenants": len(self.keys.tenants)})
 
     async def start(self) -> None:
@@ -112,12 +116,14 @@ class Server:
             loop = asyncio.get_running_loop()
             await asyncio.gather(*(loop.run_in_executor(None, e.warmup) for e in self.engines))
         self.ready = True
+        self.metrics.ready.set(1)
         self.usage.start()
         log.info("ready", extra={"model": self.model_name, "compiles": self.engines[0].stats().compiles})
 
     async def drain(self) -> None:
         """Refuse new requests, give those in flight up to drain_timeout, then stop the engine."""
         self.draining = True
+        self.metrics.ready.set(0)
         deadline = time.monotonic() + self.cfg.drain_timeout
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -160,9 +166,9 @@ class Server:
         route = request.match_info.route.resource
         endpoint = route.canonical if route is not None else "unmatched"
         self.metrics.http.labels(endpoint, str(response.status)).inc()
-        tenant: Tenant | None = request.get("tenant")
-        if tenant is not None and response.status >= 400:
-            self.usage.record(tenant.name, **({"rate_limited": 1} if response.status == 429 else {"errors": 1}))
+        tenant: Tenant | None = request.get(TENANT)
+        if tenant is not None and response.status >= 400 and response.status != 429:  # a tenant's 429s are counted where its quota refused
+            self.usage.record(tenant.name, errors=1)
         return response
 
     @web.middleware
@@ -172,7 +178,7 @@ class Server:
             return await handler(request)
         assert self.tracing is not None
         span = self.tracing.server_span(request.method, request.path, request.headers)
-        request["span"] = span
+        request[SPAN] = span
         token = TRACE_ID.set(format(span.get_span_context().trace_id, "032x"))
         status = 500
         try:
@@ -199,20 +205,23 @@ class Server:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        """Find the key's tenant before anything reads the body: an unknown key costs no more than its headers."""
+        """Find the key's tenant before anything reads the body: an unknown key costs no more than its
+        headers. Without keys, every request is the one anonymous tenant's."""
         keys = self.keys
-        if keys is not None and request.path not in _OPEN_PATHS:
+        if keys is None:
+            request[TENANT] = ANONYMOUS
+        elif request.path not in _OPEN_PATHS:
             header = request.headers.get("Authorization", "")
             found = keys.find(header[7:]) if header.startswith("Bearer ") else None
             if found is None:
                 raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", type="authentication_error", code="invalid_api_key")
-            request["key_id"], request["tenant"] = key_id(found[0]), found[1]
+            request[KEY_ID], request[TENANT] = key_id(found[0]), found[1]
         return await handler(request)
 
     async def _rate_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         """OpenAI's `x-ratelimit-*` headers on every answer to a tenant with limits."""
-        tenant: Tenant | None = request.get("tenant")
-        if tenant is not None:
+        tenant: Tenant | None = request.get(TENANT)
+        if tenant is not None and tenant.limited:
             response.headers.update(self.quotas.of(tenant).headers(self.quotas.clock()))
 
     def _error(self, e: ApiError) -> web.Response:
@@ -246,8 +255,8 @@ class Server:
         if self.engine_error is not None:
             raise ApiError(503, f"the engine stopped after an error: {self.engine_error}", type="service_unavailable")
         self._admit_model(body)
-        tenant: Tenant | None = request.get("tenant")
-        if tenant is not None and not tenant.may_use(self.model_name):
+        tenant: Tenant = request[TENANT]
+        if not tenant.may_use(self.model_name):
             raise ApiError(403, f"this API key may not use the model '{self.model_name}'", "model", "permission_error", "model_not_allowed")
         waiting = self.in_flight - sum(e.stats().running for e in self.engines)
         if waiting >= self.cfg.max_waiting:
@@ -286,36 +295,43 @@ class Server:
         req = parse_chat(chat, self.tokenizer, self.model_name, self.max_model_len)
         return await self._serve(request, dataclasses.replace(req, responses=extra))
 
-    def _grant(self, request: web.Request, req: Request) -> tuple[TenantQuota | None, Admission]:
-        """The tenant's quota, taken for this request (a 429 when a limit says no), and its admission."""
-        tenant: Tenant | None = request.get("tenant")
-        if tenant is None:
-            return None, Admission(priority=req.priority)
+    def _grant(self, request: web.Request, req: Request) -> tuple[TenantQuota, Admission]:
+        """The tenant's quota, taken for this request (429 when a limit says no, 400 when it never
+        could say yes), and the request's admission."""
+        tenant: Tenant = request[TENANT]
         quota = self.quotas.of(tenant)
-        prompt_tokens = sum(map(len, req.prompts))
         now = self.quotas.clock()
-        refusal = quota.refusal(prompt_tokens, now)
+        refusal = quota.refusal(req.prompt_tokens, now)
+        if refusal is not None and refusal.status == 400:
+            raise ApiError(400, refusal.message, "prompt", code="exceeds_tenant_limit")
         if refusal is not None:
+            self.usage.record(tenant.name, rate_limited=1)
             raise ApiError(429, refusal.message, type="rate_limit_error", code="rate_limit_exceeded", retry_after=refusal.retry_after)
-        quota.admit(prompt_tokens, now)
-        self.usage.record(tenant.name, requests=1, prompt_tokens=prompt_tokens)
+        quota.admit(req.prompt_tokens, now)
         return quota, Admission(priority=with_priority(tenant, req.priority), tenant=tenant.name, weight=tenant.weight)
 
     async def _serve(self, request: web.Request, req: Request) -> web.StreamResponse:
         # Counted from here (no await since the admission check), so a burst cannot overshoot max_waiting.
         quota, admission = self._grant(request, req)
-        admission = dataclasses.replace(admission, timeline=request.get("span") is not None)
+        span = request.get(SPAN)
+        admission = dataclasses.replace(admission, timeline=span is not None and span.is_recording())
         replica = min(range(len(self.engines)), key=self.load.__getitem__)
         engine = self.engines[replica]
         self.load[replica] += len(req.prompts)
         trace = error = None
         try:
             trace = self._request_trace(request, req, admission)
-            checked = await self._check(req, engine, trace)
+            try:
+                checked = await self._check(req, engine, trace)
+            except ApiError:  # the engine refused it: it costs its tenant nothing
+                quota.refund(req.prompt_tokens, self.quotas.clock())
+                raise
+            self.usage.record(admission.tenant, requests=1, prompt_tokens=req.prompt_tokens)
             if req.params.guide is not None:
                 self.metrics.structured.labels(self.model_name, req.guide_param).inc()
             log.info("request", extra={"request_id": req.request_id, "kind": req.kind, "prompts": len(req.prompts), "n": req.params.n,
-                                       "stream": req.stream, "tenant": admission.tenant or None, "key_id": request.get("key_id")})
+                                       "stream": req.stream, "priority": admission.priority, "tenant": admission.tenant,
+                                       "key_id": request.get(KEY_ID)})
             outputs = self._outputs(req, checked, engine, admission, quota, trace)
             if req.stream:
                 return await self._stream(request, req, outputs)
@@ -325,18 +341,18 @@ class Server:
             raise
         finally:
             self.load[replica] -= len(req.prompts)
-            if quota is not None:
-                quota.in_flight -= 1
+            quota.in_flight -= 1
             if trace is not None:
                 trace.end(error)
 
     def _request_trace(self, request: web.Request, req: Request, admission: Admission) -> RequestTrace | None:
-        span = request.get("span")
+        span = request.get(SPAN)
         if span is None:
             return None
         p = req.params
-        return self.tracing.request(span, req.kind, self.model_name, admission.tenant, req.request_id, p.max_tokens, p.temperature, p.top_p,
-                                    sum(map(len, req.prompts)))
+        response_id = req.responses.id if req.responses is not None else f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{req.request_id}"
+        return self.tracing.request(span, req.kind, self.model_name, admission.tenant, response_id, p.max_tokens, p.temperature, p.top_p,
+                                    req.prompt_tokens)
 
     async def _whole(self, req: Request, outputs: AsyncIterator[tuple[int, StepOutput]]) -> web.Response:
         render = self._renderer(req)
@@ -353,32 +369,36 @@ class Server:
         return web.json_response(render.response())
 
     async def _outputs(self, req: Request, checked: CheckedRequest, engine: AsyncEngine, admission: Admission,
-                       quota: TenantQuota | None, trace: RequestTrace | None) -> AsyncIterator[tuple[int, StepOutput]]:
+                       quota: TenantQuota, trace: RequestTrace | None) -> AsyncIterator[tuple[int, StepOutput]]:
         """(prompt index, step output) of every prompt, as the engine merges them; records latency
         and token metrics, and spends the tenant's generated tokens as they come: when its bucket runs
         dry, every unfinished sample ends with `length` (after its last whole token). Leaving early
         aborts every prompt's request."""
         record = RequestMetrics(self.metrics, req.prompts, req.params.n, req.params.max_tokens)
         unfinished = {(i, k) for i in range(len(req.prompts)) for k in range(req.params.n)}
-        async with contextlib.aclosing(engine.generate(req.request_id, checked, admission)) as outputs:
-            async for i, out in outputs:
-                generated = (out.token_id is not None) + (out.stop_token_id is not None)
-                if quota is not None and generated:
-                    if not quota.spend_generated(generated, self.quotas.clock()):
+        generated = 0  # delivered, recorded in the usage ledger once at the end
+
+        def note(i: int, out: StepOutput) -> None:
+            record.output(i, out)
+            if trace is not None:
+                trace.output(i, out)
+            if out.finish_reason:
+                unfinished.discard((i, out.index))
+
+        try:
+            async with contextlib.aclosing(engine.generate(req.request_id, checked, admission)) as outputs:
+                async for i, out in outputs:
+                    if out.num_generated and not quota.spend_generated(out.num_generated, self.quotas.clock()):
                         for j, k in sorted(unfinished):
                             final = StepOutput(req.request_id, k, None, 0.0, "length")
-                            record.output(j, final)
-                            if trace is not None:
-                                trace.output(j, final)
+                            note(j, final)
                             yield j, final
                         return
-                    self.usage.record(admission.tenant, generated_tokens=generated)
-                record.output(i, out)
-                if trace is not None:
-                    trace.output(i, out)
-                if out.finish_reason:
-                    unfinished.discard((i, out.index))
-                yield i, out
+                    generated += out.num_generated
+                    note(i, out)
+                    yield i, out
+        finally:
+            self.usage.record(admission.tenant, generated_tokens=generated)
 
     async def _stream(self, request: web.Request, req: Request, outputs: AsyncIterator[tuple[int, StepOutput]]) -> web.StreamResponse:
         """Server-sent events: the renderer's opening, its frames for each step output, then its
@@ -417,12 +437,11 @@ class Server:
 
     async def models(self, request: web.Request) -> web.Response:
         """The served model, unless the key's tenant may not use it."""
-        tenant: Tenant | None = request.get("tenant")
-        cards = [self._model_card()] if tenant is None or tenant.may_use(self.model_name) else []
+        cards = [self._model_card()] if request[TENANT].may_use(self.model_name) else []
         return web.json_response({"object": "list", "data": cards})
 
     async def model(self, request: web.Request) -> web.Response:
-        if request.match_info["model"] != self.model_name:
+        if request.match_info["model"] != self.model_name or not request[TENANT].may_use(self.model_name):
             raise ApiError(404, f"the model '{request.match_info['model']}' does not exist", "model", "not_found_error", "model_not_found")
         return web.json_response(self._model_card())
 
@@ -465,7 +484,12 @@ class Server:
         return web.json_response({"status": status}, status=200 if ok else 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
+        self._need_admin(request, "reading metrics")  # they hold every tenant's usage
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    def _need_admin(self, request: web.Request, what: str) -> None:
+        if self.keys is not None and not request[TENANT].admin:
+            raise ApiError(403, f"{what} needs an admin key", type="permission_error", code="admin_required")
 
     async def version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": version("jaxserve")})
@@ -474,9 +498,7 @@ class Server:
         """Each tenant's totals over a window: `?tenant=NAME` (default: all), `start` and `end` (Unix
         seconds; default: since the server started), or `window` (seconds back from now). Only admin
         keys may read it."""
-        tenant: Tenant | None = request.get("tenant")
-        if tenant is not None and not tenant.admin:
-            raise ApiError(403, "reading usage needs an admin key", type="permission_error", code="admin_required")
+        self._need_admin(request, "reading usage")
         q, now = request.query, self.usage.clock()
         try:
             window = float(q["window"]) if "window" in q else None

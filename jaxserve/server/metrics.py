@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -159,6 +159,7 @@ class Metrics:
         self.model = model
         r, m = self.registry, ["model_name"]
         self.requests = Counter("jaxserve:request_success", "Finished requests by finish reason.", m + ["finished_reason"], registry=r)
+        self.ready = Gauge("jaxserve:server_ready", "1 from the end of warm-up until draining starts, else 0.", registry=r)
         self.http = Counter("jaxserve:http_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r)
         self.ttft = Histogram("jaxserve:time_to_first_token_seconds", "Time to first token.", m, buckets=_LATENCY, registry=r)
         self.itl = Histogram("jaxserve:inter_token_latency_seconds", "Time between tokens of one stream.", m, buckets=_LATENCY, registry=r)
@@ -231,7 +232,7 @@ class RequestMetrics:
         if out.queue_seconds is not None and p.scheduled is None:
             p.scheduled = p.arrival + out.queue_seconds
             m.request_time["queue"].labels(name).observe(out.queue_seconds)
-        generated = (out.token_id is not None) + (out.stop_token_id is not None)
+        generated = out.num_generated
         if generated:
             m.generation_tokens.labels(name).inc(generated)
             p.tokens += generated

@@ -27,7 +27,7 @@ class ApiError(Exception):
                  retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
-        self.retry_after = retry_after  # seconds, sent as Retry-After (429 and 503)
+        self.retry_after = retry_after  # seconds, sent as Retry-After with a 429
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -76,6 +76,10 @@ class Request:
     priority: int = 0  # lower runs first and may preempt running requests of a higher value (vLLM's field)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
 
 
 # Fields that constrain the output: OpenAI's, then the extensions vLLM users send (top level, which is

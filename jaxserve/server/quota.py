@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from jaxserve.server.tenants import Tenant
 
@@ -52,10 +52,12 @@ class TokenBucket:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why admission said no (a 429)."""
+    """Why admission said no: a 429 to retry after `retry_after` seconds, or a 400 for a request that
+    can never fit its tenant's limits."""
 
     message: str
     retry_after: float  # seconds
+    status: int = 429
 
 
 def duration(seconds: float) -> str:
@@ -85,16 +87,16 @@ class TenantQuota:
     def refusal(self, prompt_tokens: int, now: float) -> Refusal | None:
         """Why a request of `prompt_tokens` cannot start now, None if it can."""
         t = self.tenant
+        if self.prompt is not None and prompt_tokens > self.prompt.capacity:
+            return Refusal(f"the request's {prompt_tokens} prompt tokens exceed its tenant's limit of {t.prompt_tokens_per_minute} "
+                           "per minute; it can never be admitted", 0.0, 400)
         if t.max_concurrent is not None and self.in_flight >= t.max_concurrent:
             return Refusal(f"tenant '{t.name}' has {self.in_flight} requests in flight, its limit is {t.max_concurrent}", 1.0)
         if self.requests is not None and self.requests.available(now) < 1:
             return Refusal(f"rate limit reached for requests: {t.requests_per_minute} per minute", self.requests.seconds_until(1, now))
-        if self.prompt is not None:
-            if prompt_tokens > self.prompt.capacity:
-                return Refusal(f"the request's {prompt_tokens} prompt tokens exceed the limit of {t.prompt_tokens_per_minute} per minute", 60.0)
-            if self.prompt.available(now) < prompt_tokens:
-                return Refusal(f"rate limit reached for prompt tokens: {t.prompt_tokens_per_minute} per minute, "
-                               f"{int(self.prompt.available(now))} left, {prompt_tokens} requested", self.prompt.seconds_until(prompt_tokens, now))
+        if self.prompt is not None and self.prompt.available(now) < prompt_tokens:
+            return Refusal(f"rate limit reached for prompt tokens: {t.prompt_tokens_per_minute} per minute, "
+                           f"{int(self.prompt.available(now))} left, {prompt_tokens} requested", self.prompt.seconds_until(prompt_tokens, now))
         if self.generated is not None and self.generated.available(now) < 1:
             return Refusal(f"rate limit reached for generated tokens: {t.generated_tokens_per_minute} per minute",
                            self.generated.seconds_until(1, now))
@@ -102,11 +104,18 @@ class TenantQuota:
 
     def admit(self, prompt_tokens: int, now: float) -> None:
         """Take a request that `refusal` let through."""
+        self._take(1, prompt_tokens, now)
+        self.in_flight += 1
+
+    def refund(self, prompt_tokens: int, now: float) -> None:
+        """Give back what `admit` took, for a request the engine then refused (a 400): it cost nothing."""
+        self._take(-1, -prompt_tokens, now)
+
+    def _take(self, requests: int, prompt_tokens: int, now: float) -> None:
         if self.requests is not None:
-            self.requests.take(1, now)
+            self.requests.take(requests, now)
         if self.prompt is not None:
             self.prompt.take(prompt_tokens, now)
-        self.in_flight += 1
 
     def spend_generated(self, tokens: int, now: float) -> bool:
         """Take generated tokens as they come; False (nothing taken) when the bucket cannot give them."""
@@ -149,7 +158,8 @@ def _trio(kind: str, limit: int, bucket: TokenBucket, now: float) -> dict[str, s
 
 
 class Quotas:
-    """Every tenant's quota by name; limits change on reload, spent budgets stay."""
+    """Every tenant's quota by name. Limits change only on `reload` (a request admitted before it may
+    still carry its old `Tenant`); spent budgets stay."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -159,6 +169,12 @@ class Quotas:
         quota = self._by_name.get(tenant.name)
         if quota is None:
             quota = self._by_name[tenant.name] = TenantQuota(tenant, self.clock())
-        elif quota.tenant != tenant:
-            quota.apply(tenant, self.clock())
         return quota
+
+    def reload(self, tenants: Iterable[Tenant]) -> None:
+        """The limits of a reloaded keys file, for the tenants that have a quota already."""
+        now = self.clock()
+        for tenant in tenants:
+            quota = self._by_name.get(tenant.name)
+            if quota is not None and quota.tenant != tenant:
+                quota.apply(tenant, now)

@@ -46,13 +46,21 @@ class Tenant:
     prompt_tokens_per_minute: int | None = None
     generated_tokens_per_minute: int | None = None
     max_concurrent: int | None = None
-    priority: int = 0  # a request's own priority is clamped to be no better (lower) than this
+    priority: int | None = None  # a request's own priority is clamped to be no better (lower) than this (None: no cap)
     weight: float = 1.0
     models: tuple[str, ...] | None = None  # None: every model
     admin: bool = False
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    @property
+    def limited(self) -> bool:
+        return any(v is not None for v in (self.requests_per_minute, self.prompt_tokens_per_minute, self.generated_tokens_per_minute,
+                                            self.max_concurrent))
+
+
+ANONYMOUS = Tenant("anonymous")  # every request when the server has no keys: counted, never limited
 
 
 # field -> (check, what it must be)
@@ -177,7 +185,7 @@ def _lines(root: yaml.Node, where: str) -> dict[tuple[int, str | None], int]:
     return out
 
 
-def with_priority(tenant: Tenant | None, requested: int) -> int:
+def with_priority(tenant: Tenant, requested: int) -> int:
     """A request's priority, no better than its tenant's class."""
-    return requested if tenant is None else max(requested, tenant.priority)
+    return requested if tenant.priority is None else max(requested, tenant.priority)
 

@@ -19,39 +19,35 @@ from jaxserve.engine.outputs import StepOutput
 from jaxserve.engine.timeline import Timeline
 from jaxserve.errors import UserError
 
-_OFFSET_NS = time.time_ns() - time.perf_counter_ns()  # perf_counter seconds -> Unix nanoseconds
-
-
-def unix_ns(perf_seconds: float) -> int:
-    return int(perf_seconds * 1e9) + _OFFSET_NS
+def span_exporter() -> type:
+    """The OTLP span exporter class: HTTP/protobuf, or gRPC when OTEL_EXPORTER_OTLP_TRACES_PROTOCOL (or
+    OTEL_EXPORTER_OTLP_PROTOCOL) says `grpc`, as the SDK defines; UserError naming what to install."""
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    if protocol not in ("grpc", "http/protobuf"):
+        raise UserError(f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL={protocol!r} is not supported (http/protobuf or grpc)")
+    try:
+        if protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError:
+        extra = "opentelemetry-exporter-otlp-proto-grpc" if protocol == "grpc" else "'jaxserve[otel]'"
+        raise UserError(f"--otlp-traces-endpoint over {protocol} needs the OpenTelemetry SDK and exporter: pip install {extra}") from None
+    return OTLPSpanExporter
 
 
 class Tracing:
-    """The tracer provider and exporter: OTLP over HTTP/protobuf, or gRPC when
-    OTEL_EXPORTER_OTLP_TRACES_PROTOCOL (or OTEL_EXPORTER_OTLP_PROTOCOL) says `grpc`, as the SDK defines."""
+    """The tracer provider and its OTLP exporter (`span_exporter`), batching spans off the event loop."""
 
     def __init__(self, endpoint: str, service_name: str = "jaxserve") -> None:
-        try:
-            from opentelemetry.sdk.resources import Resource
-            from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
-            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-        except ImportError:
-            raise UserError("--otlp-traces-endpoint needs the OpenTelemetry SDK: pip install 'jaxserve[otel]'") from None
+        exporter = span_exporter()
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
-        if protocol == "grpc":
-            try:
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-            except ImportError:
-                raise UserError("OTLP over gRPC needs `pip install opentelemetry-exporter-otlp-proto-grpc` "
-                                "(or leave OTEL_EXPORTER_OTLP_TRACES_PROTOCOL unset for HTTP/protobuf)") from None
-        elif protocol == "http/protobuf":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        else:
-            raise UserError(f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL={protocol!r} is not supported (http/protobuf or grpc)")
         self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-        self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+        self.provider.add_span_processor(BatchSpanProcessor(exporter(endpoint=endpoint)))
         self.tracer = self.provider.get_tracer("jaxserve")
         self.propagator = TraceContextTextMapPropagator()
 
@@ -63,7 +59,7 @@ class Tracing:
         return self.tracer.start_span(f"{method} {route}", context=parent, kind=SpanKind.SERVER,
                                       attributes={"http.request.method": method, "http.route": route})
 
-    def request(self, parent: Any, kind: str, model: str, tenant: str, request_id: str, max_tokens: int, temperature: float,
+    def request(self, parent: Any, kind: str, model: str, tenant: str, response_id: str, max_tokens: int, temperature: float,
                 top_p: float, prompt_tokens: int) -> RequestTrace:
         from opentelemetry import trace
 
@@ -74,7 +70,7 @@ class Tracing:
             "gen_ai.request.max_tokens": max_tokens,
             "gen_ai.request.temperature": temperature,
             "gen_ai.request.top_p": top_p,
-            "gen_ai.response.id": request_id,
+            "gen_ai.response.id": response_id,
             "gen_ai.usage.input_tokens": prompt_tokens,
             "jaxserve.tenant": tenant,
         }
@@ -95,6 +91,7 @@ class RequestTrace:
         self.tracer, self.span = tracer, span
         self.context = trace.set_span_in_context(span, parent_context)
         self.arrival = time.perf_counter()
+        self.offset_ns = time.time_ns() - time.perf_counter_ns()  # perf_counter -> Unix time, anchored per request (the wall clock drifts)
         self.output_tokens = 0
         self.finish_reasons: list[str] = []
 
@@ -107,7 +104,7 @@ class RequestTrace:
         self._child("grammar_compile", end - seconds, end, {})
 
     def output(self, prompt: int, out: StepOutput) -> None:
-        self.output_tokens += (out.token_id is not None) + (out.stop_token_id is not None)
+        self.output_tokens += out.num_generated
         if out.finish_reason:
             self.finish_reasons.append(out.finish_reason)
         if out.timeline is not None:
@@ -126,8 +123,8 @@ class RequestTrace:
             self._child("detokenize", timeline.decode_end - timeline.detokenize_seconds, timeline.decode_end, which)
 
     def _child(self, name: str, start: float, end: float, attributes: dict) -> None:
-        span = self.tracer.start_span(name, context=self.context, attributes=attributes, start_time=unix_ns(start))
-        span.end(end_time=unix_ns(end))
+        span = self.tracer.start_span(name, context=self.context, attributes=attributes, start_time=int(start * 1e9) + self.offset_ns)
+        span.end(end_time=int(end * 1e9) + self.offset_ns)
 
     def end(self, error: str | None = None) -> None:
         from opentelemetry.trace import Status, StatusCode

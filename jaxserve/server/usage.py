@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Callable
 
-KEEP_MINUTES = 7 * 24 * 60  # per-minute tallies kept for window queries
+KEEP_MINUTES = 24 * 60  # per-minute tallies kept for window queries (a day)
 
 
 @dataclass
