@@ -63,7 +63,8 @@ def _server_args(keys_file) -> list[str]:
     args = [a for a in SERVER_ARGS]
     i = args.index("--api-key")
     del args[i : i + 2]
-    return [*args, "--api-keys-file", str(keys_file), "--cost-per-hour", "3.6", "--scheduling-policy", "fair"]
+    # no warm-up: the shapes these tests use compile on first use (a cold run would compile all of them twice, here and in the shared server)
+    return [*args, "--api-keys-file", str(keys_file), "--cost-per-hour", "3.6", "--scheduling-policy", "fair", "--no-warmup"]
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ def _attrs(span) -> dict:
 def traced(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tracing")
     with Receiver() as receiver:
-        args = [*SERVER_ARGS, "--otlp-traces-endpoint", f"http://127.0.0.1:{receiver.port}/v1/traces"]
+        args = [*SERVER_ARGS, "--otlp-traces-endpoint", f"http://127.0.0.1:{receiver.port}/v1/traces", "--no-warmup"]
         with ServerProcess(args, folder / "log.txt", env={"OTEL_BSP_SCHEDULE_DELAY": "100"}) as server:
             yield server, receiver
 
