@@ -30,6 +30,8 @@ from jaxserve.parallel.mesh import make_mesh  # noqa: E402
 from jaxserve.parallel.report import bytes_per_device, decode_batch, step_collectives, time_step  # noqa: E402
 from jaxserve.parallel.sharding import check_tensor_parallel, replicate_kv_heads  # noqa: E402
 
+from bench_report import save_report
+
 MODELS = {
     # small enough for fake CPU devices; 8 query / 8 KV heads split any power of two up to 8 ways
     "cpu-sanity": ModelConfig(
@@ -84,9 +86,7 @@ def main() -> None:
     dtype = jnp.dtype(args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
     runs = [measure(MODELS[args.model], tp, args.batch, args.context, dtype, args.hbm_gbps) for tp in args.tp]
     report = {"model": args.model, "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind), "dtype": str(dtype), "runs": runs}
-    print(json.dumps(report, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
+
+from bench_report import save_report
 
 PROMPT = "Write a short story about a lighthouse keeper and the sea. " * 5
 
@@ -97,9 +98,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_results/quota.json"))
     args = parser.parse_args()
     report = asyncio.run(main_async(args))
-    print(json.dumps(report, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
+from bench_report import save_report
+
 WORDS = "time person year way day thing man world life hand part child eye woman place work week case point government company number group problem fact".split()
 
 
@@ -200,9 +202,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_results/serving.json"))
     args = parser.parse_args()
     report = asyncio.run(main_async(args))
-    print(json.dumps(report, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import aiohttp
 
+from bench_report import save_report
+
 # Runs past any output length: the array needs 40 items before the object can close.
 LONG_SCHEMA = {
     "type": "object",
@@ -178,9 +180,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_results/structured.json"))
     args = parser.parse_args()
     report = asyncio.run(main_async(args))
-    print(json.dumps(report, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":
