@@ -32,7 +32,7 @@ from jaxserve.parallel.distributed import PeerLostError
 from jaxserve.server.metrics import Metrics, RequestMetrics
 from jaxserve.server.quota import Quotas, TenantQuota
 from jaxserve.server.tenants import ANONYMOUS, KeyTable, Tenant, key_id, load_keys, with_priority
-from jaxserve.server.tracing import RequestTrace, Tracing, finish_server_span
+from jaxserve.server.tracing import RequestTrace, Tracing, finish_server_span, trace_id
 from jaxserve.server.usage import UsageLedger
 from jaxserve.server.protocol import ApiError, Request, chat_prompt, parse_chat, parse_completion
 from jaxserve.server.render import Renderer, renderer, sse
@@ -179,7 +179,7 @@ class Server:
         assert self.tracing is not None
         span = self.tracing.server_span(request.method, request.path, request.headers)
         request[SPAN] = span
-        token = TRACE_ID.set(format(span.get_span_context().trace_id, "032x"))
+        token = TRACE_ID.set(trace_id(span))
         status = 500
         try:
             response = await handler(request)

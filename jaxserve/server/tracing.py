@@ -19,6 +19,12 @@ from jaxserve.engine.outputs import StepOutput
 from jaxserve.engine.timeline import Timeline
 from jaxserve.errors import UserError
 
+
+def trace_id(span: Any) -> str:
+    """A span's trace id as W3C writes it (32 hex digits), for logs."""
+    return format(span.get_span_context().trace_id, "032x")
+
+
 def span_exporter() -> type:
     """The OTLP span exporter class: HTTP/protobuf, or gRPC when OTEL_EXPORTER_OTLP_TRACES_PROTOCOL (or
     OTEL_EXPORTER_OTLP_PROTOCOL) says `grpc`, as the SDK defines; UserError naming what to install."""
@@ -94,10 +100,6 @@ class RequestTrace:
         self.offset_ns = time.time_ns() - time.perf_counter_ns()  # perf_counter -> Unix time, anchored per request (the wall clock drifts)
         self.output_tokens = 0
         self.finish_reasons: list[str] = []
-
-    @property
-    def trace_id(self) -> str:
-        return format(self.span.get_span_context().trace_id, "032x")
 
     def grammar_compile(self, seconds: float) -> None:
         end = time.perf_counter()
