@@ -76,6 +76,7 @@ class Admission:
     tenant: str = ""  # whose request it is, for fair share ("": the one anonymous tenant)
     weight: float = 1.0  # the tenant's fair-share weight (> 0)
     timeline: bool = False  # record when its phases ran, for its trace (`jaxserve.engine.timeline`)
+    adapter: str | None = None  # the LoRA adapter it runs with, by its loaded name (None: the base model)
 
 
 @dataclass(frozen=True)
