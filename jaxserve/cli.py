@@ -11,7 +11,7 @@ import sys
 from typing import Sequence
 
 from jaxserve.checkpoint.registry import DEFAULT_MODEL, cache_dir
-from jaxserve.config import INT4_GROUP, KV_CACHE_DTYPES, PREEMPTION_MODES, QUANTIZATIONS, SCHEDULING_POLICIES, TrainDraftConfig, load_yaml
+from jaxserve.config import INT4_GROUP, KV_CACHE_DTYPES, PREEMPTION_MODES, QUANTIZATIONS, SCHEDULING_POLICIES, FinetuneConfig, TrainDraftConfig, load_yaml
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
 
@@ -212,7 +212,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
             kind = int if f.name == "num_prompts" else type(getattr(defaults, f.name))
             td.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name), help=f"(default: {getattr(defaults, f.name)})")
     td.set_defaults(func=_cmd_train_draft)
-    return parser, {"generate": gen, "chat": chat, "serve": srv, "convert": conv, "train-draft": td, "models": models, "bench": bench}
+
+    ft = sub.add_parser("finetune", help="train a LoRA adapter on chats or prompt/completion pairs (PEFT format; serve with --lora-modules NAME=OUT)")
+    ft.add_argument("model", help="registry name, GGUF file, HF folder or jaxserve checkpoint")
+    ft.add_argument("--data", required=True, help='JSONL: {"messages": [...]} (loss on assistant turns) or {"prompt": ..., "completion": ...} per line')
+    ft.add_argument("--out", required=True, help="folder to save the adapter in")
+    ft.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    ft.add_argument("--base-model-name", default=None, help="base_model_name_or_path in adapter_config.json (default: MODEL)")
+    ft_defaults = FinetuneConfig()
+    for f in dataclasses.fields(FinetuneConfig):
+        default = getattr(ft_defaults, f.name)
+        kind = (lambda v: tuple(m.strip() for m in v.split(",") if m.strip())) if f.name == "target_modules" else type(default)
+        shown = ",".join(default) if f.name == "target_modules" else default
+        ft.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=f"(default: {shown})")
+    ft.set_defaults(func=_cmd_finetune)
+    return parser, {"generate": gen, "chat": chat, "serve": srv, "convert": conv, "train-draft": td, "finetune": ft, "models": models, "bench": bench}
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -541,6 +555,24 @@ def _cmd_train_draft(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {cfg.num_heads} heads in {report['seconds']['total']:.0f} s; final loss {report['final_loss']}; held-out "
           f"mean accepted length {held['mean_accepted_length']} of {cfg.num_heads} (head top-1 {held['head_top1']}, chance {held['chance_top1']})",
           file=sys.stderr)
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from jaxserve.checkpoint.loader import load_model
+    from jaxserve.training.lora_trainer import finetune
+
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if not Path(args.data).is_file():
+        raise UserError(f"--data {args.data}: no such file")
+    model = load_model(args.model, args.dtype, unroll_layers=False)  # stacked layers under scan: the step compiles fast
+    report = finetune(model, Path(args.data), Path(args.out), cfg, args.base_model_name).report
+    held = "" if report["held_out_loss"] is None else f", held-out loss {report['held_out_loss_before']} -> {report['held_out_loss']}"
+    print(f"wrote {args.out}: rank-{cfg.rank} LoRA adapter ({report['trainable_params']:,} parameters), {report['optimizer_steps']} steps in "
+          f"{report['seconds']['total']:.0f} s; train loss {report['final_train_loss']}{held}", file=sys.stderr)
     return 0
 
 

@@ -418,3 +418,43 @@ class TrainDraftConfig:
             raise UserError(f"--held-out must be in (0, 1), got {self.held_out}")
         if self.learning_rate <= 0:
             raise UserError(f"--learning-rate must be > 0, got {self.learning_rate}")
+
+
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # PEFT's names
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """`jaxserve finetune`'s settings (`jaxserve.training.lora_trainer`); each is a flag of that name."""
+
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # LoRA alpha: the update is (alpha / r) * B @ A
+    dropout: float = 0.05  # on each adapter's input, in training
+    target_modules: tuple[str, ...] = LORA_TARGET_MODULES  # PEFT module names (flag: comma-separated)
+    epochs: int = 3
+    learning_rate: float = 2e-4
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_ratio: float = 0.03  # fraction of the optimizer steps spent warming up linearly
+    warmup_steps: int = 0  # when > 0, the warm-up in steps (instead of warmup_ratio)
+    weight_decay: float = 0.0  # AdamW's, on A and B
+    max_grad_norm: float = 1.0  # global gradient-norm clip (0: none)
+    max_seq_len: int = 1024  # a longer example is an error naming its line (not truncated)
+    held_out: float = 0.1  # fraction of examples kept for the held-out loss (0: none)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "epochs", "batch_size", "grad_accum", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.max_seq_len < 2:
+            raise UserError(f"--max-seq-len must be >= 2, got {self.max_seq_len}")
+        unknown = [m for m in self.target_modules if m not in LORA_TARGET_MODULES]
+        if unknown or not self.target_modules or len(set(self.target_modules)) != len(self.target_modules):
+            raise UserError(f"--target-modules must be distinct names among {','.join(LORA_TARGET_MODULES)}, got {','.join(self.target_modules)!r}")
+        if self.alpha <= 0 or self.learning_rate <= 0:
+            raise UserError(f"--alpha and --learning-rate must be > 0, got {self.alpha} and {self.learning_rate}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.held_out < 1 or not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"--dropout, --held-out and --warmup-ratio must be in [0, 1), got {self.dropout}, {self.held_out}, {self.warmup_ratio}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise UserError("--warmup-steps, --weight-decay and --max-grad-norm must be >= 0")
