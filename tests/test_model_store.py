@@ -316,3 +316,12 @@ def test_a_fresh_cache_fetches_the_default_as_version_1_with_its_source(cache: P
     assert not list((cache / "downloads").glob("*.gguf"))  # the converted checkpoint is all later runs read
     loader.load_model(DEFAULT, unroll_layers=False)
     assert len(downloads) == 2
+
+
+def test_a_name_without_a_valid_current_version_says_so_and_can_be_repaired(capsys, cache: Path, sources) -> None:
+    assert _run(capsys, "convert", str(sources["gguf"]), "--name", "tiny")[0] == 0
+    (cache / "models" / "tiny" / "current").unlink()  # as a hand edit leaves it
+    line = _error(capsys, "generate", "--model", "tiny", "--prompt", "x")
+    assert "model 'tiny' has no current version (versions: 1)" in line and "jaxserve models current tiny@VERSION" in line
+    assert _run(capsys, "models", "current", "tiny@1")[0] == 0
+    assert loader.resolve("tiny") == cache / "models" / "tiny" / "1"

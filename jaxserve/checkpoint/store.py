@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from jaxserve.checkpoint import registry
-from jaxserve.checkpoint.hf_reader import _shard_files, is_hf_folder
+from jaxserve.checkpoint.hf_reader import is_hf_folder
 from jaxserve.checkpoint.native import MARKER, folder_bytes, is_checkpoint
 from jaxserve.errors import UserError
 
@@ -224,12 +224,18 @@ def add(name: str, write: Callable[[Path], None], source: Source, version: str |
             meta = VersionMetadata(name=name, version=version, source=source.spec, sha256=source.sha256,
                                    created_at=_now(), jaxserve_version=_jaxserve_version(), **facts)
             _write_json(ckpt / METADATA, dataclasses.asdict(meta))
-            dest.parent.mkdir(exist_ok=True)
-            if dest.exists():
-                os.rename(dest, stage / "replaced")
-            os.rename(ckpt, dest)
-            if current_version(name) not in versions(name):
-                _write_text(root / name / CURRENT, version)
+            if not dest.parent.exists():  # a first version: the name appears whole, with it current
+                fresh = stage / "name"
+                fresh.mkdir()
+                os.rename(ckpt, fresh / version)
+                _write_text(fresh / CURRENT, version)
+                os.rename(fresh, dest.parent)
+            else:
+                if dest.exists():
+                    os.rename(dest, stage / "replaced")
+                os.rename(ckpt, dest)
+                if current_version(name) not in versions(name):
+                    _write_text(root / name / CURRENT, version)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return StoredVersion(name, version, dest)
@@ -262,9 +268,8 @@ def remove(name: str, version: str) -> None:
                             f"(`jaxserve models current {name}@{others[-1]}`); other versions: {', '.join(others)}",
                             param="model", code="current_version")
         trash = Path(tempfile.mkdtemp(prefix=f".trash-{name}-", dir=models_dir()))
-        os.rename(models_dir() / name / version, trash / version)  # gone from view at once
-        if not others:
-            os.rename(models_dir() / name, trash / "name")
+        # Out of view in one rename: the version, or with the last one the whole name.
+        os.rename(models_dir() / name / version if others else models_dir() / name, trash / "gone")
     shutil.rmtree(trash, ignore_errors=True)
 
 
@@ -301,7 +306,7 @@ def sha256_files(path: Path) -> dict[str, str]:
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.relative_to(path).as_posix() != METADATA)
         return {f.relative_to(path).as_posix(): _sha256(f) for f in files}
     if is_hf_folder(path):
-        return {f.name: _sha256(f) for f in _shard_files(path)}
+        return {f.name: _sha256(f) for f in sorted(path.glob("*.safetensors"))}
     return {}
 
 
