@@ -277,8 +277,12 @@ class EngineConfig:
     # "fcfs" (arrival order), "priority" (request priority, then arrival; a waiting request preempts
     # lower ones), "fair" (priority, then weighted fair share of computed tokens across tenants)
     scheduling_policy: str = "priority"
+    max_loras: int = 0  # LoRA adapter slots on the device: adapters one step can mix (0: LoRA off)
+    max_lora_rank: int = 16  # the largest adapter rank the slots hold
 
     def __post_init__(self) -> None:
+        if self.max_loras < 0 or self.max_lora_rank < 1:
+            raise UserError(f"max_loras must be >= 0 and max_lora_rank >= 1, got {self.max_loras} and {self.max_lora_rank}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "prefill_row_len", "page_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -373,6 +377,7 @@ class ServerConfig:
     cors_origins: tuple[str, ...] = ()  # empty: CORS off
     warmup: bool = True  # compile every step shape before /ready says yes
     default_sampling: tuple[tuple[str, Any], ...] = ()  # (field, value) used when a request leaves the field out
+    admin_api_key: str | None = dataclasses.field(default=None, repr=False)  # the admin API's own key (None: no admin routes)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -390,6 +395,8 @@ class ServerConfig:
             raise UserError("give --api-key or --api-keys-file, not both: a keys file names every key with its tenant")
         if self.cost_per_hour is not None and self.cost_per_hour <= 0:
             raise UserError(f"cost_per_hour must be > 0 USD, got {self.cost_per_hour}")
+        if self.admin_api_key is not None and (not self.admin_api_key or self.admin_api_key in self.api_keys):
+            raise UserError("the admin API key must be non-empty and differ from every API key")
 
 
 @dataclass(frozen=True)

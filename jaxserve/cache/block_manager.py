@@ -19,10 +19,12 @@ from jaxserve.errors import UserError
 BlockHash = bytes
 
 
-def salt_hash(salt: str | None) -> BlockHash:
+def salt_hash(salt: str | None, adapter: str | None = None) -> BlockHash:
     """The parent of a sequence's first block hash: empty, or the request's cache salt hashed, so
     requests with different salts never share cached pages (a tenant cannot probe another's prompts
-    by timing)."""
+    by timing); with a LoRA adapter (its digest), salted by that too."""
+    if adapter is not None:  # a LoRA adapter's K/V differ from the base model's: never shared
+        return hashlib.blake2b(b"lora:" + adapter.encode() + b"|" + salt_hash(salt), digest_size=16).digest()
     return b"" if salt is None else hashlib.blake2b(b"salt:" + salt.encode(), digest_size=16).digest()
 
 

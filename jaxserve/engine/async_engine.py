@@ -30,6 +30,7 @@ from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.outputs import StepOutput
 from jaxserve.parallel.distributed import StepChannel
 from jaxserve.errors import UserError
+from jaxserve.models.lora import LoraAdapter
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.structured.matchers import GrammarCompiler
 
@@ -101,15 +102,29 @@ class AsyncEngine:
 
     # ---- requests ------------------------------------------------------------------------
 
-    async def check(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> CheckedRequest:
+    @property
+    def adapters(self) -> dict[str, str]:
+        """The LoRA adapters requests may name, each with where it was read from."""
+        return {name: a.source for name, a in list(self._engine.adapters.items())}
+
+    def load_adapter(self, adapter: LoraAdapter) -> None:
+        """Let requests name `adapter` (UserError if it does not fit, or its name is taken); nothing
+        recompiles: its values go into a device slot when a step first needs them."""
+        self._engine.load_adapter(adapter)
+
+    def unload_adapter(self, name: str) -> None:
+        """Refuse new requests for an adapter; those already accepted finish with it."""
+        self._engine.unload_adapter(name)
+
+    async def check(self, prompts: Sequence[Sequence[int]], params: SamplingParams, adapter: str | None = None) -> CheckedRequest:
         """Every check of a request, once, before any of its prompts starts; UserError (with its
         `param`) for a bad one. A new grammar compiles in a worker thread: neither the event loop nor
-        the engine step waits for it."""
+        the engine step waits for it. `adapter`: the LoRA adapter it names, which must be loaded."""
         seconds = None
         if params.guide is not None:
             seconds = await asyncio.get_running_loop().run_in_executor(None, self._engine.compile_guide, params)
         for prompt in prompts:
-            self._engine.check_request(list(prompt), params)
+            self._engine.check_request(list(prompt), params, adapter)
         return CheckedRequest(tuple(tuple(p) for p in prompts), params, seconds)
 
     async def generate(self, request_id: str, request: CheckedRequest, admission: Admission = Admission()) -> AsyncIterator[tuple[int, StepOutput]]:

@@ -10,6 +10,8 @@ from tqdm import tqdm
 from jaxserve.checkpoint.loader import LoadedModel, load_draft, load_model
 from jaxserve.checkpoint.registry import DEFAULT_MODEL
 from jaxserve.config import EngineConfig
+from jaxserve.checkpoint.peft import read_peft
+from jaxserve.engine.interface import Admission
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.outputs import RequestOutput, StepOutput
 from jaxserve.sampling_params import SamplingParams
@@ -27,6 +29,11 @@ class LLM:
         self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype)
         draft = load_draft(self.model, engine_config.speculative)
         self.engine = LLMEngine(self.model.cfg, self.model.params, engine_config, self.model.tokenizer, mesh=mesh, model_name=self.model.name, draft=draft)
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load a PEFT LoRA adapter folder under `name`, for `generate(..., adapter=name)` (the engine
+        config needs `max_loras` >= 1)."""
+        self.engine.load_adapter(read_peft(path, name, self.model.cfg.num_layers))
 
     def warmup(self, progress: bool = True) -> None:
         """Compile every step shape now (`LLMEngine.warmup`)."""
@@ -47,17 +54,22 @@ class LLM:
         prompts: Seq[str | list[int]],
         params: SamplingParams | Seq[SamplingParams] = SamplingParams(),
         use_tqdm: bool = True,
+        adapter: str | Seq[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion, batched; results in prompt order."""
+        """Run every prompt to completion, batched; results in prompt order. `adapter`: the loaded LoRA
+        adapter every prompt runs with, or one per prompt (None: the base model)."""
         tok = self.model.tokenizer
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
+        adapters = [adapter] * len(prompts) if adapter is None or isinstance(adapter, str) else list(adapter)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
         ids = [p if isinstance(p, list) else tok.encode(p) for p in prompts]
         results = {f"offline-{i}": RequestOutput.empty(f"offline-{i}", p, sp.n) for i, (p, sp) in enumerate(zip(ids, per_prompt))}
         try:
-            for (request_id, result), sp in zip(results.items(), per_prompt):
-                self.engine.add_request(request_id, result.prompt_ids, sp)
+            for (request_id, result), sp, name in zip(results.items(), per_prompt, adapters):
+                self.engine.add_request(request_id, result.prompt_ids, sp, Admission(adapter=name))
         except ValueError:
             for request_id in results:  # a bad prompt leaves nothing of this call queued
                 self.engine.abort(request_id)

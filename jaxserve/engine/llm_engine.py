@@ -32,6 +32,7 @@ from jaxserve.engine.swapper import Swapper, swap_min_tokens
 from jaxserve.errors import UserError
 from jaxserve.models.draft_heads import DraftHeads
 from jaxserve.models.llama import ForwardBatch, Params
+from jaxserve.models.lora import LoraAdapter, check_adapter
 from jaxserve.ops.quant import weight_format
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays
 from jaxserve.parallel.channel import Link
@@ -92,8 +93,14 @@ class LLMEngine:
         self.kv_cache_dtype = kv_dtype_name(engine_config.kv_cache_dtype, params["embed"].dtype)
         self.num_pages = engine_config.num_pages if engine_config.kv_cache_memory is None else pages_for_memory(bytes_per_page, engine_config.kv_cache_memory)
         self.shapes = StepShapes.from_config(engine_config, self.max_model_len)
-        self.runner = ModelRunner(model_config, params, self.num_pages, page_size, self.shapes, mesh, dtype)
+        if engine_config.max_loras and channel is not None:
+            raise UserError("LoRA adapters need a single-process engine; multi-host groups have none")
+        self.runner = ModelRunner(model_config, params, self.num_pages, page_size, self.shapes, mesh, dtype, engine_config.max_loras,
+                                  engine_config.max_lora_rank)
         self.runner.channel = channel
+        self.adapters: dict[str, LoraAdapter] = {}  # loaded LoRA adapters by name (requests name them)
+        self.slots: list[LoraAdapter | None] = [None] * engine_config.max_loras  # what each device slot holds
+        self._slot_used = [0] * engine_config.max_loras  # the step each slot last ran in (least recently used goes first)
         self.blocks = BlockManager(self.num_pages, engine_config.enable_prefix_caching, record_evictions=engine_config.host_prefix_cache > 0)
         log.info(
             "KV cache: %d pages of %d tokens = %d tokens (%s, %.1f MiB%s); %d step shapes",
@@ -124,10 +131,12 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> None:
         """Raise UserError naming what is wrong with a request (its `param`: the field at fault);
         touches no state. A new grammar is compiled (and cached) here."""
         vocab = self.model_config.vocab_size
+        if adapter is not None and adapter not in self.adapters:
+            raise UserError(f"no LoRA adapter '{adapter}' is loaded", param="model", code="model_not_found")
         if not prompt_ids:
             raise UserError("the prompt is empty", param="prompt")
         for name, ids in (("prompt", prompt_ids), ("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
@@ -162,13 +171,16 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, admission: Admission = Admission()) -> None:
         """Check a request, then queue it (its n samples): nothing bad can touch a batch."""
         self.compile_guide(params)
-        self.check_request(prompt_ids, params)
+        self.check_request(prompt_ids, params, admission.adapter)
         self.enqueue(request_id, prompt_ids, params, admission)
 
     def enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams, admission: Admission = Admission()) -> None:
         """Queue a request that passed `check_request` (and `compile_guide`)."""
         if request_id in self.seqs:
             raise UserError(f"request id {request_id!r} is already in use")
+        if admission.adapter is not None and admission.adapter not in self.adapters:  # unloaded since it was checked
+            raise UserError(f"no LoRA adapter '{admission.adapter}' is loaded", param="model", code="model_not_found")
+        adapter = self.adapters.get(admission.adapter) if admission.adapter is not None else None
         arrival = next(self._arrivals)
         samples: list[Sequence] = []
         for index in range(1 if params.use_beam_search else params.n):  # beams fork from one sequence
@@ -176,7 +188,7 @@ class LLMEngine:
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
             leader = samples[0] if samples else None
             seq = Sequence(request_id, list(prompt_ids), sp, arrival, admission.priority, admission.tenant, admission.weight, index, leader, detok,
-                           timeline=Timeline() if admission.timeline else None)
+                           timeline=Timeline() if admission.timeline else None, adapter=adapter)
             if params.guide is not None:
                 seq.matcher = self.grammars.matcher(params.guide)
             if params.use_beam_search:
@@ -186,6 +198,25 @@ class LLMEngine:
         self.seqs[request_id] = samples
         for seq in samples:
             self.scheduler.add(seq)
+
+    def load_adapter(self, adapter: LoraAdapter) -> None:
+        """Make an adapter available to requests by its name (UserError if it does not fit this model,
+        LoRA is off, or the name is taken). Its values reach a device slot when a step first needs them."""
+        c = self.engine_config
+        if not c.max_loras:
+            raise UserError("LoRA is off for this engine (max_loras is 0)")
+        if adapter.name in self.adapters:
+            raise UserError(f"a LoRA adapter named '{adapter.name}' is already loaded; unload it first", param="lora_name")
+        try:
+            check_adapter(adapter, self.model_config, c.max_lora_rank)
+        except ValueError as e:
+            raise UserError(str(e), param="lora_path") from None
+        self.adapters[adapter.name] = adapter
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop accepting requests for an adapter; requests already queued or running finish with it."""
+        if self.adapters.pop(name, None) is None:
+            raise UserError(f"no LoRA adapter '{name}' is loaded", param="lora_name", code="model_not_found")
 
     def run(self, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, RequestOutput]:
         """Every request (id -> prompt ids, params) to completion, batched as the limits allow."""
@@ -214,6 +245,8 @@ class LLMEngine:
     def warmup(self, progress: bool = True) -> None:
         """Compile every step shape now (the draft model's too), so that serving never waits on the compiler."""
         self.runner.warmup(progress)
+        if self.slots:
+            self.slots[0] = None  # warm-up emptied it
         if self._drafter is not None:
             self._drafter.warmup(progress)
 
@@ -322,7 +355,7 @@ class LLMEngine:
         self.last_step = StepReport(len(chunks), sum(c.length for c in chunks), None)
         if not chunks:
             return []
-        groups, last_row, prompt_slots = self._batch(chunks)
+        groups, last_row, prompt_slots = self._batch(chunks, self._place_adapters(chunks))
         self.runner.forward(groups)
         self.num_steps += 1
         if self._drafter is not None:
@@ -565,11 +598,29 @@ class LLMEngine:
 
     # ---- step inputs ---------------------------------------------------------------------
 
-    def _batch(self, chunks: list[Chunk]) -> tuple[list[ForwardBatch], dict[int, int], list[tuple[Sequence, int, int]]]:
+    def _place_adapters(self, chunks: list[Chunk]) -> dict[LoraAdapter, int]:
+        """The device slot of every adapter this step's sequences use, writing those not in one into the
+        least recently used slots no other of them needs (the scheduler admits at most `max_loras`
+        adapters among running sequences, so there is always one)."""
+        needed = {c.seq.adapter for c in chunks} - {None}
+        if not needed:
+            return {}
+        placed = {a: i for i, a in enumerate(self.slots) if a in needed}
+        for adapter in needed - placed.keys():
+            slot = min((i for i, a in enumerate(self.slots) if a not in needed), key=self._slot_used.__getitem__)
+            self.runner.write_lora(slot, adapter)
+            log.info("LoRA adapter '%s' into slot %d", adapter.name, slot)
+            self.slots[slot], placed[adapter] = adapter, slot
+        for slot in placed.values():
+            self._slot_used[slot] = self.num_steps + 1
+        return placed
+
+    def _batch(self, chunks: list[Chunk], slots: dict[LoraAdapter, int]) -> tuple[list[ForwardBatch], dict[int, int], list[tuple[Sequence, int, int]]]:
         """Fixed-shape groups for this step: one-token decode rows [Bd, 1], then prefill rows [Bp, T]
-        (a chunk spans one or more rows), all over page tables of one width. Padding rows have length
-        0 and write only to the null page. Also returns the row of each chunk's last token (by chunk
-        id) and, for prompt log-probs, (sequence, prompt position, index into the prefill rows)."""
+        (a chunk spans one or more rows), all over page tables of one width; each row takes its
+        sequence's LoRA slot from `slots` (-1: none). Padding rows have length 0 and write only to
+        the null page. Also returns the row of each chunk's last token (by chunk id) and, for prompt
+        log-probs, (sequence, prompt position, index into the prefill rows)."""
         s = self.shapes
         decode = [c for c in chunks if not c.rows]
         prefill = [c for c in chunks if c.rows]
@@ -578,18 +629,20 @@ class LLMEngine:
         groups, last_row, prompt_slots = [], {}, []
 
         def rows(b: int, t: int) -> tuple[np.ndarray, ...]:
-            return np.zeros((b, t), np.int32), np.zeros((b, t), np.int32), np.zeros((b, s.table_width), np.int32), np.zeros(b, np.int32)
+            return (np.zeros((b, t), np.int32), np.zeros((b, t), np.int32), np.zeros((b, s.table_width), np.int32), np.zeros(b, np.int32),
+                    np.full(b, -1, np.int32))
 
         if bd:
             one_token_rows = []
             for c in decode:  # a drafting sequence takes a row per token: its last one, then the drafts
                 last = c.seq.prompt_ids[c.start] if c.start < len(c.seq.prompt_ids) else c.seq.output_ids[c.start - len(c.seq.prompt_ids)]
                 last_row[id(c)] = len(one_token_rows)
-                one_token_rows += [(c.seq.pages, token, c.start + j) for j, token in enumerate((last, *c.draft))]
+                slot = slots.get(c.seq.adapter, -1)
+                one_token_rows += [(c.seq.pages, token, c.start + j, slot) for j, token in enumerate((last, *c.draft))]
             groups.append(decode_group(one_token_rows, bd, s.table_width))
         if bp:
             t = s.row_len
-            tokens, positions, tables, kv_lens = rows(bp, t)
+            tokens, positions, tables, kv_lens, adapter = rows(bp, t)
             r = 0
             for c in prefill:
                 seq = c.seq
@@ -600,12 +653,13 @@ class LLMEngine:
                     positions[r] = first + np.arange(t)
                     tables[r, : len(seq.pages)] = seq.pages
                     kv_lens[r] = first + n
+                    adapter[r] = slots.get(seq.adapter, -1)
                     if seq.wants_prompt_logprobs(first):
                         done = len(seq.prompt_logprobs)  # positions before this are collected
                         prompt_slots += [(seq, q, r * t + q - first) for q in range(max(first, done), min(first + n, len(seq.prompt_ids) - 1))]
                     r += 1
                 last_row[id(c)] = bd + r - 1
-            groups.append(ForwardBatch(tokens, positions, tables, kv_lens))
+            groups.append(ForwardBatch(tokens, positions, tables, kv_lens, adapter))
         return groups, last_row, prompt_slots
 
     def _sampling(self, sampled: list[Chunk], last_row: dict[int, int], rows: int) -> tuple[SamplingArrays, np.ndarray]:

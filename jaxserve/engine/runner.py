@@ -8,6 +8,7 @@ cache is donated and returned updated.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass
@@ -24,11 +25,12 @@ from tqdm import tqdm
 from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.models.llama import ForwardBatch, Params, compute_logits, forward
+from jaxserve.models.lora import LoraAdapter, Tables, empty_tables, slot_values, write_slot
 from jaxserve.ops.attention import table_width
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays, sample
 from jaxserve.parallel.distributed import StepChannel
 from jaxserve.parallel.mesh import make_mesh
-from jaxserve.parallel.sharding import CACHE_SPEC, param_shardings
+from jaxserve.parallel.sharding import CACHE_SPEC, lora_shardings, param_shardings
 from jaxserve.sampling_params import MAX_BEAMS, MAX_LOGPROBS
 
 
@@ -41,16 +43,16 @@ def enable_compilation_cache(folder: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def decode_group(rows: Sequence[tuple[Sequence[int], int, int]], bucket: int, width: int) -> ForwardBatch:
-    """One-token rows [bucket, 1], each from (pages, token, position): the token's K/V goes to its
-    position and it attends to position + 1 keys. Padding rows have length 0 and write only to the
-    null page."""
+def decode_group(rows: Sequence[tuple[Sequence[int], int, int, int]], bucket: int, width: int) -> ForwardBatch:
+    """One-token rows [bucket, 1], each from (pages, token, position, LoRA slot): the token's K/V goes
+    to its position and it attends to position + 1 keys. Padding rows have length 0, write only to the
+    null page and take no adapter."""
     tokens, positions = np.zeros((bucket, 1), np.int32), np.zeros((bucket, 1), np.int32)
-    tables, kv_lens = np.zeros((bucket, width), np.int32), np.zeros(bucket, np.int32)
-    for r, (pages, token, position) in enumerate(rows):
-        tokens[r, 0], positions[r, 0], kv_lens[r] = token, position, position + 1
+    tables, kv_lens, adapter = np.zeros((bucket, width), np.int32), np.zeros(bucket, np.int32), np.full(bucket, -1, np.int32)
+    for r, (pages, token, position, slot) in enumerate(rows):
+        tokens[r, 0], positions[r, 0], kv_lens[r], adapter[r] = token, position, position + 1, slot
         tables[r, : len(pages)] = pages
-    return ForwardBatch(tokens, positions, tables, kv_lens)
+    return ForwardBatch(tokens, positions, tables, kv_lens, adapter)
 
 
 def _sizes(limit: int) -> tuple[int, ...]:
@@ -101,14 +103,14 @@ class StepShapes:
 
 
 def model_step(
-    params: Params, cache: KVCache, groups: Sequence[ForwardBatch], cfg: ModelConfig, hidden_rows: int
+    params: Params, cache: KVCache, groups: Sequence[ForwardBatch], lora: Tables | None, cfg: ModelConfig, hidden_rows: int
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None, KVCache]:
-    """Forward the groups; return the logits [R, V] at each row's last valid token (rows in group
+    """Forward the groups (each row through its LoRA slot, when `lora` holds slot tables); return the logits [R, V] at each row's last valid token (rows in group
     order, then zero rows up to `StepShapes.sampled_rows`), the hidden states [hidden_rows, D] those
     logits came from (rows as the logits', zero-padded to one shape for every step: draft heads read
     them), the hidden states [Bp * T, D] of the prefill group (for prompt log-probs; None without
     one) and the updated cache."""
-    hidden, cache = forward(params, cache, groups, cfg)
+    hidden, cache = forward(params, cache, groups, cfg, lora=lora)
     last_rows = []
     for g, h in zip(groups, hidden):  # h: [B, T, D]
         last = jnp.clip(g.kv_lens - 1 - g.positions[:, 0], 0, g.tokens.shape[1] - 1)  # [B]
@@ -167,8 +169,11 @@ class ModelRunner:
         shapes: StepShapes,
         mesh: Mesh | None = None,
         cache_dtype: jnp.dtype | None = None,
+        lora_slots: int = 0,
+        lora_rank: int = 16,
     ) -> None:
-        """`cache_dtype`: what the KV cache stores (`kv_cache.storage_dtype`; default the params' dtype)."""
+        """`cache_dtype`: what the KV cache stores (`kv_cache.storage_dtype`; default the params' dtype).
+        `lora_slots`: LoRA adapter slots of rank up to `lora_rank` (0: none)."""
         self.cfg = cfg
         self.shapes = shapes
         self.mesh = mesh if mesh is not None else make_mesh()
@@ -181,9 +186,19 @@ class ModelRunner:
         self.params = jax.tree.map(_place, params, param_sh)
         dtype = cache_dtype or params["embed"].dtype
         self.cache = jax.jit(lambda: KVCache.create(cfg, num_pages, page_size, dtype), out_shardings=cache_sh)()
+        self.lora_rank = lora_rank
+        self.lora: Tables | None = None  # the adapter slot tables (None: LoRA off)
+        lora_sh = replicated
+        if lora_slots:
+            stacked = isinstance(params["layers"], dict)
+            shape = jax.eval_shape(lambda: empty_tables(cfg, lora_slots, lora_rank, params["embed"].dtype, stacked))
+            lora_sh = lora_shardings(shape, self.mesh, table=True)
+            self.lora = jax.jit(lambda: empty_tables(cfg, lora_slots, lora_rank, params["embed"].dtype, stacked), out_shardings=lora_sh)()
+            values_sh = lora_shardings(slot_values(None, cfg, lora_rank, np.float32), self.mesh, table=False)
+            self._write_lora = jax.jit(write_slot, in_shardings=(lora_sh, replicated, values_sh), out_shardings=lora_sh, donate_argnums=(0,))
         self._step = jax.jit(
             functools.partial(model_step, cfg=cfg, hidden_rows=shapes.max_sampled_rows),
-            in_shardings=(param_sh, cache_sh, replicated),
+            in_shardings=(param_sh, cache_sh, replicated, lora_sh),
             out_shardings=(replicated, replicated, replicated, cache_sh),
             donate_argnums=(1,),
         )
@@ -206,7 +221,8 @@ class ModelRunner:
     @property
     def num_compiles(self) -> int:
         """Distinct input shapes the jitted programs have been traced for."""
-        return sum(f._cache_size() for f in (self._step, self._sample, self._prompt_logprobs, self._copy, self._read, self._write))
+        lora = (self._write_lora,) if self.lora is not None else ()
+        return sum(f._cache_size() for f in (self._step, self._sample, self._prompt_logprobs, self._copy, self._read, self._write, *lora))
 
     def _call(self, name: str, *args: Any) -> None:
         """Send the call to the other processes of a multi-host group before making it."""
@@ -229,12 +245,26 @@ class ModelRunner:
 
     def step_hlo(self, groups: Sequence[ForwardBatch]) -> str:
         """The compiled step program for these groups' shapes, as HLO text (to inspect collectives)."""
-        return self._step.lower(self.params, self.cache, tuple(groups)).compile().as_text()
+        return self._step.lower(self.params, self.cache, self._rows(groups), self.lora).compile().as_text()
+
+    def _rows(self, groups: Sequence[ForwardBatch]) -> tuple[ForwardBatch, ...]:
+        """The groups with LoRA slots exactly when this runner has slot tables (rows without any take
+        none), so every caller's groups meet the one compiled program of their shape."""
+        if self.lora is None:
+            return tuple(dataclasses.replace(g, adapter=None) for g in groups)
+        return tuple(g if g.adapter is not None else dataclasses.replace(g, adapter=np.full(g.tokens.shape[0], -1, np.int32)) for g in groups)
 
     def forward(self, groups: Sequence[ForwardBatch]) -> None:
         """Dispatch one model step over the row groups; its outputs stay on the device."""
-        self._call("forward", tuple(groups))
-        self._logits, self._hidden, self._prefill, self.cache = self._step(self.params, self.cache, self._global(tuple(groups)))
+        groups = self._rows(groups)
+        self._call("forward", groups)
+        self._logits, self._hidden, self._prefill, self.cache = self._step(self.params, self.cache, self._global(groups), self.lora)
+
+    def write_lora(self, slot: int, adapter: LoraAdapter | None) -> None:
+        """Put an adapter's values into a LoRA slot (None: empty it): one compiled program for every
+        slot and adapter, so loading one never recompiles a step."""
+        values = slot_values(adapter, self.cfg, self.lora_rank, self.params["embed"].dtype)
+        self.lora = self._write_lora(self.lora, np.int32(slot), values)
 
     def sample(self, sampling: SamplingArrays, positions: np.ndarray, adjust: LogitAdjust | None, top: bool) -> tuple[np.ndarray, ...]:
         """The latest step's tokens [R] and log-probs [R] on the host; with `top`, also top ids and
@@ -289,6 +319,8 @@ class ModelRunner:
                 bar.update()
         no_copy = np.zeros(MAX_BEAMS, np.int32)
         self.copy_pages(no_copy, no_copy)
+        if self.lora is not None:
+            self.write_lora(0, None)  # the engine forgets what slot 0 held
         if self.host_copies:
             null = np.zeros(SWAP_CHUNK, np.int32)
             self.write_pages(null, self.read_pages(null))

@@ -23,6 +23,8 @@ Waiting and running sequences are served in the order of the scheduling policy
   is taken (it produced a token since its admission): every admission makes progress, so every
   accepted request finishes.
 Each step's chunks are charged to their tenants (decodes as one token; speculative drafts are not).
+With LoRA, the running sequences use at most `max_loras` distinct adapters (the device's slots): a
+waiting request whose adapter would need another is passed over until a slot's last user finishes.
 
 When pages run out mid-step, the running sequence at the back of the policy order is preempted: its
 pages are released and it is recomputed later from its tokens, so its output is the same as if it
@@ -213,11 +215,12 @@ class Scheduler:
             prefills += chunk.rows > 0
             rows_left -= chunk.rows
             budget -= chunk.length
+        adapters = {s.adapter for s in self.running} - {None}
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) == self.cfg.max_num_seqs or prefills == self.cfg.max_prefill_seqs:
                 break
-            if seq.waits_for_leader():
-                continue
+            if seq.waits_for_leader() or (seq.adapter is not None and seq.adapter not in adapters and len(adapters) == self.cfg.max_loras):
+                continue  # its adapter needs a slot the running sequences' adapters all hold
             if seq.host_pages:  # swapped out: its pages come back from host memory
                 chunk = self._chunk(seq, seq.num_computed, budget, rows_left)
                 fresh = self.blocks.allocate(self._pages_for(chunk.start + chunk.length)) if chunk else None
@@ -249,6 +252,8 @@ class Scheduler:
             if seq.num_cached_tokens is None:
                 seq.num_cached_tokens, seq.queue_seconds = chunk.start, time.perf_counter() - seq.arrival_time
             self.running.append(seq)
+            if seq.adapter is not None:
+                adapters.add(seq.adapter)
             chunks.append(chunk)
             prefills += chunk.rows > 0
             rows_left -= chunk.rows

@@ -10,6 +10,7 @@ from typing import Any
 from jaxserve.cache.block_manager import BlockHash, block_hashes, salt_hash
 from jaxserve.engine.speculation import SpecState
 from jaxserve.engine.timeline import Timeline
+from jaxserve.models.lora import LoraAdapter
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import IncrementalDetokenizer
 
@@ -52,6 +53,7 @@ class Sequence:
     hashes: list[BlockHash] = field(default_factory=list)  # of this sequence's full blocks, as far as computed
     spec: SpecState = field(default_factory=SpecState)  # its speculative drafts' recent acceptance
     timeline: Timeline | None = None  # when its phases ran, if its request is traced
+    adapter: LoraAdapter | None = None  # the LoRA adapter it runs with (None: the base model)
     status: Status = Status.WAITING
     finish_reason: str | None = None
 
@@ -81,6 +83,6 @@ class Sequence:
         """Hashes of the full blocks among the first `upto` tokens (extends the cached list)."""
         have = len(self.hashes) * page_size
         if upto - have >= page_size:
-            parent = self.hashes[-1] if self.hashes else salt_hash(self.params.cache_salt)
+            parent = self.hashes[-1] if self.hashes else salt_hash(self.params.cache_salt, self.adapter.digest if self.adapter else None)
             self.hashes += block_hashes(self.tokens[have:upto], page_size, parent)
         return self.hashes[: upto // page_size]

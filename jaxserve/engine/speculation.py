@@ -115,7 +115,7 @@ class DraftModel:
             live = [n for n, (_, k) in enumerate(wanted) if k > i]
             rows = [(wanted[n][0], drafts[n][-1] if i else wanted[n][0].tokens[-1], wanted[n][0].num_tokens - 1 + i) for n in live]
             bucket = StepShapes.fit(len(rows), shapes.decode_rows)
-            self.runner.forward([decode_group([(seq.pages, token, position) for seq, token, position in rows], bucket, shapes.table_width)])
+            self.runner.forward([decode_group([(seq.pages, token, position, -1) for seq, token, position in rows], bucket, shapes.table_width)])
             count = StepShapes.sampled_rows(bucket)
             sampling, positions = SamplingArrays.greedy(count, vocab), np.zeros(count, np.int32)
             for r, (seq, _, position) in enumerate(rows):

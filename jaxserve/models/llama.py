@@ -25,7 +25,8 @@ import numpy as np
 from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import ModelConfig
 from jaxserve.ops.norm import rms_norm
-from jaxserve.ops.attention import decode_attention, paged_attention, use_decode_kernel, write_slots
+from jaxserve.models.lora import TARGETS, Tables, lora_product, slot_mask
+from jaxserve.ops.attention import causal_attention, decode_attention, paged_attention, use_decode_kernel, write_slots
 from jaxserve.ops.quant import linear, matmul
 from jaxserve.ops.rope import apply_rope, inv_frequencies, rope_tables
 
@@ -40,6 +41,7 @@ class ForwardBatch:
     positions: jnp.ndarray  # [B, T] int32, absolute position of each token
     page_table: jnp.ndarray  # [B, P] int32, pages of each sequence (0 = null page)
     kv_lens: jnp.ndarray  # [B] int32, sequence length after this step; tokens at positions >= it are padding
+    adapter: jnp.ndarray | None = None  # [B] int32, each row's LoRA slot (-1: the base model); None without LoRA tables
 
     @classmethod
     def prompt(cls, token_ids: Sequence[int], page_size: int) -> ForwardBatch:
@@ -104,11 +106,13 @@ def _channel_stats(name: str, x: jnp.ndarray) -> dict[str, jnp.ndarray]:
 
 def forward(
     params: Params,
-    cache: KVCache,
+    cache: KVCache | None,
     groups: Sequence[ForwardBatch],
     cfg: ModelConfig,
     decode_kernel: bool | None = None,
     observe: bool = False,
+    lora: Tables | None = None,
+    lora_dropout: tuple[jax.Array, float] | None = None,
 ) -> tuple:
     """Run the decoder over one or more token groups, writing their K/V into the cache.
 
@@ -119,6 +123,11 @@ def forward(
     with `observe`, also per layer the max |activation| and mean square of each channel entering the
     dense layers, {"attn": [D], "attn_sq": [D], "mlp", "mlp_sq": [D], "down", "down_sq": [F]} (stacked
     [L, ...] under scan), which int8 and int4 calibrate on.
+
+    `lora`: adapter slot tables laid out like the params' layers (`jaxserve.models.lora`); each row
+    adds the product of its group's `adapter` slot. `lora_dropout` (key, rate), for training: dropout
+    on each adapter's input, as PEFT applies it. Without a cache (training), attention is dense and
+    causal within each row and nothing is written; the returned cache is None.
     """
     kernel = use_decode_kernel() if decode_kernel is None else decode_kernel
 
@@ -134,14 +143,29 @@ def forward(
     flat = lambda xs: jnp.concatenate([x.reshape(-1, *x.shape[2:]) for x in xs])  # [B, T, ...] -> [N, ...]
     positions = flat([g.positions for g in groups])  # [N]
     cos, sin = rope_tables(positions[None], inv_frequencies(cfg))  # [1, N, 1, D/2]
-    slots = [write_slots(g.page_table, g.positions, g.positions < g.kv_lens[:, None], cache.page_size) for g in groups]
-    page, offset = flat([p for p, _ in slots]), flat([o for _, o in slots])  # [N]
+    if cache is not None:
+        slots = [write_slots(g.page_table, g.positions, g.positions < g.kv_lens[:, None], cache.page_size) for g in groups]
+        page, offset = flat([p for p, _ in slots]), flat([o for _, o in slots])  # [N]
     h = params["embed"][flat([g.tokens for g in groups])].astype(dtype)  # [N, D]
     n = h.shape[0]
+    if lora is not None:
+        a = (lora if isinstance(lora, dict) else lora[0])["wq"]["a"]  # [(L,) in, S, r]
+        slots = flat([jnp.broadcast_to(g.adapter[:, None], g.tokens.shape) for g in groups])  # [N]
+        mask = slot_mask(slots, a.shape[-2], a.shape[-1], dtype)  # [N, S * r]
+
+    def adapt(name: str, x: jnp.ndarray, y: jnp.ndarray, ll: Any, i: Any) -> jnp.ndarray:
+        """y = x @ W, plus each token's adapter product (LoRA on)."""
+        if ll is None:
+            return y
+        if lora_dropout is not None:
+            key, rate = lora_dropout
+            keep = jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, i), TARGETS.index(name)), 1 - rate, x.shape)
+            x = jnp.where(keep, x / (1 - rate), 0).astype(x.dtype)
+        return y + lora_product(x, ll[name], mask)
 
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
 
-    def layer(h, cache, lp, i):
+    def layer(h, cache, lp, ll, i):  # ll: this layer's LoRA tables (None: off)
         x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
         seen = _channel_stats("attn", x) if observe else {}
         if "wqkv" in lp:  # fused layout (see unstack_layers)
@@ -151,24 +175,33 @@ def forward(
             q, k, v = linear(x, lp["wq"]), linear(x, lp["wk"]), linear(x, lp["wv"])
             if cfg.qkv_bias:
                 q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+        q, k, v = adapt("wq", x, q, ll, i), adapt("wk", x, k, ll, i), adapt("wv", x, v, ll, i)
         q = apply_rope(q.reshape(1, n, cfg.num_heads, cfg.head_dim), cos, sin)[0]  # [N, Hq, Dh]
         k = apply_rope(k.reshape(1, n, cfg.num_kv_heads, cfg.head_dim), cos, sin)[0]
         v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
-        cache = cache.write(i, page, offset, k.swapaxes(0, 1), v.swapaxes(0, 1))  # [Hkv, N, Dh] each
-        attn = [
-            attend(qg.reshape(*shape, *qg.shape[1:]), cache, i, g).reshape(size, -1)
-            for qg, shape, size, g in zip(jnp.split(q, splits), shapes, sizes, groups)
-        ]
-        h = h + linear(jnp.concatenate(attn).astype(dtype), lp["wo"])
+        if cache is None:  # training: dense causal attention within each row
+            attn = [
+                causal_attention(*(t.reshape(*shape, *t.shape[1:]) for t in qkv_g), g.positions, g.kv_lens).reshape(size, -1)
+                for *qkv_g, shape, size, g in zip(jnp.split(q, splits), jnp.split(k, splits), jnp.split(v, splits), shapes, sizes, groups)
+            ]
+        else:
+            cache = cache.write(i, page, offset, k.swapaxes(0, 1), v.swapaxes(0, 1))  # [Hkv, N, Dh] each
+            attn = [
+                attend(qg.reshape(*shape, *qg.shape[1:]), cache, i, g).reshape(size, -1)
+                for qg, shape, size, g in zip(jnp.split(q, splits), shapes, sizes, groups)
+            ]
+        o = jnp.concatenate(attn).astype(dtype)
+        h = h + adapt("wo", o, linear(o, lp["wo"]), ll, i)
         x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
         if "w_gate_up" in lp:
             gate, up = jnp.split(linear(x, lp["w_gate_up"]), 2, axis=-1)
         else:
             gate, up = linear(x, lp["w_gate"]), linear(x, lp["w_up"])
+        gate, up = adapt("w_gate", x, gate, ll, i), adapt("w_up", x, up, ll, i)
         act = jax.nn.silu(gate) * up
         if observe:
             seen.update(_channel_stats("mlp", x), **_channel_stats("down", act))
-        h = h + linear(act, lp["w_down"])
+        h = h + adapt("w_down", act, linear(act, lp["w_down"]), ll, i)
         return h, cache, seen
 
     if isinstance(params["layers"], dict):  # stacked [L, ...]: one traced layer, looped by scan
@@ -176,12 +209,12 @@ def forward(
             *carry, seen = layer(*carry, *xs)
             return tuple(carry), seen
 
-        xs = (params["layers"], jnp.arange(cfg.num_layers))
+        xs = (params["layers"], lora, jnp.arange(cfg.num_layers))
         (h, cache), observed = jax.lax.scan(scan_body, (h, cache), xs)  # values [L, ...]
     else:  # per-layer buffers: unrolled, so no layer's weights are sliced (copied) out of a stack
         observed = []
         for i, lp in enumerate(params["layers"]):
-            h, cache, seen = layer(h, cache, lp, i)
+            h, cache, seen = layer(h, cache, lp, None if lora is None else lora[i], i)
             observed.append(seen)
         observed = tuple(observed)
     hidden = tuple(x.reshape(*shape, -1) for x, shape in zip(jnp.split(h, splits), shapes))

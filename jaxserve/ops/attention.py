@@ -117,6 +117,25 @@ def paged_attention(
     return out.reshape(hkv, b, g, t, d).transpose(1, 3, 0, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
 
 
+def causal_attention(
+    q: jnp.ndarray,  # [B, T, Hq, D]
+    k: jnp.ndarray,  # [B, T, Hkv, D]
+    v: jnp.ndarray,  # [B, T, Hkv, D]
+    positions: jnp.ndarray,  # [B, T] int32
+    kv_lens: jnp.ndarray,  # [B] int32
+) -> jnp.ndarray:  # [B, T, Hq, D]
+    """Dense causal GQA attention within each row, with no cache: the differentiable path training
+    takes (the paged walk's loop has a data-dependent trip count, which reverse-mode cannot follow)."""
+    b, t, hq, d = q.shape
+    g = hq // k.shape[2]
+    qh = q.reshape(b, t, k.shape[2], g, d) * jnp.asarray(d**-0.5, q.dtype)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qh, k, preferred_element_type=jnp.float32)
+    keep = (positions[:, None, :] <= positions[:, :, None]) & (positions[:, None, :] < kv_lens[:, None, None])  # [B, Tq, Tk]
+    scores = jnp.where(keep[:, None, None], scores, _MASKED)
+    p = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhgqk,bkhd->bqhgd", p, v).reshape(b, t, hq, d)
+
+
 def use_decode_kernel() -> bool:
     """Whether decode rows take the Pallas kernel: on GPU, where it compiles to Triton, unless
     JAXSERVE_DECODE_KERNEL=0 selects the reference attention (a way around a Triton that fails)."""

@@ -10,6 +10,7 @@ devices, each KV head is copied to the devices whose query heads read it (as vLL
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,24 @@ def check_int4_split(params: Params, tp: int) -> None:
                 n = 2 * w.packed.shape[-2]
                 raise UserError(f"tensor_parallel_size {tp} would split {name}'s {n} input rows inside int4 groups of {w.group} "
                                 f"({n // w.group} groups); use a tensor parallel size that divides {n // w.group}, or a smaller group size")
+
+
+def lora_shardings(tree: Any, mesh: Mesh, table: bool) -> Any:
+    """A NamedSharding for every LoRA factor (`jaxserve.models.lora`): of the slot tables (`table`: A
+    [..., in, S, r], B [..., S, r, out]; stacked or per layer) or of one slot's values (A [L, in, r],
+    B [L, r, out]). A column-parallel target's B splits its output columns like the weight, a
+    row-parallel target's A its input rows; the other factor is replicated."""
+
+    def for_factor(path, x):
+        target, part = path[-2].key, path[-1].key
+        spec = [None] * x.ndim
+        if part == "b" and target in COLUMN:
+            spec[-1] = MODEL
+        elif part == "a" and target in ROW:
+            spec[-3 if table else -2] = MODEL
+        return NamedSharding(mesh, P(*spec))
+
+    return jax.tree_util.tree_map_with_path(for_factor, tree)
 
 
 def param_shardings(params: Params, mesh: Mesh, cfg: ModelConfig) -> Params:
