@@ -165,3 +165,24 @@ def test_prefix_cache_never_shares_blocks_across_adapters(tiny, llm) -> None:
     after = llm.engine.stats()
     assert with_adapter == again != base
     assert after.prefix_cache_hits - before.prefix_cache_hits == 3  # only the adapter's second request hit
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_adapters_split_with_tensor_parallelism(tiny, llm, tp: int) -> None:
+    """The slot tables split like their weights (TP 4 copies the tiny model's 2 KV heads, and each
+    adapter's K/V columns with them); every adapter's tokens are one device's."""
+    from jaxserve.config import ParallelConfig
+    from jaxserve.parallel.mesh import MODEL, make_mesh
+
+    path, _, adapters = tiny
+    model = load_model(path, tensor_parallel_size=tp)
+    split = LLM(model, dataclasses.replace(LORA_ENGINE, max_num_seqs=4), mesh=make_mesh(ParallelConfig(tensor_parallel_size=tp)))
+    for i in range(2):
+        split.load_adapter(f"a{i}", str(adapters[i]))
+    tables = split.engine.runner.lora
+    assert tables["wq"]["b"].sharding.spec[-1] == MODEL and tables["wo"]["a"].sharding.spec[-3] == MODEL
+    prompts, names = _prompts(3, seed=6), [None, "a0", "a1"]
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for got, want in zip(split.generate(prompts, sp, use_tqdm=False, adapter=names), llm.generate(prompts, sp, use_tqdm=False, adapter=names)):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        np.testing.assert_allclose(got.outputs[0].logprobs, want.outputs[0].logprobs, atol=1e-4)
