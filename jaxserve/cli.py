@@ -25,9 +25,23 @@ GROUP_SIZES = (32, 64, 128)
 GROUP_SIZE_HELP = f"int4: input rows per scale and offset (default {INT4_GROUP}, GGUF's 4-bit block)"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+class _ModelsAction(argparse.Action):
+    """`serve --model`, repeatable: the first on the command line replaces a default (YAML, environment),
+    later ones add models."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values, option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, [*current, values] if isinstance(current, list) and current is not self.default else [values])
+
+
+def _add_model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--config", default=None, help="YAML file of option defaults (command-line flags take precedence)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, GGUF file, HF folder or jaxserve checkpoint (default: {DEFAULT_MODEL})")
+    if several:
+        p.add_argument("--model", action=_ModelsAction, default=None,
+                       help=f"registry name, GGUF file, HF folder or jaxserve checkpoint (default: {DEFAULT_MODEL}); repeatable as NAME=SOURCE "
+                       "to serve several models, each routed by the request's `model` (or a YAML `models:` list in --config)")
+    else:
+        p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, GGUF file, HF folder or jaxserve checkpoint (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument(
         "--quantization",
@@ -120,7 +134,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     chat.set_defaults(func=_cmd_chat)
 
     srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    _add_model_args(srv)
+    _add_model_args(srv, several=True)
     _add_sampling_args(srv, server=True)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
@@ -171,7 +185,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
     srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
     srv.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin (repeatable, '*' for any; default: CORS off)")
-    srv.set_defaults(func=_cmd_serve, warmup=True)
+    srv.add_argument("--max-loaded-models", type=int, default=None,
+                     help="model versions holding engines at once: a lazy one loading beyond it evicts the least recently used idle lazy one")
+    srv.add_argument("--admin-api-key", default=None,
+                     help="key of the admin API (/admin/...: load versions, traffic splits, promote, roll back, unload; default: no admin API)")
+    srv.set_defaults(func=_cmd_serve, warmup=True, models=None)  # models: the YAML `models:` list (jaxserve.server.model_spec)
+
+    ro = sub.add_parser("rollout", help="move a model's traffic to a new version in stages through a server's admin API, rolling back on regressions")
+    ro.add_argument("name", help="the model's name on the server")
+    ro.add_argument("--to", required=True, help="the version to roll out (loaded already: POST /admin/models/NAME/versions)")
+    ro.add_argument("--stages", default="10,50,100", help="the new version's percent of traffic at each stage (default: 10,50,100)")
+    ro.add_argument("--interval", type=float, default=300.0, help="seconds per stage before it is judged (default: 300)")
+    ro.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: http://127.0.0.1:8000)")
+    ro.add_argument("--admin-key", default=os.environ.get("JAXSERVE_ADMIN_API_KEY"), help="the server's admin key (default: env JAXSERVE_ADMIN_API_KEY)")
+    ro.add_argument("--max-error-rate-increase", type=float, default=0.01, help="error rate above production's that stops it (absolute; default 0.01)")
+    ro.add_argument("--max-p99-ratio", type=float, default=1.5, help="p99 latency over production's that stops it (default 1.5x)")
+    ro.add_argument("--latency", default="e2e", choices=("e2e", "ttft"), help="which p99 latency is compared (default: e2e)")
+    ro.add_argument("--min-requests", type=int, default=20, help="new-version requests a stage needs to be judged (default 20; fewer: it passes)")
+    ro.set_defaults(func=_cmd_rollout)
 
     conv = sub.add_parser("convert", help="convert a GGUF file or HF folder to a jaxserve checkpoint (a folder, or a version in the model store)")
     conv.add_argument("src", help="GGUF file, HF folder (config.json + safetensors), jaxserve checkpoint, or model name (NAME[@VERSION])")
@@ -228,7 +259,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         shown = ",".join(default) if f.name == "target_modules" else default
         ft.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default, help=f"(default: {shown})")
     ft.set_defaults(func=_cmd_finetune)
-    return parser, {"generate": gen, "chat": chat, "serve": srv, "convert": conv, "train-draft": td, "finetune": ft, "models": models, "bench": bench}
+    return parser, {"generate": gen, "chat": chat, "serve": srv, "rollout": ro, "convert": conv, "train-draft": td, "finetune": ft, "models": models, "bench": bench}
 
 
 def _sampling(args: argparse.Namespace) -> SamplingParams:
@@ -360,6 +391,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from jaxserve.server.app import Server, serve
 
     setup_json_logging()
+    specs = _model_specs(args)  # before anything loads: a bad spec fails at once
+    if args.num_processes > 1 and (len(specs) > 1 or specs[0].lazy):
+        raise UserError("a multi-process group serves one model: give one --model (several models need one process, or a group each)")
     secret = read_secret(args.cluster_secret_file, args.process_id) if args.num_processes > 1 else None
     dist = DistributedConfig(args.coordinator_address, args.num_processes, args.process_id, args.distributed_timeout, secret=secret)
     if dist.num_processes > 1 and args.data_parallel_size > 1:
@@ -383,6 +417,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         cors_origins=tuple(args.cors_origin),
         warmup=args.warmup,
         default_sampling=tuple((k, getattr(args, k)) for k in SAMPLING_OPTIONS if hasattr(args, k)),
+        admin_api_key=args.admin_api_key,
     )
     if server_config.api_keys_file:  # a bad keys file or a missing tracing SDK fails before the model loads
         from jaxserve.server.tenants import load_keys
@@ -411,9 +446,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         prefix_cache_dir=args.prefix_cache_dir,
         scheduling_policy=args.scheduling_policy,
     )
+    if dist.num_processes == 1:
+        return _serve_models(args, specs, engine_config, server_config)
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size))
     check_mesh(mesh, dist)
-    model = load_model(args.model, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size, args.quantization_group_size)
+    model = load_model(specs[0].source, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size, args.quantization_group_size)
     if dist.process_id > 0:  # a follower: the same runner as process 0's, driven by its calls
         try:
             LLMEngine(model.cfg, model.params, engine_config, model.tokenizer, mesh=mesh).follow(peer)
@@ -430,6 +467,59 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if status and channel is not None and server.engine_error is not None:
         raise UserError(f"process 0: the group stopped after an error ({str(server.engine_error).splitlines()[0]}); exiting: {RESTART}")
     return status
+
+
+def _model_specs(args: argparse.Namespace) -> list:
+    """The models `serve` serves: each --model (NAME=SOURCE, or one plain SOURCE named after its model),
+    then the YAML `models:` list; the default model when neither gives one."""
+    from jaxserve.server.model_spec import ModelSpec
+
+    flags = args.model if isinstance(args.model, list) else [args.model] if args.model else []
+    entries = args.models or []
+    if not isinstance(entries, list):
+        raise UserError(f"config file {args.config}: 'models' must be a list of models, each a mapping with 'name' and 'model'")
+    specs = [ModelSpec.from_flag(v) for v in flags] + [ModelSpec.from_mapping(e, f"config file {args.config}, models[{i}]") for i, e in enumerate(entries)]
+    if sum(not s.name for s in specs) > 1:
+        raise UserError("name every model but one: --model NAME=SOURCE")
+    return specs or [ModelSpec("", DEFAULT_MODEL)]
+
+
+def _serve_models(args: argparse.Namespace, specs: list, engine_config, server_config) -> int:
+    """Serve every model in one process: those not lazy load now (a bad one fails before the server
+    listens), lazy ones on their first request."""
+    import asyncio
+
+    from jaxserve.server.app import Server, serve
+    from jaxserve.server.engine_factory import EngineFactory
+    from jaxserve.server.router import ModelRouter
+
+    eager = [s for s in specs if not s.lazy]
+    if args.max_loaded_models is not None and (args.max_loaded_models < 1 or len(eager) > args.max_loaded_models):
+        raise UserError(f"--max-loaded-models {args.max_loaded_models} is fewer than the {len(eager)} models that are not lazy (or < 1)")
+    factory = EngineFactory(engine_config, args.dtype, args.quantization, args.quantization_group_size, args.unroll_layers,
+                            args.tensor_parallel_size, args.data_parallel_size)
+    router = ModelRouter(factory.build, args.max_loaded_models, server_config.warmup)
+    for spec in specs:
+        engines = [] if spec.lazy else factory.build(spec)
+        if not spec.name:
+            spec = dataclasses.replace(spec, name=server_config.served_model_name or engines[0].info.name)
+        router.add(spec, engines)
+    return asyncio.run(serve(Server(router, server_config)))
+
+
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from jaxserve.rollout import AdminClient, RolloutPlan, run_rollout
+
+    if not args.admin_key:
+        raise UserError("give the server's admin key: --admin-key or env JAXSERVE_ADMIN_API_KEY")
+    try:
+        stages = tuple(float(s) for s in args.stages.split(","))
+    except ValueError:
+        raise UserError(f"--stages must be comma-separated percents, got {args.stages!r}") from None
+    plan = RolloutPlan(args.name, args.to, stages, args.interval, args.max_error_rate_increase, args.max_p99_ratio, args.min_requests, args.latency)
+    report = run_rollout(plan, AdminClient(args.url, args.admin_key), say=lambda event: print(json.dumps(event), file=sys.stderr, flush=True))
+    print(json.dumps(report))
+    return 0 if report["outcome"] == "promoted" else 1
 
 
 def _env_defaults(parser: argparse.ArgumentParser) -> dict:

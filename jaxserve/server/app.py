@@ -16,6 +16,7 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import AsyncIterator, Awaitable, Callable, Sequence
 
@@ -29,6 +30,8 @@ from jaxserve.engine.outputs import StepOutput
 from jaxserve.errors import UserError
 from jaxserve.logs import TRACE_ID
 from jaxserve.parallel.distributed import PeerLostError
+from jaxserve.server.admin import AdminApi
+from jaxserve.server.deployment import READY, Outcome
 from jaxserve.server.metrics import Metrics, RequestMetrics
 from jaxserve.server.quota import Quotas, TenantQuota
 from jaxserve.server.tenants import ANONYMOUS, KeyTable, Tenant, key_id, load_keys, with_priority
@@ -37,6 +40,7 @@ from jaxserve.server.usage import UsageLedger
 from jaxserve.server.protocol import ApiError, Request, chat_prompt, parse_chat, parse_completion
 from jaxserve.server.render import Renderer, renderer, sse
 from jaxserve.server.responses import ResponsesRenderer, ResponseStore, chat_body
+from jaxserve.server.router import ModelRouter, Route
 
 log = logging.getLogger("jaxserve.server")
 
@@ -46,29 +50,43 @@ _TRACED = _INFERENCE | {"/v1/responses"}
 TENANT = web.RequestKey("tenant", Tenant)  # whose request it is (set by the auth middleware)
 KEY_ID = web.RequestKey("key_id", str)  # how logs name the key it came with
 SPAN = web.RequestKey("span", object)  # its server span (tracing on)
+SESSION_HEADER = "X-Session-Id"  # a sticky key for the traffic split, before the body's `user`
+VERSION_HEADER = "X-Model-Version"  # on every routed answer: the version that served it
+
+
+@dataclass
+class _Call:
+    """One routed inference request: where it went and how it is going."""
+
+    route: Route
+    started: float = field(default_factory=time.monotonic)
+    record: RequestMetrics | None = None
+    failed: bool = False  # a 5xx, or a failure sent inside a stream
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return self.route.deployment.spec.name, self.route.deployment.version
 
 
 class Server:
-    def __init__(self, engines: Sequence[AsyncEngine], cfg: ServerConfig) -> None:
-        """`engines`: the replicas of one model (`jaxserve.engine.async_engine.engine_replicas`), used
-        only through their interface. A request goes, whole, to the least loaded replica."""
+    def __init__(self, models: ModelRouter | Sequence[AsyncEngine], cfg: ServerConfig) -> None:
+        """`models`: a router over every model and version, or the replicas of one model
+        (`jaxserve.engine.async_engine.engine_replicas`). Engines are used only through their
+        interface; a request goes, whole, to the least loaded replica of the version it is routed to."""
         self.cfg = cfg
-        self.engines = list(engines)
-        model = self.engines[0].info  # the same in every replica
-        self.model_name = cfg.served_model_name or model.name
-        self.tokenizer = model.tokenizer
-        self.max_model_len = model.max_model_len
-        self.vocab_size = model.vocab_size
+        self.router = models if isinstance(models, ModelRouter) else ModelRouter.of_engines(
+            cfg.served_model_name or models[0].info.name, models, cfg.warmup)
         self.keys = load_keys(cfg.api_keys_file) if cfg.api_keys_file else KeyTable.unlimited(cfg.api_keys) if cfg.api_keys else None
         self.quotas = Quotas()
         self.usage = UsageLedger(cfg.cost_per_hour)
-        self.metrics = Metrics(self.engines, self.model_name, self.usage)
+        self.metrics = Metrics(self.router.deployments, self.usage, self.router.default)
+        self.router.on_loaded = self.metrics.attach  # each version's steps, from when its engines run
+        self.admin = AdminApi(self.router, cfg.admin_api_key) if cfg.admin_api_key else None
         self.tracing = Tracing(cfg.otlp_traces_endpoint) if cfg.otlp_traces_endpoint else None
         self.ready = False
         self.draining = False
         self.created = int(time.time())
         self.response_store = ResponseStore()  # conversations behind previous_response_id
-        self.load = [0] * len(self.engines)  # engine requests (one per prompt) accepted and not yet answered, per replica
 
     # ---- application ---------------------------------------------------------------------
 
@@ -91,6 +109,8 @@ class Server:
                 web.get("/v1/usage", self.usage_page),
             ]
         )
+        if self.admin is not None:  # without an admin key the admin routes do not exist
+            app.add_routes(self.admin.routes())
         app.on_response_prepare.append(self._rate_headers)
         return app
 
@@ -109,16 +129,19 @@ class Server:
         log.info("keys file reloaded", extra={"keys": len(self.keys.entries), "tenants": len(self.keys.tenants)})
 
     async def start(self) -> None:
-        """Start the engine, then compile every step shape (off the event loop) and become ready."""
-        for engine in self.engines:
-            engine.start()
-        if self.cfg.warmup:
-            loop = asyncio.get_running_loop()
-            await asyncio.gather(*(loop.run_in_executor(None, e.warmup) for e in self.engines))
+        """Start the engines loaded at start, compile every step shape (off the event loop) and become
+        ready; lazy models load later, on their first request."""
+        await self.router.start()
         self.ready = True
         self.metrics.ready.set(1)
         self.usage.start()
-        log.info("ready", extra={"model": self.model_name, "compiles": self.engines[0].stats().compiles})
+        first = next((d for d in self.router.deployments() if d.engines), None)
+        log.info("ready", extra={"models": list(self.router.models), "compiles": first.engines[0].stats().compiles if first else 0})
+
+    @property
+    def engines(self) -> list[AsyncEngine]:
+        """Every loaded engine, of every model and version."""
+        return self.router.engines()
 
     async def drain(self) -> None:
         """Refuse new requests, give those in flight up to drain_timeout, then stop the engine."""
@@ -132,14 +155,14 @@ class Server:
 
     async def shutdown(self) -> None:
         """Stop every engine; requests still running end with finish_reason "abort". Then export the spans still buffered."""
-        await asyncio.gather(*(e.shutdown() for e in self.engines))
+        await self.router.shutdown()
         if self.tracing is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 
     @property
     def in_flight(self) -> int:
-        """Engine requests (one per prompt) accepted and not yet answered, over all replicas."""
-        return sum(self.load)
+        """Engine requests (one per prompt) accepted and not yet answered, over all models and replicas."""
+        return sum(d.in_flight for d in self.router.deployments())
 
     @property
     def engine_error(self) -> BaseException | None:
@@ -210,7 +233,7 @@ class Server:
         keys = self.keys
         if keys is None:
             request[TENANT] = ANONYMOUS
-        elif request.path not in _OPEN_PATHS:
+        elif request.path not in _OPEN_PATHS and not request.path.startswith("/admin/"):  # admin routes check their own key
             header = request.headers.get("Authorization", "")
             found = keys.find(header[7:]) if header.startswith("Bearer ") else None
             if found is None:
@@ -225,7 +248,7 @@ class Server:
             response.headers.update(self.quotas.of(tenant).headers(self.quotas.clock()))
 
     def _error(self, e: ApiError) -> web.Response:
-        headers = {"Retry-After": str(max(1, math.ceil(e.retry_after or 1)))} if e.status == 429 else None
+        headers = {"Retry-After": str(max(1, math.ceil(e.retry_after or 1)))} if e.status == 429 or e.retry_after is not None else None
         return web.json_response(e.body(), status=e.status, headers=headers)
 
     # ---- inference -----------------------------------------------------------------------
@@ -245,24 +268,35 @@ class Server:
             raise ApiError(400, "the request body must be a JSON object")
         return {**dict(self.cfg.default_sampling), **{k: v for k, v in body.items() if v is not None}}
 
-    def _admit(self, body: dict, request: web.Request) -> None:
-        """Refusals that come before parsing: not ready, draining, unknown model or one the tenant may not
-        use, queue full."""
+    def _route(self, body: dict, request: web.Request) -> Route:
+        """Where the request goes, and the refusals that come before parsing: draining or warming up,
+        an unknown model or one the tenant may not use, a version still loading, queue full."""
         if self.draining:
             raise ApiError(503, "the server is shutting down", type="service_unavailable")
         if not self.ready:
             raise ApiError(503, "the model is still warming up; retry when /ready answers 200", type="service_unavailable")
-        if self.engine_error is not None:
-            raise ApiError(503, f"the engine stopped after an error: {self.engine_error}", type="service_unavailable")
-        self._admit_model(body)
-        tenant: Tenant = request[TENANT]
-        if not tenant.may_use(self.model_name):
-            raise ApiError(403, f"this API key may not use the model '{self.model_name}'", "model", "permission_error", "model_not_allowed")
+        route = self._target(body, request)
         waiting = self.in_flight - sum(e.stats().running for e in self.engines)
         if waiting >= self.cfg.max_waiting:
             raise ApiError(429, f"too many requests waiting ({waiting}); retry later", type="rate_limit_error")
+        return route
 
-    async def _check(self, req: Request, engine: AsyncEngine, trace: RequestTrace | None) -> CheckedRequest:
+    def _target(self, body: dict, request: web.Request) -> Route:
+        """The ready version the body's `model` names for this tenant (sticky on the session header or
+        `user`): 404 unknown, 403 not allowed, 503 while it loads."""
+        tenant: Tenant = request[TENANT]
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, "'model' must be a string", "model")
+        user = body.get("user")
+        key = request.headers.get(SESSION_HEADER) or (user if isinstance(user, str) and user else None)
+        route = self.router.route(model, key, tenant.may_use)
+        if not tenant.may_use(route.model):
+            raise ApiError(403, f"this API key may not use the model '{route.model}'", "model", "permission_error", "model_not_allowed")
+        self.router.ensure_ready(route.deployment)
+        return route
+
+    async def _check(self, req: Request, engine: AsyncEngine, trace: RequestTrace | None, call: _Call) -> CheckedRequest:
         """Every engine-level check (grammar, context length, token ids) of every prompt, once, before
         any starts; a 400 naming the request's own field for a bad one."""
         try:
@@ -272,30 +306,33 @@ class Server:
             param = {"guide": req.guide_param, "prompt": prompt}.get(e.param, e.param)
             raise ApiError(400, str(e), param, code=e.code) from None
         if checked.grammar_seconds is not None:
-            self.metrics.grammar_compile.labels(self.model_name).observe(checked.grammar_seconds)
+            self.metrics.grammar_compile.labels(*call.labels).observe(checked.grammar_seconds)
             if trace is not None:
                 trace.grammar_compile(checked.grammar_seconds)
         return checked
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        self._admit(body, request)
-        return await self._serve(request, parse_completion(body, self.tokenizer, self.model_name, self.max_model_len))
+        route = self._route(body, request)
+        info = route.deployment.info
+        return await self._serve(request, parse_completion(body, info.tokenizer, body.get("model") or route.model, info.max_model_len), route)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
-        self._admit(body, request)
-        return await self._serve(request, parse_chat(body, self.tokenizer, self.model_name, self.max_model_len))
+        route = self._route(body, request)
+        info = route.deployment.info
+        return await self._serve(request, parse_chat(body, info.tokenizer, body.get("model") or route.model, info.max_model_len), route)
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """The Responses API, computed as the chat request it amounts to."""
         body = await self._body(request)
-        self._admit(body, request)
+        route = self._route(body, request)
+        info = route.deployment.info
         chat, extra = chat_body(body, self.response_store)
-        req = parse_chat(chat, self.tokenizer, self.model_name, self.max_model_len)
-        return await self._serve(request, dataclasses.replace(req, responses=extra))
+        req = parse_chat(chat, info.tokenizer, body.get("model") or route.model, info.max_model_len)
+        return await self._serve(request, dataclasses.replace(req, responses=extra), route)
 
-    def _grant(self, request: web.Request, req: Request) -> tuple[TenantQuota, Admission]:
+    def _grant(self, request: web.Request, req: Request, route: Route) -> tuple[TenantQuota, Admission]:
         """The tenant's quota, taken for this request (429 when a limit says no, 400 when it never
         could say yes), and the request's admission."""
         tenant: Tenant = request[TENANT]
@@ -308,54 +345,65 @@ class Server:
             self.usage.record(tenant.name, rate_limited=1)
             raise ApiError(429, refusal.message, type="rate_limit_error", code="rate_limit_exceeded", retry_after=refusal.retry_after)
         quota.admit(req.prompt_tokens, now)
-        return quota, Admission(priority=with_priority(tenant, req.priority), tenant=tenant.name, weight=tenant.weight)
+        return quota, Admission(priority=with_priority(tenant, req.priority), tenant=tenant.name, weight=tenant.weight, adapter=route.adapter)
 
-    async def _serve(self, request: web.Request, req: Request) -> web.StreamResponse:
-        # Counted from here (no await since the admission check), so a burst cannot overshoot max_waiting.
-        quota, admission = self._grant(request, req)
+    async def _serve(self, request: web.Request, req: Request, route: Route) -> web.StreamResponse:
+        # Counted from here (no await since the routing), so a burst cannot overshoot max_waiting and
+        # an unloading version sees every request routed to it.
+        quota, admission = self._grant(request, req, route)
         span = request.get(SPAN)
         admission = dataclasses.replace(admission, timeline=span is not None and span.is_recording())
-        replica = min(range(len(self.engines)), key=self.load.__getitem__)
-        engine = self.engines[replica]
-        self.load[replica] += len(req.prompts)
+        deployment, call = route.deployment, _Call(route)
+        replica = deployment.replica()
+        engine = deployment.engines[replica]
+        deployment.load[replica] += len(req.prompts)
+        self.metrics.routed.labels(*call.labels).inc()
         trace = error = None
         try:
-            trace = self._request_trace(request, req, admission)
+            trace = self._request_trace(request, req, admission, route)
             try:
-                checked = await self._check(req, engine, trace)
+                checked = await self._check(req, engine, trace, call)
             except ApiError:  # the engine refused it: it costs its tenant nothing
                 quota.refund(req.prompt_tokens, self.quotas.clock())
                 raise
             self.usage.record(admission.tenant, requests=1, prompt_tokens=req.prompt_tokens)
             if req.params.guide is not None:
-                self.metrics.structured.labels(self.model_name, req.guide_param).inc()
+                self.metrics.structured.labels(*call.labels, req.guide_param).inc()
             log.info("request", extra={"request_id": req.request_id, "kind": req.kind, "prompts": len(req.prompts), "n": req.params.n,
                                        "stream": req.stream, "priority": admission.priority, "tenant": admission.tenant,
-                                       "key_id": request.get(KEY_ID)})
-            outputs = self._outputs(req, checked, engine, admission, quota, trace)
+                                       "key_id": request.get(KEY_ID), "model": deployment.spec.id})
+            outputs = self._outputs(req, checked, engine, admission, quota, trace, call)
             if req.stream:
-                return await self._stream(request, req, outputs)
-            return await self._whole(req, outputs)
+                return await self._stream(request, req, outputs, call)
+            return await self._whole(req, outputs, call)
+        except ApiError as e:
+            call.failed = call.failed or e.status >= 500
+            error = f"ApiError: {e}"
+            raise
         except BaseException as e:
+            call.failed = call.failed or not isinstance(e, asyncio.CancelledError)  # a hang-up is not the version's fault
             error = f"{type(e).__name__}: {e}"
             raise
         finally:
-            self.load[replica] -= len(req.prompts)
+            deployment.load[replica] -= len(req.prompts)
             quota.in_flight -= 1
+            if call.failed:
+                self.metrics.errors.labels(*call.labels).inc()
+            deployment.record(Outcome(time.monotonic(), time.monotonic() - call.started, call.record.ttft if call.record else None, call.failed))
             if trace is not None:
                 trace.end(error)
 
-    def _request_trace(self, request: web.Request, req: Request, admission: Admission) -> RequestTrace | None:
+    def _request_trace(self, request: web.Request, req: Request, admission: Admission, route: Route) -> RequestTrace | None:
         span = request.get(SPAN)
         if span is None:
             return None
         p = req.params
         response_id = req.responses.id if req.responses is not None else f"{'chatcmpl' if req.kind == 'chat' else 'cmpl'}-{req.request_id}"
-        return self.tracing.request(span, req.kind, self.model_name, admission.tenant, response_id, p.max_tokens, p.temperature, p.top_p,
+        return self.tracing.request(span, req.kind, route.model, admission.tenant, response_id, p.max_tokens, p.temperature, p.top_p,
                                     req.prompt_tokens)
 
-    async def _whole(self, req: Request, outputs: AsyncIterator[tuple[int, StepOutput]]) -> web.Response:
-        render = self._renderer(req)
+    async def _whole(self, req: Request, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call) -> web.Response:
+        render = self._renderer(req, call)
         try:
             async with asyncio.timeout(self.cfg.request_timeout), contextlib.aclosing(outputs):
                 async for i, out in outputs:
@@ -366,15 +414,15 @@ class Server:
             raise ApiError(500, f"the request failed: {e}", type="internal_server_error") from None
         except EngineDeadError as e:
             raise ApiError(503, str(e), type="service_unavailable") from None
-        return web.json_response(render.response())
+        return web.json_response(render.response(), headers={VERSION_HEADER: call.route.deployment.version})
 
     async def _outputs(self, req: Request, checked: CheckedRequest, engine: AsyncEngine, admission: Admission,
-                       quota: TenantQuota, trace: RequestTrace | None) -> AsyncIterator[tuple[int, StepOutput]]:
+                       quota: TenantQuota, trace: RequestTrace | None, call: _Call) -> AsyncIterator[tuple[int, StepOutput]]:
         """(prompt index, step output) of every prompt, as the engine merges them; records latency
         and token metrics, and spends the tenant's generated tokens as they come: when its bucket runs
         dry, every unfinished sample ends with `length` (after its last whole token). Leaving early
         aborts every prompt's request."""
-        record = RequestMetrics(self.metrics, req.prompts, req.params.n, req.params.max_tokens)
+        record = call.record = RequestMetrics(self.metrics, call.labels, req.prompts, req.params.n, req.params.max_tokens)
         unfinished = {(i, k) for i in range(len(req.prompts)) for k in range(req.params.n)}
         generated = 0  # delivered, recorded in the usage ledger once at the end
 
@@ -400,11 +448,12 @@ class Server:
         finally:
             self.usage.record(admission.tenant, generated_tokens=generated)
 
-    async def _stream(self, request: web.Request, req: Request, outputs: AsyncIterator[tuple[int, StepOutput]]) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, req: Request, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call) -> web.StreamResponse:
         """Server-sent events: the renderer's opening, its frames for each step output, then its
         closing (usage if asked, [DONE]; the Responses API's own events)."""
-        render = self._renderer(req)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        render = self._renderer(req, call)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               VERSION_HEADER: call.route.deployment.version})
         await response.prepare(request)
 
         async def send(frames: list[str]) -> None:
@@ -418,60 +467,68 @@ class Server:
                     await send(render.frames(i, out))
             await send(render.closing())
         except (TimeoutError, RequestFailedError, EngineDeadError) as e:
+            call.failed = True
             message = f"the request took longer than {self.cfg.request_timeout} s" if isinstance(e, TimeoutError) else str(e)
             await send(render.failure(message) + ([sse("[DONE]")] if req.responses is None else []))
         await response.write_eof()
         return response
 
-    def _renderer(self, req: Request) -> Renderer:
-        return ResponsesRenderer(req, self.tokenizer) if req.responses is not None else renderer(req, self.tokenizer)
+    def _renderer(self, req: Request, call: _Call) -> Renderer:
+        tokenizer = call.route.deployment.info.tokenizer
+        return ResponsesRenderer(req, tokenizer) if req.responses is not None else renderer(req, tokenizer)
 
     # ---- other endpoints -----------------------------------------------------------------
 
-    def _model_card(self) -> dict:
-        limits, info = self.engines[0].limits, self.engines[0].info
-        metadata = {"weights": info.weights, "kv_cache_dtype": limits.kv_cache_dtype, "kv_cache_tokens": limits.kv_cache_tokens,
-                    "kv_cache_scales": limits.kv_cache_scales}
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "jaxserve", "max_model_len": self.max_model_len,
-                "metadata": metadata}
+    def _cards(self, tenant: Tenant) -> list[dict]:
+        """vLLM's model cards: each model, each named version (NAME@VERSION) and each adapter, with
+        `root` (what it was loaded from) and `parent` (an adapter's base model); those the tenant may use."""
+        cards = []
+        for entry in self.router.listing():
+            if not tenant.may_use(entry.id.partition("@")[0]):
+                continue
+            d, metadata = entry.deployment, None
+            if d.state == READY:
+                limits, info = d.engines[0].limits, d.info
+                metadata = {"weights": info.weights, "kv_cache_dtype": limits.kv_cache_dtype, "kv_cache_tokens": limits.kv_cache_tokens,
+                            "kv_cache_scales": limits.kv_cache_scales}
+            cards.append({"id": entry.id, "object": "model", "created": self.created, "owned_by": "jaxserve", "root": entry.root,
+                          "parent": entry.parent, "version": d.version, "state": d.state,
+                          "max_model_len": d.info.max_model_len if d.state == READY else None, "metadata": metadata})
+        return cards
 
     async def models(self, request: web.Request) -> web.Response:
-        """The served model, unless the key's tenant may not use it."""
-        cards = [self._model_card()] if request[TENANT].may_use(self.model_name) else []
-        return web.json_response({"object": "list", "data": cards})
+        """Every model, version and adapter the key's tenant may use."""
+        return web.json_response({"object": "list", "data": self._cards(request[TENANT])})
 
     async def model(self, request: web.Request) -> web.Response:
-        if request.match_info["model"] != self.model_name or not request[TENANT].may_use(self.model_name):
+        card = next((c for c in self._cards(request[TENANT]) if c["id"] == request.match_info["model"]), None)
+        if card is None:
             raise ApiError(404, f"the model '{request.match_info['model']}' does not exist", "model", "not_found_error", "model_not_found")
-        return web.json_response(self._model_card())
+        return web.json_response(card)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        self._admit_model(body)
+        info = self._target(body, request).deployment.info
+        tokenizer = info.tokenizer
         if isinstance(body.get("prompt"), str):
-            ids = self.tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True) is not False)
+            ids = tokenizer.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True) is not False)
         elif "messages" in body:
-            ids = chat_prompt(body, self.tokenizer)[0]  # exactly what /v1/chat/completions renders
+            ids = chat_prompt(body, tokenizer)[0]  # exactly what /v1/chat/completions renders
         else:
             raise ApiError(400, "send 'prompt' (a string) or 'messages'", "prompt")
-        out = {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+        out = {"tokens": ids, "count": len(ids), "max_model_len": info.max_model_len}
         if body.get("return_token_strs") is True:
-            out["token_strs"] = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+            out["token_strs"] = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
         return web.json_response(out)
 
     async def detokenize(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        self._admit_model(body)
+        info = self._target(body, request).deployment.info
         ids = body.get("tokens")
-        vocab = self.vocab_size
+        vocab = info.vocab_size
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
             raise ApiError(400, f"'tokens' must be an array of token ids in [0, {vocab})", "tokens")
-        return web.json_response({"prompt": self.tokenizer.decode(ids, skip_special_tokens=False)})
-
-    def _admit_model(self, body: dict) -> None:
-        model = body.get("model")
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"the model '{model}' does not exist; this server serves '{self.model_name}'", "model", "not_found_error", "model_not_found")
+        return web.json_response({"prompt": info.tokenizer.decode(ids, skip_special_tokens=False)})
 
     async def health(self, request: web.Request) -> web.Response:
         if self.engine_error is not None:
@@ -479,9 +536,11 @@ class Server:
         return web.json_response({"status": "ok"})
 
     async def ready_probe(self, request: web.Request) -> web.Response:
+        """200 once every model loaded at start is warm (lazy ones load later), with each version's state."""
         ok = self.ready and not self.draining and self.engine_error is None
         status = "ready" if ok else ("draining" if self.draining else "warming up")
-        return web.json_response({"status": status}, status=200 if ok else 503)
+        models = {m.name: {v: d.state for v, d in m.versions.items()} for m in self.router.models.values()}
+        return web.json_response({"status": status, "models": models}, status=200 if ok else 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         self._need_admin(request, "reading metrics")  # they hold every tenant's usage
@@ -528,7 +587,7 @@ async def serve(server: Server) -> int:
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
-    log.info("listening", extra={"url": f"http://{cfg.host}:{cfg.port}", "model": server.model_name})
+    log.info("listening", extra={"url": f"http://{cfg.host}:{cfg.port}", "models": list(server.router.models)})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.engine.interface import EngineStats, StepReport
 from jaxserve.engine.outputs import StepOutput
 from jaxserve.engine.prefix_tier import PrefixTierCounters
+from jaxserve.server.deployment import Deployment
 from jaxserve.server.usage import UsageLedger
 
 _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -35,11 +35,15 @@ def _tier(stats: EngineStats) -> PrefixTierCounters:
     return stats.prefix_tier or PrefixTierCounters()
 
 
-class _EngineCollector(Collector):
-    """Engine state of every data-parallel replica, one sample each under an `engine` label."""
+_ENGINE_LABELS = ["model_name", "version", "engine"]
 
-    def __init__(self, engines: Sequence[AsyncEngine], model: str) -> None:
-        self.engines, self.model = engines, model
+
+class _EngineCollector(Collector):
+    """Engine state of every loaded model version's data-parallel replicas, one sample each under
+    `model_name`, `version` and `engine` labels."""
+
+    def __init__(self, deployments: Callable[[], Iterable[Deployment]]) -> None:
+        self.deployments = deployments
 
     def collect(self) -> Iterator:
         families: dict[str, tuple[str, str, Callable[[EngineStats], float]]] = {
@@ -67,57 +71,60 @@ class _EngineCollector(Collector):
                                             lambda s: _tier(s).fallbacks),
             "num_compiles": ("gauge", "Programs compiled since start (flat after warm-up).", lambda s: s.compiles),
         }
-        snapshots = [e.stats() for e in self.engines]
+        rows = [([d.spec.name, d.version, str(i)], e, e.stats()) for d in self.deployments() for i, e in enumerate(d.engines)]
         for name, (kind, doc, read) in families.items():
-            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(f"jaxserve:{name}", doc, labels=["model_name", "engine"])
-            for i, stats in enumerate(snapshots):
-                family.add_metric([self.model, str(i)], read(stats))
+            family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(f"jaxserve:{name}", doc, labels=_ENGINE_LABELS)
+            for labels, _, stats in rows:
+                family.add_metric(labels, read(stats))
             yield family
         hits = CounterMetricFamily("jaxserve:prefix_cache_hits", "Full blocks found in the prefix cache, by tier (device first, then host).",
-                                   labels=["model_name", "engine", "tier"])
-        for i, stats in enumerate(snapshots):
-            hits.add_metric([self.model, str(i), "device"], stats.prefix_cache_hits)
-            hits.add_metric([self.model, str(i), "host"], _tier(stats).hits)
+                                   labels=[*_ENGINE_LABELS, "tier"])
+        for labels, _, stats in rows:
+            hits.add_metric([*labels, "device"], stats.prefix_cache_hits)
+            hits.add_metric([*labels, "host"], _tier(stats).hits)
         yield hits
-        yield from self._speculation(snapshots)
+        yield from self._speculation([(labels, stats) for labels, _, stats in rows])
         info = GaugeMetricFamily("jaxserve:cache_config_info", "KV-cache configuration of each engine (value 1; the labels say it).", labels=[
-            "model_name", "engine", "block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"])
-        for i, engine in enumerate(self.engines):
-            lim = engine.limits
-            info.add_metric([self.model, str(i), str(lim.page_size), str(lim.kv_cache_tokens // lim.page_size), lim.kv_cache_dtype,
-                             str(lim.enable_prefix_caching)], 1.0)
-        yield info
+            *_ENGINE_LABELS, "block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"])
         quant = GaugeMetricFamily("jaxserve:quantization_info", "How each engine stores weights and KV cache (value 1; the labels say it).",
-                                  labels=["model_name", "engine", "weights", "kv_cache_dtype", "kv_cache_scales"])
-        for i, engine in enumerate(self.engines):
+                                  labels=[*_ENGINE_LABELS, "weights", "kv_cache_dtype", "kv_cache_scales"])
+        for labels, engine, _ in rows:
             lim = engine.limits
-            quant.add_metric([self.model, str(i), engine.info.weights, lim.kv_cache_dtype, lim.kv_cache_scales or "none"], 1.0)
+            info.add_metric([*labels, str(lim.page_size), str(lim.kv_cache_tokens // lim.page_size), lim.kv_cache_dtype,
+                             str(lim.enable_prefix_caching)], 1.0)
+            quant.add_metric([*labels, engine.info.weights, lim.kv_cache_dtype, lim.kv_cache_scales or "none"], 1.0)
+        yield info
         yield quant
+        state = GaugeMetricFamily("jaxserve:model_version_state", "Each model version's state (value 1; the labels say it).",
+                                  labels=["model_name", "version", "state"])
+        for d in self.deployments():
+            state.add_metric([d.spec.name, d.version, d.state], 1.0)
+        yield state
 
-    def _speculation(self, snapshots: Sequence[EngineStats]) -> Iterator:
+    def _speculation(self, rows: Sequence[tuple[list[str], EngineStats]]) -> Iterator:
         """vLLM's spec-decode counters, per engine that speculates: drafts, drafted and accepted
         tokens, accepted tokens at each draft position, and a histogram of accepted drafts per pass."""
-        engines = [(str(i), s.spec) for i, s in enumerate(snapshots) if s.spec is not None]
+        engines = [(labels, s.spec) for labels, s in rows if s.spec is not None]
         if not engines:
             return
-        labels = ["model_name", "engine"]
         for name, doc, read in (
             ("num_drafts", "Verify passes that carried drafts.", lambda c: c.num_drafts),
             ("num_draft_tokens", "Tokens drafted.", lambda c: c.num_draft_tokens),
             ("num_accepted_tokens", "Drafted tokens accepted (equal to the model's own).", lambda c: c.num_accepted_tokens),
         ):
-            family = CounterMetricFamily(f"jaxserve:spec_decode_{name}", doc, labels=labels)
-            for engine, c in engines:
-                family.add_metric([self.model, engine], read(c))
+            family = CounterMetricFamily(f"jaxserve:spec_decode_{name}", doc, labels=_ENGINE_LABELS)
+            for labels, c in engines:
+                family.add_metric(labels, read(c))
             yield family
-        per_pos = CounterMetricFamily("jaxserve:spec_decode_num_accepted_tokens_per_pos", "Drafts accepted at each draft position.", labels=[*labels, "position"])
-        lengths = HistogramMetricFamily("jaxserve:spec_decode_acceptance_length", "Drafts accepted per verify pass.", labels=labels)
-        for engine, c in engines:
+        per_pos = CounterMetricFamily("jaxserve:spec_decode_num_accepted_tokens_per_pos", "Drafts accepted at each draft position.",
+                                      labels=[*_ENGINE_LABELS, "position"])
+        lengths = HistogramMetricFamily("jaxserve:spec_decode_acceptance_length", "Drafts accepted per verify pass.", labels=_ENGINE_LABELS)
+        for labels, c in engines:
             for pos, n in enumerate(c.accepted_per_position):
-                per_pos.add_metric([self.model, engine, str(pos)], n)
+                per_pos.add_metric([*labels, str(pos)], n)
             cumulative = [sum(c.acceptance_lengths[: k + 1]) for k in range(len(c.acceptance_lengths))]
             buckets = [(str(k), cumulative[k]) for k in range(len(cumulative))] + [("+Inf", cumulative[-1])]
-            lengths.add_metric([self.model, engine], buckets, sum_value=c.num_accepted_tokens)
+            lengths.add_metric(labels, buckets, sum_value=c.num_accepted_tokens)
         yield per_pos
         yield lengths
 
@@ -154,13 +161,17 @@ class _TenantCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engines: Sequence[AsyncEngine], model: str, usage: UsageLedger) -> None:
+    def __init__(self, deployments: Callable[[], Iterable[Deployment]], usage: UsageLedger, tenant_model: str) -> None:
+        """`deployments`: every model version (read at scrape time); `tenant_model`: the `model_name`
+        label of the per-tenant families (the default model)."""
         self.registry = CollectorRegistry()
-        self.model = model
-        r, m = self.registry, ["model_name"]
+        r, m = self.registry, ["model_name", "version"]  # request figures per version, so a canary compares with production
         self.requests = Counter("jaxserve:request_success", "Finished requests by finish reason.", m + ["finished_reason"], registry=r)
         self.ready = Gauge("jaxserve:server_ready", "1 from the end of warm-up until draining starts, else 0.", registry=r)
         self.http = Counter("jaxserve:http_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r)
+        self.routed = Counter("jaxserve:routed_requests", "Inference requests routed to each model version.", m, registry=r)
+        self.errors = Counter("jaxserve:request_errors", "Routed requests that failed: a 5xx answer, or a failure sent inside a stream.",
+                              m, registry=r)
         self.ttft = Histogram("jaxserve:time_to_first_token_seconds", "Time to first token.", m, buckets=_LATENCY, registry=r)
         self.itl = Histogram("jaxserve:inter_token_latency_seconds", "Time between tokens of one stream.", m, buckets=_LATENCY, registry=r)
         self.e2e = Histogram("jaxserve:e2e_request_latency_seconds", "Request latency, arrival to last token.", m, buckets=_LATENCY, registry=r)
@@ -185,18 +196,22 @@ class Metrics:
         self.request_time = {
             k: Histogram(f"jaxserve:request_{k}_time_seconds", doc, m, buckets=_REQUEST_TIME, registry=r) for k, doc in seconds.items()
         }
-        r.register(_EngineCollector(engines, model))
-        r.register(_TenantCollector(usage, model))
-        for engine in engines:
-            engine.subscribe(self._on_step)
+        r.register(_EngineCollector(deployments))
+        r.register(_TenantCollector(usage, tenant_model))
 
-    def _on_step(self, step: StepReport) -> None:
+    def attach(self, deployment: Deployment) -> None:
+        """Observe the steps of a version's engines (once they are loaded)."""
+        labels = (deployment.spec.name, deployment.version)
+        for engine in deployment.engines:
+            engine.subscribe(lambda step: self._on_step(labels, step))
+
+    def _on_step(self, labels: tuple[str, str], step: StepReport) -> None:
         """Called on an engine thread after each step."""
-        self.batch_size.labels(self.model).observe(step.batch_size)
+        self.batch_size.labels(*labels).observe(step.batch_size)
         if step.num_tokens:
-            self.iteration_tokens.labels(self.model).observe(step.num_tokens)
+            self.iteration_tokens.labels(*labels).observe(step.num_tokens)
         if step.mask_seconds is not None:
-            self.grammar_mask.labels(self.model).observe(step.mask_seconds)
+            self.grammar_mask.labels(*labels).observe(step.mask_seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -215,38 +230,45 @@ class _Prompt:
 
 
 class RequestMetrics:
-    """Token, latency and outcome metrics of one HTTP request, fed its outputs in order."""
+    """Token, latency and outcome metrics of one HTTP request to one model version, fed its outputs in order."""
 
-    def __init__(self, metrics: Metrics, prompts: Sequence[Sequence[int]], n: int, max_tokens: int) -> None:
-        self.m, self.n, self.model = metrics, n, metrics.model
+    def __init__(self, metrics: Metrics, labels: tuple[str, str], prompts: Sequence[Sequence[int]], n: int, max_tokens: int) -> None:
+        """`labels`: the model's name and version."""
+        self.m, self.n, self.labels = metrics, n, labels
         now = time.perf_counter()
         self.prompts = [_Prompt(now) for _ in prompts]
-        metrics.prompt_tokens.labels(self.model).inc(sum(map(len, prompts)))
+        metrics.prompt_tokens.labels(*labels).inc(sum(map(len, prompts)))
         for prompt in prompts:
-            metrics.request_prompt_tokens.labels(self.model).observe(len(prompt))
-            metrics.request_params_n.labels(self.model).observe(n)
-            metrics.request_params_max_tokens.labels(self.model).observe(max_tokens)
+            metrics.request_prompt_tokens.labels(*labels).observe(len(prompt))
+            metrics.request_params_n.labels(*labels).observe(n)
+            metrics.request_params_max_tokens.labels(*labels).observe(max_tokens)
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from arrival to the first token of any prompt (None: no token yet)."""
+        first = [p.first_token for p in self.prompts if p.first_token is not None]
+        return min(first) - self.prompts[0].arrival if first else None
 
     def output(self, i: int, out: StepOutput) -> None:
-        m, name, p, now = self.m, self.model, self.prompts[i], time.perf_counter()
+        m, name, p, now = self.m, self.labels, self.prompts[i], time.perf_counter()
         if out.queue_seconds is not None and p.scheduled is None:
             p.scheduled = p.arrival + out.queue_seconds
-            m.request_time["queue"].labels(name).observe(out.queue_seconds)
+            m.request_time["queue"].labels(*name).observe(out.queue_seconds)
         generated = out.num_generated
         if generated:
-            m.generation_tokens.labels(name).inc(generated)
+            m.generation_tokens.labels(*name).inc(generated)
             p.tokens += generated
         if out.token_id is not None:
-            (m.ttft if p.last is None else m.itl).labels(name).observe(now - (p.last or p.arrival))
+            (m.ttft if p.last is None else m.itl).labels(*name).observe(now - (p.last or p.arrival))
             p.last = now
         if p.first_token is None and generated:
             p.first_token = now
-            m.request_time["prefill"].labels(name).observe(now - (p.scheduled or p.arrival))
+            m.request_time["prefill"].labels(*name).observe(now - (p.scheduled or p.arrival))
         if out.finish_reason:
-            m.requests.labels(name, out.finish_reason).inc()
-            m.e2e.labels(name).observe(now - p.arrival)
+            m.requests.labels(*name, out.finish_reason).inc()
+            m.e2e.labels(*name).observe(now - p.arrival)
             p.finished += 1
             if p.finished == self.n:  # the prompt's last sample
-                m.request_generation_tokens.labels(name).observe(p.tokens)
-                m.request_time["inference"].labels(name).observe(now - (p.scheduled or p.arrival))
-                m.request_time["decode"].labels(name).observe(now - (p.first_token or now))
+                m.request_generation_tokens.labels(*name).observe(p.tokens)
+                m.request_time["inference"].labels(*name).observe(now - (p.scheduled or p.arrival))
+                m.request_time["decode"].labels(*name).observe(now - (p.first_token or now))

@@ -1,0 +1,130 @@
+"""`jaxserve rollout`: move a model's traffic to a new version in stages through a server's admin API,
+and roll back when the canary does worse than production.
+
+At each stage the canary gets its share (`{production: 1 - s, canary: s}`), then after `interval`
+seconds its outcomes over that interval (the admin stats route) are compared with production's: an
+error rate more than `max_error_rate_increase` above production's, or a p99 latency more than
+`max_p99_ratio` times production's, stops the rollout and rolls back. With fewer than `min_requests`
+canary requests in a stage there is nothing to judge, and the stage passes (the report says so).
+After the last stage (100) passes, the canary is promoted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable
+
+from jaxserve.errors import UserError
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    model: str
+    to: str  # the canary version
+    stages: tuple[float, ...] = (10.0, 50.0, 100.0)  # the canary's percent of traffic at each stage, rising to 100
+    interval: float = 300.0  # seconds each stage runs before it is judged
+    max_error_rate_increase: float = 0.01  # canary error rate may exceed production's by this much (absolute)
+    max_p99_ratio: float = 1.5  # canary p99 latency may be this many times production's
+    min_requests: int = 20  # canary requests a stage needs before it is judged
+    latency: str = "e2e"  # which p99: "e2e" (arrival to last token) or "ttft"
+    load_timeout: float = 600.0  # seconds to wait for the canary to finish loading
+
+    def __post_init__(self) -> None:
+        if not self.stages or any(not 0 < s <= 100 for s in self.stages) or list(self.stages) != sorted(self.stages) or self.stages[-1] != 100:
+            raise UserError(f"--stages must rise within (0, 100] and end at 100, got {','.join(f'{s:g}' for s in self.stages)}")
+        if self.interval <= 0 or self.max_p99_ratio <= 0 or self.max_error_rate_increase < 0 or self.min_requests < 0:
+            raise UserError("--interval and --max-p99-ratio must be > 0, --max-error-rate-increase and --min-requests >= 0")
+        if self.latency not in ("e2e", "ttft"):
+            raise UserError(f"--latency must be e2e or ttft, got {self.latency!r}")
+
+
+class AdminClient:
+    """The admin API of one server, over HTTP."""
+
+    def __init__(self, url: str, key: str, timeout: float = 60.0) -> None:
+        self.url, self.key, self.timeout = url.rstrip("/"), key, timeout
+
+    def call(self, method: str, path: str, body: object = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = e.reason
+            raise UserError(f"{method} {path}: {e.code} {message}") from None
+        except OSError as e:
+            raise UserError(f"{method} {self.url}{path}: {e}") from None
+
+
+def judge(plan: RolloutPlan, production: dict, canary: dict) -> str | None:
+    """Why the canary fails against production's figures (None: it passes)."""
+    if canary["error_rate"] > production["error_rate"] + plan.max_error_rate_increase:
+        return (f"error rate {canary['error_rate']:.4f} exceeds production's {production['error_rate']:.4f} "
+                f"by more than {plan.max_error_rate_increase:g}")
+    key = f"{plan.latency}_p99"
+    if canary[key] is not None and production[key] is not None and canary[key] > production[key] * plan.max_p99_ratio:
+        return f"p99 {plan.latency} latency {canary[key]:.3f} s exceeds {plan.max_p99_ratio:g}x production's {production[key]:.3f} s"
+    return None
+
+
+def run_rollout(plan: RolloutPlan, admin: AdminClient, sleep: Callable[[float], None] = time.sleep,
+                say: Callable[[dict], None] = lambda event: None) -> dict:
+    """Drive the stages; the report (`outcome`: "promoted" or "rolled_back", and each stage's figures).
+    Interrupted (Ctrl-C, an error), it rolls back before re-raising."""
+    path = f"/admin/models/{plan.model}"
+    production = _wait_ready(plan, admin, sleep)
+    baseline: dict | None = None  # production's latest figures with traffic (the 100% stage has none)
+    stages = []
+    try:
+        for percent in plan.stages:
+            share = percent / 100
+            admin.call("PUT", f"{path}/traffic", {production: round(1 - share, 12), plan.to: share} if share < 1 else {plan.to: 1.0})
+            say({"stage": percent, "traffic": {production: 1 - share, plan.to: share}})
+            sleep(plan.interval)
+            figures = admin.call("GET", f"{path}/stats?window={plan.interval}")["versions"]
+            canary, prod = figures[plan.to], figures.get(production)
+            if prod is not None and prod["requests"]:
+                baseline = prod
+            reason = None
+            if canary["requests"] < plan.min_requests or baseline is None:
+                note = f"too few requests to judge ({canary['requests']} canary)"
+            else:
+                reason = judge(plan, baseline, canary)
+                note = reason or "passed"
+            stage = {"stage": percent, "canary": canary, "production": baseline, "verdict": note}
+            stages.append(stage)
+            say(stage)
+            if reason is not None:
+                admin.call("POST", f"{path}/rollback")
+                return {"model": plan.model, "to": plan.to, "production": production, "outcome": "rolled_back", "reason": reason, "stages": stages}
+        admin.call("POST", f"{path}/promote", {"version": plan.to})
+    except BaseException:
+        admin.call("POST", f"{path}/rollback")
+        raise
+    return {"model": plan.model, "to": plan.to, "previous": production, "outcome": "promoted", "stages": stages}
+
+
+def _wait_ready(plan: RolloutPlan, admin: AdminClient, sleep: Callable[[float], None]) -> str:
+    """Production's version, once the canary is loaded."""
+    deadline = time.monotonic() + plan.load_timeout
+    while True:
+        state = admin.call("GET", f"/admin/models/{plan.model}")
+        versions = {v["version"]: v for v in state["versions"]}
+        if plan.to not in versions:
+            raise UserError(f"model '{plan.model}' has no version '{plan.to}' (it has {', '.join(versions)}); load it first")
+        if plan.to == state["production"]:
+            raise UserError(f"'{plan.to}' is already production")
+        if versions[plan.to]["state"] == "ready":
+            return state["production"]
+        if versions[plan.to]["state"] != "loading" or time.monotonic() > deadline:
+            raise UserError(f"version '{plan.to}' is {versions[plan.to]['state']}: {versions[plan.to]['error'] or 'not ready'}")
+        sleep(1.0)
