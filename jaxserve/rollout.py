@@ -4,9 +4,10 @@ and roll back when the canary does worse than production.
 At each stage the canary gets its share (`{production: 1 - s, canary: s}`), then after `interval`
 seconds its outcomes over that interval (the admin stats route) are compared with production's: an
 error rate more than `max_error_rate_increase` above production's, or a p99 latency more than
-`max_p99_ratio` times production's, stops the rollout and rolls back. With fewer than `min_requests`
-canary requests in a stage there is nothing to judge, and the stage passes (the report says so).
-After the last stage (100) passes, the canary is promoted.
+`max_p99_ratio` times production's, stops the rollout and rolls back. At 100% production has no
+traffic, so the canary is judged against production's figures from the stage before. With fewer than
+`min_requests` canary requests in a stage there is nothing to judge, and the stage passes (the report
+says so). After the last stage (100) passes, the canary is promoted.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def run_rollout(plan: RolloutPlan, admin: AdminClient, sleep: Callable[[float], 
     Interrupted (Ctrl-C, an error), it rolls back before re-raising."""
     path = f"/admin/models/{plan.model}"
     production = _wait_ready(plan, admin, sleep)
-    baseline: dict | None = None  # production's latest figures with traffic (the 100% stage has none)
+    baseline: dict | None = None  # production's latest figures over enough requests (at 100% it has none: those of the stage before)
     stages = []
     try:
         for percent in plan.stages:
@@ -92,7 +93,7 @@ def run_rollout(plan: RolloutPlan, admin: AdminClient, sleep: Callable[[float], 
             sleep(plan.interval)
             figures = admin.call("GET", f"{path}/stats?window={plan.interval}")["versions"]
             canary, prod = figures[plan.to], figures.get(production)
-            if prod is not None and prod["requests"]:
+            if share < 1 and prod is not None and prod["requests"] >= max(plan.min_requests, 1):  # at 100% it serves only stragglers
                 baseline = prod
             reason = None
             if canary["requests"] < plan.min_requests or baseline is None:

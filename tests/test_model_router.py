@@ -235,15 +235,16 @@ def test_promote_rollback_and_unload_after_draining() -> None:
 class FakeAdmin:
     """The admin API as the rollout sees it: a canary whose figures at each stage are given."""
 
-    def __init__(self, canary_per_stage: list[dict]) -> None:
+    def __init__(self, canary_per_stage: list[dict], production_per_stage: list[dict] | None = None) -> None:
         self.calls: list[tuple[str, str, object]] = []
         self.figures = iter(canary_per_stage)
+        steady = {"requests": 200, "errors": 1, "error_rate": 0.005, "e2e_p99": 2.0, "ttft_p99": 0.5}
+        self.production = iter(production_per_stage or [steady] * len(canary_per_stage))
 
     def call(self, method: str, path: str, body: object = None) -> dict:
         self.calls.append((method, path.split("?")[0].removeprefix("/admin/models/chat"), body))
         if method == "GET" and path.startswith("/admin/models/chat/stats"):
-            production = {"requests": 200, "errors": 1, "error_rate": 0.005, "e2e_p99": 2.0, "ttft_p99": 0.5}
-            return {"versions": {"v1": production, "v2": next(self.figures)}}
+            return {"versions": {"v1": next(self.production), "v2": next(self.figures)}}
         if method == "GET":
             return {"production": "v1", "versions": [{"version": "v1", "state": "ready"}, {"version": "v2", "state": "ready", "error": None}]}
         return {}
@@ -272,5 +273,10 @@ def test_a_rollout_promotes_after_good_stages_and_rolls_back_at_a_regression() -
     assert "p99 e2e latency 3.500 s exceeds 1.5x" in judge(plan, {"error_rate": 0.005, "e2e_p99": 2.0}, slow)
     few = {**failing, "requests": 3}  # too few to judge: passes
     assert run_rollout(plan, FakeAdmin([few, GOOD, GOOD]), sleep=lambda s: None)["outcome"] == "promoted"
+    # At 100% production serves only a few stragglers: the canary is judged against the stage before.
+    steady = {"requests": 200, "errors": 1, "error_rate": 0.005, "e2e_p99": 2.0, "ttft_p99": 0.5}
+    stragglers = {"requests": 30, "errors": 0, "error_rate": 0.0, "e2e_p99": 0.5, "ttft_p99": 0.1}
+    report = run_rollout(plan, FakeAdmin([GOOD, GOOD, GOOD], [steady, steady, stragglers]), sleep=lambda s: None)
+    assert report["outcome"] == "promoted" and report["stages"][-1]["production"] == steady
     with pytest.raises(UserError, match="end at 100"):
         RolloutPlan("chat", "v2", (10, 50))
