@@ -206,6 +206,7 @@ def test_promote_rollback_and_unload_after_draining() -> None:
         assert (model.production, model.previous, model.split.as_dict()) == ("v2", "v1", {"v2": 1.0})
         only = _status(lambda: router.unload("chat", "v2"))
         assert only.status == 409 and only.code == "only_version_with_traffic"
+        assert _status(lambda: router.unload("chat", "v9")).status == 404
         assert router.rollback("chat") == "v1" and (model.production, model.previous) == ("v1", None)
         v2 = model.versions["v2"]
         engine = v2.engines[0]

@@ -143,6 +143,14 @@ def test_canary_split_rollout_promote_rollback_and_unload_under_its_own_streams(
     admin = versions.url + "/admin/models"
     assert _call(admin, key=None)[0] == 401 and _call(admin, key="sk-wrong")[0] == 401
     assert _call(f"{admin}/chat/versions", "POST", {"version": "v2", "model": str(versions.v2), "lazzy": 1})[0] == 400
+    # A version that cannot load fails alone; it takes no traffic and goes when asked.
+    assert _call(f"{admin}/chat/versions", "POST", {"version": "broken", "model": "/no/such/model"})[0] == 202
+    broken = lambda: next(v for v in _call(f"{admin}/chat")[2]["versions"] if v["version"] == "broken")  # noqa: E731
+    wait_for(lambda: broken()["state"] == "failed", "the broken version's load failed")
+    assert "not found" in broken()["error"] and _complete(versions, "chat")[0] == 200
+    assert _call(f"{admin}/chat/traffic", "PUT", {"v1": 0.5, "broken": 0.5})[0] == 409
+    assert _call(f"{admin}/chat/versions/broken", "DELETE")[0] == 202 and _call(f"{admin}/chat/versions/nope", "DELETE")[0] == 404
+    wait_for(lambda: [v["version"] for v in _call(f"{admin}/chat")[2]["versions"]] == ["v1"], "the broken version removed")
     status, _, state = _call(f"{admin}/chat/versions", "POST", {"version": "v2", "model": str(versions.v2), "max_num_seqs": 8})
     assert status == 202 and [v["version"] for v in state["versions"]] == ["v1", "v2"] and state["traffic"] == {"v1": 1.0}
     assert _call(f"{admin}/chat/versions", "POST", {"version": "v2", "model": str(versions.v2)})[0] == 409

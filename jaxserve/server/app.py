@@ -300,7 +300,7 @@ class Server:
         """Every engine-level check (grammar, context length, token ids) of every prompt, once, before
         any starts; a 400 naming the request's own field for a bad one."""
         try:
-            checked = await engine.check(req.prompts, req.params)
+            checked = await engine.check(req.prompts, req.params, call.route.adapter)
         except UserError as e:
             prompt = "prompt" if req.kind == "completion" else "input" if req.responses is not None else "messages"
             param = {"guide": req.guide_param, "prompt": prompt}.get(e.param, e.param)

@@ -297,9 +297,9 @@ class ModelRouter:
             split = TrafficSplit.parse(body, list(model.versions))
         except UserError as e:
             raise ApiError(400, str(e), e.param) from None
-        closed = [v for v, _ in split.shares if model.versions[v].state == DRAINING]
+        closed = [v for v, _ in split.shares if model.versions[v].state in (DRAINING, FAILED) and not model.versions[v].spec.lazy]
         if closed:
-            raise ApiError(409, f"version '{closed[0]}' of '{name}' is being unloaded", "version")
+            raise ApiError(409, f"version '{closed[0]}' of '{name}' is {model.versions[closed[0]].state}", "version")
         model.split = split
         log.info("traffic split", extra={"model": name, "traffic": split.as_dict()})
 
@@ -330,7 +330,9 @@ class ModelRouter:
         """Take `version` out of the split (the others scaled up) and unload it once its requests have
         finished. 409 for the only version receiving traffic, or one still loading."""
         model = self.model(name)
-        d = model.version(version)
+        if version not in model.versions:
+            raise ApiError(404, f"model '{name}' has no version '{version}'", "version", "not_found_error")
+        d = model.versions[version]
         if d.state == DRAINING:
             return
         split = model.split
