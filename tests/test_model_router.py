@@ -5,6 +5,7 @@ specs, the `serve` flags that name models, and the rollout driver's decisions.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -281,3 +282,31 @@ def test_a_rollout_promotes_after_good_stages_and_rolls_back_at_a_regression() -
     assert report["outcome"] == "promoted" and report["stages"][-1]["production"] == steady
     with pytest.raises(UserError, match="end at 100"):
         RolloutPlan("chat", "v2", (10, 50))
+
+
+# ---- per-model engine settings ---------------------------------------------------------------------------
+
+
+def test_each_model_gets_its_own_settings_devices_and_replicas(tmp_path) -> None:
+    """A model's own settings override the `serve` flags; `devices` places its replicas (the tests have
+    eight CPU devices)."""
+    import jax
+
+    from jaxserve.server.engine_factory import EngineFactory
+    from tests.tiny_models import TINY_ENGINE, tiny_config, tiny_params, write_hf_folder
+
+    cfg = tiny_config()
+    write_hf_folder(tmp_path / "tiny", cfg, tiny_params(cfg))
+    factory = EngineFactory(TINY_ENGINE, unroll_layers=False)
+    spec = ModelSpec("t", str(tmp_path / "tiny"), tensor_parallel_size=2, data_parallel_size=2, devices=(4, 5, 6, 7), max_num_seqs=4,
+                     num_pages=32, kv_cache_dtype="bfloat16")
+    engines = factory.build(spec)
+    assert [e.limits.max_num_seqs for e in engines] == [4, 4] and {e.limits.kv_cache_dtype for e in engines} == {"bfloat16"}
+    assert [e.limits.kv_cache_tokens for e in engines] == [31 * TINY_ENGINE.page_size] * 2
+    devices = jax.devices()
+    assert [list(e._engine.runner.mesh.devices.flat) for e in engines] == [devices[4:6], devices[6:8]]
+    plain = factory.build(ModelSpec("t", str(tmp_path / "tiny")))
+    assert len(plain) == 1 and plain[0].limits.max_num_seqs == TINY_ENGINE.max_num_seqs
+    for bad, message in [(dataclasses.replace(spec, devices=(4, 5)), "needs 4"), (dataclasses.replace(spec, devices=(5, 6, 7, 8)), "device 8 does not exist")]:
+        with pytest.raises(UserError, match=message):
+            factory.build(bad)
