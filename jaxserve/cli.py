@@ -197,8 +197,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     ro.add_argument("--stages", default="10,50,100", help="the new version's percent of traffic at each stage (default: 10,50,100)")
     ro.add_argument("--interval", type=float, default=300.0, help="seconds per stage before it is judged (default: 300)")
     ro.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: http://127.0.0.1:8000)")
-    ro.add_argument("--admin-key", default=os.environ.get("JAXSERVE_ADMIN_API_KEY"), help="the server's admin key (default: env JAXSERVE_ADMIN_API_KEY)")
-    ro.add_argument("--max-error-rate-increase", type=float, default=0.01, help="error rate above production's that stops it (absolute; default 0.01)")
+    ro.add_argument("--admin-key", default=os.environ.get("JAXSERVE_ADMIN_API_KEY"),
+                    help="the server's admin key (default: env JAXSERVE_ADMIN_API_KEY)")
+    ro.add_argument("--max-error-rate-increase", type=float, default=0.01,
+                    help="error rate above production's that stops it (absolute; default 0.01)")
     ro.add_argument("--max-p99-ratio", type=float, default=1.5, help="p99 latency over production's that stops it (default 1.5x)")
     ro.add_argument("--latency", default="e2e", choices=("e2e", "ttft"), help="which p99 latency is compared (default: e2e)")
     ro.add_argument("--min-requests", type=int, default=20, help="new-version requests a stage needs to be judged (default 20; fewer: it passes)")
@@ -478,7 +480,8 @@ def _model_specs(args: argparse.Namespace) -> list:
     entries = args.models or []
     if not isinstance(entries, list):
         raise UserError(f"config file {args.config}: 'models' must be a list of models, each a mapping with 'name' and 'model'")
-    specs = [ModelSpec.from_flag(v) for v in flags] + [ModelSpec.from_mapping(e, f"config file {args.config}, models[{i}]") for i, e in enumerate(entries)]
+    specs = [ModelSpec.from_flag(v) for v in flags]
+    specs += [ModelSpec.from_mapping(e, f"config file {args.config}, models[{i}]") for i, e in enumerate(entries)]
     if sum(not s.name for s in specs) > 1:
         raise UserError("name every model but one: --model NAME=SOURCE")
     return specs or [ModelSpec("", DEFAULT_MODEL)]

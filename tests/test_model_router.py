@@ -65,7 +65,8 @@ def test_model_specs_from_flags_and_mappings() -> None:
     spec = ModelSpec.from_mapping({"name": "chat", "model": "m", "version": "v2", "lazy": True, "devices": [2, 3], "tensor_parallel_size": 2}, "x")
     assert (spec.id, spec.lazy, spec.devices, spec.tensor_parallel_size) == ("chat@v2", True, (2, 3), 2)
     for data, message in [({"name": "chat"}, "'model' is required"), ({"name": "a/b", "model": "m"}, "'name' must be"),
-                          ({"name": "c", "model": "m", "lazzy": True}, "unknown field 'lazzy'"), ({"name": "c", "model": "m", "lazy": "yes"}, "'lazy' must be"),
+                          ({"name": "c", "model": "m", "lazzy": True}, "unknown field 'lazzy'"),
+                          ({"name": "c", "model": "m", "lazy": "yes"}, "'lazy' must be"),
                           ({"name": "c", "model": "m", "devices": [0, 0]}, "distinct device indices"), ("chat", "a mapping")]:
         with pytest.raises(UserError, match=message):
             ModelSpec.from_mapping(data, "models[0]")
@@ -183,6 +184,9 @@ def test_unknown_models_pinned_versions_and_adapters() -> None:
         router.add_adapter("x", "nope", "x")
     router.remove_adapter("base-sql")
     assert _status(lambda: router.route("base-sql", None)).status == 404
+    router.add_adapter("pinned-sql", "base@v1", "sql")
+    router.models["base"].versions["v1"].state = DRAINING  # its base version going away: no longer listed or routed
+    assert "pinned-sql" not in [x.id for x in router.listing()] and _status(lambda: router.route("pinned-sql", None)).status == 404
 
 
 def test_promote_rollback_and_unload_after_draining() -> None:
@@ -307,6 +311,6 @@ def test_each_model_gets_its_own_settings_devices_and_replicas(tmp_path) -> None
     assert [list(e._engine.runner.mesh.devices.flat) for e in engines] == [devices[4:6], devices[6:8]]
     plain = factory.build(ModelSpec("t", str(tmp_path / "tiny")))
     assert len(plain) == 1 and plain[0].limits.max_num_seqs == TINY_ENGINE.max_num_seqs
-    for bad, message in [(dataclasses.replace(spec, devices=(4, 5)), "needs 4"), (dataclasses.replace(spec, devices=(5, 6, 7, 8)), "device 8 does not exist")]:
+    for devices, message in [((4, 5), "needs 4"), ((5, 6, 7, 8), "device 8 does not exist")]:
         with pytest.raises(UserError, match=message):
-            factory.build(bad)
+            factory.build(dataclasses.replace(spec, devices=devices))

@@ -31,8 +31,8 @@ TINY_SETTINGS = {"max_num_seqs": 8, "num_pages": 64}  # the tiny model's own eng
 
 def _call(url: str, method: str = "GET", body: object = None, key: str | None = ADMIN, headers: dict | None = None) -> tuple[int, dict, dict]:
     """(status, headers, JSON body) of one request."""
-    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method,
-                                     headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=DEADLINE) as r:
             return r.status, dict(r.headers), json.loads(r.read())

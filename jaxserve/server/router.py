@@ -135,11 +135,19 @@ class ModelRouter:
             production = model.versions[model.production]
             out.append(Listing(model.name, production, production.spec.source, None))
             out += [Listing(f"{model.name}@{v}", d, d.spec.source, None) for v, d in model.versions.items() if v != DEFAULT_VERSION]
-        out += [Listing(served_id, self._base(a.base), a.source or a.name, a.base) for served_id, a in self.adapters.items()]
+        out += [Listing(served_id, self._base(a.base), a.source or a.name, a.base) for served_id, a in self.adapters.items() if self._serves(a.base)]
         return out
 
+    def _serves(self, served: str) -> bool:
+        try:
+            self._target(served)
+        except UserError:
+            return False
+        return True
+
     def add_adapter(self, served_id: str, base: str, adapter: str, source: str | None = None) -> None:
-        """Serve `adapter` (its loaded name in the base's engines) as `served_id` on `base` (NAME or NAME@VERSION)."""
+        """Serve `adapter` (its loaded name in the base's engines) as `served_id` on `base`: NAME follows
+        the model's split (the adapter must be loaded in each version's engines), NAME@VERSION pins one."""
         if served_id in self.models or served_id in self.adapters:
             raise UserError(f"'{served_id}' is already served")
         self._target(base)
