@@ -189,6 +189,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                      help="model versions holding engines at once: a lazy one loading beyond it evicts the least recently used idle lazy one")
     srv.add_argument("--admin-api-key", default=None,
                      help="key of the admin API (/admin/...: load versions, traffic splits, promote, roll back, unload; default: no admin API)")
+    srv.add_argument("--lora-modules", action="extend", nargs="+", default=[], metavar="NAME=PATH",
+                     help="LoRA adapters (PEFT folders) served as models of their own, on the default model: NAME=PATH, or vLLM's JSON "
+                     '{"name": ..., "path": ..., "base_model_name": ...}; naming any turns LoRA on')
+    srv.add_argument("--enable-lora", action="store_true",
+                     help="give the engines LoRA adapter slots, for adapters loaded at runtime (POST /v1/load_lora_adapter, with the admin key)")
+    srv.add_argument("--max-loras", type=int, default=None,
+                     help="adapters one step can mix (device slots; default 4 with LoRA on); more may be loaded, and take turns")
+    srv.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank the slots hold (default 16)")
     srv.set_defaults(func=_cmd_serve, warmup=True, models=None)  # models: the YAML `models:` list (jaxserve.server.model_spec)
 
     ro = sub.add_parser("rollout", help="move a model's traffic to a new version in stages through a server's admin API, rolling back on regressions")
@@ -394,6 +402,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     setup_json_logging()
     specs = _model_specs(args)  # before anything loads: a bad spec fails at once
+    from jaxserve.server.adapters import LoraModule
+
+    lora_modules = [LoraModule.from_flag(v) for v in args.lora_modules]
+    lora = bool(lora_modules) or args.enable_lora or args.max_loras is not None
     if args.num_processes > 1 and (len(specs) > 1 or specs[0].lazy):
         raise UserError("a multi-process group serves one model: give one --model (several models need one process, or a group each)")
     secret = read_secret(args.cluster_secret_file, args.process_id) if args.num_processes > 1 else None
@@ -420,6 +432,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         default_sampling=tuple((k, getattr(args, k)) for k in SAMPLING_OPTIONS if hasattr(args, k)),
         admin_api_key=args.admin_api_key,
+        enable_lora=lora,
     )
     if server_config.api_keys_file:  # a bad keys file or a missing tracing SDK fails before the model loads
         from jaxserve.server.tenants import load_keys
@@ -447,9 +460,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host_prefix_cache=args.host_prefix_cache,
         prefix_cache_dir=args.prefix_cache_dir,
         scheduling_policy=args.scheduling_policy,
+        max_loras=(4 if args.max_loras is None else args.max_loras) if lora else 0,
+        max_lora_rank=args.max_lora_rank,
     )
+    if lora and not engine_config.max_loras:
+        raise UserError("--max-loras must be >= 1 with LoRA on")
     if dist.num_processes == 1:
-        return _serve_models(args, specs, engine_config, server_config)
+        return _serve_models(args, specs, engine_config, server_config, lora_modules)
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size))
     check_mesh(mesh, dist)
     model = load_model(specs[0].source, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size, args.quantization_group_size)
@@ -487,9 +504,9 @@ def _model_specs(args: argparse.Namespace) -> list:
     return specs or [ModelSpec("", DEFAULT_MODEL)]
 
 
-def _serve_models(args: argparse.Namespace, specs: list, engine_config, server_config) -> int:
+def _serve_models(args: argparse.Namespace, specs: list, engine_config, server_config, lora_modules: list) -> int:
     """Serve every model in one process: those not lazy load now (a bad one fails before the server
-    listens), lazy ones on their first request."""
+    listens, as does a bad LoRA adapter), lazy ones on their first request."""
     import asyncio
 
     from jaxserve.server.app import Server, serve
@@ -507,7 +524,10 @@ def _serve_models(args: argparse.Namespace, specs: list, engine_config, server_c
         if not spec.name:
             spec = dataclasses.replace(spec, name=server_config.served_model_name or engines[0].info.name)
         router.add(spec, engines)
-    return asyncio.run(serve(Server(router, server_config)))
+    server = Server(router, server_config)
+    for module in lora_modules:
+        server.adapters.add(module, server.adapters.read(module))
+    return asyncio.run(serve(server))
 
 
 def _cmd_rollout(args: argparse.Namespace) -> int:

@@ -378,6 +378,7 @@ class ServerConfig:
     warmup: bool = True  # compile every step shape before /ready says yes
     default_sampling: tuple[tuple[str, Any], ...] = ()  # (field, value) used when a request leaves the field out
     admin_api_key: str | None = dataclasses.field(default=None, repr=False)  # the admin API's own key (None: no admin routes)
+    enable_lora: bool = False  # whether the engines have LoRA adapter slots (adapters may be loaded)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

@@ -5,13 +5,15 @@ Streams `/v1/completions` requests of ~`--prompt-tokens` random words and `--out
 clients, each sending its next request when the last finishes) or open-loop (`--rate` requests/s,
 Poisson arrivals). Per level: time to first token and inter-token latency (p50/p99), output
 tokens/s over the level's wall time, and errors. Given several endpoints (two servers that differ
-in one setting), the closed-loop levels run against each in turn, `--rounds` times, so a noisy
-machine slows both alike, and the report divides each endpoint's figures by the first's.
+in one setting), or several `--mix` model sets on one server (the base model against LoRA adapters
+mixed request by request), the closed-loop levels run against each in turn, `--rounds` times, so a
+noisy machine slows all alike, and the report divides each one's figures by the first's.
 
     jaxserve serve --max-num-seqs 32 &
     python scripts/bench_serving.py --base-url http://127.0.0.1:8000/v1 --concurrency 1 4 16 32
     python scripts/bench_serving.py --base-url http://127.0.0.1:8000/v1 --rate 2 --num-requests 64
     python scripts/bench_serving.py --base-url http://127.0.0.1:8000/v1 http://127.0.0.1:8001/v1 --rounds 3   # off against on
+    python scripts/bench_serving.py --concurrency 16 --mix base --mix a0,a1,a2,a3 --rounds 2   # adapters against the base
 """
 
 from __future__ import annotations
@@ -101,13 +103,15 @@ def summarise(results: list[Result], wall: float) -> dict:
     }
 
 
-async def closed_loop(session, url, model, prompts: list[str], output_tokens: int, concurrency: int) -> tuple[list[Result], float]:
-    queue = list(prompts)
+async def closed_loop(session, url, models: list[str], prompts: list[str], output_tokens: int, concurrency: int) -> tuple[list[Result], float]:
+    """Request i names models[i % len(models)]."""
+    queue = list(enumerate(prompts))
     results: list[Result] = []
 
     async def client() -> None:
         while queue:
-            results.append(await one_request(session, url, model, queue.pop(), output_tokens))
+            i, prompt = queue.pop()
+            results.append(await one_request(session, url, models[i % len(models)], prompt, output_tokens))
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -140,16 +144,22 @@ async def model_name(session: aiohttp.ClientSession, url: str, model: str | None
 async def main_async(args: argparse.Namespace) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = aiohttp.ClientTimeout(total=args.timeout)
-    urls = args.base_url
     async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-        models = {url: await model_name(session, url, args.model) for url in urls}
+        # What is compared: each endpoint with its model, or each model mix on the first endpoint.
+        if args.mix:
+            targets = {f"{args.base_url[0]} [{mix}]": (args.base_url[0], mix.split(",")) for mix in args.mix}
+        else:
+            targets = {url: (url, [await model_name(session, url, args.model)]) for url in args.base_url}
+        urls = list(targets)
+        models = {key: models for key, (_, models) in targets.items()}
+        endpoint = {key: url for key, (url, _) in targets.items()}
         warm = make_prompts(4, args.prompt_tokens, seed=99)
         for url in urls:
-            await closed_loop(session, url, models[url], warm, args.output_tokens, 4)  # first-request effects
-        report: dict = {"base_url": urls[0], "model": models[urls[0]], "prompt_words": args.prompt_tokens, "output_tokens": args.output_tokens, "levels": {}}
+            await closed_loop(session, endpoint[url], models[url], warm, args.output_tokens, 4)  # first-request effects
+        report: dict = {"base_url": urls[0], "model": ",".join(models[urls[0]]), "prompt_words": args.prompt_tokens, "output_tokens": args.output_tokens, "levels": {}}
         if args.rate:
             prompts = make_prompts(args.num_requests or 64, args.prompt_tokens, seed=0)
-            results, wall = await open_loop(session, urls[0], models[urls[0]], prompts, args.output_tokens, args.rate, seed=1)
+            results, wall = await open_loop(session, endpoint[urls[0]], models[urls[0]][0], prompts, args.output_tokens, args.rate, seed=1)
             report["levels"][f"rate_{args.rate}"] = summarise(results, wall)
             print(json.dumps({f"rate {args.rate}/s": report["levels"][f"rate_{args.rate}"]}), flush=True)
             return report
@@ -159,7 +169,7 @@ async def main_async(args: argparse.Namespace) -> dict:
             runs: dict[str, tuple[list[Result], float]] = {url: ([], 0.0) for url in urls}
             for r in range(args.rounds):  # the endpoints take turns, in reversed order every other round
                 for url in urls if r % 2 == 0 else urls[::-1]:
-                    results, wall = await closed_loop(session, url, models[url], prompts, args.output_tokens, c)
+                    results, wall = await closed_loop(session, endpoint[url], models[url], prompts, args.output_tokens, c)
                     runs[url] = (runs[url][0] + results, runs[url][1] + wall)
             for url in urls:
                 per_url[url][f"concurrency_{c}"] = summarise(*runs[url])
@@ -192,6 +202,9 @@ def main() -> None:
                         help="endpoint(s); with several (say, speculation off and on), each level runs against each in turn and the report gives the others' figures against the first's")
     parser.add_argument("--rounds", type=int, default=1, help="turns per endpoint and level (the order alternates): more rounds even out a noisy machine")
     parser.add_argument("--model", default=None, help="default: the first model the server lists")
+    parser.add_argument("--mix", action="append", default=[],
+                        help="comma-separated model ids (LoRA adapters, say) that requests cycle through, on the first endpoint; "
+                        "repeat to compare mixes against the first")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--rate", type=float, default=None, help="Poisson arrivals at this many requests/s instead of closed loop")

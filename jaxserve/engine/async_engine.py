@@ -107,6 +107,11 @@ class AsyncEngine:
         """The LoRA adapters requests may name, each with where it was read from."""
         return {name: a.source for name, a in list(self._engine.adapters.items())}
 
+    def read_adapter(self, name: str, path: str) -> LoraAdapter:
+        """A PEFT adapter folder read for this engine's model (blocking file reads: run it in a worker
+        thread); UserError naming what is wrong with it."""
+        return self._engine.read_adapter(name, path)
+
     def load_adapter(self, adapter: LoraAdapter) -> None:
         """Let requests name `adapter` (UserError if it does not fit, or its name is taken); nothing
         recompiles: its values go into a device slot when a step first needs them."""

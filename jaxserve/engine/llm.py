@@ -10,7 +10,6 @@ from tqdm import tqdm
 from jaxserve.checkpoint.loader import LoadedModel, load_draft, load_model
 from jaxserve.checkpoint.registry import DEFAULT_MODEL
 from jaxserve.config import EngineConfig
-from jaxserve.checkpoint.peft import read_peft
 from jaxserve.engine.interface import Admission
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.outputs import RequestOutput, StepOutput
@@ -33,7 +32,7 @@ class LLM:
     def load_adapter(self, name: str, path: str) -> None:
         """Load a PEFT LoRA adapter folder under `name`, for `generate(..., adapter=name)` (the engine
         config needs `max_loras` >= 1)."""
-        self.engine.load_adapter(read_peft(path, name, self.model.cfg.num_layers))
+        self.engine.load_adapter(self.engine.read_adapter(name, path))
 
     def warmup(self, progress: bool = True) -> None:
         """Compile every step shape now (`LLMEngine.warmup`)."""

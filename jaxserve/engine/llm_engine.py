@@ -32,6 +32,7 @@ from jaxserve.engine.swapper import Swapper, swap_min_tokens
 from jaxserve.errors import UserError
 from jaxserve.models.draft_heads import DraftHeads
 from jaxserve.models.llama import ForwardBatch, Params
+from jaxserve.checkpoint.peft import read_peft
 from jaxserve.models.lora import LoraAdapter, check_adapter
 from jaxserve.ops.quant import weight_format
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays
@@ -212,6 +213,10 @@ class LLMEngine:
         except ValueError as e:
             raise UserError(str(e), param="lora_path") from None
         self.adapters[adapter.name] = adapter
+
+    def read_adapter(self, name: str, path: str) -> LoraAdapter:
+        """A PEFT adapter folder read for this model (UserError naming what is wrong with it)."""
+        return read_peft(path, name, self.model_config.num_layers)
 
     def unload_adapter(self, name: str) -> None:
         """Stop accepting requests for an adapter; requests already queued or running finish with it."""

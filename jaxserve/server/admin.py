@@ -41,17 +41,18 @@ class AdminApi:
 
     def routes(self) -> list[web.RouteDef]:
         return [
-            web.get("/admin/models", self._guarded(self.list_models)),
-            web.get("/admin/models/{name}", self._guarded(self.show)),
-            web.post("/admin/models/{name}/versions", self._guarded(self.load)),
-            web.delete("/admin/models/{name}/versions/{version}", self._guarded(self.unload)),
-            web.put("/admin/models/{name}/traffic", self._guarded(self.traffic)),
-            web.post("/admin/models/{name}/promote", self._guarded(self.promote)),
-            web.post("/admin/models/{name}/rollback", self._guarded(self.rollback)),
-            web.get("/admin/models/{name}/stats", self._guarded(self.stats)),
+            web.get("/admin/models", self.guarded(self.list_models)),
+            web.get("/admin/models/{name}", self.guarded(self.show)),
+            web.post("/admin/models/{name}/versions", self.guarded(self.load)),
+            web.delete("/admin/models/{name}/versions/{version}", self.guarded(self.unload)),
+            web.put("/admin/models/{name}/traffic", self.guarded(self.traffic)),
+            web.post("/admin/models/{name}/promote", self.guarded(self.promote)),
+            web.post("/admin/models/{name}/rollback", self.guarded(self.rollback)),
+            web.get("/admin/models/{name}/stats", self.guarded(self.stats)),
         ]
 
-    def _guarded(self, handler: Handler) -> Handler:
+    def guarded(self, handler: Handler) -> Handler:
+        """`handler` behind the admin key (401 without it)."""
         async def guarded(request: web.Request) -> web.Response:
             header = request.headers.get("Authorization", "")
             presented = hashlib.sha256(header[7:].encode() if header.startswith("Bearer ") else b"").digest()

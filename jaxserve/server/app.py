@@ -30,6 +30,8 @@ from jaxserve.engine.outputs import StepOutput
 from jaxserve.errors import UserError
 from jaxserve.logs import TRACE_ID
 from jaxserve.parallel.distributed import PeerLostError
+from jaxserve.server.adapters import ROUTES as LORA_ROUTES
+from jaxserve.server.adapters import AdapterRegistry
 from jaxserve.server.admin import AdminApi
 from jaxserve.server.deployment import READY, Outcome
 from jaxserve.server.metrics import Metrics, RequestMetrics
@@ -82,6 +84,7 @@ class Server:
         self.metrics = Metrics(self.router.deployments, self.usage, self.router.default)
         self.router.on_loaded = self.metrics.attach  # each version's steps, from when its engines run
         self.admin = AdminApi(self.router, cfg.admin_api_key) if cfg.admin_api_key else None
+        self.adapters = AdapterRegistry(self.router, cfg.enable_lora)
         self.tracing = Tracing(cfg.otlp_traces_endpoint) if cfg.otlp_traces_endpoint else None
         self.ready = False
         self.draining = False
@@ -110,7 +113,7 @@ class Server:
             ]
         )
         if self.admin is not None:  # without an admin key the admin routes do not exist
-            app.add_routes(self.admin.routes())
+            app.add_routes(self.admin.routes() + self.adapters.routes(self.admin.guarded))
         app.on_response_prepare.append(self._rate_headers)
         return app
 
@@ -233,7 +236,7 @@ class Server:
         keys = self.keys
         if keys is None:
             request[TENANT] = ANONYMOUS
-        elif request.path not in _OPEN_PATHS and not request.path.startswith("/admin/"):  # admin routes check their own key
+        elif request.path not in _OPEN_PATHS and not request.path.startswith("/admin/") and request.path not in LORA_ROUTES:  # admin routes check their own key
             header = request.headers.get("Authorization", "")
             found = keys.find(header[7:]) if header.startswith("Bearer ") else None
             if found is None:
