@@ -221,3 +221,17 @@ def test_the_adapter_teaches_a_skill_the_base_model_lacks(tiny, trained) -> None
         served = [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in llm.generate(prompts, sp, use_tqdm=False, adapter="skill")]
         assert sum(s == (expected[:-1], "stop") for s in served) >= 0.8 * len(prompts), served  # token_ids leave out the EOS
         assert not any(list(o.outputs[0].token_ids)[: len(expected)] == expected for o in llm.generate(prompts, sp, use_tqdm=False))
+
+
+def test_gradient_accumulation_equals_one_larger_batch(tiny, trained) -> None:
+    """Two micro-batches of 4 per step give the weights of one batch of 8 (the loss is the token mean over both)."""
+    model, _, folder = tiny
+    data, _, _ = trained
+    small = folder / "small.jsonl"
+    small.write_text("".join(data.read_text().splitlines(keepends=True)[:16]))
+    one = dataclasses.replace(TRAIN, epochs=1, held_out=0.0, dropout=0.0, batch_size=8, grad_accum=1)
+    runs = [finetune(model, small, folder / f"accum{k}", dataclasses.replace(one, batch_size=8 // k, grad_accum=k)) for k in (1, 2)]
+    assert runs[0].report["optimizer_steps"] == runs[1].report["optimizer_steps"] == 2
+    for name, (a, b) in runs[0].weights.items():
+        np.testing.assert_allclose(runs[1].weights[name][0], a, atol=2e-6)
+        np.testing.assert_allclose(runs[1].weights[name][1], b, atol=2e-6)

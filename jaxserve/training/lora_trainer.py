@@ -135,7 +135,7 @@ def finetune(model: LoadedModel, data: Path, out: Path, cfg: FinetuneConfig, bas
     micro_per_epoch = -(-len(train) // rows)
     steps_per_epoch = -(-micro_per_epoch // cfg.grad_accum)
     total = steps_per_epoch * cfg.epochs
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+    warmup = min(cfg.warmup_steps or int(cfg.warmup_ratio * total), total)  # more warm-up than steps: warm-up only
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total + 1, end_value=0.0)
     clip = [optax.clip_by_global_norm(cfg.max_grad_norm)] if cfg.max_grad_norm > 0 else []
     # lr(n + 1): the first update already moves (warm-up from lr / (warmup + 1)), the last does not stop at 0
