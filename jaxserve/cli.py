@@ -262,6 +262,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     ft.add_argument("--out", required=True, help="folder to save the adapter in")
     ft.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on GPU/TPU)")
     ft.add_argument("--base-model-name", default=None, help="base_model_name_or_path in adapter_config.json (default: MODEL)")
+    ft.add_argument("--config", default=None, help="YAML file of option defaults, e.g. rank: 16 (command-line flags take precedence)")
     ft_defaults = FinetuneConfig()
     for f in dataclasses.fields(FinetuneConfig):
         default = getattr(ft_defaults, f.name)
@@ -680,7 +681,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from jaxserve.training.lora_trainer import finetune
 
     names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if isinstance(values["target_modules"], (str, list)):  # from a --config YAML: "q_proj,v_proj" or a list
+        modules = values["target_modules"].split(",") if isinstance(values["target_modules"], str) else values["target_modules"]
+        values["target_modules"] = tuple(str(m).strip() for m in modules if str(m).strip())
+    cfg = FinetuneConfig(**values)
     if not Path(args.data).is_file():
         raise UserError(f"--data {args.data}: no such file")
     model = load_model(args.model, args.dtype, unroll_layers=False)  # stacked layers under scan: the step compiles fast
