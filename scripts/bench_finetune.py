@@ -9,8 +9,7 @@ The skill: read one sentence about a person and answer with exactly {"name": ...
 2. runs `jaxserve finetune` on the training chats (a subprocess: load, train, save; its wall time
    is the figure that must stay under 10 minutes);
 3. answers every held-out sentence greedily with the base model and with the adapter (one offline
-   `LLM` with a LoRA slot; or, where the engine has none, the adapter merged into the weights), and
-   scores exact answers (the string is the expected JSON) and parsed answers (the first {...} in
+   `LLM` with a LoRA slot), and scores exact answers (the string is the expected JSON) and parsed answers (the first {...} in
    the text parses to the expected object, whatever the formatting);
 4. prints and saves the figures as JSON.
 
@@ -159,20 +158,10 @@ def main() -> None:
     prompts = [model.tokenizer.encode_chat(chat(s, None)) for s, _ in held]
     sp = SamplingParams(max_tokens=40, temperature=0.0)
     engine = EngineConfig(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=160, num_pages=256)
-    if hasattr(LLM, "load_adapter"):  # one engine, the adapter in a LoRA slot
-        how = "LoRA slot"
-        llm = LLM(model, dataclasses.replace(engine, max_loras=1, max_lora_rank=args.rank))
-        llm.load_adapter("skill", str(adapter))
-        base_out = [o.outputs[0].text for o in llm.generate(prompts, sp)]
-        tuned_out = [o.outputs[0].text for o in llm.generate(prompts, sp, adapter="skill")]
-    else:  # no LoRA in the engine: the adapter merged into the weights
-        from jaxserve.checkpoint.peft import read_peft
-        from jaxserve.training.lora_trainer import merged_params
-
-        how = "merged weights"
-        base_out = [o.outputs[0].text for o in LLM(model, engine).generate(prompts, sp)]
-        merged = dataclasses.replace(model, params=merged_params(model.params, read_peft(adapter, "skill", model.cfg.num_layers)))
-        tuned_out = [o.outputs[0].text for o in LLM(merged, engine).generate(prompts, sp)]
+    llm = LLM(model, dataclasses.replace(engine, max_loras=1, max_lora_rank=args.rank))  # one engine, the adapter in a LoRA slot
+    llm.load_adapter("skill", str(adapter))
+    base_out = [o.outputs[0].text for o in llm.generate(prompts, sp)]
+    tuned_out = [o.outputs[0].text for o in llm.generate(prompts, sp, adapter="skill")]
     eval_seconds = time.perf_counter() - t0
 
     base, tuned = score(base_out, held), score(tuned_out, held)
@@ -186,7 +175,7 @@ def main() -> None:
         "finetune_seconds": round(finetune_seconds, 1), "under_10_minutes": finetune_seconds < 600,
         "finetune_cpu_seconds": round(finetune_cpu, 1),  # user + system over all its threads: what the work costs whatever else runs
         "training": {k: training[k] for k in ("optimizer_steps", "trainable_params", "held_out_loss_before", "epochs", "final_train_loss", "seconds", "examples")},
-        "evaluation": {"with": how, "seconds": round(eval_seconds, 1), "max_tokens": sp.max_tokens},
+        "evaluation": {"with": "LLM.generate(..., adapter=)", "seconds": round(eval_seconds, 1), "max_tokens": sp.max_tokens},
         "held_out_accuracy": {"base": {k: base[k] for k in ("exact", "parsed", "exact_unseen_templates")},
                               "adapter": {k: tuned[k] for k in ("exact", "parsed", "exact_unseen_templates")}},
         "samples": {"base": base["samples"], "adapter": tuned["samples"]},

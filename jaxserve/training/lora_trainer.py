@@ -36,7 +36,7 @@ from jaxserve.checkpoint.peft import save_peft
 from jaxserve.config import FinetuneConfig, ModelConfig
 from jaxserve.errors import UserError
 from jaxserve.models.llama import ForwardBatch, Params, compute_logits, forward
-from jaxserve.models.lora import PEFT_NAMES, TARGETS, LoraAdapter, target_dims
+from jaxserve.models.lora import PEFT_NAMES, TARGETS, target_dims
 from jaxserve.training.chat_data import Example, read_examples
 
 REPORT_FILE = "training_report.json"
@@ -225,12 +225,3 @@ def finetune(model: LoadedModel, data: Path, out: Path, cfg: FinetuneConfig, bas
     (Path(out) / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     return Finetuned(report, weights)
 
-
-def merged_params(params: Params, adapter: LoraAdapter) -> Params:
-    """Stacked float params with an adapter folded into its target weights (W + A @ B, B scaled as
-    `read_peft` gives it): the fine-tuned model as a plain one, for engines without LoRA slots."""
-    layers = dict(params["layers"])
-    for name, (a, b) in adapter.weights.items():
-        w = layers[name]
-        layers[name] = (w.astype(jnp.float32) + jnp.einsum("lir,lro->lio", jnp.asarray(a), jnp.asarray(b))).astype(w.dtype)
-    return {**params, "layers": layers}
