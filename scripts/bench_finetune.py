@@ -8,9 +8,10 @@ The skill: read one sentence about a person and answer with exactly {"name": ...
    first names, surnames and cities), a third of them in 3 templates never trained on;
 2. runs `jaxserve finetune` on the training chats (a subprocess: load, train, save; its wall time
    is the figure that must stay under 10 minutes);
-3. answers every held-out sentence greedily with the base model and with the adapter (one offline
-   `LLM` with a LoRA slot), and scores exact answers (the string is the expected JSON) and parsed answers (the first {...} in
-   the text parses to the expected object, whatever the formatting);
+3. serves the base model and the adapter from one `jaxserve serve --lora-modules skill=ADAPTER` on
+   127.0.0.1, has the `openai` client ask every held-out sentence greedily of each (`model` = the
+   base model's id, then "skill"), and scores exact answers (the string is the expected JSON) and
+   parsed answers (the first {...} in the text parses to the expected object, whatever the formatting);
 4. prints and saves the figures as JSON.
 
     python scripts/bench_finetune.py                      # SmolLM2, defaults tuned for a 2-core CPU
@@ -20,12 +21,13 @@ The skill: read one sentence about a person and answer with exactly {"name": ...
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import asyncio
 import json
 import os
 import random
 import re
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,12 +38,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import save_report  # noqa: E402
 
-from jaxserve.checkpoint.loader import load_model  # noqa: E402
+import openai  # noqa: E402
+
 from jaxserve.checkpoint.registry import DEFAULT_MODEL, cache_dir  # noqa: E402
-from jaxserve.config import EngineConfig  # noqa: E402
-from jaxserve.engine.llm import LLM  # noqa: E402
 from jaxserve.engine.runner import enable_compilation_cache  # noqa: E402
-from jaxserve.sampling_params import SamplingParams  # noqa: E402
 
 SYSTEM = "Extract the person's name, city and age as JSON."
 FIRST = ["Anna", "Ben", "Clara", "David", "Elena", "Felix", "Grace", "Hugo", "Iris", "Jonas", "Karen", "Leo", "Maria", "Nils", "Olga",
@@ -118,6 +118,44 @@ def score(outputs: list[str], held: list[tuple[str, dict[str, Any]]]) -> dict[st
             "misses": [{"sentence": s, "output": o} for o, (s, _), ok in zip(outputs, held, exact) if not ok][:5]}
 
 
+MAX_TOKENS = 40
+
+
+async def served_answers(model: str, adapter: Path, rank: int, held: list[tuple[str, dict[str, Any]]], log: Path) -> tuple[list[str], list[str]]:
+    """Greedy answers to the held-out sentences from a real server: the base model's, then the adapter's."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "jaxserve", "serve", "--model", model, "--port", str(port), "--lora-modules", f"skill={adapter}",
+               "--max-lora-rank", str(rank), "--max-num-seqs", "16", "--max-num-batched-tokens", "256", "--num-pages", "256",
+               "--max-model-len", "160", "--no-unroll-layers", "--no-warmup"]
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                base = (await client.models.list()).data[0].id
+                break
+            except openai.APIConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}") from None
+                await asyncio.sleep(0.5)
+
+        async def ask(name: str, sentence: str) -> str:
+            r = await client.chat.completions.create(model=name, messages=chat(sentence, None), max_tokens=MAX_TOKENS, temperature=0)
+            return r.choices[0].message.content
+
+        return tuple([await asyncio.gather(*(ask(name, s) for s, _ in held)) for name in (base, "skill")])
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -154,14 +192,7 @@ def main() -> None:
     training = json.loads((adapter / "training_report.json").read_text())
 
     t0 = time.perf_counter()
-    model = load_model(args.model, unroll_layers=False)
-    prompts = [model.tokenizer.encode_chat(chat(s, None)) for s, _ in held]
-    sp = SamplingParams(max_tokens=40, temperature=0.0)
-    engine = EngineConfig(max_num_seqs=16, max_num_batched_tokens=256, max_model_len=160, num_pages=256)
-    llm = LLM(model, dataclasses.replace(engine, max_loras=1, max_lora_rank=args.rank))  # one engine, the adapter in a LoRA slot
-    llm.load_adapter("skill", str(adapter))
-    base_out = [o.outputs[0].text for o in llm.generate(prompts, sp)]
-    tuned_out = [o.outputs[0].text for o in llm.generate(prompts, sp, adapter="skill")]
+    base_out, tuned_out = asyncio.run(served_answers(args.model, adapter, args.rank, held, work / "server.log"))
     eval_seconds = time.perf_counter() - t0
 
     base, tuned = score(base_out, held), score(tuned_out, held)
@@ -175,7 +206,8 @@ def main() -> None:
         "finetune_seconds": round(finetune_seconds, 1), "under_10_minutes": finetune_seconds < 600,
         "finetune_cpu_seconds": round(finetune_cpu, 1),  # user + system over all its threads: what the work costs whatever else runs
         "training": {k: training[k] for k in ("optimizer_steps", "trainable_params", "held_out_loss_before", "epochs", "final_train_loss", "seconds", "examples")},
-        "evaluation": {"with": "LLM.generate(..., adapter=)", "seconds": round(eval_seconds, 1), "max_tokens": sp.max_tokens},
+        "evaluation": {"with": "jaxserve serve --lora-modules skill=ADAPTER and the openai client's chat completions", "seconds": round(eval_seconds, 1),
+                       "max_tokens": MAX_TOKENS},
         "held_out_accuracy": {"base": {k: base[k] for k in ("exact", "parsed", "exact_unseen_templates")},
                               "adapter": {k: tuned[k] for k in ("exact", "parsed", "exact_unseen_templates")}},
         "samples": {"base": base["samples"], "adapter": tuned["samples"]},
