@@ -186,3 +186,53 @@ def test_adapters_split_with_tensor_parallelism(tiny, llm, tp: int) -> None:
     for got, want in zip(split.generate(prompts, sp, use_tqdm=False, adapter=names), llm.generate(prompts, sp, use_tqdm=False, adapter=names)):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         np.testing.assert_allclose(got.outputs[0].logprobs, want.outputs[0].logprobs, atol=1e-4)
+
+
+def test_a_request_for_another_adapter_gets_a_slot_without_preempting_or_starving() -> None:
+    """One slot held by adapter A's requests: a more urgent request for adapter C preempts nothing (it
+    could not use a slot A still holds), later A requests wait behind it, and it runs as soon as A's
+    running requests finish."""
+    from jaxserve.cache.block_manager import BlockManager
+    from jaxserve.engine.scheduler import Scheduler
+    from jaxserve.engine.sequence import Sequence, Status
+    from jaxserve.models.lora import LoraAdapter
+
+    a, c = LoraAdapter("A", 1, {}), LoraAdapter("C", 1, {})
+    scheduler = Scheduler(EngineConfig(max_num_seqs=2, num_pages=32, max_loras=1), BlockManager(32))
+    sp = SamplingParams(max_tokens=100)
+    running = [Sequence(f"a{i}", [1, 2, 3], sp, i, priority=1, adapter=a) for i in range(2)]
+    for seq in running:
+        scheduler.add(seq)
+    scheduler.schedule()
+    urgent = Sequence("c", [1, 2, 3], sp, 2, priority=0, adapter=c)
+    later = Sequence("a-later", [1, 2, 3], sp, 3, priority=1, adapter=a)
+    scheduler.add(urgent)
+    scheduler.add(later)
+    for _ in range(5):
+        scheduled = {chunk.seq.request_id for chunk in scheduler.schedule()}
+        assert scheduled == {"a0", "a1"} and scheduler.num_preemptions == 0
+    scheduler.finish(running[0], "stop")
+    assert {chunk.seq.request_id for chunk in scheduler.schedule()} == {"a1"}  # a-later waits behind c
+    scheduler.finish(running[1], "stop")
+    assert {chunk.seq.request_id for chunk in scheduler.schedule()} == {"c"}
+    assert urgent.status is Status.RUNNING and later.status is Status.WAITING
+
+
+def test_a_request_keeps_its_adapter_when_it_is_unloaded_before_it_starts(tiny, warm) -> None:
+    """The adapter is resolved once, when the request is checked: unloading it before the engine
+    queues the request changes nothing about its output."""
+    from jaxserve.engine.interface import Admission
+
+    _, _, adapters = tiny
+    warm.load_adapter("keep", str(adapters[1]))
+    prompt, sp = _prompts(1, seed=7)[0], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = warm.generate([prompt], sp, use_tqdm=False, adapter="keep")[0].outputs[0].token_ids
+    adapter = warm.engine.adapter("keep")
+    warm.engine.unload_adapter("keep")
+    warm.engine.enqueue("late", prompt, sp, Admission(adapter="keep"), adapter)
+    tokens = []
+    while warm.engine.has_unfinished():
+        tokens += [out.token_id for out in warm.engine.step() if out.token_id is not None]
+    assert tokens == expected
+    with pytest.raises(UserError, match="no LoRA adapter 'keep'"):
+        warm.engine.adapter("keep")

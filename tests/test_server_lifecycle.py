@@ -154,7 +154,7 @@ def test_every_check_runs_once_per_prompt(smollm2, monkeypatch) -> None:
     from jaxserve.engine.llm_engine import LLMEngine
 
     checked, original = [], LLMEngine.check_request
-    monkeypatch.setattr(LLMEngine, "check_request", lambda self, prompt_ids, params, *adapter: (checked.append(list(prompt_ids)), original(self, prompt_ids, params, *adapter))[1])
+    monkeypatch.setattr(LLMEngine, "check_request", lambda self, prompt_ids, params: (checked.append(list(prompt_ids)), original(self, prompt_ids, params))[1])
     with InProcessServer(smollm2, SERVER_ENGINE) as live:
         status, body = post(live.url + "/v1/completions", {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 2, "n": 2})
         assert status == 200 and len(json.loads(body)["choices"]) == 4

@@ -125,12 +125,13 @@ class AsyncEngine:
         """Every check of a request, once, before any of its prompts starts; UserError (with its
         `param`) for a bad one. A new grammar compiles in a worker thread: neither the event loop nor
         the engine step waits for it. `adapter`: the LoRA adapter it names, which must be loaded."""
+        lora = self._engine.adapter(adapter)
         seconds = None
         if params.guide is not None:
             seconds = await asyncio.get_running_loop().run_in_executor(None, self._engine.compile_guide, params)
         for prompt in prompts:
-            self._engine.check_request(list(prompt), params, adapter)
-        return CheckedRequest(tuple(tuple(p) for p in prompts), params, seconds)
+            self._engine.check_request(list(prompt), params)
+        return CheckedRequest(tuple(tuple(p) for p in prompts), params, seconds, lora)
 
     async def generate(self, request_id: str, request: CheckedRequest, admission: Admission = Admission()) -> AsyncIterator[tuple[int, StepOutput]]:
         """(prompt index, output) of every sample of every prompt as steps produce them, merged, until
@@ -146,7 +147,7 @@ class AsyncEngine:
 
         async def run(i: int, prompt: tuple[int, ...]) -> None:
             try:
-                async for out in self._one(request_id, list(prompt), request.params, admission):
+                async for out in self._one(request_id, list(prompt), request, admission):
                     await merged.put((i, out))
                 await merged.put((i, None))
             except BaseException as e:
@@ -170,13 +171,13 @@ class AsyncEngine:
             await asyncio.gather(*tasks, return_exceptions=True)
             self._active.discard(request_id)
 
-    async def _one(self, request_id: str, prompt_ids: list[int], params: SamplingParams, admission: Admission) -> AsyncIterator[StepOutput]:
+    async def _one(self, request_id: str, prompt_ids: list[int], request: CheckedRequest, admission: Admission) -> AsyncIterator[StepOutput]:
         """One prompt's outputs (its n samples), under an engine id of its own."""
         engine_id = f"{request_id}#{next(self._ids)}"
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[engine_id] = stream
-        self._send(("add", engine_id, prompt_ids, params, admission))
-        unfinished = set(range(params.n))
+        self._send(("add", engine_id, prompt_ids, request.params, admission, request.adapter))
+        unfinished = set(range(request.params.n))
         try:
             while unfinished:
                 out = await stream.get()
@@ -228,9 +229,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _, engine_id, prompt_ids, params, admission = command
+                _, engine_id, prompt_ids, params, admission, adapter = command
                 try:
-                    self._engine.enqueue(engine_id, prompt_ids, params, admission)
+                    self._engine.enqueue(engine_id, prompt_ids, params, admission, adapter)
                 except UserError as e:
                     self._post(engine_id, e)
             else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from jaxserve.engine.speculation import SpecCounters
 from jaxserve.engine.prefix_tier import PrefixTierCounters
 from jaxserve.engine.swapper import SwapCounters
+from jaxserve.models.lora import LoraAdapter
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.tokenizer import Tokenizer
 
@@ -86,3 +87,4 @@ class CheckedRequest:
     prompts: tuple[tuple[int, ...], ...]  # token ids of each prompt; each is one engine request
     params: SamplingParams
     grammar_seconds: float | None  # compiling its grammar now (None: no grammar, or already compiled)
+    adapter: LoraAdapter | None = None  # the LoRA adapter it runs with, resolved once: unloading it later does not touch this request

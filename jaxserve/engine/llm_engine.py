@@ -37,6 +37,7 @@ from jaxserve.models.lora import LoraAdapter, check_adapter
 from jaxserve.ops.quant import weight_format
 from jaxserve.ops.sampling import LogitAdjust, SamplingArrays
 from jaxserve.parallel.channel import Link
+from jaxserve.parallel.mesh import MODEL
 from jaxserve.parallel.distributed import StepChannel, follow
 from jaxserve.sampling_params import MAX_BEAMS, SamplingParams
 from jaxserve.structured.matchers import GrammarCompiler
@@ -132,12 +133,19 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None) -> None:
+    def adapter(self, name: str | None) -> LoraAdapter | None:
+        """The loaded adapter a request names (None for none); UserError for one not loaded."""
+        if name is None:
+            return None
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            raise UserError(f"no LoRA adapter '{name}' is loaded", param="model", code="model_not_found")
+        return adapter
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise UserError naming what is wrong with a request (its `param`: the field at fault);
         touches no state. A new grammar is compiled (and cached) here."""
         vocab = self.model_config.vocab_size
-        if adapter is not None and adapter not in self.adapters:
-            raise UserError(f"no LoRA adapter '{adapter}' is loaded", param="model", code="model_not_found")
         if not prompt_ids:
             raise UserError("the prompt is empty", param="prompt")
         for name, ids in (("prompt", prompt_ids), ("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
@@ -171,17 +179,17 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, admission: Admission = Admission()) -> None:
         """Check a request, then queue it (its n samples): nothing bad can touch a batch."""
+        adapter = self.adapter(admission.adapter)
         self.compile_guide(params)
-        self.check_request(prompt_ids, params, admission.adapter)
-        self.enqueue(request_id, prompt_ids, params, admission)
+        self.check_request(prompt_ids, params)
+        self.enqueue(request_id, prompt_ids, params, admission, adapter)
 
-    def enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams, admission: Admission = Admission()) -> None:
-        """Queue a request that passed `check_request` (and `compile_guide`)."""
+    def enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams, admission: Admission = Admission(),
+                adapter: LoraAdapter | None = None) -> None:
+        """Queue a request that passed `check_request` (and `compile_guide`), with the adapter its
+        admission named (`adapter`)."""
         if request_id in self.seqs:
             raise UserError(f"request id {request_id!r} is already in use")
-        if admission.adapter is not None and admission.adapter not in self.adapters:  # unloaded since it was checked
-            raise UserError(f"no LoRA adapter '{admission.adapter}' is loaded", param="model", code="model_not_found")
-        adapter = self.adapters.get(admission.adapter) if admission.adapter is not None else None
         arrival = next(self._arrivals)
         samples: list[Sequence] = []
         for index in range(1 if params.use_beam_search else params.n):  # beams fork from one sequence
@@ -208,8 +216,9 @@ class LLMEngine:
             raise UserError("LoRA is off for this engine (max_loras is 0)")
         if adapter.name in self.adapters:
             raise UserError(f"a LoRA adapter named '{adapter.name}' is already loaded; unload it first", param="lora_name")
+        tp = self.runner.mesh.shape[MODEL]
         try:
-            check_adapter(adapter, self.model_config, c.max_lora_rank)
+            check_adapter(adapter, self.model_config, c.max_lora_rank, kv_copied=tp > 1 and self.model_config.num_kv_heads == tp)
         except ValueError as e:
             raise UserError(str(e), param="lora_path") from None
         self.adapters[adapter.name] = adapter

@@ -24,7 +24,8 @@ Waiting and running sequences are served in the order of the scheduling policy
   accepted request finishes.
 Each step's chunks are charged to their tenants (decodes as one token; speculative drafts are not).
 With LoRA, the running sequences use at most `max_loras` distinct adapters (the device's slots): a
-waiting request whose adapter would need another is passed over until a slot's last user finishes.
+waiting request whose adapter would need another waits until a slot's last user finishes, and nothing
+after it in the policy order is admitted meanwhile, so the slots drain for it rather than starve it.
 
 When pages run out mid-step, the running sequence at the back of the policy order is preempted: its
 pages are released and it is recomputed later from its tokens, so its output is the same as if it
@@ -200,8 +201,9 @@ class Scheduler:
         if self.policy == "fair":  # usage moved since the latest step: so do the orders
             self.share.sync({s.tenant for s in self.waiting} | {s.tenant for s in self.running})
             self.waiting.sort(key=self.key)
-        if self.waiting and not self.waiting[0].waits_for_leader():
-            self._make_room_for(self.waiting[0])
+        head = self.waiting[0] if self.waiting else None
+        if head is not None and not head.waits_for_leader() and not self._needs_slot(head, self._adapters()):
+            self._make_room_for(head)  # preempting frees no adapter slot: a request that needs one waits for it
         self.running.sort(key=self.key)
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or budget == 0:
@@ -215,12 +217,14 @@ class Scheduler:
             prefills += chunk.rows > 0
             rows_left -= chunk.rows
             budget -= chunk.length
-        adapters = {s.adapter for s in self.running} - {None}
+        adapters = self._adapters()
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) == self.cfg.max_num_seqs or prefills == self.cfg.max_prefill_seqs:
                 break
-            if seq.waits_for_leader() or (seq.adapter is not None and seq.adapter not in adapters and len(adapters) == self.cfg.max_loras):
-                continue  # its adapter needs a slot the running sequences' adapters all hold
+            if self._needs_slot(seq, adapters):
+                break  # nothing after it starts, so the slots' users drain and it gets one (no starvation)
+            if seq.waits_for_leader():
+                continue
             if seq.host_pages:  # swapped out: its pages come back from host memory
                 chunk = self._chunk(seq, seq.num_computed, budget, rows_left)
                 fresh = self.blocks.allocate(self._pages_for(chunk.start + chunk.length)) if chunk else None
@@ -261,6 +265,14 @@ class Scheduler:
         for chunk in chunks:
             self.share.charge(chunk.seq, chunk.length)
         return chunks
+
+    def _adapters(self) -> set:
+        """The LoRA adapters of the running sequences: each holds a device slot."""
+        return {s.adapter for s in self.running} - {None}
+
+    def _needs_slot(self, seq: Sequence, adapters: set) -> bool:
+        """Whether `seq`'s adapter would need a slot while `adapters` hold them all."""
+        return seq.adapter is not None and seq.adapter not in adapters and len(adapters) >= self.cfg.max_loras
 
     def _grow(self, seq: Sequence, num_tokens: int, scheduled: list[Chunk]) -> bool:
         """Give `seq` pages for `num_tokens`, preempting from the back of the running (policy) order if

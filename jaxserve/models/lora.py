@@ -64,14 +64,11 @@ class LoraAdapter:
                 h.update(np.ascontiguousarray(x, np.float32).tobytes())
         object.__setattr__(self, "digest", h.hexdigest())
 
-    @property
-    def num_params(self) -> int:
-        return sum(a.size + b.size for a, b in self.weights.values())
 
-
-def check_adapter(adapter: LoraAdapter, cfg: ModelConfig, max_rank: int) -> None:
+def check_adapter(adapter: LoraAdapter, cfg: ModelConfig, max_rank: int, kv_copied: bool) -> None:
     """ValueError naming what does not fit this model: a rank over `max_rank`, or a matrix whose shape is
-    not the base model's (an adapter trained for another model)."""
+    not the base model's (an adapter trained for another model). `kv_copied`: the model's KV heads were
+    copied for tensor parallelism (`cfg` counts the copies), so k/v outputs may be a whole fraction."""
     if adapter.rank > max_rank:
         raise ValueError(f"adapter '{adapter.name}' has rank {adapter.rank}, over --max-lora-rank {max_rank}")
     dims = target_dims(cfg)
@@ -79,7 +76,7 @@ def check_adapter(adapter: LoraAdapter, cfg: ModelConfig, max_rank: int) -> None
         if name not in dims:
             raise ValueError(f"adapter '{adapter.name}' targets '{name}', which this server cannot adapt")
         (n_in, n_out), kv = dims[name], name in ("wk", "wv")
-        ok_out = b.shape[-1] == n_out or (kv and b.shape[-1] % cfg.head_dim == 0 and n_out % b.shape[-1] == 0)  # KV heads copied for TP
+        ok_out = b.shape[-1] == n_out or (kv and kv_copied and b.shape[-1] % cfg.head_dim == 0 and n_out % b.shape[-1] == 0)
         if a.shape[0] != cfg.num_layers or a.shape[1] != n_in or b.shape[0] != cfg.num_layers or not ok_out:
             raise ValueError(f"adapter '{adapter.name}': {name} has A {list(a.shape)} and B {list(b.shape)}, but this model's "
                              f"{cfg.num_layers} layers need A [L, {n_in}, r] and B [L, r, {n_out}] (an adapter for another base model?)")

@@ -22,6 +22,7 @@ from aiohttp import web
 from jaxserve.errors import UserError
 from jaxserve.models.lora import LoraAdapter
 from jaxserve.server.deployment import Deployment
+from jaxserve.server.model_spec import ID
 from jaxserve.server.protocol import ApiError
 from jaxserve.server.router import ModelRouter
 
@@ -91,6 +92,8 @@ class AdapterRegistry:
         return [(d, d.engines[0].read_adapter(module.name, module.path)) for d in deployments if d.engines]
 
     def _check_free(self, name: str) -> None:
+        if ID.fullmatch(name) is None:
+            raise UserError(f"'{name}' is not a valid adapter name: letters, digits, '.', '_', ':' or '-' (no '@' or '/')", param="lora_name")
         if name in self.modules or name in self.router.models or name in self.router.adapters:
             raise UserError(f"the LoRA adapter '{name}' has already been loaded (or the id is a model's)", param="lora_name")
 
@@ -98,8 +101,10 @@ class AdapterRegistry:
         """Serve an adapter `read` gave (on the event loop); UserError, with nothing changed, when a
         version refuses it."""
         self._check_free(module.name)
-        self._install(module.name, reads)
         base = module.base or self.router.default
+        read = {id(d) for d, _ in reads}  # a version that finished loading since gets it too
+        reads = reads + [(d, d.engines[0].read_adapter(module.name, module.path)) for d in self._deployments(base) if d.engines and id(d) not in read]
+        self._install(module.name, reads)
         self.router.add_adapter(module.name, base, module.name, module.path)
         self.modules[module.name] = module
         log.info("LoRA adapter loaded", extra={"adapter": module.name, "base": base})
@@ -126,15 +131,17 @@ class AdapterRegistry:
         self.router.remove_adapter(name)
         for d in self._deployments(module.base or self.router.default):
             for engine in d.engines:
-                engine.unload_adapter(name)
+                if name in engine.adapters:  # a version that refused it never had it
+                    engine.unload_adapter(name)
         log.info("LoRA adapter unloaded", extra={"adapter": name})
 
     def _catch_up(self, d: Deployment) -> None:
         """A version just loaded: load its model's adapters into it (one it refuses is logged and stays
-        off that version)."""
+        off that version). Reading blocks the event loop for the adapter's files, so that no request
+        reaches the version before its adapters."""
         for module in self.modules.values():
             try:
-                if d in self._deployments(module.base or self.router.default):
+                if d in self._deployments(module.base or self.router.default) and module.name not in d.engines[0].adapters:
                     self._install(module.name, [(d, d.engines[0].read_adapter(module.name, module.path))])
             except UserError as e:
                 log.error("LoRA adapter %s not loaded into %s: %s", module.name, d.spec.id, e)

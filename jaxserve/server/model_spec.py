@@ -33,7 +33,7 @@ from jaxserve.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from jaxserve.errors import UserError
 
 DEFAULT_VERSION = "default"
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # names and versions: no '/' (URL paths) nor '@' (NAME@VERSION)
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # names and versions: no '/' (URL paths) nor '@' (NAME@VERSION)
 
 
 def _positive_int(v: Any) -> bool:
@@ -42,9 +42,9 @@ def _positive_int(v: Any) -> bool:
 
 # YAML / JSON field -> (check, what it must be)
 _FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "name": (lambda v: isinstance(v, str) and _ID.fullmatch(v) is not None, "a name of letters, digits, '.', '_', ':' or '-'"),
+    "name": (lambda v: isinstance(v, str) and ID.fullmatch(v) is not None, "a name of letters, digits, '.', '_', ':' or '-'"),
     "model": (lambda v: isinstance(v, str) and v != "", "a registry name or a path"),
-    "version": (lambda v: isinstance(v, str) and _ID.fullmatch(v) is not None, "a version of letters, digits, '.', '_', ':' or '-'"),
+    "version": (lambda v: isinstance(v, str) and ID.fullmatch(v) is not None, "a version of letters, digits, '.', '_', ':' or '-'"),
     "lazy": (lambda v: isinstance(v, bool), "true or false"),
     "tensor_parallel_size": (_positive_int, "an integer >= 1"),
     "data_parallel_size": (_positive_int, "an integer >= 1"),
@@ -83,7 +83,7 @@ class ModelSpec:
     def from_flag(cls, value: str) -> ModelSpec:
         """`--model NAME=SOURCE`, or a plain `--model SOURCE` (named after the model it loads)."""
         name, sep, source = value.partition("=")
-        if not sep or _ID.fullmatch(name) is None:  # a path may hold '=' too
+        if not sep or ID.fullmatch(name) is None:  # a path may hold '=' too
             return cls("", value)
         return cls.from_mapping({"name": name, "model": source}, f"--model {value}")
 
@@ -103,7 +103,7 @@ class ModelSpec:
                 raise UserError(f"{where}: '{key}' is required", param=key)
         values = {k: v for k, v in data.items() if k not in ("model", "devices")}
         stored, _, version = data["model"].rpartition("@")
-        if "version" not in data and stored and "/" not in data["model"] and _ID.fullmatch(version):  # the model store's NAME@VERSION
+        if "version" not in data and stored and "/" not in data["model"] and ID.fullmatch(version):  # the model store's NAME@VERSION
             values["version"] = version
         return cls(source=data["model"], devices=tuple(data["devices"]) if "devices" in data else None, **values)
 
