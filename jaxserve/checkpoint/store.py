@@ -252,16 +252,21 @@ def convert(src: str, name: str, version: str | None = None, force: bool = False
     return add(name, lambda folder: loader.convert(path, folder, quantization, group_size), source, version, force)
 
 
+def _existing(name: str, version: str) -> list[str]:
+    """The stored versions of `name`, which must include `version` (UserError naming what exists)."""
+    known = versions(name)
+    if not known:
+        raise UserError(f"no stored model {name!r}", param="model", code="model_not_found")
+    if version not in known:
+        raise UserError(f"model {name!r} has no version {version!r} ({_describe_versions(name, known)})", param="model", code="version_not_found")
+    return known
+
+
 def remove(name: str, version: str) -> None:
     """Delete NAME@VERSION. The current version goes only when it is the last; then the name goes too."""
     migrate_legacy(name)
     with locked(name):
-        known = versions(name)
-        if not known:
-            raise UserError(f"no stored model {name!r}", param="model", code="model_not_found")
-        if version not in known:
-            raise UserError(f"model {name!r} has no version {version!r} ({_describe_versions(name, known)})",
-                            param="model", code="version_not_found")
+        known = _existing(name, version)
         others = [v for v in known if v != version]
         if others and version == current_version(name):
             raise UserError(f"{name}@{version} is the current version; make another one current first "
@@ -276,12 +281,7 @@ def remove(name: str, version: str) -> None:
 def set_current(name: str, version: str) -> None:
     migrate_legacy(name)
     with locked(name):
-        known = versions(name)
-        if not known:
-            raise UserError(f"no stored model {name!r}", param="model", code="model_not_found")
-        if version not in known:
-            raise UserError(f"model {name!r} has no version {version!r} ({_describe_versions(name, known)})",
-                            param="model", code="version_not_found")
+        _existing(name, version)
         _write_text(models_dir() / name / CURRENT, version)
 
 
