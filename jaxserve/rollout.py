@@ -7,7 +7,9 @@ error rate more than `max_error_rate_increase` above production's, or a p99 late
 `max_p99_ratio` times production's, stops the rollout and rolls back. At 100% production has no
 traffic, so the canary is judged against production's figures from the stage before. With fewer than
 `min_requests` canary requests in a stage there is nothing to judge, and the stage passes (the report
-says so). After the last stage (100) passes, the canary is promoted.
+says so); but a stage fails when the server shows the canary unhealthy (its engines stopped, or it
+failed or is going away), or when the canary has no requests at all while production had too many for
+that to be chance (it took none of its share). After the last stage (100) passes, the canary is promoted.
 """
 
 from __future__ import annotations
@@ -95,8 +97,10 @@ def run_rollout(plan: RolloutPlan, admin: AdminClient, sleep: Callable[[float], 
             canary, prod = figures[plan.to], figures.get(production)
             if share < 1 and prod is not None and prod["requests"] >= max(plan.min_requests, 1):  # at 100% it serves only stragglers
                 baseline = prod
-            reason = None
-            if canary["requests"] < plan.min_requests or baseline is None:
+            reason = _unserved(plan, admin.call("GET", path), share, canary, prod)
+            if reason is not None:
+                note = reason
+            elif canary["requests"] < plan.min_requests or baseline is None:
                 note = f"too few requests to judge ({canary['requests']} canary)"
             else:
                 reason = judge(plan, baseline, canary)
@@ -112,6 +116,25 @@ def run_rollout(plan: RolloutPlan, admin: AdminClient, sleep: Callable[[float], 
         admin.call("POST", f"{path}/rollback")
         raise
     return {"model": plan.model, "to": plan.to, "previous": production, "outcome": "promoted", "stages": stages}
+
+
+_BAD_LUCK = 0.001  # below this chance, a canary given a share that gets no request while production gets some is broken
+
+
+def _unserved(plan: RolloutPlan, state: dict, share: float, canary: dict, production: dict | None) -> str | None:
+    """Why the canary failed the stage without its figures being judged: the server shows it unhealthy
+    (every engine stopped after an error, its load failed, it is going away), or it had no requests
+    while production had so many that a `share` split would send none its way by chance less than
+    `_BAD_LUCK` of the time (at 100%, any)."""
+    version = next((v for v in state["versions"] if v["version"] == plan.to), None)
+    if version is None:
+        return f"version '{plan.to}' is no longer served"
+    if version.get("healthy", True) is False or version["state"] in ("failed", "draining"):
+        return f"the canary is unhealthy ({version['state']}): {version.get('engine_error') or version.get('error') or 'its engines stopped'}"
+    served = production["requests"] if production is not None else 0
+    if canary["requests"] == 0 and served > 0 and (1 - share) ** served < _BAD_LUCK:
+        return f"the canary had no requests while production had {served}: it took none of its {share:.0%} share"
+    return None
 
 
 def _wait_ready(plan: RolloutPlan, admin: AdminClient, sleep: Callable[[float], None]) -> str:

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import logging
 import random
+import time
 
 import pytest
 
 from jaxserve.engine.interface import ModelInfo
 from jaxserve.errors import UserError
+from jaxserve.config import ServerConfig
 from jaxserve.rollout import RolloutPlan, judge, run_rollout
-from jaxserve.server.deployment import DRAINING, LOADING, READY, UNLOADED
+from jaxserve.server.deployment import DRAINING, FAILED, LOADING, READY, UNLOADED
 from jaxserve.server.model_spec import ModelSpec
 from jaxserve.server.protocol import ApiError
-from jaxserve.server.router import ModelRouter
+from jaxserve.server.router import LOAD_BACKOFF, LOAD_BACKOFF_MAX, ModelRouter
 from jaxserve.server.traffic import TrafficSplit, key_point
 from tests.server_process import until
 
@@ -106,12 +110,16 @@ class FakeEngine:
     async def shutdown(self) -> None:
         self.running = False
 
+    def subscribe(self, callback) -> None:  # the server's step metrics
+        pass
+
 
 def _router(max_loaded: int | None = None) -> tuple[ModelRouter, list[str]]:
-    built: list[str] = []
+    built: list[str] = []  # every version built; a broken one as "broken:NAME@VERSION"
 
     def build(spec: ModelSpec) -> list[FakeEngine]:
         if spec.source == "broken":
+            built.append(f"broken:{spec.id}")
             raise UserError("model path not found: broken")
         built.append(spec.id)
         return [FakeEngine(spec.source)]
@@ -157,10 +165,8 @@ def test_lazy_models_load_on_first_use_and_evict_the_least_recently_used_idle_on
         bad = router.route("bad", None).deployment
         _status(lambda: router.ensure_ready(bad))
         await _loaded(router, "bad")
-        failed = _status(lambda: router.ensure_ready(bad))  # a lazy version that failed tries again, and fails again
-        assert failed.status == 503
-        await _loaded(router, "bad")
-        assert "model path not found: broken" in bad.error and router.models["base"].versions["default"].state == READY
+        assert bad.state == FAILED and "model path not found: broken" in bad.error
+        assert router.models["base"].versions["default"].state == READY
 
     asyncio.run(run())
 
@@ -235,14 +241,181 @@ def test_promote_rollback_and_unload_after_draining() -> None:
     asyncio.run(run())
 
 
+def test_a_lazy_version_whose_load_failed_waits_out_a_doubling_backoff_without_evicting_anything() -> None:
+    async def run() -> None:
+        router, built = _router(max_loaded=2)
+        router.add(ModelSpec("base", "src-base"), [FakeEngine("src-base")])
+        router.add(ModelSpec("idle", "src-idle", lazy=True))
+        router.add(ModelSpec("bad", "broken", lazy=True))
+        await router.start()
+        idle, bad = router.models["idle"].versions["default"], router.models["bad"].versions["default"]
+        _status(lambda: router.ensure_ready(idle))
+        await _loaded(router, "idle")
+        _status(lambda: router.ensure_ready(bad))  # base and idle loaded: idle is evicted to try
+        await _loaded(router, "bad")
+        assert bad.state == FAILED and idle.state == UNLOADED and built == ["idle@default", "broken:bad@default"]
+        _status(lambda: router.ensure_ready(idle))
+        await _loaded(router, "idle")
+        for _ in range(3):  # within the backoff: a 503 saying when, no load and no eviction
+            error = _status(lambda: router.ensure_ready(bad))
+            assert error.status == 503 and LOAD_BACKOFF - 5 < error.retry_after <= LOAD_BACKOFF and "tried again in" in error.message
+        assert (bad.state, idle.state) == (FAILED, READY) and built == ["idle@default", "broken:bad@default", "idle@default"]
+        assert router.model("bad").state()["versions"][0]["retry_in"] > LOAD_BACKOFF - 5
+        bad.retry_at = time.monotonic()  # the backoff is over: one more try (evicting idle), then twice as long
+        assert _status(lambda: router.ensure_ready(bad)).status == 503 and bad.state == LOADING and idle.state == UNLOADED
+        await _loaded(router, "bad")
+        assert bad.state == FAILED and built[-1] == "broken:bad@default"
+        assert 2 * LOAD_BACKOFF - 5 < _status(lambda: router.ensure_ready(bad)).retry_after <= 2 * LOAD_BACKOFF
+        bad.failed_loads, bad.retry_at = 9, time.monotonic()  # a long run of failures: the backoff stops growing
+        _status(lambda: router.ensure_ready(bad))
+        await _loaded(router, "bad")
+        assert LOAD_BACKOFF_MAX - 5 < _status(lambda: router.ensure_ready(bad)).retry_after <= LOAD_BACKOFF_MAX
+
+    asyncio.run(run())
+
+
+def test_a_draining_lazy_version_gets_no_traffic_and_routing_never_names_a_version_gone() -> None:
+    async def run() -> None:
+        router, _ = _router()
+        router.add(ModelSpec("chat", "src-v1", version="v1"), [FakeEngine("src-v1")])
+        router.add(ModelSpec("chat", "src-v2", version="v2", lazy=True))
+        router.add(ModelSpec("chat", "broken", version="v3", lazy=True))
+        await router.start()
+        model = router.models["chat"]
+        router.set_split("chat", {"v1": 0.5, "v2": 0.5})  # a lazy version loads on demand: it may be given traffic
+        router.unload("chat", "v2")
+        assert model.versions["v2"].state == DRAINING and model.split.as_dict() == {"v1": 1.0}
+        refused = _status(lambda: router.set_split("chat", {"v1": 0.5, "v2": 0.5}))
+        assert refused.status == 409 and "being unloaded" in refused.message and model.split.as_dict() == {"v1": 1.0}
+        await until(lambda: "v2" not in model.versions, "v2 unloaded")
+        assert all(router.route("chat", f"u{i}").deployment.version == "v1" for i in range(50))
+        # A lazy version whose load failed may still be given traffic (it loads again on demand).
+        _status(lambda: router.ensure_ready(model.versions["v3"]))
+        await _loaded(router, "chat", "v3")
+        router.set_split("chat", {"v1": 0.5, "v3": 0.5})
+        router.set_split("chat", {"v1": 1.0})
+        # Should a split ever name a version no longer served, its requests go to production, not a KeyError.
+        model.split = TrafficSplit.parse({"v1": 0.5, "v3": 0.5}, ["v1", "v3"])
+        del model.versions["v3"]
+        assert {router.route("chat", f"u{i}").deployment.version for i in range(50)} == {"v1"}
+
+    asyncio.run(run())
+
+
+def test_a_version_whose_engines_died_may_not_be_promoted_or_given_traffic() -> None:
+    async def run() -> None:
+        router, _ = _router()
+        router.add(ModelSpec("chat", "src-v1", version="v1"), [FakeEngine("src-v1")])
+        router.add(ModelSpec("chat", "src-v2", version="v2"), [FakeEngine("src-v2")])
+        await router.start()
+        model, v2 = router.models["chat"], router.models["chat"].versions["v2"]
+        router.set_split("chat", {"v1": 0.9, "v2": 0.1})
+        v2.engines[0].error = RuntimeError("device lost")
+        assert v2.state == READY and not v2.healthy
+        for refused in (_status(lambda: router.promote("chat", "v2")), _status(lambda: router.set_split("chat", {"v1": 0.5, "v2": 0.5}))):
+            assert refused.status == 409 and "unhealthy" in refused.message and "device lost" in refused.message
+        assert (model.production, model.split.as_dict()) == ("v1", {"v1": 0.9, "v2": 0.1})
+        summary = model.state()["versions"][1]
+        assert (summary["state"], summary["healthy"], summary["failed_replicas"], summary["engine_error"]) == ("ready", False, 1, "device lost")
+        assert router.rollback("chat") == "v1" and model.split.as_dict() == {"v1": 1.0}  # a rollback always works
+        # A non-lazy version still loading may not be given traffic either.
+        router.load_version(ModelSpec("chat", "src-v3", version="v3"))
+        assert _status(lambda: router.set_split("chat", {"v1": 0.5, "v3": 0.5})).status == 409
+        await _loaded(router, "chat", "v3")
+        router.set_split("chat", {"v1": 0.5, "v3": 0.5})
+
+    asyncio.run(run())
+
+
+# ---- the server over stand-in engines ------------------------------------------------------------------------
+
+ADMIN = "sk-admin"
+
+
+def test_a_dead_canary_counts_its_refused_requests_and_shows_unhealthy_while_the_server_stays_in_service() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from jaxserve.server.app import Server
+
+    async def run() -> None:
+        router, _ = _router()
+        router.add(ModelSpec("chat", "src-v1", version="v1"), [FakeEngine("src-v1")])
+        router.add(ModelSpec("chat", "src-v2", version="v2"), [FakeEngine("src-v2")])
+        router.add(ModelSpec("other", "src-other"), [FakeEngine("src-other")])
+        server = Server(router, ServerConfig(admin_api_key=ADMIN, warmup=False))
+        await router.start()
+        server.ready = True
+        router.set_split("chat", {"v1": 0.5, "v2": 0.5})
+        v1, v2 = router.models["chat"].versions["v1"], router.models["chat"].versions["v2"]
+        v2.engines[0].error = RuntimeError("device lost")
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        users = [u for u in (f"user-{i}" for i in range(100)) if router.models["chat"].split.pick("chat", u, random.Random()) == "v2"][:5]
+        async with TestClient(TestServer(server.app())) as client:
+            for user in users:
+                r = await client.post("/v1/completions", json={"model": "chat", "prompt": "hi", "user": user})
+                assert r.status == 503 and "stopped after an error" in (await r.json())["error"]["message"]
+            stats = await (await client.get("/admin/models/chat/stats?window=60", headers=admin)).json()
+            assert (stats["versions"]["v2"]["requests"], stats["versions"]["v2"]["errors"]) == (5, 5)
+            assert server.metrics.errors.labels("chat", "v2")._value.get() == 5 and server.metrics.routed.labels("chat", "v2")._value.get() == 5
+            # Refusing a tokenize is no inference outcome.
+            assert (await client.post("/tokenize", json={"model": "chat@v2", "prompt": "hi"})).status == 503
+            assert v2.stats(60)["requests"] == 5
+            assert (await client.post("/admin/models/chat/promote", json={"version": "v2"}, headers=admin)).status == 409
+            assert (await client.put("/admin/models/chat/traffic", json={"v1": 0.9, "v2": 0.1}, headers=admin)).status == 409
+            state = await (await client.get("/admin/models/chat", headers=admin)).json()
+            assert [(v["version"], v["healthy"]) for v in state["versions"]] == [("v1", True), ("v2", False)]
+            # The probes: still in service, the dead canary shown.
+            for path in ("/health", "/ready"):
+                r = await client.get(path)
+                body = await r.json()
+                assert r.status == 200, (path, body)
+                chat = body["models"]["chat"]
+                assert chat["healthy"] and chat["versions"]["v2"] == {"state": "ready", "healthy": False, "error": "device lost"}
+                assert chat["versions"]["v1"]["healthy"] and body["models"]["other"]["healthy"]
+            # One model's production dead: that model is unready, the server still serves the other.
+            v1.engines[0].error = RuntimeError("v1 lost")
+            body = await (await client.get("/ready")).json()
+            assert not body["models"]["chat"]["ready"] and body["models"]["other"]["ready"] and body["status"] == "ready"
+            assert (await client.get("/health")).status == 200
+            # Every model's production dead: out of service.
+            router.models["other"].versions["default"].engines[0].error = RuntimeError("other lost")
+            health, ready = await client.get("/health"), await client.get("/ready")
+            assert (health.status, ready.status) == (503, 503)
+            assert (await health.json())["error"] == "v1 lost" and (await ready.json())["status"] == "engine failed"
+            assert server.engine_error is not None  # what `serve`'s watch reads
+
+    asyncio.run(run())
+
+
+def test_the_admin_key_may_not_be_a_tenant_key_in_the_keys_file(tmp_path, caplog) -> None:
+    from jaxserve.server.app import Server
+
+    router, _ = _router()
+    router.add(ModelSpec("chat", "src-v1"), [FakeEngine("src-v1")])
+    keys = tmp_path / "keys.yaml"
+    for entry in (ADMIN, "sha256:" + hashlib.sha256(ADMIN.encode()).hexdigest()):  # the key itself, or its digest
+        keys.write_text(f'keys:\n  "sk-team-a": {{tenant: a}}\n  "{entry}": {{tenant: b}}\n')
+        with pytest.raises(UserError, match="admin API key is also an API key"):
+            Server(router, ServerConfig(api_keys_file=str(keys), admin_api_key=ADMIN))
+    keys.write_text('keys:\n  "sk-team-a": {tenant: a}\n')
+    server = Server(router, ServerConfig(api_keys_file=str(keys), admin_api_key=ADMIN))
+    keys.write_text(f'keys:\n  "sk-team-a": {{tenant: a}}\n  "{ADMIN}": {{tenant: b}}\n')
+    with caplog.at_level(logging.ERROR, logger="jaxserve.server"):
+        server.reload_keys()  # refused: the old file stays in force
+    assert "admin API key is also an API key" in caplog.text
+    assert server.keys.find(ADMIN) is None and server.keys.find("sk-team-a") is not None
+    Server(router, ServerConfig(api_keys_file=str(keys)))  # without an admin key, nothing to clash with
+
+
 # ---- the rollout driver ------------------------------------------------------------------------------------
 
 
 class FakeAdmin:
     """The admin API as the rollout sees it: a canary whose figures at each stage are given."""
 
-    def __init__(self, canary_per_stage: list[dict], production_per_stage: list[dict] | None = None) -> None:
+    def __init__(self, canary_per_stage: list[dict], production_per_stage: list[dict] | None = None, canary_state: dict | None = None) -> None:
         self.calls: list[tuple[str, str, object]] = []
+        self.canary_state = {"version": "v2", "state": "ready", "healthy": True, "error": None, "engine_error": None, **(canary_state or {})}
         self.figures = iter(canary_per_stage)
         steady = {"requests": 200, "errors": 1, "error_rate": 0.005, "e2e_p99": 2.0, "ttft_p99": 0.5}
         self.production = iter(production_per_stage or [steady] * len(canary_per_stage))
@@ -252,7 +425,7 @@ class FakeAdmin:
         if method == "GET" and path.startswith("/admin/models/chat/stats"):
             return {"versions": {"v1": next(self.production), "v2": next(self.figures)}}
         if method == "GET":
-            return {"production": "v1", "versions": [{"version": "v1", "state": "ready"}, {"version": "v2", "state": "ready", "error": None}]}
+            return {"production": "v1", "versions": [{"version": "v1", "state": "ready", "healthy": True}, self.canary_state]}
         return {}
 
 
@@ -286,6 +459,28 @@ def test_a_rollout_promotes_after_good_stages_and_rolls_back_at_a_regression() -
     assert report["outcome"] == "promoted" and report["stages"][-1]["production"] == steady
     with pytest.raises(UserError, match="end at 100"):
         RolloutPlan("chat", "v2", (10, 50))
+
+
+def test_a_rollout_rolls_back_a_canary_that_got_no_traffic_or_is_unhealthy() -> None:
+    plan = RolloutPlan("chat", "v2", (10, 50, 100), interval=300)
+    none = {"requests": 0, "errors": 0, "error_rate": 0.0, "e2e_p99": None, "ttft_p99": None}
+    # No canary request while production had 200: the canary took none of its share.
+    admin = FakeAdmin([none, GOOD, GOOD])
+    report = run_rollout(plan, admin, sleep=lambda s: None)
+    assert report["outcome"] == "rolled_back" and "no requests while production had 200" in report["reason"] and len(report["stages"]) == 1
+    assert admin.calls[-1] == ("POST", "/rollback", None) and ("POST", "/promote", {"version": "v2"}) not in admin.calls
+    # Zero canary requests that could be chance (production had few), or no traffic at all: unjudged, as before.
+    quiet = {**none, "requests": 3, "error_rate": 0.0}
+    assert run_rollout(plan, FakeAdmin([none, none, GOOD], [quiet, none, none]), sleep=lambda s: None)["outcome"] == "promoted"
+    # At 100% any production request with none on the canary fails the stage.
+    steady = {"requests": 200, "errors": 1, "error_rate": 0.005, "e2e_p99": 2.0, "ttft_p99": 0.5}
+    report = run_rollout(plan, FakeAdmin([GOOD, GOOD, none], [steady, steady, quiet]), sleep=lambda s: None)
+    assert report["outcome"] == "rolled_back" and "no requests while production had 3" in report["reason"]
+    # The server shows the canary's engines dead: rolled back whatever its figures (its stats may be too few to judge).
+    admin = FakeAdmin([GOOD], canary_state={"healthy": False, "engine_error": "device lost"})
+    report = run_rollout(plan, admin, sleep=lambda s: None)
+    assert report["outcome"] == "rolled_back" and "unhealthy" in report["reason"] and "device lost" in report["reason"]
+    assert admin.calls[-1] == ("POST", "/rollback", None)
 
 
 # ---- per-model engine settings ---------------------------------------------------------------------------

@@ -121,21 +121,27 @@ def versions(tmp_path_factory):
         yield proc
 
 
+def _states(ready: dict) -> dict[str, dict[str, str]]:
+    """Each model's versions' states, from a /ready body."""
+    return {name: {v: x["state"] for v, x in m["versions"].items()} for name, m in ready["models"].items()}
+
+
 def _complete(server, model: str, **extra) -> tuple[int, dict, dict]:
     return _call(server.url + "/v1/completions", "POST", {"model": model, "prompt": "Hello there", "max_tokens": 2, **extra}, key=None)
 
 
 def test_lazy_models_load_on_first_request_and_the_least_recently_used_idle_one_makes_room(versions) -> None:
     status, _, ready = _call(versions.url + "/ready", key=None)
-    assert status == 200 and ready["models"] == {"chat": {"v1": "ready"}, "lazy-a": {"default": "unloaded"}, "lazy-b": {"default": "unloaded"}}
+    assert status == 200 and _states(ready) == {"chat": {"v1": "ready"}, "lazy-a": {"default": "unloaded"}, "lazy-b": {"default": "unloaded"}}
+    assert all(m["ready"] and m["healthy"] for m in ready["models"].values())  # a lazy model loads on demand
     status, headers, body = _complete(versions, "lazy-a")
     assert status == 503 and headers["Retry-After"] == "5" and "loading" in body["error"]["message"]
     assert _call(versions.url + "/ready", key=None)[0] == 200  # a lazy model does not make the server unready
     wait_for(lambda: _complete(versions, "lazy-a")[0] == 200, "lazy-a loaded")
     assert _complete(versions, "lazy-b")[0] == 503  # two loaded already (chat v1, lazy-a): lazy-a, idle, makes room
     wait_for(lambda: _complete(versions, "lazy-b")[0] == 200, "lazy-b loaded")
-    assert _call(versions.url + "/ready", key=None)[2]["models"] == {"chat": {"v1": "ready"}, "lazy-a": {"default": "unloaded"},
-                                                                   "lazy-b": {"default": "ready"}}
+    assert _states(_call(versions.url + "/ready", key=None)[2]) == {"chat": {"v1": "ready"}, "lazy-a": {"default": "unloaded"},
+                                                                  "lazy-b": {"default": "ready"}}
     assert _complete(versions, "chat")[0] == 200  # chat is not lazy: never evicted
 
 

@@ -6,7 +6,7 @@ key is kept as a SHA-256 digest and compared in constant time; it is never logge
 
 | route | |
 |---|---|
-| `GET /admin/models` | every model: versions with state, share of traffic, requests in flight |
+| `GET /admin/models` | every model: versions with state, health, share of traffic, requests in flight |
 | `GET /admin/models/{name}` | one model |
 | `POST /admin/models/{name}/versions` | load a version (a `ModelSpec` mapping with `version` and `model`): 202 |
 | `PUT /admin/models/{name}/traffic` | `{"v1": 0.9, "v2": 0.1}`: shares summing to 1 over known versions |

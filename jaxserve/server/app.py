@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from jaxserve.server.admin import AdminApi
 from jaxserve.server.deployment import READY, Outcome
 from jaxserve.server.metrics import Metrics, RequestMetrics
 from jaxserve.server.quota import Quotas, TenantQuota
-from jaxserve.server.tenants import ANONYMOUS, KeyTable, Tenant, key_id, load_keys, with_priority
+from jaxserve.server.tenants import ANONYMOUS, KeyTable, Tenant, digest, key_id, load_keys, with_priority
 from jaxserve.server.tracing import RequestTrace, Tracing, finish_server_span, trace_id
 from jaxserve.server.usage import UsageLedger
 from jaxserve.server.protocol import ApiError, Request, chat_prompt, parse_chat, parse_completion
@@ -79,6 +80,8 @@ class Server:
         self.router = models if isinstance(models, ModelRouter) else ModelRouter.of_engines(
             cfg.served_model_name or models[0].info.name, models, cfg.warmup)
         self.keys = load_keys(cfg.api_keys_file) if cfg.api_keys_file else KeyTable.unlimited(cfg.api_keys) if cfg.api_keys else None
+        if self.keys is not None:
+            self._check_admin_key(self.keys)
         self.quotas = Quotas()
         self.usage = UsageLedger(cfg.cost_per_hour)
         self.metrics = Metrics(self.router.deployments, self.usage, self.router.default)
@@ -124,12 +127,23 @@ class Server:
             log.warning("SIGHUP: no --api-keys-file to reload")
             return
         try:
-            self.keys = load_keys(self.cfg.api_keys_file)
+            keys = load_keys(self.cfg.api_keys_file)
+            self._check_admin_key(keys)
         except UserError as e:
             log.error("keys file not reloaded; the previous one stays in force: %s", e)
             return
+        self.keys = keys
         self.quotas.reload(self.keys.tenants.values())
         log.info("keys file reloaded", extra={"keys": len(self.keys.entries), "tenants": len(self.keys.tenants)})
+
+    def _check_admin_key(self, keys: KeyTable) -> None:
+        """UserError when the admin key is also a tenant's API key (compared as digests: a keys file may
+        hold only digests)."""
+        if self.cfg.admin_api_key is None:
+            return
+        admin = digest(self.cfg.admin_api_key)
+        if sum(hmac.compare_digest(admin, entry) for entry, _ in keys.entries):  # every entry compared
+            raise UserError("the admin API key is also an API key in the keys file; give the admin API its own key")
 
     async def start(self) -> None:
         """Start the engines loaded at start, compile every step shape (off the event loop) and become
@@ -169,7 +183,21 @@ class Server:
 
     @property
     def engine_error(self) -> BaseException | None:
+        """The first error of any engine of any version (`serve`'s watch: it ends a multi-host group);
+        the probes judge each model by its own versions instead (`_health`)."""
         return next((e.error for e in self.engines if e.error is not None), None)
+
+    def _health(self) -> dict[str, dict]:
+        """Per model: whether its production version is healthy, and ready (loaded, or lazy: loaded on
+        demand), and each version's state, health and error (a dead canary shows here without taking
+        the others out of service)."""
+        out = {}
+        for m in self.router.models.values():
+            production = m.versions.get(m.production)
+            healthy = production is not None and production.healthy
+            out[m.name] = {"healthy": healthy, "ready": healthy and (production.state == READY or production.spec.lazy),
+                           "production": m.production, "versions": {v: d.health() for v, d in m.versions.items()}}
+        return out
 
     # ---- middlewares ---------------------------------------------------------------------
 
@@ -278,15 +306,17 @@ class Server:
             raise ApiError(503, "the server is shutting down", type="service_unavailable")
         if not self.ready:
             raise ApiError(503, "the model is still warming up; retry when /ready answers 200", type="service_unavailable")
-        route = self._target(body, request)
+        route = self._target(body, request, inference=True)
         waiting = self.in_flight - sum(e.stats().running for e in self.engines)
         if waiting >= self.cfg.max_waiting:
             raise ApiError(429, f"too many requests waiting ({waiting}); retry later", type="rate_limit_error")
         return route
 
-    def _target(self, body: dict, request: web.Request) -> Route:
+    def _target(self, body: dict, request: web.Request, inference: bool = False) -> Route:
         """The ready version the body's `model` names for this tenant (sticky on the session header or
-        `user`): 404 unknown, 403 not allowed, 503 while it loads."""
+        `user`): 404 unknown, 403 not allowed, 503 while it loads or when its engines have stopped. An
+        inference request's 503 here is an outcome of the version it was routed to: an error in its
+        stats (what a rollout judges) and metrics."""
         tenant: Tenant = request[TENANT]
         model = body.get("model")
         if model is not None and not isinstance(model, str):
@@ -296,8 +326,21 @@ class Server:
         route = self.router.route(model, key, tenant.may_use)
         if not tenant.may_use(route.model):
             raise ApiError(403, f"this API key may not use the model '{route.model}'", "model", "permission_error", "model_not_allowed")
-        self.router.ensure_ready(route.deployment)
+        try:
+            self.router.ensure_ready(route.deployment)
+        except ApiError as e:
+            if inference and e.status >= 500:
+                self._refused(route)
+            raise
         return route
+
+    def _refused(self, route: Route) -> None:
+        """Count a request routed to a version that could not take it."""
+        deployment = route.deployment
+        labels = deployment.spec.name, deployment.version
+        self.metrics.routed.labels(*labels).inc()
+        self.metrics.errors.labels(*labels).inc()
+        deployment.record(Outcome(time.monotonic(), 0.0, None, True))
 
     async def _check(self, req: Request, engine: AsyncEngine, trace: RequestTrace | None, call: _Call) -> CheckedRequest:
         """Every engine-level check (grammar, context length, token ids) of every prompt, once, before
@@ -534,15 +577,20 @@ class Server:
         return web.json_response({"prompt": info.tokenizer.decode(ids, skip_special_tokens=False)})
 
     async def health(self, request: web.Request) -> web.Response:
-        if self.engine_error is not None:
-            return web.json_response({"status": "engine failed", "error": str(self.engine_error)}, status=503)
-        return web.json_response({"status": "ok"})
+        """Liveness: 503 only when no model's production version is healthy (every engine it has
+        stopped after an error, or its load failed); a dead canary or lazy model is reported, not fatal."""
+        models = self._health()
+        if not any(m["healthy"] for m in models.values()):
+            error = next((m["versions"][m["production"]]["error"] for m in models.values() if m["production"] in m["versions"]), None)
+            return web.json_response({"status": "engine failed", "error": error, "models": models}, status=503)
+        return web.json_response({"status": "ok", "models": models})
 
     async def ready_probe(self, request: web.Request) -> web.Response:
-        """200 once every model loaded at start is warm (lazy ones load later), with each version's state."""
-        ok = self.ready and not self.draining and self.engine_error is None
-        status = "ready" if ok else ("draining" if self.draining else "warming up")
-        models = {m.name: {v: d.state for v, d in m.versions.items()} for m in self.router.models.values()}
+        """200 once every model loaded at start is warm (lazy ones load later) while some model's
+        production version is healthy; per model, whether it can serve and each version's state and health."""
+        models = self._health()
+        ok = self.ready and not self.draining and any(m["ready"] for m in models.values())
+        status = "ready" if ok else ("draining" if self.draining else "warming up" if not self.ready else "engine failed")
         return web.json_response({"status": status, "models": models}, status=200 if ok else 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:

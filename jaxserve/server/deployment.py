@@ -1,7 +1,9 @@
 """One version of a served model: its engines once loaded, their load, and its recent outcomes.
 
 A deployment moves unloaded -> loading -> ready (or failed), ready -> draining -> gone when an admin
-unloads it, and ready -> unloaded when a lazy one is evicted. Only a ready one receives requests.
+unloads it, and ready -> unloaded when a lazy one is evicted. Only a ready one receives requests. A
+ready one whose engines have all stopped after an error stays ready but is unhealthy: it answers 503
+and may not be given traffic or promoted.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Deployment:
         self.load = [0] * len(self.engines)  # engine requests (one per prompt) accepted and not yet answered, per replica
         self.state = LOADING if self.engines else UNLOADED
         self.error: str | None = None  # why the last load failed
+        self.failed_loads = 0  # loads that failed in a row (a lazy version's retry backoff grows with them)
+        self.retry_at = 0.0  # time.monotonic() before which a failed lazy version is not loaded again
         self.last_used = time.monotonic()
         self.outcomes: collections.deque[Outcome] = collections.deque(maxlen=_WINDOW)
 
@@ -62,8 +66,22 @@ class Deployment:
     def engine_error(self) -> BaseException | None:
         return next((e.error for e in self.engines if e.error is not None), None)
 
+    @property
+    def healthy(self) -> bool:
+        """Whether it serves, or will once loaded: False for a ready version whose engines have all
+        stopped after an error, one whose load failed, and one going away."""
+        if self.state == READY:
+            return self.replica() is not None
+        return self.state in (LOADING, UNLOADED)
+
+    def health(self) -> dict:
+        """Its state and health for the probes: the engines' or the load's error when unhealthy."""
+        error = self.engine_error if self.state == READY else None
+        return {"state": self.state, "healthy": self.healthy, "error": str(error) if error is not None else self.error}
+
     def loaded(self, engines: Sequence[AsyncEngine]) -> None:
         self.engines, self.load, self.state, self.error = list(engines), [0] * len(engines), READY, None
+        self.failed_loads = 0
 
     def unloaded(self, state: str = UNLOADED, error: str | None = None) -> list[AsyncEngine]:
         """Forget the engines (returned, for the caller to shut down)."""
@@ -90,5 +108,8 @@ class Deployment:
                 "ttft_p50": _percentile(ttft, 0.5), "ttft_p99": _percentile(ttft, 0.99)}
 
     def summary(self) -> dict:
-        return {"version": self.version, "source": self.spec.source, "state": self.state, "lazy": self.spec.lazy, "replicas": len(self.engines),
-                "in_flight": self.in_flight, "error": self.error}
+        failed = sum(e.error is not None for e in self.engines)
+        retry_in = max(0.0, self.retry_at - time.monotonic()) if self.state == FAILED and self.spec.lazy else None
+        return {"version": self.version, "source": self.spec.source, "state": self.state, "healthy": self.healthy, "lazy": self.spec.lazy,
+                "replicas": len(self.engines), "failed_replicas": failed, "in_flight": self.in_flight, "error": self.error,
+                "engine_error": str(self.engine_error) if failed else None, "retry_in": retry_in}

@@ -97,9 +97,13 @@ class _EngineCollector(Collector):
         yield quant
         state = GaugeMetricFamily("jaxserve:model_version_state", "Each model version's state (value 1; the labels say it).",
                                   labels=["model_name", "version", "state"])
+        healthy = GaugeMetricFamily("jaxserve:model_version_healthy", "1 while a version serves or can load, 0 once its engines have all "
+                                    "stopped after an error or its load failed.", labels=["model_name", "version"])
         for d in self.deployments():
             state.add_metric([d.spec.name, d.version, d.state], 1.0)
+            healthy.add_metric([d.spec.name, d.version], float(d.healthy))
         yield state
+        yield healthy
 
     def _speculation(self, rows: Sequence[tuple[list[str], EngineStats]]) -> Iterator:
         """vLLM's spec-decode counters, per engine that speculates: drafts, drafted and accepted

@@ -4,7 +4,8 @@ The router holds every `Deployment` (one version of one model: its engines and t
 engines only through `AsyncEngine`'s interface. A request's `model` names a model (its traffic split
 picks the version, sticky on a key), one version (`NAME@VERSION`), or an adapter served on a base
 model. A lazy version loads, off the event loop, on its first request; with `max_loaded` set, the
-least recently used idle lazy version is evicted to make room. The admin API changes splits,
+least recently used idle lazy version is evicted to make room; one whose load failed is tried again
+only after a backoff (503 with Retry-After meanwhile). The admin API changes splits,
 promotes, rolls back and unloads versions through the methods here.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from jaxserve.server.traffic import TrafficSplit
 log = logging.getLogger("jaxserve.router")
 
 LOAD_RETRY_AFTER = 5.0  # seconds a client is asked to wait while a model loads
+LOAD_BACKOFF = 30.0  # seconds before a lazy version whose load failed is tried again; doubled after each failure in a row
+LOAD_BACKOFF_MAX = 300.0
 _DRAIN_POLL = 0.05
 
 
@@ -49,6 +53,18 @@ class ServedModel:
     def state(self) -> dict:
         return {"name": self.name, "production": self.production, "previous": self.previous, "traffic": self.split.as_dict(),
                 "versions": [{**d.summary(), "share": self.split.share(v)} for v, d in self.versions.items()]}
+
+
+def _refusal(d: Deployment) -> str | None:
+    """Why a split may not give `d` traffic (None: it may). A lazy version that is not loaded, or
+    whose load failed, loads on demand; any other must be ready with a running engine."""
+    if d.state == DRAINING:
+        return "is being unloaded"
+    if d.state == READY:
+        return None if d.healthy else f"is unhealthy: every engine stopped after an error ({d.engine_error})"
+    if d.spec.lazy:
+        return None
+    return f"is {d.state}, not ready"
 
 
 @dataclass(frozen=True)
@@ -172,7 +188,12 @@ class ModelRouter:
             available = ", ".join(f"'{x.id}'" for x in self.listing() if visible(x.id.partition("@")[0]))
             raise ApiError(404, f"the model '{served}' does not exist; this server serves {available}", "model", "not_found_error",
                            "model_not_found") from None
-        deployment = self._base(base) if base not in self.models else model.versions[model.split.pick(model.name, key, self.rng)]
+        if base not in self.models:
+            deployment = self._base(base)
+        else:  # a version gone from `versions` never stays in the split; production, should one ever be missing
+            deployment = model.versions.get(model.split.pick(model.name, key, self.rng)) or model.versions.get(model.production)
+            if deployment is None:
+                raise ApiError(503, f"the model '{model.name}' has no version to serve this request", type="service_unavailable")
         return Route(served if adapter else model.name, deployment, adapter.name if adapter else None)
 
     def _target(self, served: str) -> ServedModel:
@@ -192,12 +213,18 @@ class ModelRouter:
 
     def ensure_ready(self, d: Deployment) -> None:
         """Nothing for a ready version with a running engine (now its latest use); else the 503 to
-        answer, with Retry-After while it loads (a lazy version starts loading here)."""
+        answer, with Retry-After while it loads (a lazy version starts loading here) or while a lazy
+        version whose load failed waits out its backoff."""
         if d.state == READY:
             if d.replica() is None:
                 raise ApiError(503, f"the engine of {d.spec.id} stopped after an error: {d.engine_error}", type="service_unavailable")
             d.last_used = time.monotonic()
             return
+        if d.state == FAILED and d.spec.lazy:
+            wait = d.retry_at - time.monotonic()
+            if wait > 0:  # no load, and so no eviction, until the backoff is over
+                raise ApiError(503, f"the model {d.spec.id} failed to load: {d.error}; it is tried again in {math.ceil(wait)} s",
+                               type="service_unavailable", retry_after=wait)
         if d.state == UNLOADED or (d.state == FAILED and d.spec.lazy):
             self._load_soon(d)
         if d.state == LOADING:
@@ -263,6 +290,8 @@ class ModelRouter:
             log.error("loading %s failed: %s", d.spec.id, e)
             await asyncio.gather(*(x.shutdown() for x in engines if x is not None))
             d.unloaded(FAILED, f"{type(e).__name__}: {e}")
+            d.failed_loads += 1
+            d.retry_at = time.monotonic() + min(LOAD_BACKOFF * 2 ** (d.failed_loads - 1), LOAD_BACKOFF_MAX)
             return
         d.loaded(engines)
         self.on_loaded(d)
@@ -305,17 +334,21 @@ class ModelRouter:
             split = TrafficSplit.parse(body, list(model.versions))
         except UserError as e:
             raise ApiError(400, str(e), e.param) from None
-        closed = [v for v, _ in split.shares if model.versions[v].state in (DRAINING, FAILED) and not model.versions[v].spec.lazy]
-        if closed:
-            raise ApiError(409, f"version '{closed[0]}' of '{name}' is {model.versions[closed[0]].state}", "version")
+        for version, _ in split.shares:
+            refusal = _refusal(model.versions[version])
+            if refusal is not None:
+                raise ApiError(409, f"version '{version}' of '{name}' {refusal}: it may not be given traffic", "version")
         model.split = split
         log.info("traffic split", extra={"model": name, "traffic": split.as_dict()})
 
     def promote(self, name: str, version: str) -> None:
         """All traffic to `version`, now production; the old production is what a rollback returns to."""
         model = self.model(name)
-        if model.version(version).state != READY:
-            raise ApiError(409, f"version '{version}' of '{name}' is {model.versions[version].state}, not ready", "version")
+        d = model.version(version)
+        if d.state != READY:
+            raise ApiError(409, f"version '{version}' of '{name}' is {d.state}, not ready", "version")
+        if not d.healthy:
+            raise ApiError(409, f"version '{version}' of '{name}' is unhealthy: every engine stopped after an error ({d.engine_error})", "version")
         if version != model.production:
             model.previous, model.production = model.production, version
         model.split = TrafficSplit.only(version)
@@ -362,6 +395,8 @@ class ModelRouter:
     async def _drain(self, model: ServedModel, d: Deployment) -> None:
         while d.in_flight:
             await asyncio.sleep(_DRAIN_POLL)
+        if model.split.share(d.version) > 0:  # never (a draining version is refused traffic), but a split must not name a version gone
+            model.split = model.split.without(d.version) if len(model.split.shares) > 1 else TrafficSplit.only(model.production)
         del model.versions[d.version]
         await asyncio.gather(*(e.shutdown() for e in d.unloaded(DRAINING)))
         log.info("unloaded", extra={"model": d.spec.id})
