@@ -211,7 +211,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                     help="error rate above production's that stops it (absolute; default 0.01)")
     ro.add_argument("--max-p99-ratio", type=float, default=1.5, help="p99 latency over production's that stops it (default 1.5x)")
     ro.add_argument("--latency", default="e2e", choices=("e2e", "ttft"), help="which p99 latency is compared (default: e2e)")
-    ro.add_argument("--min-requests", type=int, default=20, help="new-version requests a stage needs to be judged (default 20; fewer: it passes)")
+    ro.add_argument("--min-requests", type=int, default=20, help="new-version requests a stage needs for its error rate and latency to be judged (default 20); an unhealthy canary, "
+                    "or one that got no requests while production got many, rolls back whatever the count")
     ro.set_defaults(func=_cmd_rollout)
 
     conv = sub.add_parser("convert", help="convert a GGUF file or HF folder to a jaxserve checkpoint (a folder, or a version in the model store)")
