@@ -11,6 +11,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -89,7 +90,7 @@ def read_peft(folder: str | Path, name: str, num_layers: int) -> LoraAdapter:
     return LoraAdapter(name, rank, weights, str(folder))
 
 
-def _scale(config: dict, name: str):
+def _scale(config: dict, name: str) -> Callable[[int], float]:
     """The checked config's scaling, as a function of a module's rank."""
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"LoRA adapter '{name}': peft_type {config.get('peft_type')!r} is not LORA")
