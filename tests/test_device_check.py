@@ -84,9 +84,9 @@ def test_sharded_step_lowers_for_accelerators(platform: str, monkeypatch: pytest
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     exported = export.export(
         runner._step, platforms=(platform,), disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)]
-    )(runner.params, runner.cache, (rows(4, 1), rows(2, shapes.row_len)))
+    )(runner.params, runner.cache, (rows(4, 1), rows(2, shapes.row_len)), runner.lora)
     assert exported.platforms == (platform,) and exported.nr_devices == 2
     assert (TRITON in exported.mlir_module()) == (platform == "cuda")
-    params_sh, cache_sh, _ = jax.tree.unflatten(exported.in_tree, exported.in_shardings_jax(runner.mesh))[0]
+    params_sh, cache_sh, _, _ = jax.tree.unflatten(exported.in_tree, exported.in_shardings_jax(runner.mesh))[0]
     assert params_sh["layers"]["wq"].spec == P(None, None, MODEL) and params_sh["layers"]["wo"].spec == P(None, MODEL, None)
     assert cache_sh.k.spec == P(MODEL)
