@@ -3,8 +3,9 @@ snapshots and records, so no caller needs to reach into a scheduler, runner or b
 
 The verbs live on `AsyncEngine`: `check` (every check of a request, once), `generate` (submit a
 checked request and stream its outputs), `abort`, `stats`, plus `info`, `limits`, `warmup`,
-`subscribe`, `start` and `shutdown`. Several models, versions or replicas are several engines
-behind a router that uses only these.
+`subscribe`, `start` and `shutdown`; for LoRA, `read_adapter`, `load_adapter`, `unload_adapter` and
+`adapters`. Several models, versions or replicas are several engines behind a router that uses only
+these.
 """
 
 from __future__ import annotations
