@@ -103,9 +103,9 @@ class AsyncEngine:
     # ---- requests ------------------------------------------------------------------------
 
     @property
-    def adapters(self) -> dict[str, str]:
-        """The LoRA adapters requests may name, each with where it was read from."""
-        return {name: a.source for name, a in list(self._engine.adapters.items())}
+    def adapters(self) -> frozenset[str]:
+        """The names of the LoRA adapters requests may name."""
+        return frozenset(list(self._engine.adapters))
 
     def read_adapter(self, name: str, path: str) -> LoraAdapter:
         """A PEFT adapter folder read for this engine's model (blocking file reads: run it in a worker

@@ -190,10 +190,9 @@ class ModelRunner:
         self.lora: Tables | None = None  # the adapter slot tables (None: LoRA off)
         lora_sh = replicated
         if lora_slots:
-            stacked = isinstance(params["layers"], dict)
-            shape = jax.eval_shape(lambda: empty_tables(cfg, lora_slots, lora_rank, params["embed"].dtype, stacked))
-            lora_sh = lora_shardings(shape, self.mesh, table=True)
-            self.lora = jax.jit(lambda: empty_tables(cfg, lora_slots, lora_rank, params["embed"].dtype, stacked), out_shardings=lora_sh)()
+            tables = functools.partial(empty_tables, cfg, lora_slots, lora_rank, params["embed"].dtype, isinstance(params["layers"], dict))
+            lora_sh = lora_shardings(jax.eval_shape(tables), self.mesh, table=True)
+            self.lora = jax.jit(tables, out_shardings=lora_sh)()
             values_sh = lora_shardings(slot_values(None, cfg, lora_rank, np.float32), self.mesh, table=False)
             self._write_lora = jax.jit(write_slot, in_shardings=(lora_sh, replicated, values_sh), out_shardings=lora_sh, donate_argnums=(0,))
         self._step = jax.jit(

@@ -150,8 +150,8 @@ def forward(
     n = h.shape[0]
     if lora is not None:
         a = (lora if isinstance(lora, dict) else lora[0])["wq"]["a"]  # [(L,) in, S, r]
-        slots = flat([jnp.broadcast_to(g.adapter[:, None], g.tokens.shape) for g in groups])  # [N]
-        mask = slot_mask(slots, a.shape[-2], a.shape[-1], dtype)  # [N, S * r]
+        token_slots = flat([jnp.broadcast_to(g.adapter[:, None], g.tokens.shape) for g in groups])  # [N]
+        mask = slot_mask(token_slots, a.shape[-2], a.shape[-1], dtype)  # [N, S * r]
 
     def adapt(name: str, x: jnp.ndarray, y: jnp.ndarray, ll: Any, i: Any) -> jnp.ndarray:
         """y = x @ W, plus each token's adapter product (LoRA on)."""

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from jaxserve.errors import UserError
 from jaxserve.models.lora import LoraAdapter
+from jaxserve.server.admin import read_json
 from jaxserve.server.deployment import Deployment
 from jaxserve.server.model_spec import ID
 from jaxserve.server.protocol import ApiError
@@ -88,7 +89,14 @@ class AdapterRegistry:
         if not self.enabled:
             raise UserError("LoRA is off: start the server with --enable-lora (or --lora-modules)", param="lora_name")
         self._check_free(module.name)
-        deployments = self._deployments(module.base or self.router.default)
+        return self._reads(module, self._deployments(self._base(module)))
+
+    def _base(self, module: LoraModule) -> str:
+        return module.base or self.router.default
+
+    @staticmethod
+    def _reads(module: LoraModule, deployments: list[Deployment]) -> list[tuple[Deployment, LoraAdapter]]:
+        """The adapter read for each of `deployments` that has engines (blocking file reads)."""
         return [(d, d.engines[0].read_adapter(module.name, module.path)) for d in deployments if d.engines]
 
     def _check_free(self, name: str) -> None:
@@ -101,9 +109,9 @@ class AdapterRegistry:
         """Serve an adapter `read` gave (on the event loop); UserError, with nothing changed, when a
         version refuses it."""
         self._check_free(module.name)
-        base = module.base or self.router.default
+        base = self._base(module)
         read = {id(d) for d, _ in reads}  # a version that finished loading since gets it too
-        reads = reads + [(d, d.engines[0].read_adapter(module.name, module.path)) for d in self._deployments(base) if d.engines and id(d) not in read]
+        reads = reads + self._reads(module, [d for d in self._deployments(base) if id(d) not in read])
         self._install(module.name, reads)
         self.router.add_adapter(module.name, base, module.name, module.path)
         self.modules[module.name] = module
@@ -129,7 +137,7 @@ class AdapterRegistry:
         if module is None:
             raise UserError(f"the LoRA adapter '{name}' cannot be found", param="lora_name", code="model_not_found")
         self.router.remove_adapter(name)
-        for d in self._deployments(module.base or self.router.default):
+        for d in self._deployments(self._base(module)):
             for engine in d.engines:
                 if name in engine.adapters:  # a version that refused it never had it
                     engine.unload_adapter(name)
@@ -141,8 +149,8 @@ class AdapterRegistry:
         reaches the version before its adapters."""
         for module in self.modules.values():
             try:
-                if d in self._deployments(module.base or self.router.default) and module.name not in d.engines[0].adapters:
-                    self._install(module.name, [(d, d.engines[0].read_adapter(module.name, module.path))])
+                if d in self._deployments(self._base(module)) and module.name not in d.engines[0].adapters:
+                    self._install(module.name, self._reads(module, [d]))
             except UserError as e:
                 log.error("LoRA adapter %s not loaded into %s: %s", module.name, d.spec.id, e)
 
@@ -153,10 +161,7 @@ class AdapterRegistry:
 
     @staticmethod
     async def _fields(request: web.Request, *names: str) -> dict:
-        try:
-            body = json.loads(await request.read() or b"{}")
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise ApiError(400, "the request body is not valid JSON") from None
+        body = await read_json(request)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         for name in names:

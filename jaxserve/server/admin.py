@@ -34,6 +34,14 @@ from jaxserve.server.router import ModelRouter
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
+async def read_json(request: web.Request) -> object:
+    """An admin request's JSON body (an empty body is {}); 400 when it is not JSON."""
+    try:
+        return json.loads(await request.read() or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+
+
 class AdminApi:
     def __init__(self, router: ModelRouter, key: str) -> None:
         self.router = router
@@ -63,13 +71,6 @@ class AdminApi:
 
         return guarded
 
-    @staticmethod
-    async def _json(request: web.Request) -> object:
-        try:
-            return json.loads(await request.read() or b"{}")
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise ApiError(400, "the request body is not valid JSON") from None
-
     def _state(self, name: str, status: int = 200) -> web.Response:
         return web.json_response(self.router.model(name).state(), status=status)
 
@@ -80,7 +81,7 @@ class AdminApi:
         return self._state(request.match_info["name"])
 
     async def load(self, request: web.Request) -> web.Response:
-        name, body = request.match_info["name"], await self._json(request)
+        name, body = request.match_info["name"], await read_json(request)
         if not isinstance(body, dict) or "version" not in body:
             raise ApiError(400, "send the version as an object with at least 'version' and 'model'", "version")
         try:
@@ -97,11 +98,11 @@ class AdminApi:
 
     async def traffic(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        self.router.set_split(name, await self._json(request))
+        self.router.set_split(name, await read_json(request))
         return self._state(name)
 
     async def promote(self, request: web.Request) -> web.Response:
-        name, body = request.match_info["name"], await self._json(request)
+        name, body = request.match_info["name"], await read_json(request)
         if not isinstance(body, dict) or not isinstance(body.get("version"), str):
             raise ApiError(400, "send {\"version\": ...}: the version to promote", "version")
         self.router.promote(name, body["version"])
