@@ -18,7 +18,6 @@ key is kept as a SHA-256 digest and compared in constant time; it is never logge
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import math
@@ -30,6 +29,7 @@ from jaxserve.errors import UserError
 from jaxserve.server.model_spec import ModelSpec
 from jaxserve.server.protocol import ApiError
 from jaxserve.server.router import ModelRouter
+from jaxserve.server.tenants import digest
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -45,7 +45,7 @@ async def read_json(request: web.Request) -> object:
 class AdminApi:
     def __init__(self, router: ModelRouter, key: str) -> None:
         self.router = router
-        self._digest = hashlib.sha256(key.encode()).digest()
+        self._digest = digest(key)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -63,7 +63,7 @@ class AdminApi:
         """`handler` behind the admin key (401 without it)."""
         async def guarded(request: web.Request) -> web.Response:
             header = request.headers.get("Authorization", "")
-            presented = hashlib.sha256(header[7:].encode() if header.startswith("Bearer ") else b"").digest()
+            presented = digest(header[7:] if header.startswith("Bearer ") else "")
             if not hmac.compare_digest(presented, self._digest):
                 raise ApiError(401, "missing or invalid admin key (send 'Authorization: Bearer <admin key>')", type="authentication_error",
                                code="invalid_admin_key")

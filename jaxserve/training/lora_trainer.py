@@ -167,13 +167,15 @@ def finetune(model: LoadedModel, data: Path, out: Path, cfg: FinetuneConfig, bas
     evaluate = jax.jit(lambda trainable, params, batch: sums(trainable, params, batch, None))
     zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, trainable))
 
+    ordered = sorted(held, key=lambda e: len(e.tokens))  # similar lengths together: less padding
+    held_batches = [make_batch(ordered[start : start + rows], rows, buckets) for start in range(0, len(ordered), rows)]  # built once
+
     def held_out_loss(trainable) -> float | None:
-        if not held:
+        if not held_batches:
             return None
-        ordered = sorted(held, key=lambda e: len(e.tokens))  # similar lengths together: less padding
         loss = count = 0.0
-        for start in range(0, len(ordered), rows):
-            s, c = evaluate(trainable, params, make_batch(ordered[start : start + rows], rows, buckets))
+        for batch in held_batches:
+            s, c = evaluate(trainable, params, batch)
             loss, count = loss + float(s), count + float(c)
         return loss / max(count, 1.0)
 
