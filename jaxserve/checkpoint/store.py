@@ -222,7 +222,7 @@ def add(name: str, write: Callable[[Path], None], source: Source, version: str |
             if version in known and not force:
                 raise _exists(name, version)
             meta = VersionMetadata(name=name, version=version, source=source.spec, sha256=source.sha256,
-                                   created_at=_now(), jaxserve_version=_jaxserve_version(), **facts)
+                                   created_at=utc_now(), jaxserve_version=_jaxserve_version(), **facts)
             _write_json(ckpt / METADATA, dataclasses.asdict(meta))
             if not dest.parent.exists():  # a first version: the name appears whole, with it current
                 fresh = stage / "name"
@@ -445,7 +445,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The time now in UTC, ISO 8601 to the second: how the store and `jaxserve bench` date what they record."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 

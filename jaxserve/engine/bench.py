@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from jaxserve.checkpoint.loader import LoadedModel
+from jaxserve.checkpoint.store import utc_now
 from jaxserve.config import EngineConfig
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
@@ -96,7 +96,7 @@ def machine() -> dict[str, Any]:
 
 def report(figures: BenchFigures) -> dict[str, Any]:
     """The figures with the machine and the date (UTC), as recorded in a version's metadata."""
-    return {**asdict(figures), "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {**asdict(figures), "machine": machine(), "date": utc_now()}
 
 
 def _stream_times(llm, prompt_ids: list[int], sp: SamplingParams) -> tuple[float, list[float]]:
