@@ -16,7 +16,10 @@ import yaml
 
 from jaxserve.errors import UserError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Every architecture `jaxserve.models.architectures` reads (HF model_type names; GGUF names map onto them).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3_text", "phi3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ACTIVATIONS = ("silu", "gelu_tanh")
 QUANTIZATIONS = ("int8", "int4")  # weight formats `load_model` can convert dense layers to
 INT4_GROUP = 32  # default input rows per int4 scale and offset: GGUF's 4-bit block
 KV_CACHE_DTYPES = ("auto", "bfloat16", "int8", "fp8", "fp8_e4m3")  # KV-cache storage (EngineConfig.kv_cache_dtype; fp8 = fp8_e4m3)
@@ -25,9 +28,14 @@ SCHEDULING_POLICIES = ("fcfs", "priority", "fair")  # EngineConfig.scheduling_po
 MIN_SECRET_BYTES = 16  # a shorter cluster secret could be guessed from a recorded handshake
 
 
+ROPE_SCALINGS = ("linear", "llama3", "longrope")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling: `linear`, `llama3`, or explicit per-frequency `factors` (GGUF rope_freqs)."""
+    """RoPE frequency scaling: `linear`, `llama3`, `longrope` (Phi-3: per-frequency `factors`, the short
+    or the long list, and an `attention_factor` on cos and sin), or explicit per-frequency `factors`
+    (GGUF rope_freqs)."""
 
     kind: str
     factor: float = 1.0
@@ -35,15 +43,25 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     factors: tuple[float, ...] = ()
+    long_factors: tuple[float, ...] = ()  # longrope: the factors for contexts past the original length
+    attention_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "llama3", "factors"):
-            raise UserError(f"unsupported rope scaling type {self.kind!r} (supported: linear, llama3)")
+        if self.kind not in (*ROPE_SCALINGS, "factors"):
+            raise UserError(f"unsupported rope scaling type {self.kind!r} (supported: {', '.join(ROPE_SCALINGS)})")
+
+    def for_context(self, max_len: int) -> RopeScaling:
+        """LongRoPE's factors for a served context of max_len tokens: the long list past the original
+        length, for every position (one choice per model, so cached keys never mix two rotations)."""
+        if self.kind != "longrope" or max_len <= self.original_max_position_embeddings or not self.long_factors:
+            return self
+        return dataclasses.replace(self, factors=self.long_factors, long_factors=())
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+    """Shape and numerics of a decoder: the Llama family and the named variations of the others
+    (`jaxserve.models.architectures` reads each one's config)."""
 
     architecture: str
     vocab_size: int
@@ -59,6 +77,23 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     rope_scaling: RopeScaling | None = None
+    # Attention windows: each layer is "full_attention" or "sliding_attention" (() = all full); a
+    # sliding layer's query sees itself and the previous sliding_window - 1 tokens.
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+    rope_local_theta: float | None = None  # sliding layers' RoPE base, unscaled (Gemma 3); None: as full layers
+    partial_rotary_factor: float = 1.0  # the leading fraction of each head's dims that RoPE rotates (Phi-4-mini)
+    qk_norm: str | None = None  # RMSNorm of q and k before RoPE: per "head" (Qwen3, Gemma 3) or over the "full" projection (OLMoE)
+    sandwich_norm: bool = False  # a norm on the attention and MLP outputs too (Gemma 2/3: post_attn_norm, post_mlp_norm)
+    hidden_act: str = "silu"  # the gated MLP's activation: "silu" or "gelu_tanh" (GeGLU)
+    embed_scale: float = 1.0  # embeddings are multiplied by this (Gemma: sqrt(hidden_size))
+    query_pre_attn_scalar: float | None = None  # attention scores scale by its -1/2 power (None: head_dim's)
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None  # logits likewise
+    num_experts: int = 0  # mixture of experts (0: a dense MLP): experts per layer,
+    num_experts_per_tok: int = 0  # experts each token runs (top-k of the router's softmax),
+    moe_intermediate_size: int = 0  # each expert's FFN width,
+    norm_topk_prob: bool = True  # and whether the top-k probabilities are renormalised to sum to 1
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -67,6 +102,37 @@ class ModelConfig:
             )
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise UserError(f"layer_types names {len(self.layer_types)} layers; the model has {self.num_layers}")
+        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if bad:
+            raise UserError(f"unsupported layer type {bad[0]!r} (supported: {', '.join(LAYER_TYPES)})")
+        if "sliding_attention" in self.layer_types and not (isinstance(self.sliding_window, int) and self.sliding_window >= 1):
+            raise UserError(f"sliding layers need a sliding_window >= 1, got {self.sliding_window!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise UserError(f"unsupported activation {self.hidden_act!r} (supported: {', '.join(ACTIVATIONS)})")
+        if self.qk_norm not in (None, "head", "full"):
+            raise UserError(f"unsupported q/k norm {self.qk_norm!r} (supported: head, full)")
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise UserError(f"num_experts_per_tok must be in [1, {self.num_experts}], got {self.num_experts_per_tok}")
+        rotary = self.head_dim * self.partial_rotary_factor
+        if not 0 < self.partial_rotary_factor <= 1 or rotary != int(rotary) or int(rotary) % 2:
+            raise UserError(f"partial_rotary_factor {self.partial_rotary_factor} must rotate an even number of the {self.head_dim} head dims")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether its attention is windowed."""
+        return tuple(t == "sliding_attention" for t in self.layer_types) or (False,) * self.num_layers
+
+    @property
+    def kv_window(self) -> int | None:
+        """The window when every layer slides (then a page wholly before a sequence's last window
+        tokens is never read again); None when some layer attends to the whole context."""
+        return self.sliding_window if self.layer_types and all(self.sliding_layers) else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,34 +142,15 @@ class ModelConfig:
         d = dict(d)
         rs = d.pop("rope_scaling", None)
         if rs is not None:
-            rs = RopeScaling(**{**rs, "factors": tuple(rs.get("factors", ()))})
-        return cls(**d, rope_scaling=rs)
+            rs = RopeScaling(**{**rs, **{k: tuple(rs.get(k, ())) for k in ("factors", "long_factors")}})
+        return cls(**{**d, "layer_types": tuple(d.get("layer_types", ()))}, rope_scaling=rs)
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
-        """From a Hugging Face `config.json` dict."""
-        model_type = hf.get("model_type", "llama")
-        if model_type not in SUPPORTED_ARCHITECTURES:
-            raise UserError(
-                f"unsupported architecture {model_type!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
-        num_heads = hf["num_attention_heads"]
-        return cls(
-            architecture=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
-            rope_scaling=_hf_rope_scaling(hf.get("rope_scaling")),
-        )
+        """From a Hugging Face `config.json` dict (hub keys or transformers 5's `rope_parameters`)."""
+        from jaxserve.models.architectures import read_hf_config
+
+        return read_hf_config(hf)
 
     @classmethod
     def from_gguf(
@@ -153,25 +200,6 @@ class ModelConfig:
 def _shortest_float(value: float) -> float:
     """GGUF stores float32: 1e-5 reads back as 9.99999974e-06; recover the value that was written."""
     return float(str(np.float32(value)))
-
-
-def _hf_rope_scaling(rs: Mapping[str, Any] | None) -> RopeScaling | None:
-    if not rs:
-        return None
-    kind = rs.get("rope_type") or rs.get("type")
-    if kind in (None, "default"):
-        return None
-    if kind == "linear":
-        return RopeScaling(kind="linear", factor=float(rs["factor"]))
-    if kind == "llama3":
-        return RopeScaling(
-            kind="llama3",
-            factor=float(rs["factor"]),
-            low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
-        )
-    raise UserError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

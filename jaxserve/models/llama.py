@@ -1,4 +1,6 @@
-"""Functional Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+"""Functional decoder over a paged KV cache: the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2)
+and the named variations other families switch on (`ModelConfig`; `jaxserve.models.architectures`):
+sliding windows per layer, q/k norms, sandwich norms, GeGLU, soft-caps, partial RoPE, MoE blocks.
 
 Params are a plain pytree; per-layer weights are stacked on a leading [L] axis and the layers run
 under `jax.lax.scan`, so compile time does not grow with depth. Weights are stored [in, out].
@@ -7,7 +9,11 @@ under `jax.lax.scan`, so compile time does not grow with depth. Weights are stor
       "embed": [V, D],
       "layers": {"attn_norm": [L, D], "wq": [L, D, Hq*Dh], "wk": [L, D, Hkv*Dh], "wv": [L, D, Hkv*Dh],
                  "wo": [L, Hq*Dh, D], ("bq": [L, Hq*Dh], "bk", "bv": [L, Hkv*Dh],)
-                 "mlp_norm": [L, D], "w_gate": [L, D, F], "w_up": [L, D, F], "w_down": [L, F, D]},
+                 ("q_norm": [L, Dh or Hq*Dh], "k_norm": [L, Dh or Hkv*Dh],)  # qk_norm "head" or "full"
+                 ("post_attn_norm", "post_mlp_norm": [L, D],)  # sandwich_norm
+                 "mlp_norm": [L, D], "w_gate": [L, D, F], "w_up": [L, D, F], "w_down": [L, F, D]
+                 # or, with experts: "router": [L, D, E], "we_gate", "we_up": [L, E, D, Fe], "we_down": [L, E, Fe, D]
+                },
       "final_norm": [D],
       ("lm_head": [D, V])  # absent when embeddings are tied
     }
@@ -15,6 +21,7 @@ under `jax.lax.scan`, so compile time does not grow with depth. Weights are stor
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import flax.struct
@@ -26,6 +33,7 @@ from jaxserve.cache.kv_cache import KVCache
 from jaxserve.config import ModelConfig
 from jaxserve.ops.norm import rms_norm
 from jaxserve.models.lora import TARGETS, Tables, lora_product, slot_mask
+from jaxserve.models.moe import moe_mlp
 from jaxserve.ops.attention import causal_attention, decode_attention, paged_attention, use_decode_kernel, write_slots
 from jaxserve.ops.quant import linear, matmul
 from jaxserve.ops.rope import apply_rope, inv_frequencies, rope_tables
@@ -68,12 +76,19 @@ def param_shapes(cfg: ModelConfig) -> Params:
         "wv": (L, D, kv),
         "wo": (L, q, D),
         "mlp_norm": (L, D),
-        "w_gate": (L, D, F),
-        "w_up": (L, D, F),
-        "w_down": (L, F, D),
     }
+    if cfg.num_experts:
+        E, Fe = cfg.num_experts, cfg.moe_intermediate_size
+        layers.update(router=(L, D, E), we_gate=(L, E, D, Fe), we_up=(L, E, D, Fe), we_down=(L, E, Fe, D))
+    else:
+        layers.update(w_gate=(L, D, F), w_up=(L, D, F), w_down=(L, F, D))
     if cfg.qkv_bias:
         layers.update(bq=(L, q), bk=(L, kv), bv=(L, kv))
+    if cfg.qk_norm:
+        head = cfg.qk_norm == "head"
+        layers.update(q_norm=(L, cfg.head_dim if head else q), k_norm=(L, cfg.head_dim if head else kv))
+    if cfg.sandwich_norm:
+        layers.update(post_attn_norm=(L, D), post_mlp_norm=(L, D))
     shapes: Params = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (D, V)
@@ -129,12 +144,16 @@ def forward(
     on each adapter's input, as PEFT applies it. Without a cache (training), attention is dense and
     causal within each row and nothing is written; the returned cache is None.
     """
-    kernel = use_decode_kernel() if decode_kernel is None else decode_kernel
+    windowed = any(cfg.sliding_layers)
+    # The Pallas kernel has no windows or soft-caps: such models decode through the reference.
+    kernel = (use_decode_kernel() if decode_kernel is None else decode_kernel) and not windowed and cfg.attn_logit_softcap is None
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+    attention = dict(scale=scale, softcap=cfg.attn_logit_softcap)
 
-    def attend(q, cache, i, g):  # q: [B, T, Hq, Dh]
+    def attend(q, cache, i, g, window):  # q: [B, T, Hq, Dh]
         if kernel and q.shape[1] == 1:
-            return decode_attention(q, cache, i, g.page_table, g.kv_lens)
-        return paged_attention(q, cache, i, g.page_table, g.positions, g.kv_lens)
+            return decode_attention(q, cache, i, g.page_table, g.kv_lens, scale)
+        return paged_attention(q, cache, i, g.page_table, g.positions, g.kv_lens, window=window, **attention)
 
     dtype = params["embed"].dtype
     shapes = [g.tokens.shape for g in groups]
@@ -142,11 +161,15 @@ def forward(
     splits = np.cumsum(sizes)[:-1].tolist()
     flat = lambda xs: jnp.concatenate([x.reshape(-1, *x.shape[2:]) for x in xs])  # [B, T, ...] -> [N, ...]
     positions = flat([g.positions for g in groups])  # [N]
-    cos, sin = rope_tables(positions[None], inv_frequencies(cfg))  # [1, N, 1, D/2]
+    factor = cfg.rope_scaling.attention_factor if cfg.rope_scaling else 1.0
+    rope = rope_tables(positions[None], inv_frequencies(cfg), factor)  # cos, sin [1, N, 1, rotary_dim/2]
+    local_rope = rope_tables(positions[None], inv_frequencies(cfg, local=True)) if cfg.rope_local_theta is not None else rope
     if cache is not None:
         slots = [write_slots(g.page_table, g.positions, g.positions < g.kv_lens[:, None], cache.page_size) for g in groups]
         page, offset = flat([p for p, _ in slots]), flat([o for _, o in slots])  # [N]
     h = params["embed"][flat([g.tokens for g in groups])].astype(dtype)  # [N, D]
+    if cfg.embed_scale != 1.0:
+        h = h * jnp.asarray(cfg.embed_scale, dtype)
     n = h.shape[0]
     if lora is not None:
         a = (lora if isinstance(lora, dict) else lora[0])["wq"]["a"]  # [(L,) in, S, r]
@@ -164,9 +187,19 @@ def forward(
         return y + lora_product(x, ll[name], mask)
 
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    eps = cfg.rms_norm_eps
+    sliding = jnp.asarray(cfg.sliding_layers)  # [L]
+    act = jax.nn.silu if cfg.hidden_act == "silu" else partial(jax.nn.gelu, approximate=True)
+
+    def qk_norm(x, w, heads):  # x: [N, heads * Dh]
+        if cfg.qk_norm == "full":
+            return rms_norm(x, w, eps)
+        return rms_norm(x.reshape(n, heads, cfg.head_dim), w, eps).reshape(n, -1)
 
     def layer(h, cache, lp, ll, i):  # ll: this layer's LoRA tables (None: off)
-        x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+        window = jnp.where(sliding[i], cfg.sliding_window or 0, jnp.iinfo(jnp.int32).max) if windowed else None
+        cos, sin = jax.tree.map(lambda a, b: jnp.where(sliding[i], a, b), local_rope, rope) if local_rope is not rope else rope
+        x = rms_norm(h, lp["attn_norm"], eps)
         seen = _channel_stats("attn", x) if observe else {}
         if "wqkv" in lp:  # fused layout (see unstack_layers)
             qkv = linear(x, lp["wqkv"]) + (lp["bqkv"] if cfg.qkv_bias else 0)
@@ -176,32 +209,39 @@ def forward(
             if cfg.qkv_bias:
                 q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
         q, k, v = adapt("wq", x, q, ll, i), adapt("wk", x, k, ll, i), adapt("wv", x, v, ll, i)
+        if cfg.qk_norm:
+            q, k = qk_norm(q, lp["q_norm"], cfg.num_heads), qk_norm(k, lp["k_norm"], cfg.num_kv_heads)
         q = apply_rope(q.reshape(1, n, cfg.num_heads, cfg.head_dim), cos, sin)[0]  # [N, Hq, Dh]
         k = apply_rope(k.reshape(1, n, cfg.num_kv_heads, cfg.head_dim), cos, sin)[0]
         v = v.reshape(n, cfg.num_kv_heads, cfg.head_dim)
         if cache is None:  # training: dense causal attention within each row
             attn = [
-                causal_attention(*(t.reshape(*shape, *t.shape[1:]) for t in qkv_g), g.positions, g.kv_lens).reshape(size, -1)
+                causal_attention(*(t.reshape(*shape, *t.shape[1:]) for t in qkv_g), g.positions, g.kv_lens, window=window, **attention).reshape(size, -1)
                 for *qkv_g, shape, size, g in zip(jnp.split(q, splits), jnp.split(k, splits), jnp.split(v, splits), shapes, sizes, groups)
             ]
         else:
             cache = cache.write(i, page, offset, k.swapaxes(0, 1), v.swapaxes(0, 1))  # [Hkv, N, Dh] each
             attn = [
-                attend(qg.reshape(*shape, *qg.shape[1:]), cache, i, g).reshape(size, -1)
+                attend(qg.reshape(*shape, *qg.shape[1:]), cache, i, g, window).reshape(size, -1)
                 for qg, shape, size, g in zip(jnp.split(q, splits), shapes, sizes, groups)
             ]
         o = jnp.concatenate(attn).astype(dtype)
-        h = h + adapt("wo", o, linear(o, lp["wo"]), ll, i)
-        x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-        if "w_gate_up" in lp:
-            gate, up = jnp.split(linear(x, lp["w_gate_up"]), 2, axis=-1)
+        o = adapt("wo", o, linear(o, lp["wo"]), ll, i)
+        h = h + (rms_norm(o, lp["post_attn_norm"], eps) if cfg.sandwich_norm else o)
+        x = rms_norm(h, lp["mlp_norm"], eps)
+        if cfg.num_experts:
+            y = moe_mlp(x, lp, cfg, act)
         else:
-            gate, up = linear(x, lp["w_gate"]), linear(x, lp["w_up"])
-        gate, up = adapt("w_gate", x, gate, ll, i), adapt("w_up", x, up, ll, i)
-        act = jax.nn.silu(gate) * up
-        if observe:
-            seen.update(_channel_stats("mlp", x), **_channel_stats("down", act))
-        h = h + adapt("w_down", act, linear(act, lp["w_down"]), ll, i)
+            if "w_gate_up" in lp:
+                gate, up = jnp.split(linear(x, lp["w_gate_up"]), 2, axis=-1)
+            else:
+                gate, up = linear(x, lp["w_gate"]), linear(x, lp["w_up"])
+            gate, up = adapt("w_gate", x, gate, ll, i), adapt("w_up", x, up, ll, i)
+            hidden = act(gate) * up
+            if observe:
+                seen.update(_channel_stats("mlp", x), **_channel_stats("down", hidden))
+            y = adapt("w_down", hidden, linear(hidden, lp["w_down"]), ll, i)
+        h = h + (rms_norm(y, lp["post_mlp_norm"], eps) if cfg.sandwich_norm else y)
         return h, cache, seen
 
     if isinstance(params["layers"], dict):  # stacked [L, ...]: one traced layer, looped by scan
@@ -226,7 +266,9 @@ def compute_logits(params: Params, hidden: jnp.ndarray, cfg: ModelConfig) -> jnp
     """Final norm and LM head: hidden [..., D] -> float32 logits [..., V]."""
     x = rms_norm(hidden, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]  # [D, V]
-    return matmul(x, head, jnp.float32)
+    logits = matmul(x, head, jnp.float32)
+    cap = cfg.final_logit_softcap
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def layer_at(layers: Any, i: int) -> Any:
@@ -251,6 +293,7 @@ def unstack_layers(params: Params) -> Params:
         lp["wqkv"] = fuse(lp.pop("wq"), lp.pop("wk"), lp.pop("wv"))
         if "bq" in lp:
             lp["bqkv"] = fuse(lp.pop("bq"), lp.pop("bk"), lp.pop("bv"))
-        lp["w_gate_up"] = fuse(lp.pop("w_gate"), lp.pop("w_up"))
+        if "w_gate" in lp:
+            lp["w_gate_up"] = fuse(lp.pop("w_gate"), lp.pop("w_up"))
         fused.append(lp)
     return {**params, "layers": tuple(fused)}

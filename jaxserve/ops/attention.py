@@ -72,19 +72,27 @@ def paged_attention(
     page_table: jnp.ndarray,  # [B, P] int32
     positions: jnp.ndarray,  # [B, T] int32
     kv_lens: jnp.ndarray,  # [B] int32
+    scale: float | None = None,
+    window: jnp.ndarray | None = None,
+    softcap: float | None = None,
 ) -> jnp.ndarray:  # [B, T, Hq, D]
     """Causal GQA attention of new tokens over each sequence's cached pages of one layer.
 
     Head-major pages gather as [Hkv, B, S, D], so both matmuls batch over (Hkv, B) with no transposes
     of keys or values; keys go on the left ([S, D] @ [D, G*T]), which with few queries per sequence
     runs ~3x faster on XLA:CPU than queries on the left.
+
+    `scale`: of the scores (default D^-1/2). `window` (int32 scalar, traced): a query sees itself and
+    the previous window - 1 tokens; the walk starts at the first block any row's window reaches (the
+    blocks before it would be fully masked, which leaves a row's result bit-for-bit unchanged).
+    `softcap`: scores -> softcap * tanh(scores / softcap) before the mask.
     """
     b, t, hq, d = q.shape
     hkv, page_size = cache.k.shape[0], cache.page_size
     g = hq // hkv
     per_block = block_pages(page_table.shape[1], page_size, DECODE_BLOCK_TOKENS if t == 1 else PREFILL_BLOCK_TOKENS)
     s = per_block * page_size
-    qh = q.reshape(b, t, hkv, g, d).transpose(2, 0, 3, 1, 4).reshape(hkv, b, g * t, d) * jnp.asarray(d**-0.5, q.dtype)
+    qh = q.reshape(b, t, hkv, g, d).transpose(2, 0, 3, 1, 4).reshape(hkv, b, g * t, d) * jnp.asarray(scale or d**-0.5, q.dtype)
     qpos = jnp.broadcast_to(positions[:, None, :], (b, g, t)).reshape(1, b, 1, g * t)  # position of each query column
 
     def block(i: jnp.ndarray, carry: tuple) -> tuple:
@@ -93,7 +101,9 @@ def paged_attention(
         k, v = (x.reshape(hkv, b, s, d) for x in cache.pages(layer, table, q.dtype))  # [Hkv, B, S, D]
         key_pos = (i * s + jnp.arange(s, dtype=jnp.int32))[None, None, :, None]  # [1, 1, S, 1]
         keep = (key_pos <= qpos) & (key_pos < kv_lens[None, :, None, None])  # [1, B, S, G*T]
-        scores = jnp.einsum("hbsd,hbqd->hbsq", k, qh, preferred_element_type=jnp.float32)
+        if window is not None:
+            keep &= key_pos > qpos - window
+        scores = _cap(jnp.einsum("hbsd,hbqd->hbsq", k, qh, preferred_element_type=jnp.float32), softcap)
         scores = jnp.where(keep, scores, _MASKED)  # [Hkv, B, S, G*T]
         m_new = jnp.maximum(m, scores.max(axis=2, keepdims=True))
         p = jnp.exp(scores - m_new)
@@ -106,13 +116,16 @@ def paged_attention(
         return m_new, l, acc * scale.transpose(0, 1, 3, 2) + pv
 
     num_blocks = (jnp.max(kv_lens) + s - 1) // s
+    first = jnp.int32(0)
+    if window is not None:  # the first block holding a key some row's window reaches
+        first = jnp.clip((jnp.min(jnp.where(positions < kv_lens[:, None], positions, jnp.iinfo(jnp.int32).max)) - window + 1) // s, 0, num_blocks - 1)
     init = (
         jnp.full((hkv, b, 1, g * t), _MASKED, jnp.float32),
         jnp.zeros((hkv, b, 1, g * t), jnp.float32),
         jnp.zeros((hkv, b, g * t, d), jnp.float32),
     )
     # The first block runs outside the loop: most decode batches need no loop at all.
-    _, l, acc = jax.lax.fori_loop(1, num_blocks, block, block(jnp.int32(0), init))
+    _, l, acc = jax.lax.fori_loop(first + 1, num_blocks, block, block(first, init))
     out = acc / jnp.maximum(l, 1e-30).transpose(0, 1, 3, 2)  # [Hkv, B, G*T, D]; padding rows have l = 0
     return out.reshape(hkv, b, g, t, d).transpose(1, 3, 0, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
 
@@ -123,17 +136,27 @@ def causal_attention(
     v: jnp.ndarray,  # [B, T, Hkv, D]
     positions: jnp.ndarray,  # [B, T] int32
     kv_lens: jnp.ndarray,  # [B] int32
+    scale: float | None = None,
+    window: jnp.ndarray | None = None,
+    softcap: float | None = None,
 ) -> jnp.ndarray:  # [B, T, Hq, D]
     """Dense causal GQA attention within each row, with no cache: the differentiable path training
-    takes (the paged walk's loop has a data-dependent trip count, which reverse-mode cannot follow)."""
+    takes (the paged walk's loop has a data-dependent trip count, which reverse-mode cannot follow).
+    `scale`, `window` and `softcap` as in `paged_attention`."""
     b, t, hq, d = q.shape
     g = hq // k.shape[2]
-    qh = q.reshape(b, t, k.shape[2], g, d) * jnp.asarray(d**-0.5, q.dtype)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qh, k, preferred_element_type=jnp.float32)
+    qh = q.reshape(b, t, k.shape[2], g, d) * jnp.asarray(scale or d**-0.5, q.dtype)
+    scores = _cap(jnp.einsum("bqhgd,bkhd->bhgqk", qh, k, preferred_element_type=jnp.float32), softcap)
     keep = (positions[:, None, :] <= positions[:, :, None]) & (positions[:, None, :] < kv_lens[:, None, None])  # [B, Tq, Tk]
+    if window is not None:
+        keep &= positions[:, None, :] > positions[:, :, None] - window
     scores = jnp.where(keep[:, None, None], scores, _MASKED)
     p = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhgqk,bkhd->bqhgd", p, v).reshape(b, t, hq, d)
+
+
+def _cap(scores: jnp.ndarray, softcap: float | None) -> jnp.ndarray:
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
 
 def use_decode_kernel() -> bool:
@@ -148,6 +171,7 @@ def decode_attention(
     layer: int | jnp.ndarray,
     page_table: jnp.ndarray,  # [B, P] int32
     kv_lens: jnp.ndarray,  # [B] int32
+    scale: float | None = None,
 ) -> jnp.ndarray:  # [B, 1, Hq, D]
     """Attention of one new token per row through the Pallas GPU paged-attention kernel (flash-decoding
     over page blocks, split across the page table). Off GPU it runs in Pallas' interpreter, which is
@@ -166,7 +190,7 @@ def decode_attention(
     blocks = width // per_block
     splits = max(k for k in range(1, min(blocks, 16) + 1) if blocks % k == 0)
     out = pallas.paged_attention(
-        q[:, 0] * jnp.asarray(d**-0.5, q.dtype),  # the kernel does not scale scores
+        q[:, 0] * jnp.asarray(scale or d**-0.5, q.dtype),  # the kernel does not scale scores
         k_pages,  # all layers' pages
         v_pages,
         page_table + layer * num_pages,
