@@ -167,11 +167,13 @@ class Tokenizer:
         eos_token_ids: tuple[int, ...],
         add_bos: bool,
         chat_template: str | None,
+        add_eos: bool = False,
     ) -> None:
         self.backend = backend
         self.bos_token_id = bos_token_id
-        self.eos_token_ids = eos_token_ids
+        self.eos_token_ids = eos_token_ids  # every id generation stops on; the first is the EOS `add_eos` appends
         self.add_bos = add_bos
+        self.add_eos = add_eos
         self.chat_template = chat_template
         self._template: jinja2.Template | None = None
 
@@ -184,10 +186,13 @@ class Tokenizer:
         return self.backend.id_to_token(self.eos_token_ids[0]) or "" if self.eos_token_ids else ""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; with `add_special_tokens`, a BOS is prepended where the model's metadata asks."""
+        """Token ids; with `add_special_tokens`, a BOS is prepended and an EOS appended where the model's
+        metadata asks."""
         ids = self.backend.encode(text)
         if add_special_tokens and self.add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
+        if add_special_tokens and self.add_eos and self.eos_token_ids:
+            ids = [*ids, self.eos_token_ids[0]]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -238,6 +243,7 @@ class Tokenizer:
             "bos_token_id": self.bos_token_id,
             "eos_token_ids": list(self.eos_token_ids),
             "add_bos": self.add_bos,
+            "add_eos": self.add_eos,
             "chat_template": self.chat_template,
         }
         (folder / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
@@ -252,38 +258,50 @@ class Tokenizer:
             eos_token_ids=tuple(meta["eos_token_ids"]),
             add_bos=meta["add_bos"],
             chat_template=meta["chat_template"],
+            add_eos=meta.get("add_eos", False),
         )
 
     @classmethod
     def from_hf(cls, folder: Path) -> Tokenizer:
-        """A Hugging Face folder: tokenizer.json or tokenizer.model, with tokenizer_config.json."""
+        """A Hugging Face folder, as transformers reads it: tokenizer.json or else tokenizer.model
+        (SentencePiece); BOS, EOS, `add_bos_token` and `add_eos_token` from tokenizer_config.json
+        (tokens as strings or `AddedToken` dicts); every EOS id of generation_config.json (an int or a
+        list, as Llama 3 and Qwen write) to stop on as well; the chat template from chat_template.jinja
+        (transformers 5), or else tokenizer_config.json."""
         backend = _backend_in(folder)
-        conf_file = folder / "tokenizer_config.json"
-        conf = json.loads(conf_file.read_text()) if conf_file.exists() else {}
+        conf = _json_file(folder / "tokenizer_config.json")
+        sentencepiece = isinstance(backend, _SentencePieceBackend)
 
-        def token_id(value: Any) -> int | None:
+        def token_id(key: str) -> int | None:
+            if key not in conf and sentencepiece:  # LlamaTokenizer's defaults: the model's own <s> and </s>
+                i = backend.sp.bos_id() if key == "bos_token" else backend.sp.eos_id()
+                return i if i >= 0 else None
+            value = conf.get(key)
             text = value.get("content") if isinstance(value, dict) else value
             return backend.token_to_id(text) if text else None
 
-        eos_ids: list[int] = []
-        gen_file = folder / "generation_config.json"
-        if gen_file.exists():
-            eos = json.loads(gen_file.read_text()).get("eos_token_id")
-            eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        if not eos_ids and token_id(conf.get("eos_token")) is not None:
-            eos_ids = [token_id(conf.get("eos_token"))]
-        bos_id = token_id(conf.get("bos_token"))
+        bos_id, eos_id = token_id("bos_token"), token_id("eos_token")
+        eos_ids = [] if eos_id is None else [eos_id]
+        gen_eos = _json_file(folder / "generation_config.json").get("eos_token_id")
+        for i in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
+            if isinstance(i, int) and not isinstance(i, bool) and i not in eos_ids:
+                eos_ids.append(i)
         template = conf.get("chat_template")
         if isinstance(template, list):  # named templates: take the default
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if template is None and (folder / "chat_template.jinja").exists():
-            template = (folder / "chat_template.jinja").read_text()
-        add_bos = conf.get("add_bos_token")
-        if add_bos is None:  # tokenizer.json post-processors that prepend BOS (Llama 3)
-            add_bos = isinstance(backend, _HFBackend) and bos_id is not None and (
-                backend.tk.encode("a").ids[:1] == [bos_id]
-            )
-        return cls(backend, bos_token_id=bos_id, eos_token_ids=tuple(eos_ids), add_bos=bool(add_bos), chat_template=template)
+        if (folder / "chat_template.jinja").exists():  # transformers: the file takes priority over the config
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        add_bos, add_eos = conf.get("add_bos_token"), conf.get("add_eos_token")
+        if sentencepiece:  # LlamaTokenizer's defaults: BOS, no EOS
+            add_bos = bos_id is not None if add_bos is None else add_bos
+        elif add_bos is None or add_eos is None:  # what tokenizer.json's post-processor adds (Llama 3 prepends BOS)
+            plain, full = backend.encode("a"), backend.tk.encode("a").ids
+            if add_bos is None:
+                add_bos = bos_id is not None and full[:1] == [bos_id] != plain[:1]
+            if add_eos is None:
+                add_eos = eos_id is not None and full[-1:] == [eos_id] != plain[-1:]
+        return cls(backend, bos_token_id=bos_id, eos_token_ids=tuple(eos_ids), add_bos=bool(add_bos), chat_template=template,
+                   add_eos=bool(add_eos))
 
     @classmethod
     def from_gguf(cls, meta: Mapping[str, Any]) -> Tokenizer:
@@ -320,7 +338,18 @@ class Tokenizer:
             eos_token_ids=tuple(eos_ids),
             add_bos=add_bos,
             chat_template=meta.get("tokenizer.chat_template"),
+            add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         )
+
+
+def _json_file(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    return value if isinstance(value, dict) else {}
 
 
 def _backend_in(folder: Path) -> _Backend:
