@@ -14,6 +14,7 @@ from jaxserve.checkpoint.registry import DEFAULT_MODEL, cache_dir
 from jaxserve.config import INT4_GROUP, KV_CACHE_DTYPES, PREEMPTION_MODES, QUANTIZATIONS, SCHEDULING_POLICIES, FinetuneConfig, TrainDraftConfig, load_yaml
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.server.reasoning import REASONING_PARSERS, reasoning_parser
 
 
 QUANTIZATION_HELP = (
@@ -197,6 +198,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     srv.add_argument("--max-loras", type=int, default=None,
                      help="adapters one step can mix (device slots; default 4 with LoRA on); more may be loaded, and take turns")
     srv.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank the slots hold (default 16)")
+    srv.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                     help="split chat replies into reasoning_content (<think>...</think>) and content, as vLLM's parser of that name (default: off)")
     srv.set_defaults(func=_cmd_serve, warmup=True, models=None)  # models: the YAML `models:` list (jaxserve.server.model_spec)
 
     ro = sub.add_parser("rollout", help="move a model's traffic to a new version in stages through a server's admin API, rolling back on regressions")
@@ -404,6 +407,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     setup_json_logging()
     specs = _model_specs(args)  # before anything loads: a bad spec fails at once
+    reasoning_parser(args.reasoning_parser)  # a bad name from --config or the environment too
     from jaxserve.server.adapters import LoraModule
 
     lora_modules = [LoraModule.from_flag(v) for v in args.lora_modules]
@@ -478,7 +482,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except (PeerLostError, StepChannelError) as e:
             raise UserError(f"process {dist.process_id}: {e}; exiting: {RESTART}") from None
         return 0
-    server = Server(engine_replicas(model, engine_config, replica_meshes(mesh), channel=channel), server_config)
+    server = Server(engine_replicas(model, engine_config, replica_meshes(mesh), channel=channel), server_config, args.reasoning_parser)
     status = 1
     try:
         status = asyncio.run(serve(server))
@@ -526,7 +530,7 @@ def _serve_models(args: argparse.Namespace, specs: list, engine_config, server_c
         if not spec.name:
             spec = dataclasses.replace(spec, name=server_config.served_model_name or engines[0].info.name)
         router.add(spec, engines)
-    server = Server(router, server_config)
+    server = Server(router, server_config, args.reasoning_parser)
     for module in lora_modules:
         server.adapters.add(module, server.adapters.read(module))
     return asyncio.run(serve(server))

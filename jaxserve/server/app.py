@@ -41,6 +41,7 @@ from jaxserve.server.tenants import ANONYMOUS, KeyTable, Tenant, digest, key_id,
 from jaxserve.server.tracing import RequestTrace, Tracing, finish_server_span, trace_id
 from jaxserve.server.usage import UsageLedger
 from jaxserve.server.protocol import ApiError, Request, chat_prompt, parse_chat, parse_completion
+from jaxserve.server import reasoning
 from jaxserve.server.render import Renderer, renderer, sse
 from jaxserve.server.responses import ResponsesRenderer, ResponseStore, chat_body
 from jaxserve.server.router import ModelRouter, Route
@@ -72,11 +73,15 @@ class _Call:
 
 
 class Server:
-    def __init__(self, models: ModelRouter | Sequence[AsyncEngine], cfg: ServerConfig) -> None:
+    def __init__(self, models: ModelRouter | Sequence[AsyncEngine], cfg: ServerConfig, reasoning_parser: str | None = None) -> None:
         """`models`: a router over every model and version, or the replicas of one model
         (`jaxserve.engine.async_engine.engine_replicas`). Engines are used only through their
-        interface; a request goes, whole, to the least loaded replica of the version it is routed to."""
+        interface; a request goes, whole, to the least loaded replica of the version it is routed to.
+        `reasoning_parser`: how chat replies are split into reasoning and content
+        (`jaxserve.server.reasoning`; None: not at all)."""
         self.cfg = cfg
+        self.reasoning_parser = reasoning_parser
+        self._reasoning = reasoning.reasoning_parser(reasoning_parser)  # UserError for an unknown name
         self.router = models if isinstance(models, ModelRouter) else ModelRouter.of_engines(
             cfg.served_model_name or models[0].info.name, models, cfg.warmup)
         self.keys = load_keys(cfg.api_keys_file) if cfg.api_keys_file else KeyTable.unlimited(cfg.api_keys) if cfg.api_keys else None
@@ -521,7 +526,7 @@ class Server:
 
     def _renderer(self, req: Request, call: _Call) -> Renderer:
         tokenizer = call.route.deployment.info.tokenizer
-        return ResponsesRenderer(req, tokenizer) if req.responses is not None else renderer(req, tokenizer)
+        return ResponsesRenderer(req, tokenizer) if req.responses is not None else renderer(req, tokenizer, self._reasoning)
 
     # ---- other endpoints -----------------------------------------------------------------
 
@@ -638,7 +643,8 @@ async def serve(server: Server) -> int:
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port)
     await site.start()
-    log.info("listening", extra={"url": f"http://{cfg.host}:{cfg.port}", "models": list(server.router.models)})
+    log.info("listening", extra={"url": f"http://{cfg.host}:{cfg.port}", "models": list(server.router.models),
+                                 "reasoning_parser": server.reasoning_parser})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

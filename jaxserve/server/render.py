@@ -15,6 +15,7 @@ from typing import Any
 
 from jaxserve.engine.outputs import StepOutput, TopLogprobs
 from jaxserve.server.protocol import Request
+from jaxserve.server.reasoning import ReasoningParser
 from jaxserve.server.tools import ToolCallParser
 from jaxserve.tokenizer import Tokenizer
 
@@ -49,6 +50,8 @@ class Choice:
     finish_reason: str | None = None
     tools: ToolCallParser | None = None  # chat with tools
     calls: list[dict] = field(default_factory=list)  # chat: tool calls found at the end
+    reasoning: ReasoningParser | None = None  # chat with a reasoning parser (`serve --reasoning-parser`)
+    thought: str = ""  # reasoning released, in order (`text` is then the content)
 
 
 class Renderer:
@@ -217,8 +220,15 @@ class ChatRenderer(Renderer):
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
+    def __init__(self, req: Request, tok: Tokenizer, reasoning: type[ReasoningParser] | None = None) -> None:
+        """`reasoning`: the server's reasoning parser, which splits each choice's output into
+        `reasoning_content` and `content` (None: all content)."""
+        self.reasoning_parser = reasoning
+        super().__init__(req, tok)
+
     def _new_choice(self) -> Choice:
-        return Choice(text=self.req.echo_text, tools=ToolCallParser(self.req.tools) if self.req.tools is not None else None)
+        parser = self.reasoning_parser(constrained=self.req.params.guide is not None) if self.reasoning_parser is not None else None
+        return Choice(text=self.req.echo_text, tools=ToolCallParser(self.req.tools) if self.req.tools is not None else None, reasoning=parser)
 
     def start(self) -> list[dict]:
         """A role-only chunk per choice, before any text (what OpenAI's clients expect first), then the
@@ -239,9 +249,15 @@ class ChatRenderer(Renderer):
         return {"token": s, "logprob": logprob, "bytes": list(s.encode())}
 
     def _add(self, choice: Choice, prompt_index: int, index: int, out: StepOutput, token: list[int]) -> dict | None:
-        text, finish, calls = out.text, out.finish_reason, []
+        text, finish, calls, thought = out.text, out.finish_reason, [], ""
         entries = [{**self._entry(t, out.logprob), "top_logprobs": [self._entry(a, b) for a, b in out.top_logprobs]} for t in token]
         choice.logprobs += entries
+        if choice.reasoning is not None:  # the reasoning first: tool calls are parsed from the content
+            thought, text = choice.reasoning.feed(text)
+            if finish:
+                rest_thought, rest = choice.reasoning.finish()
+                thought, text = thought + rest_thought, text + rest
+            choice.thought += thought
         if choice.tools is not None:
             text = choice.tools.feed(text)
             if finish:
@@ -251,11 +267,12 @@ class ChatRenderer(Renderer):
         choice.text += text
         choice.calls += calls
         choice.finish_reason = finish
-        if not text and not finish:
-            choice.held += entries  # part of a character or of a tool call: sent with the text
+        if not text and not thought and not finish:
+            choice.held += entries  # part of a character, a tag or a tool call: sent with the text
             return None
         entries, choice.held = choice.held + entries, []
-        delta: dict[str, Any] = {"content": text} if text else {}
+        delta: dict[str, Any] = {"reasoning_content": thought, "reasoning": thought} if thought else {}
+        delta.update({"content": text} if text else {})
         if calls:
             delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
         logprobs = {"content": entries} if self.req.logprobs is not None else None
@@ -263,8 +280,11 @@ class ChatRenderer(Renderer):
 
     def _whole(self, index: int, choice: Choice) -> dict:
         message: dict[str, Any] = {"role": "assistant", "content": choice.text}
+        if choice.reasoning is not None:  # vLLM's field names, the older first (what clients read most)
+            thought = choice.thought if choice.reasoning.reasoned else None
+            message = {"role": "assistant", "content": choice.text or (None if thought is not None else ""), "reasoning_content": thought, "reasoning": thought}
         if choice.calls:
-            message = {"role": "assistant", "content": choice.text or None, "tool_calls": choice.calls}
+            message = {**message, "content": choice.text or None, "tool_calls": choice.calls}
         logprobs = {"content": choice.logprobs} if self.req.logprobs is not None else None
         out = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": choice.finish_reason}
         if self.req.return_token_ids:
@@ -281,6 +301,6 @@ class ChatRenderer(Renderer):
         return out
 
 
-def renderer(req: Request, tok: Tokenizer) -> Renderer:
-    """The renderer of the request's endpoint."""
-    return (CompletionRenderer if req.kind == "completion" else ChatRenderer)(req, tok)
+def renderer(req: Request, tok: Tokenizer, reasoning: type[ReasoningParser] | None = None) -> Renderer:
+    """The renderer of the request's endpoint; `reasoning`: the server's reasoning parser (chat only)."""
+    return CompletionRenderer(req, tok) if req.kind == "completion" else ChatRenderer(req, tok, reasoning)
