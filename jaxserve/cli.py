@@ -122,10 +122,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     _add_model_args(gen)
     _add_sampling_args(gen)
-    gen.add_argument("--prompt", required=True)
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt")
+    source.add_argument("--prompt-token-ids", default=None, metavar="IDS",
+                        help="the prompt as comma-separated token ids (1,2,3) instead of text: for checkpoints without a usable tokenizer")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--system", default=None, help="system message (with --chat)")
-    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object instead of streaming text: prompt_token_ids, token_ids, text (null when it cannot be "
+                     "decoded), logprobs (of each generated token) and finish_reason")
     gen.set_defaults(func=_cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat (streams tokens, keeps history)")
@@ -325,11 +330,30 @@ def _single_stream(args: argparse.Namespace):
     return model, llm
 
 
+def _token_ids(value: str) -> list[int]:
+    try:
+        ids = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise UserError(f"--prompt-token-ids takes comma-separated integer token ids (1,2,3), got {value!r}") from None
+    return ids
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    ids = None if args.prompt_token_ids is None else _token_ids(args.prompt_token_ids)
+    if ids is not None and args.chat:
+        raise UserError("--chat renders --prompt through the chat template; give --prompt, not --prompt-token-ids")
     sp = _sampling(args)
+    if args.json:
+        sp = dataclasses.replace(sp, logprobs=0)  # each generated token's own log-prob
     model, llm = _single_stream(args)
     tok = model.tokenizer
-    if args.chat:
+    if ids is not None:
+        vocab = model.cfg.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise UserError(f"--prompt-token-ids: token id {bad} is out of the vocabulary: ids must be in [0, {vocab})")
+        prompt_ids = ids
+    elif args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}
         ]
@@ -337,15 +361,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tok.encode(args.prompt)
     token_ids: list[int] = []
-    text, finish = "", None
+    logprobs: list[float] = []
+    text, finish, error = "", None, None
     for out in llm.stream(prompt_ids, sp):
         finish = out.finish_reason
-        token_ids += [out.token_id] if out.token_id is not None else []
+        if out.token_id is not None:
+            token_ids.append(out.token_id)
+            logprobs.append(out.logprob)
+        if finish == "error":  # the engine failed the request (say, a token the tokenizer cannot decode): out.text says why
+            text, error = None, out.text
+            break
         text += out.text
         if not args.json:
             sys.stdout.write(out.text)
             sys.stdout.flush()
-    result = {"text": text, "token_ids": token_ids, "prompt_token_ids": prompt_ids, "finish_reason": finish}
+    result = {"text": text, "token_ids": token_ids, "prompt_token_ids": prompt_ids, "logprobs": logprobs, "finish_reason": finish}
+    if error is not None:
+        if not args.json:
+            raise UserError(f"generation failed: {error}")
+        result["error"] = error
     if llm.engine.speculator is not None:
         c = llm.engine.speculator.snapshot()
         result["speculative"] = {"drafts": c.num_drafts, "draft_tokens": c.num_draft_tokens, "accepted_tokens": c.num_accepted_tokens,
@@ -357,7 +391,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print()
-    return 0
+    return 0 if error is None else 1
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:

@@ -41,9 +41,74 @@ def test_generate_json_through_console_entry(tiny_gguf: Path) -> None:
            "--max-tokens", "6", "--temperature", "0", "--ignore-eos", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout)
-    assert set(result) == {"text", "token_ids", "prompt_token_ids", "finish_reason"}
+    assert set(result) == {"text", "token_ids", "prompt_token_ids", "logprobs", "finish_reason"}
     assert result["prompt_token_ids"] == [119, 260, 261, 112, 104]
     assert len(result["token_ids"]) == 6 and result["finish_reason"] == "length"
+    assert len(result["logprobs"]) == 6 and all(lp <= 0 for lp in result["logprobs"])
+
+
+def test_generate_from_prompt_token_ids(capsys, tiny_gguf: Path) -> None:
+    """Token ids drive generation as the text they encode does; each generated token's log-prob is the
+    model's (greedy: the first is the log-softmax maximum after the prompt)."""
+    from tests.tiny_models import prefill_logits
+
+    args = ["--model", str(tiny_gguf), "--max-tokens", "5", "--temperature", "0", "--ignore-eos", "--json"]
+    code, out, _ = _run(capsys, "generate", "--prompt-token-ids", "119,260,261,112,104", *args)
+    by_ids = json.loads(out)
+    assert code == 0 and by_ids == json.loads(_run(capsys, "generate", "--prompt", "the theme", *args)[1])
+    assert by_ids["prompt_token_ids"] == [119, 260, 261, 112, 104] and len(by_ids["token_ids"]) == 5
+    cfg = tiny_config("llama", tie_word_embeddings=True)
+    logits = prefill_logits(cfg, tiny_params(cfg), by_ids["prompt_token_ids"])[-1]
+    logsoftmax = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    assert by_ids["token_ids"][0] == int(np.argmax(logits))
+    assert abs(by_ids["logprobs"][0] - float(logsoftmax.max())) < 1e-4
+    assert isinstance(by_ids["text"], str)  # decodable
+
+
+@pytest.mark.parametrize(("ids", "expected"), [
+    ("1,2,9999", "--prompt-token-ids: token id 9999 is out of the vocabulary: ids must be in [0, 262)"),
+    ("1,-3", "--prompt-token-ids: token id -3 is out of the vocabulary"),
+    ("1,two,3", "--prompt-token-ids takes comma-separated integer token ids (1,2,3), got '1,two,3'"),
+    ("", "--prompt-token-ids takes comma-separated integer token ids"),
+])
+def test_bad_prompt_token_ids_give_one_clear_line(capsys, tiny_gguf: Path, ids: str, expected: str) -> None:
+    code, _, err = _run(capsys, "generate", "--model", str(tiny_gguf), f"--prompt-token-ids={ids}", "--max-tokens", "2")
+    lines = [line for line in err.splitlines() if line.strip() and "tensor/s" not in line]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("jaxserve: error:") and expected in lines[0], err
+
+
+def test_prompt_token_ids_exclude_the_prompt_and_chat(capsys, tiny_gguf: Path) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", str(tiny_gguf), "--prompt", "hi", "--prompt-token-ids", "1,2"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    code, _, err = _run(capsys, "generate", "--model", str(tiny_gguf), "--prompt-token-ids", "1,2", "--chat")
+    assert code == 2 and "give --prompt, not --prompt-token-ids" in err
+
+
+def test_json_text_is_null_when_the_tokenizer_cannot_decode(capsys, tmp_path: Path) -> None:
+    """A SentencePiece tokenizer of 300 pieces on a model of 1024 tokens: the first id past its pieces
+    fails the request; --json still reports the ids, with no text and the engine's reason."""
+    import random
+
+    import sentencepiece as spm
+
+    from tests.tiny_models import write_hf_folder
+
+    cfg = tiny_config("llama", vocab_size=1024)  # untied: random heads, no echo of the prompt
+    folder = write_hf_folder(tmp_path / "hf", cfg, tiny_params(cfg))
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer_config.json").unlink()
+    rng, words = random.Random(0), "the quick brown fox jumps over lazy dog".split()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(" ".join(rng.choice(words) for _ in range(8)) for _ in range(200)), model_prefix=str(folder / "tokenizer"),
+        vocab_size=300, model_type="bpe", byte_fallback=True, minloglevel=2,
+    )
+    code, out, _ = _run(capsys, "generate", "--model", str(folder), "--prompt-token-ids", "1,40,41,42", "--max-tokens", "12",
+                        "--temperature", "0", "--ignore-eos", "--json", "--no-unroll-layers", "--max-model-len", "32")
+    result = json.loads(out)
+    assert code == 1 and result["text"] is None and result["finish_reason"] == "error", result
+    assert "out of range" in result["error"] and result["prompt_token_ids"] == [1, 40, 41, 42]
+    assert len(result["logprobs"]) == len(result["token_ids"]) and all(t < 300 for t in result["token_ids"])
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(capsys, tiny_gguf: Path) -> None:
