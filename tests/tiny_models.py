@@ -189,16 +189,19 @@ def write_hf_folder(folder: Path, cfg: ModelConfig, params: Params, shards: int 
     return folder
 
 
-def prefill_logits(cfg: ModelConfig, params: Params, ids: list[int], page_size: int = 16, kv_cache_dtype: str = "auto") -> np.ndarray:
+def prefill_logits(
+    cfg: ModelConfig, params: Params, ids: list[int], page_size: int = 16, kv_cache_dtype: str = "auto", pad_to: int | None = None
+) -> np.ndarray:
     """Logits [T, V] of a prompt run through the paged cache (pages 1..n in order). The row is padded
-    to a power of two (at least a page), so prompts of similar lengths share one compiled program."""
+    to `pad_to`, by default a power of two (at least a page), so prompts of similar lengths share one
+    compiled program."""
     import jax.numpy as jnp
 
     from jaxserve.cache.kv_cache import KVCache, storage_dtype
     from jaxserve.models.llama import ForwardBatch
 
     n = len(ids)
-    batch = ForwardBatch.prompt([*ids, *[0] * (max(page_size, 1 << (n - 1).bit_length()) - n)], page_size)
+    batch = ForwardBatch.prompt([*ids, *[0] * ((pad_to or max(page_size, 1 << (n - 1).bit_length())) - n)], page_size)
     batch = batch.replace(kv_lens=np.asarray([n], np.int32))  # the padding is never attended
     dtype = storage_dtype(kv_cache_dtype, jnp.asarray(params["embed"]).dtype)
     cache = KVCache.create(cfg, batch.page_table.shape[1] + 1, page_size, dtype)

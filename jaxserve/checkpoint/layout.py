@@ -19,26 +19,35 @@ class ParamBuilder:
         self.shapes = param_shapes(cfg)
         self.params: Params = {"layers": {}}
         self._filled: set[tuple[str, int]] = set()
+        self._experts: dict[tuple[str, int], set[int]] = {}  # experts put so far, per (param, layer)
 
-    def put(self, name: str, weight: np.ndarray | Int4Weight, layer: int | None = None) -> None:
-        """Store `weight` (PyTorch layout) as param `name`, of layer `layer` when stacked."""
-        shape = self.shapes["layers"][name] if layer is not None else self.shapes.get(name)
-        if shape is None:
-            raise UserError(f"unexpected tensor for parameter {name!r}")
+    def put(self, name: str, weight: np.ndarray | Int4Weight, layer: int | None = None, expert: int | None = None) -> None:
+        """Store `weight` (PyTorch layout: [out, in], or [E, out, in] for all of a layer's experts) as
+        param `name`, of layer `layer` when stacked, and of one `expert` of the layer when given."""
+        shape = self.shapes["layers"].get(name) if layer is not None else self.shapes.get(name)
+        if not isinstance(shape, tuple) or (expert is not None and not 0 <= expert < shape[1]):
+            raise UserError(f"unexpected tensor for parameter {name!r}" + ("" if expert is None else f" of expert {expert}"))
         if isinstance(weight, Int4Weight):
             self._put_int4(name, weight, shape, layer)
             return
-        if weight.ndim == 2:
-            weight = weight if name == "embed" else weight.T
-        target = shape[1:] if layer is not None else shape
+        if weight.ndim >= 2 and name != "embed":
+            weight = weight.swapaxes(-1, -2)
+        target = shape[1 + (expert is not None):] if layer is not None else shape
         if tuple(weight.shape) != tuple(target):
             raise UserError(f"tensor {name!r} has shape {tuple(weight.shape)}, expected {tuple(target)}")
         if layer is None:
             self.params[name] = np.ascontiguousarray(weight, dtype=np.float32)
-        else:
-            stack = self.params["layers"].setdefault(name, np.empty(shape, np.float32))
+            self._filled.add((name, -1))
+            return
+        stack = self.params["layers"].setdefault(name, np.empty(shape, np.float32))
+        if expert is None:
             stack[layer] = weight
-        self._filled.add((name, -1 if layer is None else layer))
+            self._filled.add((name, layer))
+        else:
+            stack[layer, expert] = weight
+            self._experts.setdefault((name, layer), set()).add(expert)
+            if len(self._experts[(name, layer)]) == shape[1]:
+                self._filled.add((name, layer))
 
     def _put_int4(self, name: str, weight: Int4Weight, shape: tuple[int, ...], layer: int) -> None:
         packed = weight.packed.shape  # [in / 2, out]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-from jaxserve.config import ROPE_SCALINGS, SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
+from jaxserve.config import LAYER_TYPES, ROPE_SCALINGS, SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from jaxserve.errors import UserError
 
 HF = Mapping[str, Any]
@@ -56,7 +56,7 @@ def _common(hf: HF, model_type: str) -> dict[str, Any]:
         qkv_bias=bool(hf.get("attention_bias", False)),
         rope_scaling=scaling,
         hidden_act=_ACTIVATIONS[act],
-        partial_rotary_factor=float(hf.get("partial_rotary_factor", 1.0)),
+        partial_rotary_factor=float(_rope_params(hf, "full_attention").get("partial_rotary_factor") or hf.get("partial_rotary_factor", 1.0)),
     )
 
 
@@ -69,6 +69,7 @@ def _refuse(hf: HF, model_type: str) -> None:
         "final_logit_softcapping": lambda v: v is not None and model_type not in NORM_PLUS_ONE,
         "use_qk_norm": lambda v: bool(v),
         "shared_expert_intermediate_size": lambda v: bool(v),
+        "use_bidirectional_attention": lambda v: bool(v),
     }
     for key, bad in checks.items():
         if key in hf and bad(hf[key]):
@@ -136,8 +137,11 @@ def _windows(hf: HF, pattern: Callable[[int], bool] | None) -> dict[str, Any]:
         if window is None or pattern is None:
             return {}
         types = ["sliding_attention" if pattern(i) else "full_attention" for i in range(hf["num_hidden_layers"])]
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown:
+        raise UserError(f"{hf.get('model_type')}: unsupported layer type {unknown[0]!r} (supported: {', '.join(LAYER_TYPES)})")
     if "sliding_attention" not in types:
-        return {"layer_types": tuple(types)}
+        return {}  # all full: the default
     return {"layer_types": tuple(types), "sliding_window": int(window)}
 
 
@@ -149,9 +153,12 @@ def _qwen_windows(hf: HF) -> dict[str, Any]:
     return _windows(hf, lambda i: i >= start)
 
 
-def _moe(hf: HF, experts_key: str, width_key: str, renormalise: bool | None = None) -> dict[str, Any]:
+def _moe(hf: HF, width_key: str, renormalise: bool | None = None) -> dict[str, Any]:
+    experts = hf.get("num_local_experts") or hf.get("num_experts")  # transformers 5 says num_local_experts
+    if not experts:
+        raise UserError(f"{hf.get('model_type')}: config.json names no experts (num_local_experts or num_experts)")
     return dict(
-        num_experts=int(hf[experts_key]),
+        num_experts=int(experts),
         num_experts_per_tok=int(hf["num_experts_per_tok"]),
         moe_intermediate_size=int(hf[width_key]),
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)) if renormalise is None else renormalise,
@@ -161,7 +168,7 @@ def _moe(hf: HF, experts_key: str, width_key: str, renormalise: bool | None = No
 def _qwen3_moe(hf: HF) -> dict[str, Any]:
     if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
         raise UserError("qwen3_moe: dense layers among the MoE layers (mlp_only_layers, decoder_sparse_step != 1) are not supported")
-    return {**_qwen_windows(hf), "qk_norm": "head", **_moe(hf, "num_experts", "moe_intermediate_size")}
+    return {**_qwen_windows(hf), "qk_norm": "head", **_moe(hf, "moe_intermediate_size")}
 
 
 def _gemma(hf: HF, pattern: Callable[[int], bool]) -> dict[str, Any]:
@@ -187,11 +194,11 @@ def _gemma3(hf: HF) -> dict[str, Any]:
 _READERS: dict[str, Callable[[HF], dict[str, Any]]] = {
     "llama": lambda hf: {},
     "mistral": lambda hf: _windows(hf, lambda i: True),
-    "mixtral": lambda hf: {**_windows(hf, lambda i: True), **_moe(hf, "num_local_experts", "intermediate_size", renormalise=True)},
+    "mixtral": lambda hf: {**_windows(hf, lambda i: True), **_moe(hf, "intermediate_size", renormalise=True)},
     "qwen2": lambda hf: {**_qwen_windows(hf), "qkv_bias": bool(hf.get("attention_bias", True))},
     "qwen3": lambda hf: {**_qwen_windows(hf), "qk_norm": "head"},
     "qwen3_moe": _qwen3_moe,
-    "olmoe": lambda hf: {"qk_norm": "full", **_moe(hf, "num_experts", "intermediate_size")},
+    "olmoe": lambda hf: {"qk_norm": "full", **_moe(hf, "intermediate_size")},
     "gemma2": lambda hf: _gemma(hf, lambda i: not i % 2),
     "gemma3_text": _gemma3,
     "phi3": lambda hf: _windows(hf, lambda i: True),

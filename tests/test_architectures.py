@@ -1,0 +1,154 @@
+"""Every architecture held to Hugging Face transformers on tiny random checkpoints.
+
+`scripts/make_reference_models.py` built each model with transformers (float32, eager attention),
+saved it as a hub-style folder and recorded transformers' logits for three prompts and a 32-token
+greedy continuation of each (a full forward per step). Here the same folder goes through our reader,
+the paged prefill and the engine: chunked prefill in 16-token rows, paged decode over 16-token pages,
+windows longer than a page. (One sequence at a time keeps each model to two step shapes; batch
+invariance has its own tests.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.checkpoint.hf_reader import read_hf
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.sampling_params import SamplingParams
+from tests.tiny_models import prefill_logits
+
+DATA = Path(__file__).parent / "data" / "hf_tiny"
+ARCHITECTURES = sorted(p.name for p in DATA.iterdir() if (p / "reference.json").exists())
+MOE = ("mixtral", "olmoe", "qwen3_moe")
+# Small rows and pages, so a 70-token prompt prefills in five chunks and decodes across pages.
+ENGINE = EngineConfig(num_pages=64, page_size=16, max_num_seqs=1, max_prefill_seqs=1, max_num_batched_tokens=16, prefill_row_len=16, max_model_len=128)
+TOLERANCE = 1e-4
+
+
+def reference(arch: str) -> tuple[list[dict], dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    meta = json.loads((DATA / arch / "reference.json").read_text())
+    return meta["prompts"], load_file(str(DATA / arch / "reference.safetensors"))
+
+
+def load(arch: str) -> tuple[ModelConfig, dict]:
+    cfg, params, _ = read_hf(DATA / arch)
+    return cfg, jax.tree.map(jnp.asarray, params)
+
+
+def max_errors(arch: str) -> list[float]:
+    cfg, params = load(arch)
+    prompts, logits = reference(arch)
+    return [float(np.max(np.abs(prefill_logits(cfg, params, p["ids"], pad_to=128) - logits[p["logits"]]))) for p in prompts]
+
+
+def greedy(arch: str) -> list[list[int]]:
+    cfg, params = load(arch)
+    prompts, _ = reference(arch)
+    engine = LLMEngine(cfg, params, ENGINE, eos_token_ids=())
+    sp = SamplingParams(max_tokens=len(prompts[0]["greedy"]), temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p["ids"], sp)
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for step in engine.step():
+            if step.token_id is not None:
+                out.setdefault(step.request_id, []).append(step.token_id)
+    engine.blocks.check_consistency()
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in MOE])
+def test_dense_architecture_matches_transformers(arch: str) -> None:
+    errors = max_errors(arch)
+    assert max(errors) < TOLERANCE, f"{arch}: max |logit error| per prompt {errors}"
+    prompts, _ = reference(arch)
+    assert greedy(arch) == [p["greedy"] for p in prompts]
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_moe_architecture_matches_transformers(arch: str) -> None:
+    errors = max_errors(arch)
+    assert max(errors) < TOLERANCE, f"{arch}: max |logit error| per prompt {errors}"
+    prompts, _ = reference(arch)
+    assert greedy(arch) == [p["greedy"] for p in prompts]
+
+
+def test_every_architecture_has_a_reference() -> None:
+    from jaxserve.config import SUPPORTED_ARCHITECTURES
+
+    assert set(ARCHITECTURES) == set(SUPPORTED_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_hub_and_transformers5_configs_read_alike(arch: str) -> None:
+    """The same model's config as the hub writes it (transformers 4 keys) and as transformers 5 does."""
+    v5 = ModelConfig.from_hf(json.loads((DATA / arch / "config.json").read_text()))
+    hub = ModelConfig.from_hf(json.loads((DATA / arch / "config_hub.json").read_text()))
+    assert hub == v5
+
+
+def test_transformers5_fused_experts_read_like_the_hubs(tmp_path: Path) -> None:
+    """transformers 5 saves a layer's experts as two stacked tensors, gate_up [E, 2F, D] and down
+    [E, D, F]; the hub stores one tensor per expert. Both read to the same parameters."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = DATA / "qwen3_moe"
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(src / f, tmp_path / f)
+    hub = load_file(str(src / "model.safetensors"))
+    cfg = ModelConfig.from_hf(json.loads((src / "config.json").read_text()))
+    v5 = {k: v for k, v in hub.items() if ".experts." not in k}
+    for i in range(cfg.num_layers):
+        expert = lambda e, w: hub[f"model.layers.{i}.mlp.experts.{e}.{w}.weight"]
+        v5[f"model.layers.{i}.mlp.experts.gate_up_proj"] = np.stack(
+            [np.concatenate([expert(e, "gate_proj"), expert(e, "up_proj")]) for e in range(cfg.num_experts)])
+        v5[f"model.layers.{i}.mlp.experts.down_proj"] = np.stack([expert(e, "down_proj") for e in range(cfg.num_experts)])
+    save_file(v5, str(tmp_path / "model.safetensors"))
+    _, want, _ = read_hf(src)
+    _, got, _ = read_hf(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model_type": "falcon_h1"}, "unsupported architecture 'falcon_h1' (supported: llama,"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "unsupported rope type 'dynamic'"),
+        ({"layer_types": ["chunked_attention", "full_attention"]}, "unsupported layer type 'chunked_attention'"),
+        ({"mlp_bias": True}, "qwen3: config field mlp_bias=True is not supported"),
+        ({"hidden_act": "relu2"}, "qwen3: unsupported hidden_act 'relu2'"),
+    ],
+)
+def test_unsupported_fields_are_refused_by_name(change: dict, message: str) -> None:
+    from jaxserve.errors import UserError
+
+    hf = {**json.loads((DATA / "qwen3" / "config.json").read_text()), **change}
+    with pytest.raises(UserError) as e:
+        ModelConfig.from_hf(hf)
+    assert message in str(e.value)
+
+
+def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from jaxserve.errors import UserError
+
+    shutil.copytree(DATA / "gemma3_text", tmp_path / "m")
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
+    del tensors["model.layers.1.post_feedforward_layernorm.weight"]
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(UserError, match="missing layer 1 parameter 'post_mlp_norm'"):
+        read_hf(tmp_path / "m")
