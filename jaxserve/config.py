@@ -94,6 +94,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0  # experts each token runs (top-k of the router's softmax),
     moe_intermediate_size: int = 0  # each expert's FFN width,
     norm_topk_prob: bool = True  # and whether the top-k probabilities are renormalised to sum to 1
+    expert_parallel_size: int = 1  # devices the experts are split over, whole (set by load_model's expert_parallel; 1: none)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -118,6 +119,12 @@ class ModelConfig:
         rotary = self.head_dim * self.partial_rotary_factor
         if not 0 < self.partial_rotary_factor <= 1 or rotary != int(rotary) or int(rotary) % 2:
             raise UserError(f"partial_rotary_factor {self.partial_rotary_factor} must rotate an even number of the {self.head_dim} head dims")
+
+    def for_context(self, max_len: int) -> ModelConfig:
+        """This config as served with contexts of up to max_len tokens (LongRoPE picks its factors)."""
+        if self.rope_scaling is None:
+            return self
+        return dataclasses.replace(self, rope_scaling=self.rope_scaling.for_context(max_len))
 
     @property
     def rotary_dim(self) -> int:

@@ -152,3 +152,17 @@ def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
     save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
     with pytest.raises(UserError, match="missing layer 1 parameter 'post_mlp_norm'"):
         read_hf(tmp_path / "m")
+
+
+def test_longrope_picks_one_factor_list_per_served_context() -> None:
+    """Phi-3's LongRoPE: the short factors while the served context fits the original length, the long
+    ones for every position past it (one rotation per model, so cached keys never mix two)."""
+    from jaxserve.ops.rope import inv_frequencies
+
+    cfg = ModelConfig.from_hf(json.loads((DATA / "phi3" / "config.json").read_text()))
+    rs = cfg.rope_scaling
+    assert cfg.for_context(rs.original_max_position_embeddings) == cfg
+    long = cfg.for_context(rs.original_max_position_embeddings + 1)
+    assert long.rope_scaling.factors == rs.long_factors and long.rope_scaling.attention_factor == rs.attention_factor > 1
+    ratio = inv_frequencies(cfg) / inv_frequencies(long)
+    np.testing.assert_allclose(ratio, np.asarray(rs.long_factors) / np.asarray(rs.factors), rtol=1e-6)

@@ -137,6 +137,8 @@ def load_model(
         raise UserError(f"unknown quantization {quantization!r} (use {', '.join(QUANTIZATIONS)})")
     path, stored = locate(spec)
     cfg, host_params, tokenizer = read_source(path, keep_int4=quantization == "int4")
+    if quantization and cfg.num_experts:
+        raise UserError(f"--quantization {quantization} does not cover mixture-of-experts models ({cfg.architecture}) yet; serve it in float")
     try:
         jdtype = jnp.dtype(dtype or default_dtype())
     except TypeError:

@@ -37,10 +37,12 @@ Tables = Any  # per layer as params["layers"]: {target: {"a": ..., "b": ...}} st
 
 
 def target_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of every target matrix of a layer."""
+    """(in, out) of every target matrix of a layer (attention only in a mixture of experts: its MLP is
+    the experts, which adapters here do not reach)."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d), "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
+    attention = {"wq": (d, q), "wk": (d, kv), "wv": (d, kv), "wo": (q, d)}
+    return attention if cfg.num_experts else {**attention, "w_gate": (d, f), "w_up": (d, f), "w_down": (f, d)}
 
 
 @dataclass(frozen=True, eq=False)
