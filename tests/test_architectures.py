@@ -166,3 +166,15 @@ def test_longrope_picks_one_factor_list_per_served_context() -> None:
     assert long.rope_scaling.factors == rs.long_factors and long.rope_scaling.attention_factor == rs.attention_factor > 1
     ratio = inv_frequencies(cfg) / inv_frequencies(long)
     np.testing.assert_allclose(ratio, np.asarray(rs.long_factors) / np.asarray(rs.factors), rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "mixtral", "phi3"])
+def test_converted_checkpoint_keeps_every_variation(arch: str, tmp_path: Path) -> None:
+    """Our checkpoint format carries windows, norms, experts and LongRoPE through a conversion."""
+    from jaxserve.checkpoint.loader import convert, read_source
+
+    convert(DATA / arch, tmp_path / "ckpt")
+    cfg, params, _ = read_source(tmp_path / "ckpt")
+    want_cfg, want, _ = read_hf(DATA / arch)
+    assert cfg == want_cfg
+    jax.tree.map(np.testing.assert_array_equal, params, want)
