@@ -54,7 +54,7 @@ def test_product_rows_have_their_own_bits_at_any_row_count(width_in: int, width_
         np.testing.assert_array_equal(np.asarray(product(x[:rows], w))[::7], alone[: -(-rows // 7)], err_msg=f"{rows} rows")
 
 
-def _attention_rows(batch: int, t: int, kv_len: int, cache: KVCache, start: int) -> np.ndarray:
+def _attention_rows(batch: int, t: int, kv_len: int, cache: KVCache, start: int, **variant) -> np.ndarray:
     """Row 0's attention output in a group of `batch` rows (the others at their own lengths)."""
     hkv, _, num_pages, page_size, d = cache.k.shape
     rng = np.random.default_rng(batch)
@@ -67,7 +67,7 @@ def _attention_rows(batch: int, t: int, kv_len: int, cache: KVCache, start: int)
     lens = np.full(batch, 50, np.int32)
     lens[0] = kv_len
     positions[1:] = np.minimum(positions[1:], 49)
-    attend = jax.jit(paged_attention, static_argnums=2)
+    attend = jax.jit(lambda *a: paged_attention(*a, **variant), static_argnums=2)
     return np.asarray(attend(jnp.asarray(q), cache, 0, table, positions, lens))[0]
 
 
@@ -81,3 +81,17 @@ def test_attention_rows_do_not_depend_on_the_group(t: int, kv_len: int, start: i
     alone = _attention_rows(1, t, kv_len, cache, start)
     for batch in (2, 8, 16, 32):
         np.testing.assert_array_equal(_attention_rows(batch, t, kv_len, cache, start), alone, err_msg=f"{batch} rows")
+
+
+@pytest.mark.parametrize("t,kv_len,start", [(1, 130, 129), (64, 128, 64)])
+def test_windowed_attention_rows_do_not_depend_on_the_group(t: int, kv_len: int, start: int) -> None:
+    """With a window the walk starts at the first block any row's window reaches, so a row alone skips
+    blocks it computes (fully masked) beside shorter rows: its bits must not change. Soft-capped and
+    rescaled scores (Gemma 2) alike."""
+    rng = np.random.default_rng(4)
+    shape = (3, 1, 64, 16, 64)  # [Hkv, L, pages, page_size, D]
+    cache = KVCache(*(jnp.asarray(rng.normal(size=shape).astype(np.float32)) for _ in range(2)))
+    variant = dict(window=jnp.int32(40), softcap=5.0, scale=24**-0.5)
+    alone = _attention_rows(1, t, kv_len, cache, start, **variant)
+    for batch in (2, 8, 16):
+        np.testing.assert_array_equal(_attention_rows(batch, t, kv_len, cache, start, **variant), alone, err_msg=f"{batch} rows")

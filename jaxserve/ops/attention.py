@@ -116,16 +116,17 @@ def paged_attention(
         return m_new, l, acc * scale.transpose(0, 1, 3, 2) + pv
 
     num_blocks = (jnp.max(kv_lens) + s - 1) // s
-    first = jnp.int32(0)
-    if window is not None:  # the first block holding a key some row's window reaches
-        first = jnp.clip((jnp.min(jnp.where(positions < kv_lens[:, None], positions, jnp.iinfo(jnp.int32).max)) - window + 1) // s, 0, num_blocks - 1)
     init = (
         jnp.full((hkv, b, 1, g * t), _MASKED, jnp.float32),
         jnp.zeros((hkv, b, 1, g * t), jnp.float32),
         jnp.zeros((hkv, b, g * t, d), jnp.float32),
     )
-    # The first block runs outside the loop: most decode batches need no loop at all.
-    _, l, acc = jax.lax.fori_loop(first + 1, num_blocks, block, block(first, init))
+    if window is None:  # the first block runs outside the loop: most decode batches need no loop at all
+        _, l, acc = jax.lax.fori_loop(1, num_blocks, block, block(jnp.int32(0), init))
+    else:  # from the first block holding a key some row's window reaches, every block in the loop (a block
+        # compiled outside it rounds differently, and which block comes first depends on the other rows)
+        first = (jnp.min(jnp.where(positions < kv_lens[:, None], positions, jnp.iinfo(jnp.int32).max)) - window + 1) // s
+        _, l, acc = jax.lax.fori_loop(jnp.clip(first, 0, num_blocks), num_blocks, block, init)
     out = acc / jnp.maximum(l, 1e-30).transpose(0, 1, 3, 2)  # [Hkv, B, G*T, D]; padding rows have l = 0
     return out.reshape(hkv, b, g, t, d).transpose(1, 3, 0, 2, 4).reshape(b, t, hq, d).astype(q.dtype)
 
