@@ -161,47 +161,14 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(
-        cls, meta: Mapping[str, Any], tensor_names: set[str], rope_factors: tuple[float, ...] = ()
+        cls, meta: Mapping[str, Any], tensor_names: set[str], rope_factors: Mapping[str, tuple[float, ...]] | None = None
     ) -> ModelConfig:
-        """From GGUF metadata (`{arch}.*` keys) and the tensor names present in the file."""
-        arch = meta.get("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UserError(
-                f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
+        """From GGUF metadata (llama.cpp's architecture names and `{arch}.*` keys), the tensor names
+        present in the file and its RoPE factor tensors by name (rope_freqs, rope_factors_long/short),
+        read as llama.cpp reads each architecture (`jaxserve.checkpoint.gguf_reader`)."""
+        from jaxserve.checkpoint.gguf_reader import gguf_config
 
-        def key(name: str, default: Any = None) -> Any:
-            value = meta.get(f"{arch}.{name}", default)
-            if value is None:
-                raise UserError(f"GGUF metadata is missing {arch}.{name}")
-            return value
-
-        hidden = int(key("embedding_length"))
-        num_heads = int(key("attention.head_count"))
-        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
-        rope_scaling = None
-        if rope_factors:
-            rope_scaling = RopeScaling(kind="factors", factors=tuple(rope_factors))
-        elif meta.get(f"{arch}.rope.scaling.type") == "linear":
-            rope_scaling = RopeScaling(kind="linear", factor=float(key("rope.scaling.factor")))
-        elif meta.get(f"{arch}.rope.scaling.type") not in (None, "none"):
-            raise UserError(f"unsupported rope scaling type {meta[f'{arch}.rope.scaling.type']!r}")
-        return cls(
-            architecture=arch,
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
-            num_layers=int(key("block_count")),
-            num_heads=num_heads,
-            num_kv_heads=int(key("attention.head_count_kv", num_heads)),
-            head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // num_heads),
-            rope_theta=_shortest_float(key("rope.freq_base", 10000.0)),
-            rms_norm_eps=_shortest_float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            max_position_embeddings=int(key("context_length", 4096)),
-            tie_word_embeddings="output.weight" not in tensor_names,
-            qkv_bias="blk.0.attn_q.bias" in tensor_names,
-            rope_scaling=rope_scaling,
-        )
+        return gguf_config(meta, tensor_names, rope_factors)
 
 
 def _shortest_float(value: float) -> float:
