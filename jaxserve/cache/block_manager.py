@@ -3,14 +3,15 @@
 A page that holds a full block of tokens is registered under the chained hash of every token up to
 its end, so a later sequence with the same prefix reuses it instead of recomputing it. Cached pages
 nobody references stay in an LRU and are evicted only when fresh pages run out. Page 0 is the
-reserved null page and is never handed out.
+reserved null page and is never handed out; in a sequence's page list it stands for a page it gave
+up (wholly outside a sliding attention window) and is skipped by every reference count.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -65,15 +66,29 @@ class BlockManager:
         """Fraction of usable pages referenced by sequences."""
         return 1.0 - self.num_free / (self.num_pages - 1)
 
-    def match_prefix(self, hashes: Sequence[BlockHash]) -> list[int]:
-        """Pages holding the longest cached run of `hashes` (no references taken)."""
-        pages = []
+    def match_prefix(self, hashes: Sequence[BlockHash], skip: Callable[[int], int] | None = None) -> list[int]:
+        """Pages holding the longest cached run of `hashes` (no references taken). With `skip` (blocks
+        hit -> how many leading ones of them a hit that long needs no longer: a sliding window's), the
+        longest run k whose blocks from skip(k) on are all cached, with the null page 0 for the first
+        skip(k) (they may be cached or not)."""
+        pages: list[int] = []
         if self.enable_prefix_caching:
-            for h in hashes:
-                page = self._page_of.get(h)
-                if page is None:
-                    break
-                pages.append(page)
+            if skip is None:
+                for h in hashes:
+                    page = self._page_of.get(h)
+                    if page is None:
+                        break
+                    pages.append(page)
+            else:
+                found = [self._page_of.get(h) for h in hashes]
+                best, missing = 0, -1  # the longest run that qualifies; the latest block not cached
+                for k in range(1, len(found) + 1):
+                    if found[k - 1] is None:
+                        missing = k - 1
+                    elif missing < skip(k):
+                        best = k
+                lead = skip(best) if best else 0
+                pages = [0] * lead + found[lead:best]
             self.prefix_queries += len(hashes)
             self.prefix_hits += len(pages)
         return pages
@@ -81,8 +96,9 @@ class BlockManager:
     def acquire(self, pages: Sequence[int]) -> None:
         """Take a reference on cached pages found by `match_prefix`."""
         for page in pages:
-            self._refs[page] += 1
-            self._evictable.pop(page, None)
+            if page:  # the null page stands for a page given up
+                self._refs[page] += 1
+                self._evictable.pop(page, None)
 
     def allocate(self, n: int) -> list[int] | None:
         """n fresh pages with one reference each, evicting least-recently-used cached pages if needed;
@@ -106,6 +122,8 @@ class BlockManager:
     def release(self, pages: Sequence[int]) -> None:
         """Drop one reference per page; unreferenced pages become evictable (cached) or free."""
         for page in reversed(pages):  # a sequence's tail pages are evicted before its prefix
+            if not page:
+                continue  # the null page stands for a page given up
             self._refs[page] -= 1
             if self._refs[page] == 0:
                 if page in self._hash_of:
@@ -127,7 +145,7 @@ class BlockManager:
 
     def register(self, page: int, block_hash: BlockHash) -> None:
         """Record that `page` now holds the full block `block_hash` (its K/V are written)."""
-        if not self.enable_prefix_caching or page in self._hash_of or block_hash in self._page_of:
+        if not self.enable_prefix_caching or not page or page in self._hash_of or block_hash in self._page_of:
             return
         self._hash_of[page] = block_hash
         self._page_of[block_hash] = page

@@ -97,21 +97,26 @@ class LLMEngine:
         self.shapes = StepShapes.from_config(engine_config, self.max_model_len)
         if engine_config.max_loras and channel is not None:
             raise UserError("LoRA adapters need a single-process engine; multi-host groups have none")
-        self.runner = ModelRunner(model_config, params, self.num_pages, page_size, self.shapes, mesh, dtype, engine_config.max_loras,
+        self.runner = ModelRunner(model_config.for_context(self.max_model_len), params, self.num_pages, page_size, self.shapes, mesh, dtype, engine_config.max_loras,
                                   engine_config.max_lora_rank)
         self.runner.channel = channel
         self.adapters: dict[str, LoraAdapter] = {}  # loaded LoRA adapters by name (requests name them)
         self.slots: list[LoraAdapter | None] = [None] * engine_config.max_loras  # what each device slot holds
         self._slot_used = [0] * engine_config.max_loras  # the step each slot last ran in (least recently used goes first)
         self.blocks = BlockManager(self.num_pages, engine_config.enable_prefix_caching, record_evictions=engine_config.host_prefix_cache > 0)
+        # Pages wholly before a sequence's window are given up (`Scheduler`) when every layer slides,
+        # a draft model's included (its pages are the same).
+        windows = [model_config.kv_window] + ([draft[0].kv_window] if draft is not None else [])
+        window = None if None in windows else max(windows)
         log.info(
-            "KV cache: %d pages of %d tokens = %d tokens (%s, %.1f MiB%s); %d step shapes",
+            "KV cache: %d pages of %d tokens = %d tokens (%s, %.1f MiB%s)%s; %d step shapes",
             self.num_pages - 1,
             page_size,
             (self.num_pages - 1) * page_size,
             self.kv_cache_dtype + (" with a scale per token and KV head" if is_quantized(dtype) else ""),
             self.num_pages * bytes_per_page / 2**20,
             ", the draft model's cache included" if draft is not None else "",
+            f"; sliding window of {window} tokens: pages that fall out of it are freed" if window is not None else "",
             len(self.shapes.combos()),
         )
         drafter = DraftModel(ModelRunner(draft[0], draft[1], self.num_pages, page_size, self.shapes, mesh, draft_dtype)) if draft is not None else None
@@ -123,7 +128,7 @@ class LLMEngine:
         if self.swapper is not None:
             threshold = 1 if engine_config.preemption_mode == "swap" else swap_min_tokens(self.runner, page_size)
         self.scheduler = Scheduler(engine_config, self.blocks, self.swapper.pool if self.swapper else None, threshold,
-                                   self.prefix_tier.cache if self.prefix_tier else None)
+                                   self.prefix_tier.cache if self.prefix_tier else None, window)
         self.grammars = grammars or (GrammarCompiler(tokenizer, model_config.vocab_size) if tokenizer else None)
         self.seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished samples
         self._arrivals = itertools.count()
@@ -162,8 +167,10 @@ class LLMEngine:
                 param="prompt",
                 code="context_length_exceeded",
             )
-        if -(-total // self.engine_config.page_size) > self.num_pages - 1:
-            raise UserError(f"the request needs {total} tokens of KV cache; the cache holds {self.limits.kv_cache_tokens}", param="prompt")
+        need = self.scheduler.pages_needed(total)  # with a sliding window, less than the whole context
+        if need > self.num_pages - 1:
+            raise UserError(f"the request needs {min(total, need * self.engine_config.page_size)} tokens of KV cache; the cache holds "
+                            f"{self.limits.kv_cache_tokens}", param="prompt")
 
     def compile_guide(self, params: SamplingParams) -> float | None:
         """Compile the request's grammar if it is new (UserError if it is bad, or if this engine has no

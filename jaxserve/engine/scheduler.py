@@ -41,6 +41,17 @@ Prefill chunks run as rows of `prefill_row_len` tokens: a chunk that does not fi
 whole rows, and a step holds at most `max_prefill_rows` of them. The n samples of one request share
 its prompt's pages: later samples wait until the first has computed the prompt, then find its pages
 in the prefix cache.
+
+With a sliding window on every layer (`window`: a query at position p sees keys p - window + 1..p),
+a sequence gives up each page once every query it has still to run starts its window after that
+page's last token: before a step, pages wholly below num_computed - window + 1 (num_computed is the
+first query of its next chunk, prefill or decode; speculative drafts and their verify rows come after
+it and it never moves back) are released through the block manager, so a full block stays in the
+prefix cache as an evictable cached block, and the page table holds the null page 0 in their place
+(the attention masks it). A sequence then holds at most about window / page_size + 2 pages plus its
+chunk's, and admission, growth and swap-in count only the pages a chunk needs: a swapped-out sequence
+carries only its in-window pages to host memory and back, and a prefix hit needs only the cached
+blocks its first chunk's window reaches (earlier blocks of the prefix may have been evicted).
 """
 
 from __future__ import annotations
@@ -92,14 +103,17 @@ class HostCopies:
 
 class Scheduler:
     def __init__(self, cfg: EngineConfig, blocks: BlockManager, host: HostPool | None = None, swap_min_tokens: int | None = None,
-                 host_prefix: HostPrefixCache | None = None) -> None:
+                 host_prefix: HostPrefixCache | None = None, window: int | None = None) -> None:
         """`host`: where preempted sequences with at least `swap_min_tokens` computed tokens are swapped
-        (None: no swapping); `host_prefix`: the host prefix tier, looked up after the device cache."""
+        (None: no swapping); `host_prefix`: the host prefix tier, looked up after the device cache;
+        `window`: the attention window of every layer (every model's whose cache the pages index),
+        None when some layer sees the whole context (no page is given up)."""
         self.cfg = cfg
         self.blocks = blocks
         self.host = host
         self.swap_min_tokens = swap_min_tokens
         self.host_prefix = host_prefix
+        self.window = window
         self.policy = cfg.scheduling_policy
         self.share = FairShare()  # tokens computed per tenant (every policy); normalized usage (fair)
         self.key = policy_key(self.policy, self.share)
@@ -143,11 +157,34 @@ class Scheduler:
     def _pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.cfg.page_size)
 
+    def _gone(self, first_query: int) -> int:
+        """Leading pages that no query at `first_query` or later reads: their last token is before its window."""
+        return 0 if self.window is None else max(0, (first_query - self.window + 1) // self.cfg.page_size)
+
+    def pages_needed(self, num_tokens: int) -> int:
+        """The most pages a sequence of `num_tokens` holds at once: one per page of tokens, or with a
+        window, those of the window and of one step's chunk, at whatever offset in its pages they fall."""
+        full = self._pages_for(num_tokens)
+        if self.window is None:
+            return full
+        return min(full, self._pages_for(self.window + min(num_tokens, self.cfg.max_num_batched_tokens) + self.cfg.page_size - 2))
+
+    def _slide(self, seq: Sequence) -> None:
+        """Give up the pages of `seq` that fell out of its window (null page 0 in their place)."""
+        end = self._gone(seq.num_computed)
+        start = end
+        while start and seq.pages[start - 1]:  # pages before the latest one given up are given up too
+            start -= 1
+        if start < end:
+            self.blocks.release(seq.pages[start:end])
+            seq.pages[start:end] = [0] * (end - start)
+
     def _preempt(self, seq: Sequence) -> None:
         """Stop a running sequence: swap its computed pages out when it qualifies and the pool has
         room, else drop them (it recomputes)."""
+        self._slide(seq)
         self.running.remove(seq)
-        computed = seq.pages[: self._pages_for(seq.num_computed)]
+        computed = seq.pages[self._gone(seq.num_computed) : self._pages_for(seq.num_computed)]
         swap = self.host is not None and self.swap_min_tokens is not None and seq.num_computed >= self.swap_min_tokens
         host = self.host.allocate(len(computed)) if swap and computed else None
         if host is not None:
@@ -164,7 +201,7 @@ class Scheduler:
         """Preempt running sequences that `seq` (waiting) outranks, back of the policy order first,
         until its first chunk would find a running slot and pages."""
         held = min(seq.num_tokens, seq.num_computed + self.cfg.max_num_batched_tokens)  # its tokens after that chunk
-        need = self._pages_for(held)
+        need = self._pages_for(held) - self._gone(seq.num_computed)
         while self.running and (len(self.running) >= self.cfg.max_num_seqs or self.blocks.num_free < need):
             victim = max((s for s in self.running if self._outranks(seq, s, held)), key=self.key, default=None)
             if victim is None:
@@ -201,6 +238,9 @@ class Scheduler:
         if self.policy == "fair":  # usage moved since the latest step: so do the orders
             self.share.sync({s.tenant for s in self.waiting} | {s.tenant for s in self.running})
             self.waiting.sort(key=self.key)
+        if self.window is not None:
+            for seq in self.running:
+                self._slide(seq)
         head = self.waiting[0] if self.waiting else None
         if head is not None and not head.waits_for_leader() and not self._needs_slot(head, self._adapters()):
             self._make_room_for(head)  # preempting frees no adapter slot: a request that needs one waits for it
@@ -227,19 +267,26 @@ class Scheduler:
                 continue
             if seq.host_pages:  # swapped out: its pages come back from host memory
                 chunk = self._chunk(seq, seq.num_computed, budget, rows_left)
-                fresh = self.blocks.allocate(self._pages_for(chunk.start + chunk.length)) if chunk else None
+                gone = self._gone(seq.num_computed)  # the pages it gave up before it was swapped out
+                fresh = self.blocks.allocate(self._pages_for(chunk.start + chunk.length) - gone) if chunk else None
                 if fresh is None:
                     break
                 self._copies.swap_ins.append(HostCopy(seq, fresh[: len(seq.host_pages)], seq.host_pages))
-                hit, seq.host_pages = [], []
+                hit, seq.host_pages = [0] * gone, []
             else:
                 # Prompt log-probs need every prompt position computed, so such a request skips the cache;
                 # the last token is always computed: its logits give the next token.
                 hashes = [] if seq.wants_prompt_logprobs(0) else seq.full_block_hashes(self.cfg.page_size, seq.num_tokens - 1)
-                hit = self.blocks.match_prefix(hashes)
+                hit = self.blocks.match_prefix(hashes, None if self.window is None else lambda k: self._gone(k * self.cfg.page_size))
                 from_host = self.host_prefix.match(hashes[len(hit) :]) if self.host_prefix is not None else []
                 chunk = self._chunk(seq, (len(hit) + len(from_host)) * self.cfg.page_size, budget, rows_left)
                 fresh = None
+                if chunk is not None and self.window is not None:  # what the chunk's window leaves behind is not needed
+                    gone = self._gone(chunk.start)
+                    unneeded = max(0, gone - len(hit))  # host hits
+                    if unneeded:
+                        self.host_prefix.unpin(from_host[:unneeded])
+                    hit, from_host = [0] * min(gone, len(hit)) + hit[gone:] + [0] * unneeded, from_host[unneeded:]
                 if chunk is not None:
                     self.blocks.acquire(hit)
                     fresh = self.blocks.allocate(self._pages_for(chunk.start + chunk.length) - len(hit))
