@@ -52,6 +52,8 @@ def _add_model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     )
     p.add_argument("--quantization-group-size", type=int, default=None, choices=GROUP_SIZES, help=GROUP_SIZE_HELP)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="devices each model replica is split over (must divide the heads)")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="a mixture of experts' devices each hold whole experts (their count must divide the experts) instead of a slice of every one")
     p.add_argument(
         "--unroll-layers",
         action=argparse.BooleanOptionalAction,
@@ -312,7 +314,8 @@ def _single_stream(args: argparse.Namespace):
         raise UserError(f"--max-model-len must be >= 2, got {args.max_model_len}")
     speculative = _speculative(args)  # before loading: a bad config fails at once
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size))
-    model = load_model(args.model, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size, args.quantization_group_size)
+    model = load_model(args.model, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size, args.quantization_group_size,
+                       args.enable_expert_parallel)
     max_len = min(args.max_model_len or model.cfg.max_position_embeddings, model.cfg.max_position_embeddings)
     engine = EngineConfig(
         max_num_seqs=1,
@@ -509,7 +512,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return _serve_models(args, specs, engine_config, server_config, lora_modules)
     mesh = make_mesh(ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size))
     check_mesh(mesh, dist)
-    model = load_model(specs[0].source, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size, args.quantization_group_size)
+    model = load_model(specs[0].source, args.dtype, args.unroll_layers, args.quantization, args.tensor_parallel_size, args.quantization_group_size,
+                       args.enable_expert_parallel)
     if dist.process_id > 0:  # a follower: the same runner as process 0's, driven by its calls
         try:
             LLMEngine(model.cfg, model.params, engine_config, model.tokenizer, mesh=mesh).follow(peer)
@@ -557,7 +561,7 @@ def _serve_models(args: argparse.Namespace, specs: list, engine_config, server_c
     if args.max_loaded_models is not None and (args.max_loaded_models < 1 or len(eager) > args.max_loaded_models):
         raise UserError(f"--max-loaded-models {args.max_loaded_models} is fewer than the {len(eager)} models that are not lazy (or < 1)")
     factory = EngineFactory(engine_config, args.dtype, args.quantization, args.quantization_group_size, args.unroll_layers,
-                            args.tensor_parallel_size, args.data_parallel_size)
+                            args.tensor_parallel_size, args.data_parallel_size, args.enable_expert_parallel)
     router = ModelRouter(factory.build, args.max_loaded_models, server_config.warmup)
     for spec in specs:
         engines = [] if spec.lazy else factory.build(spec)

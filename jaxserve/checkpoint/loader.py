@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jax
@@ -121,12 +121,14 @@ def load_model(
     quantization: str | None = None,
     tensor_parallel_size: int = 1,
     group_size: int | None = None,
+    expert_parallel: bool = False,
 ) -> LoadedModel:
     """Load a model, optionally with quantized dense layers (`quantization`: "int8" W8A8, or "int4"
     weight-only in groups of `group_size` input rows, default `INT4_GROUP`; `jaxserve.models.quantize`;
     a GGUF's 4-bit blocks are kept as stored; a quantized checkpoint is served as it was converted), laid out for
     `tensor_parallel_size` devices (KV heads copied when there are fewer than devices; the returned
-    config says how many the cache holds).
+    config says how many the cache holds). With `expert_parallel` (vLLM's --enable-expert-parallel), a
+    mixture of experts' devices each hold whole experts instead of a slice of every one.
 
     `unroll_layers` (default: without tensor parallelism) keeps each layer's weights in their own
     buffers, with q/k/v and gate/up fused: XLA copies a layer's weights out of a stacked array inside
@@ -144,13 +146,15 @@ def load_model(
     except TypeError:
         raise UserError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)") from None
     _check_stored_quantization(path, host_params, quantization, group_size)
-    check_tensor_parallel(cfg, tensor_parallel_size)
+    check_tensor_parallel(cfg, tensor_parallel_size, expert_parallel)
     params = jax.tree.map(lambda x: jax.tree.map(jnp.asarray, x) if is_quantized_weight(x) else jnp.asarray(x, jdtype),
                           host_params, is_leaf=is_quantized_weight)
     params, cfg = replicate_kv_heads(params, cfg, tensor_parallel_size)
     if quantization:
         params = quantize_model(params, cfg, tokenizer.encode(CALIBRATION_TEXT), quantization, group_size or INT4_GROUP)
     check_int4_split(params, tensor_parallel_size)
+    if expert_parallel and cfg.num_experts:
+        cfg = replace(cfg, expert_parallel_size=tensor_parallel_size)
     if unroll_layers is None:
         unroll_layers = tensor_parallel_size == 1
     if unroll_layers:

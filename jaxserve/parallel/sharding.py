@@ -4,7 +4,9 @@ Megatron-style tensor parallelism, declared rather than hand-scattered: q/k/v an
 column-parallel (each device owns whole heads and a slice of the FFN), o and down are row-parallel
 (XLA all-reduces their partial sums), the embedding and LM head split over the vocabulary. The KV
 cache splits over KV heads, so attention never leaves a device. When a model has fewer KV heads than
-devices, each KV head is copied to the devices whose query heads read it (as vLLM does).
+devices, each KV head is copied to the devices whose query heads read it (as vLLM does). Experts
+split like the dense FFN (each device a slice of every expert), or with expert parallelism whole
+(each device E / devices experts; `jaxserve.models.moe`); the router is replicated.
 """
 
 from __future__ import annotations
@@ -23,19 +25,24 @@ from jaxserve.models.llama import Params
 from jaxserve.ops.quant import Int4Weight, Int8Weight, is_quantized_weight
 from jaxserve.parallel.mesh import MODEL
 
-COLUMN = ("wq", "wk", "wv", "w_gate", "w_up")  # [..., in, out]: out split
-ROW = ("wo", "w_down")  # [..., in, out]: in split
+COLUMN = ("wq", "wk", "wv", "w_gate", "w_up", "we_gate", "we_up")  # [..., in, out]: out split
+ROW = ("wo", "w_down", "we_down")  # [..., in, out]: in split
+EXPERTS = ("we_gate", "we_up", "we_down")  # [..., E, in, out]: E split instead, with expert parallelism
 BIAS = ("bq", "bk", "bv")  # [..., out]: out split, like their columns
 CACHE_SPEC = P(MODEL)  # KVCache arrays [Hkv, L, pages, page, D]: KV heads split
 
 
-def check_tensor_parallel(cfg: ModelConfig, tp: int) -> None:
-    """A clear error unless `tp` splits the model into whole heads and equal FFN slices."""
+def check_tensor_parallel(cfg: ModelConfig, tp: int, expert_parallel: bool = False) -> None:
+    """A clear error unless `tp` splits the model into whole heads and equal FFN slices (each expert's,
+    or with `expert_parallel` equal sets of whole experts)."""
+    if expert_parallel and cfg.num_experts % tp:
+        raise UserError(f"expert parallelism over tensor_parallel_size {tp} devices must split the model's {cfg.num_experts} experts evenly")
     kv_ok = cfg.num_kv_heads % tp == 0 or tp % cfg.num_kv_heads == 0
-    if cfg.num_heads % tp or not kv_ok or cfg.intermediate_size % tp:
+    ffn = cfg.moe_intermediate_size if cfg.num_experts else cfg.intermediate_size
+    if cfg.num_heads % tp or not kv_ok or (ffn % tp and not (expert_parallel and cfg.num_experts)):
         raise UserError(
             f"tensor_parallel_size {tp} must divide the model's {cfg.num_heads} query heads, divide or be a "
-            f"multiple of its {cfg.num_kv_heads} KV heads, and divide its FFN size {cfg.intermediate_size}"
+            f"multiple of its {cfg.num_kv_heads} KV heads, and divide its {'expert ' if cfg.num_experts else ''}FFN size {ffn}"
         )
 
 
@@ -57,9 +64,11 @@ def replicate_kv_heads(params: Params, cfg: ModelConfig, tp: int) -> tuple[Param
     return {**params, "layers": layers}, dataclasses.replace(cfg, num_kv_heads=tp)
 
 
-def _spec(name: str, ndim: int, tp: int, vocab: int) -> tuple:
+def _spec(name: str, ndim: int, tp: int, vocab: int, split_experts: bool = False) -> tuple:
     """Mesh axis (or None) for each of an array's `ndim` axes; leading stacked-layer axes never split."""
     lead = (None,) * (ndim - 2)
+    if split_experts and name in EXPERTS:
+        return (*lead[:-1], MODEL, None, None)
     if name in COLUMN:
         return (*lead, None, MODEL)
     if name in ROW:
@@ -106,15 +115,18 @@ def lora_shardings(tree: Any, mesh: Mesh, table: bool) -> Any:
 def param_shardings(params: Params, mesh: Mesh, cfg: ModelConfig) -> Params:
     """A NamedSharding for every leaf of `params` (stacked or per-layer, float, int8 or int4)."""
     tp = mesh.shape[MODEL]
+    ep = cfg.expert_parallel_size > 1
+    if ep and cfg.expert_parallel_size != tp:
+        raise UserError(f"the model's experts are laid out for {cfg.expert_parallel_size} devices; the mesh has {tp}")
 
     def for_weight(path, w):
         name = path[-1].key
         if isinstance(w, Int8Weight):  # q splits like the float matrix; scale [..., out] like its output
-            spec = _spec(name, w.q.ndim, tp, cfg.vocab_size)
+            spec = _spec(name, w.q.ndim, tp, cfg.vocab_size, ep)
             return Int8Weight(q=NamedSharding(mesh, P(*spec)), scale=NamedSharding(mesh, P(*spec[:-2], spec[-1])))
         if isinstance(w, Int4Weight):  # codes, scales and offsets [..., in / k, out] all split like the float matrix
-            spec = P(*_spec(name, w.packed.ndim, tp, cfg.vocab_size))
+            spec = P(*_spec(name, w.packed.ndim, tp, cfg.vocab_size, ep))
             return Int4Weight(packed=NamedSharding(mesh, spec), scale=NamedSharding(mesh, spec), offset=NamedSharding(mesh, spec))
-        return NamedSharding(mesh, P(*_spec(name, w.ndim, tp, cfg.vocab_size)))
+        return NamedSharding(mesh, P(*_spec(name, w.ndim, tp, cfg.vocab_size, ep)))
 
     return jax.tree_util.tree_map_with_path(for_weight, params, is_leaf=is_quantized_weight)

@@ -24,6 +24,7 @@ class EngineFactory:
     unroll_layers: bool | None = None
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    expert_parallel: bool = False
 
     def engine_config(self, spec: ModelSpec) -> EngineConfig:
         overrides = {k: getattr(spec, k) for k in _ENGINE_FIELDS if getattr(spec, k) is not None}
@@ -52,5 +53,5 @@ class EngineFactory:
             devices = [devices[i] for i in spec.devices]
         mesh = make_mesh(parallel, devices)
         model = load_model(spec.source, spec.dtype or self.dtype, self.unroll_layers, spec.quantization or self.quantization,
-                           parallel.tensor_parallel_size, self.group_size)
+                           parallel.tensor_parallel_size, self.group_size, self.expert_parallel)
         return engine_replicas(model, self.engine_config(spec), replica_meshes(mesh))
