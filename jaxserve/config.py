@@ -49,6 +49,8 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.kind not in (*ROPE_SCALINGS, "factors"):
             raise UserError(f"unsupported rope scaling type {self.kind!r} (supported: {', '.join(ROPE_SCALINGS)})")
+        if self.kind in ("factors", "longrope") and not self.factors:
+            raise UserError(f"{self.kind} rope scaling needs its per-frequency factors (short_factor)")
 
     def for_context(self, max_len: int) -> RopeScaling:
         """LongRoPE's factors for a served context of max_len tokens: the long list past the original
@@ -119,12 +121,22 @@ class ModelConfig:
         rotary = self.head_dim * self.partial_rotary_factor
         if not 0 < self.partial_rotary_factor <= 1 or rotary != int(rotary) or int(rotary) % 2:
             raise UserError(f"partial_rotary_factor {self.partial_rotary_factor} must rotate an even number of the {self.head_dim} head dims")
+        rs = self.rope_scaling
+        for name in ("factors", "long_factors"):
+            factors = getattr(rs, name, ())
+            if factors and len(factors) != int(rotary) // 2:
+                raise UserError(f"rope scaling has {len(factors)} {name.replace('_', ' ')}; the {int(rotary)} rotated head dims need {int(rotary) // 2}")
 
     def for_context(self, max_len: int) -> ModelConfig:
-        """This config as served with contexts of up to max_len tokens (LongRoPE picks its factors)."""
-        if self.rope_scaling is None:
-            return self
-        return dataclasses.replace(self, rope_scaling=self.rope_scaling.for_context(max_len))
+        """This config as served with contexts of up to max_len tokens: LongRoPE picks its factors, and
+        a window no shorter than the context is no window (Phi-4-mini's 262144 over its 131072; the
+        same math, and the GPU's decode kernel stays usable)."""
+        cfg = self
+        if cfg.rope_scaling is not None:
+            cfg = dataclasses.replace(cfg, rope_scaling=cfg.rope_scaling.for_context(max_len))
+        if cfg.sliding_window is not None and cfg.sliding_window >= max_len:
+            cfg = dataclasses.replace(cfg, layer_types=(), sliding_window=None)
+        return cfg
 
     @property
     def rotary_dim(self) -> int:
@@ -171,7 +183,7 @@ class ModelConfig:
         return gguf_config(meta, tensor_names, rope_factors)
 
 
-def _shortest_float(value: float) -> float:
+def shortest_float(value: float) -> float:
     """GGUF stores float32: 1e-5 reads back as 9.99999974e-06; recover the value that was written."""
     return float(str(np.float32(value)))
 

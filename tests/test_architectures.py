@@ -178,3 +178,78 @@ def test_converted_checkpoint_keeps_every_variation(arch: str, tmp_path: Path) -
     want_cfg, want, _ = read_hf(DATA / arch)
     assert cfg == want_cfg
     jax.tree.map(np.testing.assert_array_equal, params, want)
+
+
+def test_every_supported_architecture_has_a_reader() -> None:
+    from jaxserve.config import SUPPORTED_ARCHITECTURES
+    from jaxserve.models.architectures import _READERS
+
+    assert set(_READERS) == set(SUPPORTED_ARCHITECTURES)
+
+
+def test_missing_fields_mean_what_they_mean_to_transformers() -> None:
+    """A sparse config (a multimodal model's text_config) leaves defaults out: Gemma 2's soft-caps,
+    GeGLU and window, Gemma 3's RoPE bases, Mistral's 4096-token window are transformers' defaults."""
+    gemma2 = json.loads((DATA / "gemma2" / "config_hub.json").read_text())
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "hidden_activation", "hidden_act", "sliding_window"):
+        gemma2.pop(key, None)
+    cfg = ModelConfig.from_hf(gemma2)
+    assert (cfg.attn_logit_softcap, cfg.final_logit_softcap, cfg.hidden_act, cfg.sliding_window) == (50.0, 30.0, "gelu_tanh", 4096)
+    gemma3 = json.loads((DATA / "gemma3_text" / "config_hub.json").read_text())
+    for key in ("rope_theta", "rope_local_base_freq", "rope_scaling"):
+        gemma3.pop(key, None)
+    cfg = ModelConfig.from_hf(gemma3)
+    assert (cfg.rope_theta, cfg.rope_local_theta) == (1e6, 1e4)
+    mistral = {k: v for k, v in json.loads((DATA / "mistral" / "config_hub.json").read_text()).items() if k != "sliding_window"}
+    assert ModelConfig.from_hf(mistral).kv_window == 4096
+    assert ModelConfig.from_hf({**mistral, "sliding_window": None}).kv_window is None  # v0.2 and later
+
+
+def test_a_window_no_shorter_than_the_context_is_no_window() -> None:
+    """Phi-4-mini sets a 262144-token window over a 131072-token context: served as full attention
+    (the same math; the decode kernel stays usable, and no page is given up)."""
+    cfg = ModelConfig.from_hf(json.loads((DATA / "mistral" / "config.json").read_text()))
+    assert cfg.for_context(24).kv_window is None and cfg.for_context(25).kv_window == 24
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"layer_types": ["sliding_attention", "full_attention"], "sliding_window": None}, "sliding layers need a sliding_window >= 1"),
+        ({"partial_rotary_factor": None}, None),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [1.0],
+                              "original_max_position_embeddings": 128}}, "rope scaling has 1 factors; the 32 rotated head dims need 16"),
+    ],
+)
+def test_null_and_short_fields_are_clear_errors(change: dict, message: str | None) -> None:
+    from jaxserve.errors import UserError
+
+    hf = {**json.loads((DATA / "qwen3" / "config.json").read_text()), **change}
+    if message is None:
+        ModelConfig.from_hf(hf)
+        return
+    with pytest.raises(UserError, match=message):
+        ModelConfig.from_hf(hf)
+
+
+def test_olmoe_under_tensor_parallelism_with_copied_kv_heads() -> None:
+    """OLMoE's k norm spans the whole projection: copied KV heads copy its weights too (tp 4 > 2 KV heads)."""
+    from jaxserve.checkpoint.loader import load_model
+
+    model = load_model(str(DATA / "olmoe"), "float32", tensor_parallel_size=4, unroll_layers=False)
+    prompts, logits = reference("olmoe")
+    got = prefill_logits(model.cfg, model.params, prompts[0]["ids"], pad_to=128)
+    np.testing.assert_allclose(got, logits[prompts[0]["logits"]], atol=TOLERANCE, rtol=0)
+
+
+def test_finetuning_a_mixture_of_experts_names_the_modules_it_can_adapt(tmp_path: Path) -> None:
+    from jaxserve.checkpoint.loader import load_model
+    from jaxserve.config import FinetuneConfig
+    from jaxserve.errors import UserError
+    from jaxserve.training.lora_trainer import finetune
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(4)))
+    model = load_model(str(DATA / "qwen3_moe"), "float32", unroll_layers=False)
+    with pytest.raises(UserError, match="--target-modules gate_proj,up_proj,down_proj: a mixture of experts' MLP"):
+        finetune(model, data, tmp_path / "out", FinetuneConfig())

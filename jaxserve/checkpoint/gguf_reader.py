@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from jaxserve.checkpoint.gguf_blocks import block_codes, scale_dtypes, to_int4
 from jaxserve.checkpoint.layout import ParamBuilder, unpermute_rope
-from jaxserve.config import ModelConfig, RopeScaling, _shortest_float
+from jaxserve.config import ModelConfig, RopeScaling, shortest_float
 from jaxserve.errors import UserError
 from jaxserve.models.llama import Params
 from jaxserve.models.quantize import DENSE
@@ -253,8 +253,8 @@ def gguf_config(
         num_heads=heads,
         num_kv_heads=per_layer("attention.head_count_kv", heads),
         head_dim=head_dim,
-        rope_theta=_shortest_float(key("rope.freq_base", 10000.0)),
-        rms_norm_eps=_shortest_float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=shortest_float(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=shortest_float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         max_position_embeddings=int(key("context_length", 4096)),
         tie_word_embeddings="output.weight" not in tensor_names,
         qkv_bias="blk.0.attn_q.bias" in tensor_names or "blk.0.attn_qkv.bias" in tensor_names,
@@ -282,10 +282,10 @@ def _rope_scaling(key: Callable[..., Any], factors: Mapping[str, tuple[float, ..
         return RopeScaling(kind="factors", factors=factors["rope_freqs.weight"])
     kind = key("rope.scaling.type", None)
     if kind == "linear":
-        return RopeScaling(kind="linear", factor=_shortest_float(key("rope.scaling.factor")))
+        return RopeScaling(kind="linear", factor=shortest_float(key("rope.scaling.factor")))
     if kind in (None, "none"):
         linear = float(key("rope.scale_linear", 1.0))  # the older key
-        return None if linear == 1.0 else RopeScaling(kind="linear", factor=_shortest_float(linear))
+        return None if linear == 1.0 else RopeScaling(kind="linear", factor=shortest_float(linear))
     raise UserError(f"unsupported rope scaling type {kind!r} in the GGUF file "
                     "(supported: none, linear, Llama 3's rope_freqs, LongRoPE's rope_factors_long/short)")
 
@@ -341,7 +341,7 @@ def _gemma3(key: Callable[..., Any], common: dict[str, Any]) -> dict[str, Any]:
         **_layer_types(key, common["num_layers"], window, period=6),
         qk_norm="head",
         # llama.cpp: the sliding layers' base is 10000, unscaled (rope.freq_base_swa where a file has it)
-        rope_local_theta=_shortest_float(key("rope.freq_base_swa", 10000.0)),
+        rope_local_theta=shortest_float(key("rope.freq_base_swa", 10000.0)),
         final_logit_softcap=final or None,
     )
 

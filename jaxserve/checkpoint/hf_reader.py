@@ -12,7 +12,7 @@ from tqdm import tqdm
 from jaxserve.checkpoint.layout import ParamBuilder
 from jaxserve.config import ModelConfig
 from jaxserve.errors import UserError
-from jaxserve.models.architectures import NORM_PLUS_ONE
+from jaxserve.models.architectures import GEMMA
 from jaxserve.models.llama import Params
 from jaxserve.tokenizer import Tokenizer
 
@@ -85,7 +85,7 @@ def read_hf(folder: Path) -> tuple[ModelConfig, Params, Tokenizer]:
         raise UserError(f"cannot read {folder / 'config.json'}: {e}") from None
     cfg = ModelConfig.from_hf(hf_config)
     builder = ParamBuilder(cfg)
-    plus_one = cfg.architecture in NORM_PLUS_ONE
+    plus_one = cfg.architecture in GEMMA
     layer_tensors = {**_LAYER_TENSORS, **(_GEMMA_NORMS if cfg.sandwich_norm else {})}
     for shard in _shard_files(folder):
         try:

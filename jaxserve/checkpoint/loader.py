@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -147,8 +148,14 @@ def load_model(
         raise UserError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)") from None
     _check_stored_quantization(path, host_params, quantization, group_size)
     check_tensor_parallel(cfg, tensor_parallel_size, expert_parallel)
-    params = jax.tree.map(lambda x: jax.tree.map(jnp.asarray, x) if is_quantized_weight(x) else jnp.asarray(x, jdtype),
-                          host_params, is_leaf=is_quantized_weight)
+
+    def place(path: tuple, x: Any) -> Any:
+        if is_quantized_weight(x):
+            return jax.tree.map(jnp.asarray, x)
+        # Norm weights stay float32, as the norm computes: Gemma's 1 + w would lose w's bits in bfloat16.
+        return jnp.asarray(x, jnp.float32 if str(getattr(path[-1], "key", "")).endswith("norm") else jdtype)
+
+    params = jax.tree_util.tree_map_with_path(place, host_params, is_leaf=is_quantized_weight)
     params, cfg = replicate_kv_heads(params, cfg, tensor_parallel_size)
     if quantization:
         params = quantize_model(params, cfg, tokenizer.encode(CALIBRATION_TEXT), quantization, group_size or INT4_GROUP)

@@ -119,7 +119,7 @@ class LLMEngine:
             f"; sliding window of {window} tokens: pages that fall out of it are freed" if window is not None else "",
             len(self.shapes.combos()),
         )
-        drafter = DraftModel(ModelRunner(draft[0], draft[1], self.num_pages, page_size, self.shapes, mesh, draft_dtype)) if draft is not None else None
+        drafter = DraftModel(ModelRunner(draft[0].for_context(self.max_model_len), draft[1], self.num_pages, page_size, self.shapes, mesh, draft_dtype)) if draft is not None else None
         if heads is not None:
             drafter = HeadsDraft(heads, self.runner, spec.num_speculative_tokens)
         self.speculator = Speculator(spec, drafter) if spec else None
@@ -302,7 +302,7 @@ class LLMEngine:
         """What a saved host prefix tier must have been computed by: this model (name, config, weight
         format and a sample of its embedding) and this cache layout."""
         sample = [np.asarray(leaf[:2]).tobytes() for leaf in jax.tree_util.tree_leaves(params["embed"])]
-        parts = [self.model_name, repr(self.model_config), self.weights, self.kv_cache_dtype, str(self.engine_config.page_size), *sample]
+        parts = [self.model_name, repr(self.runner.cfg), self.weights, self.kv_cache_dtype, str(self.engine_config.page_size), *sample]
         return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
     def _host_copies(self, chunks: list[Chunk]) -> list[Chunk]:

@@ -13,12 +13,21 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-from jaxserve.config import LAYER_TYPES, ROPE_SCALINGS, SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
+from jaxserve.config import ROPE_SCALINGS, SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling
 from jaxserve.errors import UserError
 
 HF = Mapping[str, Any]
-# Architectures whose checkpoints store RMSNorm weights as w in x * (1 + w): the reader adds the 1.
-NORM_PLUS_ONE = ("gemma2", "gemma3_text")
+# Gemma: checkpoints store RMSNorm weights as w in x * (1 + w) (the reader adds the 1), and soft-caps.
+GEMMA = ("gemma2", "gemma3_text")
+# transformers' config-class defaults where they differ from the common ones, for configs that leave
+# a field out (a sparse text_config, say): a missing field must mean what it means to transformers.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": 4096},
+    "gemma2": {"hidden_activation": "gelu_pytorch_tanh", "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "sliding_window": 4096},
+    "gemma3_text": {"hidden_activation": "gelu_pytorch_tanh", "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+                    "sliding_window": 4096},
+}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
@@ -30,6 +39,7 @@ def read_hf_config(hf: HF) -> ModelConfig:
     reader = _READERS.get(model_type)
     if reader is None:
         raise UserError(f"unsupported architecture {model_type!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    hf = {**_DEFAULTS.get(model_type, {}), **hf}
     _refuse(hf, model_type)
     return ModelConfig(**{**_common(hf, model_type), **reader(hf)})
 
@@ -56,7 +66,7 @@ def _common(hf: HF, model_type: str) -> dict[str, Any]:
         qkv_bias=bool(hf.get("attention_bias", False)),
         rope_scaling=scaling,
         hidden_act=_ACTIVATIONS[act],
-        partial_rotary_factor=float(_rope_params(hf, "full_attention").get("partial_rotary_factor") or hf.get("partial_rotary_factor", 1.0)),
+        partial_rotary_factor=float(_rope_params(hf, "full_attention").get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0),
     )
 
 
@@ -65,8 +75,8 @@ def _refuse(hf: HF, model_type: str) -> None:
     checks = {
         "mlp_bias": lambda v: bool(v),
         "clip_qkv": lambda v: v is not None,
-        "attn_logit_softcapping": lambda v: v is not None and model_type not in NORM_PLUS_ONE,
-        "final_logit_softcapping": lambda v: v is not None and model_type not in NORM_PLUS_ONE,
+        "attn_logit_softcapping": lambda v: v is not None and model_type not in GEMMA,
+        "final_logit_softcapping": lambda v: v is not None and model_type not in GEMMA,
         "use_qk_norm": lambda v: bool(v),
         "shared_expert_intermediate_size": lambda v: bool(v),
         "use_bidirectional_attention": lambda v: bool(v),
@@ -98,6 +108,8 @@ def _rope(hf: HF, layer_type: str) -> tuple[float, RopeScaling | None]:
     """(theta, scaling) of a layer type."""
     p = _rope_params(hf, layer_type)
     kind = p.get("rope_type", "default")
+    if kind == "su":  # Phi-3's first name for LongRoPE
+        kind = "longrope"
     theta = float(p.get("rope_theta", 10000.0))
     if kind == "default":
         return theta, None
@@ -121,8 +133,8 @@ def _rope(hf: HF, layer_type: str) -> tuple[float, RopeScaling | None]:
             kind="longrope",
             factor=factor,
             original_max_position_embeddings=original,
-            factors=tuple(float(x) for x in p["short_factor"]),
-            long_factors=tuple(float(x) for x in p["long_factor"]),
+            factors=tuple(float(x) for x in p.get("short_factor") or ()),
+            long_factors=tuple(float(x) for x in p.get("long_factor") or ()),
             attention_factor=float(attention),
         )
     raise UserError(f"unsupported rope type {kind!r} (supported: default, {', '.join(ROPE_SCALINGS)})")
@@ -137,12 +149,9 @@ def _windows(hf: HF, pattern: Callable[[int], bool] | None) -> dict[str, Any]:
         if window is None or pattern is None:
             return {}
         types = ["sliding_attention" if pattern(i) else "full_attention" for i in range(hf["num_hidden_layers"])]
-    unknown = sorted(set(types) - set(LAYER_TYPES))
-    if unknown:
-        raise UserError(f"{hf.get('model_type')}: unsupported layer type {unknown[0]!r} (supported: {', '.join(LAYER_TYPES)})")
-    if "sliding_attention" not in types:
-        return {}  # all full: the default
-    return {"layer_types": tuple(types), "sliding_window": int(window)}
+    if all(t == "full_attention" for t in types):
+        return {}  # the default
+    return {"layer_types": tuple(types), "sliding_window": window}  # ModelConfig checks both
 
 
 def _qwen_windows(hf: HF) -> dict[str, Any]:

@@ -58,7 +58,8 @@ def replicate_kv_heads(params: Params, cfg: ModelConfig, tp: int) -> tuple[Param
         return jnp.repeat(heads, reps, axis=-2).reshape(*w.shape[:-1], tp * dh)
 
     layers = dict(params["layers"])
-    for name in ("wk", "wv", "bk", "bv"):
+    # OLMoE's k norm spans the whole projection: repeating every head alike leaves its RMS unchanged
+    for name in ("wk", "wv", "bk", "bv", *(("k_norm",) if cfg.qk_norm == "full" else ())):
         if name in layers:  # quantized weights: every field ends in the output columns
             layers[name] = jax.tree.map(repeat, layers[name])
     return {**params, "layers": layers}, dataclasses.replace(cfg, num_kv_heads=tp)

@@ -130,6 +130,10 @@ def finetune(model: LoadedModel, data: Path, out: Path, cfg: FinetuneConfig, bas
     mcfg, buckets = model.cfg, bucket_lengths(cfg.max_seq_len)
     targets = [PEFT_NAMES[m] for m in cfg.target_modules]
     targets = [t for t in TARGETS if t in targets]
+    unreachable = [m for m in cfg.target_modules if PEFT_NAMES[m] not in target_dims(mcfg)]
+    if unreachable:
+        raise UserError(f"--target-modules {','.join(unreachable)}: a mixture of experts' MLP is its experts, which adapters "
+                        "here do not reach; use q_proj,k_proj,v_proj,o_proj")
     rank, scale, rows = cfg.rank, cfg.alpha / cfg.rank, cfg.batch_size
 
     micro_per_epoch = -(-len(train) // rows)
