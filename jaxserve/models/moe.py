@@ -11,7 +11,7 @@ Dense dispatch, every expert on every token, is kept as the baseline of scripts/
 Batch invariance: XLA:CPU gives a row of a 2- to 32-row product the bits it has alone
 (`jaxserve.ops.quant.matmul`), so a token's expert outputs do not depend on which rows share its
 block, nor on B; the router's softmax and the weighted sum over the K experts (in top-k order) are
-built from element-wise operations (`ordered_sum`, `_row_max`). A token's output has the same bits
+built from element-wise operations (`ordered_sum`, `ordered_max`). A token's output has the same bits
 alone or in any batch, and grouped and dense dispatch give the same bits.
 
 Expert parallelism (`ModelConfig.expert_parallel_size` > 1): each device holds E / devices whole
@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxserve.config import ModelConfig
 from jaxserve.ops.quant import ROW_BLOCK, matmul
-from jaxserve.ops.reduce import ordered_sum
+from jaxserve.ops.reduce import ordered_max, ordered_sum
 from jaxserve.parallel.mesh import DATA, MODEL
 
 # "grouped", or "dense": every expert on every token (the baseline of scripts/bench_moe.py); read when a step is traced.
@@ -45,24 +45,12 @@ def route(x: jnp.ndarray, router: jnp.ndarray, cfg: ModelConfig) -> tuple[jnp.nd
     """Each token's experts [N, K] int32 and their weights [N, K] float32: softmax over all experts, top-k,
     then (norm_topk_prob) renormalised to sum to 1."""
     logits = matmul(x, router, jnp.float32)  # [N, E]
-    exp = jnp.exp(logits - _row_max(logits))
+    exp = jnp.exp(logits - ordered_max(logits))
     probs = exp / ordered_sum(exp)  # the softmax, in sums whose order is the row's own
     weights, experts = jax.lax.top_k(probs, cfg.num_experts_per_tok)  # [N, K]
     if cfg.norm_topk_prob:
         weights = weights / ordered_sum(weights)
     return experts, weights
-
-
-def _row_max(x: jnp.ndarray) -> jnp.ndarray:
-    """Max over the last axis (kept), by pairwise halving. From 64 rows XLA:CPU hands a row max and the
-    exp after it to YNNPACK, whose exp has other bits than XLA's: a softmax row's bits then depended on
-    the row count. Element-wise maxima stay XLA's."""
-    while x.shape[-1] > 1:
-        if x.shape[-1] % 2:
-            x = jnp.concatenate([x, x[..., :1]], axis=-1)
-        half = x.shape[-1] // 2
-        x = jnp.maximum(x[..., :half], x[..., half:])
-    return x
 
 
 def _ffn(x: jnp.ndarray, gate: jnp.ndarray, up: jnp.ndarray, down: jnp.ndarray, act: Activation) -> jnp.ndarray:
