@@ -97,7 +97,9 @@ class LLMEngine:
         self.shapes = StepShapes.from_config(engine_config, self.max_model_len)
         if engine_config.max_loras and channel is not None:
             raise UserError("LoRA adapters need a single-process engine; multi-host groups have none")
-        self.runner = ModelRunner(model_config.for_context(self.max_model_len), params, self.num_pages, page_size, self.shapes, mesh, dtype, engine_config.max_loras,
+        # As served at this context length: LongRoPE's factor list, and no window that cannot bite.
+        served = [c.for_context(self.max_model_len) for c in (model_config, *([draft[0]] if draft is not None else []))]
+        self.runner = ModelRunner(served[0], params, self.num_pages, page_size, self.shapes, mesh, dtype, engine_config.max_loras,
                                   engine_config.max_lora_rank)
         self.runner.channel = channel
         self.adapters: dict[str, LoraAdapter] = {}  # loaded LoRA adapters by name (requests name them)
@@ -106,7 +108,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.num_pages, engine_config.enable_prefix_caching, record_evictions=engine_config.host_prefix_cache > 0)
         # Pages wholly before a sequence's window are given up (`Scheduler`) when every layer slides,
         # a draft model's included (its pages are the same).
-        windows = [model_config.kv_window] + ([draft[0].kv_window] if draft is not None else [])
+        windows = [c.kv_window for c in served]
         window = None if None in windows else max(windows)
         log.info(
             "KV cache: %d pages of %d tokens = %d tokens (%s, %.1f MiB%s)%s; %d step shapes",
@@ -119,7 +121,7 @@ class LLMEngine:
             f"; sliding window of {window} tokens: pages that fall out of it are freed" if window is not None else "",
             len(self.shapes.combos()),
         )
-        drafter = DraftModel(ModelRunner(draft[0].for_context(self.max_model_len), draft[1], self.num_pages, page_size, self.shapes, mesh, draft_dtype)) if draft is not None else None
+        drafter = DraftModel(ModelRunner(served[1], draft[1], self.num_pages, page_size, self.shapes, mesh, draft_dtype)) if draft is not None else None
         if heads is not None:
             drafter = HeadsDraft(heads, self.runner, spec.num_speculative_tokens)
         self.speculator = Speculator(spec, drafter) if spec else None
