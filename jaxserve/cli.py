@@ -193,6 +193,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
     srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20)
     srv.add_argument("--cors-origin", action="append", default=[], help="allowed CORS origin (repeatable, '*' for any; default: CORS off)")
+    srv.add_argument("--root-path", default="",
+                     help="path prefix of a reverse proxy (e.g. /llm): every route also answers under it, and the playground works there")
+    srv.add_argument("--ui", action=argparse.BooleanOptionalAction, default=True, help="the web playground at / (--no-ui: none)")
     srv.add_argument("--max-loaded-models", type=int, default=None,
                      help="model versions holding engines at once: a lazy one loading beyond it evicts the least recently used idle lazy one")
     srv.add_argument("--admin-api-key", default=None,
@@ -476,6 +479,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         default_sampling=tuple((k, getattr(args, k)) for k in SAMPLING_OPTIONS if hasattr(args, k)),
         admin_api_key=args.admin_api_key,
         enable_lora=lora,
+        root_path=args.root_path.rstrip("/"),
+        ui=args.ui,
     )
     if server_config.api_keys_file:  # a bad keys file or a missing tracing SDK fails before the model loads
         from jaxserve.server.tenants import load_keys

@@ -393,10 +393,14 @@ class ServerConfig:
     default_sampling: tuple[tuple[str, Any], ...] = ()  # (field, value) used when a request leaves the field out
     admin_api_key: str | None = dataclasses.field(default=None, repr=False)  # the admin API's own key (None: no admin routes)
     enable_lora: bool = False  # whether the engines have LoRA adapter slots (adapters may be loaded)
+    root_path: str = ""  # a reverse proxy's path prefix ("/llm"): every route also answers under it
+    ui: bool = True  # the web playground at / (and under the root path)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise UserError(f"port must be in [0, 65535], got {self.port}")
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/") or any(c in self.root_path for c in "?#{} ")):
+            raise UserError(f"--root-path must be a path like /llm (a leading slash, no trailing one), got {self.root_path!r}")
         for name in ("max_waiting", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")

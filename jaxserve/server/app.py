@@ -19,10 +19,11 @@ import signal
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import jax
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from jaxserve.config import ServerConfig
 from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
@@ -42,15 +43,26 @@ from jaxserve.server.tracing import RequestTrace, Tracing, finish_server_span, t
 from jaxserve.server.usage import UsageLedger
 from jaxserve.server.protocol import ApiError, Request, chat_prompt, parse_chat, parse_completion
 from jaxserve.server import reasoning
-from jaxserve.server.render import Renderer, renderer, sse
+from jaxserve.server.render import Renderer, renderer
 from jaxserve.server.responses import ResponsesRenderer, ResponseStore, chat_body
 from jaxserve.server.router import ModelRouter, Route
 
 log = logging.getLogger("jaxserve.server")
 
+UI_DIR = Path(__file__).parent / "ui"  # the playground: a static page, its script and its style sheet
+UI_ASSETS = {"/": "index.html", "/ui/playground.js": "playground.js", "/ui/playground.css": "playground.css"}
+# The playground loads only its own script and style sheet and talks only to this server.
+UI_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache",
+}
+STREAM_PATH = "/v1/stream"  # the WebSocket stream
+SOCKET_PROTOCOL = "jaxserve.v1"  # the subprotocol the stream answers with
+KEY_PROTOCOL = "openai-insecure-api-key."  # a browser's API key, sent as a subprotocol (as OpenAI's Realtime API takes it)
+ENDPOINTS = {"completions": "/v1/completions", "chat.completions": "/v1/chat/completions", "responses": "/v1/responses"}
 _OPEN_PATHS = {"/health", "/ready"}  # answered without an API key (probes)
-_INFERENCE = {"/v1/completions", "/v1/chat/completions"}
-_TRACED = _INFERENCE | {"/v1/responses"}
+_TRACED = set(ENDPOINTS.values())
 TENANT = web.RequestKey("tenant", Tenant)  # whose request it is (set by the auth middleware)
 KEY_ID = web.RequestKey("key_id", str)  # how logs name the key it came with
 SPAN = web.RequestKey("span", object)  # its server span (tracing on)
@@ -98,17 +110,18 @@ class Server:
         self.draining = False
         self.created = int(time.time())
         self.response_store = ResponseStore()  # conversations behind previous_response_id
+        self._sockets: set[web.WebSocketResponse] = set()  # open WebSocket streams, closed when draining ends
 
     # ---- application ---------------------------------------------------------------------
 
     def app(self) -> web.Application:
         traced = [self._trace] if self.tracing is not None else []
         app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[*traced, self._errors, self._cors, self._auth])
-        app.add_routes(
-            [
+        routes = [
                 web.post("/v1/completions", self.completions),
                 web.post("/v1/chat/completions", self.chat),
                 web.post("/v1/responses", self.responses),
+                web.get(STREAM_PATH, self.stream_socket),
                 web.get("/v1/models", self.models),
                 web.get("/v1/models/{model}", self.model),
                 web.post("/tokenize", self.tokenize),
@@ -118,12 +131,27 @@ class Server:
                 web.get("/metrics", self.metrics_page),
                 web.get("/version", self.version),
                 web.get("/v1/usage", self.usage_page),
-            ]
-        )
+        ]
+        if self.cfg.ui:
+            routes += [web.get(path, self.playground) for path in UI_ASSETS]
         if self.admin is not None:  # without an admin key the admin routes do not exist
-            app.add_routes(self.admin.routes() + self.adapters.routes(self.admin.guarded))
+            routes += self.admin.routes() + self.adapters.routes(self.admin.guarded)
+        app.add_routes(routes)
+        root = self.cfg.root_path
+        if root:  # behind a proxy that keeps its prefix: every route also answers under it (and without it, for one that strips it)
+            app.add_routes([web.RouteDef(r.method, root + r.path, r.handler, r.kwargs) for r in routes])
+            if self.cfg.ui:
+                app.add_routes([web.get(root, self._to_root)])
         app.on_response_prepare.append(self._rate_headers)
         return app
+
+    def _path(self, request: web.Request) -> str:
+        """The request's path without the root path (`--root-path`), as the routes name it."""
+        return self._unrooted(request.path)
+
+    def _unrooted(self, path: str) -> str:
+        root = self.cfg.root_path
+        return path[len(root):] if root and path.startswith(root + "/") else path
 
     def reload_keys(self) -> None:
         """Read the keys file again (SIGHUP); a bad file leaves the old one in force. Requests in flight
@@ -173,6 +201,8 @@ class Server:
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         log.info("drained", extra={"unfinished": self.in_flight})
+        for ws in list(self._sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the server is shutting down")
         await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -222,21 +252,24 @@ class Server:
         except Exception as e:  # a bug in one request: a 500 for it, the server carries on
             log.exception("unhandled error", extra={"path": request.path})
             response = self._error(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"))
-        route = request.match_info.route.resource
-        endpoint = route.canonical if route is not None else "unmatched"
-        self.metrics.http.labels(endpoint, str(response.status)).inc()
-        tenant: Tenant | None = request.get(TENANT)
-        if tenant is not None and response.status >= 400 and response.status != 429:  # a tenant's 429s are counted where its quota refused
-            self.usage.record(tenant.name, errors=1)
+        resource = request.match_info.route.resource
+        self._count(self._unrooted(resource.canonical) if resource is not None else "unmatched", response.status, request.get(TENANT))
         return response
+
+    def _count(self, endpoint: str, status: int, tenant: Tenant | None) -> None:
+        """One answer in the HTTP metrics and, if it is an error, in its tenant's usage."""
+        self.metrics.http.labels(endpoint, str(status)).inc()
+        if tenant is not None and status >= 400 and status != 429:  # a tenant's 429s are counted where its quota refused
+            self.usage.record(tenant.name, errors=1)
 
     @web.middleware
     async def _trace(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         """A server span for each inference request (tracing on); its logs carry the trace id."""
-        if request.path not in _TRACED:
+        path = self._path(request)
+        if path not in _TRACED:
             return await handler(request)
         assert self.tracing is not None
-        span = self.tracing.server_span(request.method, request.path, request.headers)
+        span = self.tracing.server_span(request.method, path, request.headers)
         request[SPAN] = span
         token = TRACE_ID.set(trace_id(span))
         status = 500
@@ -266,12 +299,15 @@ class Server:
     async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         """Find the key's tenant before anything reads the body: an unknown key costs no more than its
         headers. Without keys, every request is the one anonymous tenant's."""
-        keys = self.keys
+        keys, path = self.keys, self._path(request)
+        open_paths = _OPEN_PATHS | (UI_ASSETS.keys() if self.cfg.ui else set())
         if keys is None:
             request[TENANT] = ANONYMOUS
-        elif request.path not in _OPEN_PATHS and not request.path.startswith("/admin/") and request.path not in LORA_ROUTES:  # admin routes check their own key
+        elif path not in open_paths and path != self.cfg.root_path and not path.startswith("/admin/") and path not in LORA_ROUTES:  # admin routes check their own key
             header = request.headers.get("Authorization", "")
             found = keys.find(header[7:]) if header.startswith("Bearer ") else None
+            if found is None and path == STREAM_PATH:  # a browser cannot set headers on a WebSocket
+                found = next((keys.find(p[len(KEY_PROTOCOL):]) for p in self._protocols(request) if p.startswith(KEY_PROTOCOL)), None)
             if found is None:
                 raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", type="authentication_error", code="invalid_api_key")
             request[KEY_ID], request[TENANT] = key_id(found[0]), found[1]
@@ -291,18 +327,11 @@ class Server:
 
     async def _body(self, request: web.Request) -> dict:
         """The JSON object sent, over the server's default sampling fields."""
-        try:
-            raw = await request.read()
-            body = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ApiError(400, "the request body is not valid UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise ApiError(400, "the request body is nested too deeply") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
+        return self._with_defaults(_json_object(await request.read(), "the request body"))
+
+    def _with_defaults(self, body: dict) -> dict:
         return {**dict(self.cfg.default_sampling), **{k: v for k, v in body.items() if v is not None}}
+
 
     def _route(self, body: dict, request: web.Request) -> Route:
         """Where the request goes, and the refusals that come before parsing: draining or warming up,
@@ -363,25 +392,35 @@ class Server:
         return checked
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
-        route = self._route(body, request)
-        info = route.deployment.info
-        return await self._serve(request, parse_completion(body, info.tokenizer, body.get("model") or route.model, info.max_model_len), route)
+        return await self._answer(request, "completions")
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
-        route = self._route(body, request)
-        info = route.deployment.info
-        return await self._serve(request, parse_chat(body, info.tokenizer, body.get("model") or route.model, info.max_model_len), route)
+        return await self._answer(request, "chat.completions")
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
-        """The Responses API, computed as the chat request it amounts to."""
+        return await self._answer(request, "responses")
+
+    async def _answer(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        """An inference request over HTTP: streamed as server-sent events or answered whole."""
         body = await self._body(request)
         route = self._route(body, request)
+
+        async def deliver(req: Request, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call) -> web.StreamResponse:
+            return await (self._stream(request, req, outputs, call) if req.stream else self._whole(req, outputs, call))
+
+        return await self._serve(request, self._parse(endpoint, body, route), route, deliver)
+
+    def _parse(self, endpoint: str, body: dict, route: Route) -> Request:
+        """The request a body makes for an endpoint (`ENDPOINTS`); the Responses API's is the chat
+        request it amounts to."""
         info = route.deployment.info
+        model = body.get("model") or route.model
+        if endpoint == "completions":
+            return parse_completion(body, info.tokenizer, model, info.max_model_len)
+        if endpoint == "chat.completions":
+            return parse_chat(body, info.tokenizer, model, info.max_model_len)
         chat, extra = chat_body(body, self.response_store)
-        req = parse_chat(chat, info.tokenizer, body.get("model") or route.model, info.max_model_len)
-        return await self._serve(request, dataclasses.replace(req, responses=extra), route)
+        return dataclasses.replace(parse_chat(chat, info.tokenizer, model, info.max_model_len), responses=extra)
 
     def _grant(self, request: web.Request, req: Request, route: Route) -> tuple[TenantQuota, Admission]:
         """The tenant's quota, taken for this request (429 when a limit says no, 400 when it never
@@ -398,7 +437,8 @@ class Server:
         quota.admit(req.prompt_tokens, now)
         return quota, Admission(priority=with_priority(tenant, req.priority), tenant=tenant.name, weight=tenant.weight, adapter=route.adapter)
 
-    async def _serve(self, request: web.Request, req: Request, route: Route) -> web.StreamResponse:
+    async def _serve(self, request: web.Request, req: Request, route: Route, deliver: Callable[..., Awaitable]) -> web.StreamResponse | None:
+        """Admit, check and run one request; `deliver(req, outputs, call)` sends its outputs."""
         # Counted from here (no await since the routing), so a burst cannot overshoot max_waiting and
         # an unloading version sees every request routed to it.
         quota, admission = self._grant(request, req, route)
@@ -423,10 +463,7 @@ class Server:
             log.info("request", extra={"request_id": req.request_id, "kind": req.kind, "prompts": len(req.prompts), "n": req.params.n,
                                        "stream": req.stream, "priority": admission.priority, "tenant": admission.tenant,
                                        "key_id": request.get(KEY_ID), "model": deployment.spec.id})
-            outputs = self._outputs(req, checked, engine, admission, quota, trace, call)
-            if req.stream:
-                return await self._stream(request, req, outputs, call)
-            return await self._whole(req, outputs, call)
+            return await deliver(req, self._outputs(req, checked, engine, admission, quota, trace, call), call)
         except ApiError as e:
             call.failed = call.failed or e.status >= 500
             error = f"ApiError: {e}"
@@ -497,11 +534,12 @@ class Server:
                     note(i, out)
                     yield i, out
         finally:
+            if unfinished:
+                record.aborted(len(unfinished))
             self.usage.record(admission.tenant, generated_tokens=generated)
 
     async def _stream(self, request: web.Request, req: Request, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call) -> web.StreamResponse:
-        """Server-sent events: the renderer's opening, its frames for each step output, then its
-        closing (usage if asked, [DONE]; the Responses API's own events)."""
+        """Server-sent events: the request's events, then [DONE] (the Responses API has none)."""
         render = self._renderer(req, call)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                VERSION_HEADER: call.route.deployment.version})
@@ -511,6 +549,15 @@ class Server:
             if frames:
                 await response.write("".join(frames).encode())
 
+        await self._relay(render, outputs, call, lambda events: send([render.sse(e) for e in events]))
+        await send(render.sse_end())
+        await response.write_eof()
+        return response
+
+    async def _relay(self, render: Renderer, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call,
+                     send: Callable[[list[dict]], Awaitable[None]]) -> None:
+        """Send a streamed request's events as they come: the renderer's opening, its events for each
+        step output, then its closing (usage if asked; the Responses API's own events), or a failure."""
         await send(render.opening())
         try:
             async with asyncio.timeout(self.cfg.request_timeout), contextlib.aclosing(outputs):
@@ -519,14 +566,104 @@ class Server:
             await send(render.closing())
         except (TimeoutError, RequestFailedError, EngineDeadError) as e:
             call.failed = True
-            message = f"the request took longer than {self.cfg.request_timeout} s" if isinstance(e, TimeoutError) else str(e)
-            await send(render.failure(message) + ([sse("[DONE]")] if req.responses is None else []))
-        await response.write_eof()
-        return response
+            await send(render.failure(f"the request took longer than {self.cfg.request_timeout} s" if isinstance(e, TimeoutError) else str(e)))
 
     def _renderer(self, req: Request, call: _Call) -> Renderer:
         tokenizer = call.route.deployment.info.tokenizer
         return ResponsesRenderer(req, tokenizer) if req.responses is not None else renderer(req, tokenizer, self._reasoning)
+
+    # ---- the WebSocket stream -------------------------------------------------------------
+
+    @staticmethod
+    def _protocols(request: web.Request) -> list[str]:
+        return [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+
+    async def stream_socket(self, request: web.Request) -> web.WebSocketResponse:
+        """`/v1/stream`: requests one after another on one socket, each answered with the events its
+        SSE stream would carry (one message each) and then a `done` message. A client message is
+        `{"type": "completions" | "chat.completions" | "responses", "id": ANY, "body": {...}}` or
+        `{"type": "cancel"}`; cancelling, or closing the socket, aborts the running request."""
+        ws = web.WebSocketResponse(protocols=(SOCKET_PROTOCOL,), max_msg_size=self.cfg.max_body_bytes)
+        if not ws.can_prepare(request).ok:
+            raise ApiError(400, f"{STREAM_PATH} is a WebSocket: open it with a WebSocket client")
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        running: asyncio.Task | None = None
+        try:
+            async for message in ws:
+                try:
+                    if message.type != WSMsgType.TEXT:
+                        raise ApiError(400, "send each request as a JSON text message")
+                    sent = _json_object(message.data.encode(), "the message")
+                    kind = sent.get("type")
+                    if kind == "cancel":
+                        if running is not None:
+                            running.cancel()
+                        continue
+                    if kind not in ENDPOINTS:
+                        raise ApiError(400, f"'type' must be one of {sorted(ENDPOINTS)} or 'cancel', got {kind!r}", "type")
+                except ApiError as e:
+                    await ws.send_json({"type": "error", "status": e.status, **e.body()})
+                    continue
+                if running is not None and not running.done():
+                    await self._socket_refusal(ws, request, sent.get("id"), ApiError(
+                        409, "a request is running on this socket: wait for its 'done' message or send {\"type\": \"cancel\"}", "type"))
+                    await ws.send_json({"type": "done", "id": sent.get("id"), "outcome": "refused"})
+                    continue
+                running = asyncio.create_task(self._socket_request(ws, request, kind, sent))
+        finally:
+            if running is not None:
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+            self._sockets.discard(ws)
+        return ws
+
+    async def _socket_request(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str, sent: dict) -> None:
+        """One request from the socket, to its `done` message (`outcome`: finished, failed, refused or cancelled)."""
+        tag, outcome = sent.get("id"), "finished"
+        try:
+            body = sent.get("body")
+            if not isinstance(body, dict):
+                raise ApiError(400, "'body' must be the request object of the endpoint 'type' names", "body")
+            body = {**self._with_defaults(body), "stream": True}
+            route = self._route(body, request)
+
+            async def deliver(req: Request, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call) -> bool:
+                async def send(events: list[dict]) -> None:
+                    for event in events:
+                        await ws.send_json(event)
+
+                await self._relay(self._renderer(req, call), outputs, call, send)
+                return call.failed
+
+            failed = await self._serve(request, self._parse(endpoint, body, route), route, deliver)
+            outcome = "failed" if failed else "finished"
+            self._count(STREAM_PATH, 200, request[TENANT])
+        except ApiError as e:
+            outcome = "refused"
+            await self._socket_refusal(ws, request, tag, e)
+        except asyncio.CancelledError:  # a cancel message, or the socket closed: the request was aborted
+            outcome = "cancelled"
+        except ConnectionResetError:  # the socket closed while sending
+            return
+        if not ws.closed:
+            await ws.send_json({"type": "done", "id": tag, "outcome": outcome})
+
+    async def _socket_refusal(self, ws: web.WebSocketResponse, request: web.Request, tag, e: ApiError) -> None:
+        """A request the socket refused: counted as its HTTP answer would be, and its error sent."""
+        self._count(STREAM_PATH, e.status, request[TENANT])
+        await ws.send_json({"type": "error", "id": tag, "status": e.status, **e.body()})
+
+    # ---- the playground ------------------------------------------------------------------
+
+    async def playground(self, request: web.Request) -> web.FileResponse:
+        """The web playground (`UI_DIR`): a static page that talks to this server by relative URLs,
+        so it works under any root path."""
+        return web.FileResponse(UI_DIR / UI_ASSETS[self._unrooted(request.match_info.route.resource.canonical)], headers=UI_HEADERS)
+
+    async def _to_root(self, request: web.Request) -> web.Response:
+        """The root path without its slash: the playground's relative URLs need it."""
+        return web.Response(status=308, headers={"Location": self.cfg.root_path + "/"})
 
     # ---- other endpoints -----------------------------------------------------------------
 
@@ -633,6 +770,21 @@ class Server:
                 for name, t in sorted(tallies.items())]
         return web.json_response({"object": "usage", "start": start, "end": end, "granularity_seconds": 60,
                                   "cost_per_million_tokens": self.usage.cost_per_million_tokens(), "data": data})
+
+
+def _json_object(raw: bytes, what: str) -> dict:
+    """A JSON object sent by a client; a 400 naming what is wrong with it."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ApiError(400, f"{what} is not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, f"{what} is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"{what} must be a JSON object")
+    return body
 
 
 async def serve(server: Server) -> int:

@@ -170,7 +170,8 @@ class Metrics:
         label of the per-tenant families (the default model)."""
         self.registry = CollectorRegistry()
         r, m = self.registry, ["model_name", "version"]  # request figures per version, so a canary compares with production
-        self.requests = Counter("jaxserve:request_success", "Finished requests by finish reason.", m + ["finished_reason"], registry=r)
+        self.requests = Counter("jaxserve:request_success", "Finished samples by finish reason; \"abort\": ended without one (the client "
+                                "went away or cancelled, a timeout, a failure).", m + ["finished_reason"], registry=r)
         self.ready = Gauge("jaxserve:server_ready", "1 from the end of warm-up until draining starts, else 0.", registry=r)
         self.http = Counter("jaxserve:http_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r)
         self.routed = Counter("jaxserve:routed_requests", "Inference requests routed to each model version.", m, registry=r)
@@ -252,6 +253,10 @@ class RequestMetrics:
         """Seconds from arrival to the first token of any prompt (None: no token yet)."""
         first = [p.first_token for p in self.prompts if p.first_token is not None]
         return min(first) - self.prompts[0].arrival if first else None
+
+    def aborted(self, samples: int) -> None:
+        """Samples that ended without a finish reason."""
+        self.m.requests.labels(*self.labels, "abort").inc(samples)
 
     def output(self, i: int, out: StepOutput) -> None:
         m, name, p, now = self.m, self.labels, self.prompts[i], time.perf_counter()

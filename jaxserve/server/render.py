@@ -125,21 +125,29 @@ class Renderer:
     def _add(self, choice: Choice, prompt_index: int, index: int, out: StepOutput, token: list[int]) -> dict | None:
         raise NotImplementedError
 
-    # ---- the stream, as server-sent events -----------------------------------------------------
+    # ---- the stream: events (the objects sent), each as one SSE frame or one WebSocket message ----
 
-    def opening(self) -> list[str]:
-        return [sse(chunk) for chunk in self.start()]
+    def opening(self) -> list[dict]:
+        return self.start()
 
-    def frames(self, prompt_index: int, out: StepOutput) -> list[str]:
+    def frames(self, prompt_index: int, out: StepOutput) -> list[dict]:
         choice = self.add(prompt_index, out)
-        return [] if choice is None else [sse(self.chunk([choice]))]
+        return [] if choice is None else [self.chunk([choice])]
 
-    def closing(self) -> list[str]:
-        return ([sse(self.usage_chunk())] if self.req.include_usage else []) + [sse("[DONE]")]
+    def closing(self) -> list[dict]:
+        return [self.usage_chunk()] if self.req.include_usage else []
 
-    def failure(self, message: str) -> list[str]:
+    def failure(self, message: str) -> list[dict]:
         """What a stream sends when its request fails midway (then `closing`)."""
-        return [sse({"error": {"message": message, "type": "internal_server_error", "param": None, "code": None}})]
+        return [{"error": {"message": message, "type": "internal_server_error", "param": None, "code": None}}]
+
+    def sse(self, event: dict) -> str:
+        """One event as a server-sent event."""
+        return sse(event)
+
+    def sse_end(self) -> list[str]:
+        """What ends an SSE stream, after the closing or failure events."""
+        return [sse("[DONE]")]
 
     def chunk(self, choices: list[dict]) -> dict:
         """A streamed chunk (with the usage so far, when asked for continuous usage stats)."""

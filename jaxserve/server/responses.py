@@ -168,9 +168,16 @@ class ResponsesRenderer(ChatRenderer):
         self.sequence = 0  # of the next stream event
         self._text_open = False  # the message item and its text part have been announced
 
-    def _event(self, kind: str, **fields: Any) -> str:
+    def _event(self, kind: str, **fields: Any) -> dict:
         self.sequence += 1
-        return f"event: {kind}\n" + sse({"type": kind, "sequence_number": self.sequence - 1, **fields})
+        return {"type": kind, "sequence_number": self.sequence - 1, **fields}
+
+    def sse(self, event: dict) -> str:
+        """Responses events are named, and their stream has no [DONE]."""
+        return f"event: {event['type']}\n" + sse(event)
+
+    def sse_end(self) -> list[str]:
+        return []
 
     def _message(self, text: str, status: str) -> dict:
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
@@ -217,14 +224,14 @@ class ResponsesRenderer(ChatRenderer):
             reply["tool_calls"] = [{"id": c["id"], "type": "function", "function": c["function"]} for c in choice.calls]
         self.resp.store.put(self.resp.id, [*self.resp.messages, reply])
 
-    def opening(self) -> list[str]:
+    def opening(self) -> list[dict]:
         shell = self._object("in_progress", [])
         return [
             self._event("response.created", response=shell),
             self._event("response.in_progress", response=shell),
         ]
 
-    def frames(self, prompt_index: int, out: StepOutput) -> list[str]:
+    def frames(self, prompt_index: int, out: StepOutput) -> list[dict]:
         choice = self.add(prompt_index, out)
         text = choice["delta"].get("content") if choice else None
         if not text:
@@ -232,7 +239,7 @@ class ResponsesRenderer(ChatRenderer):
         opening = [] if self._text_open else self._open_text()
         return [*opening, self._event("response.output_text.delta", item_id=self.message_id, output_index=0, content_index=0, delta=text)]
 
-    def _open_text(self) -> list[str]:
+    def _open_text(self) -> list[dict]:
         self._text_open = True
         return [
             self._event("response.output_item.added", output_index=0, item=self._message("", "in_progress")),
@@ -240,7 +247,7 @@ class ResponsesRenderer(ChatRenderer):
                         part={"type": "output_text", "text": "", "annotations": []}),
         ]
 
-    def closing(self) -> list[str]:
+    def closing(self) -> list[dict]:
         choice, events = self.choices[0], []
         output = self._output()
         if output and output[0]["type"] == "message":
@@ -265,5 +272,5 @@ class ResponsesRenderer(ChatRenderer):
         self._store()
         return events
 
-    def failure(self, message: str) -> list[str]:
+    def failure(self, message: str) -> list[dict]:
         return [self._event("error", code="server_error", message=message, param=None)]
