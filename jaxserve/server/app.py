@@ -50,7 +50,8 @@ from jaxserve.server.router import ModelRouter, Route
 log = logging.getLogger("jaxserve.server")
 
 UI_DIR = Path(__file__).parent / "ui"  # the playground: a static page, its script and its style sheet
-UI_ASSETS = {"/": "index.html", "/ui/playground.js": "playground.js", "/ui/playground.css": "playground.css"}
+UI_ASSETS = {"/": ("index.html", "text/html"), "/ui/playground.js": ("playground.js", "text/javascript"),
+             "/ui/playground.css": ("playground.css", "text/css")}  # path: (file, type, not left to the system's MIME table)
 # The playground loads only its own script and style sheet and talks only to this server.
 UI_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
@@ -659,7 +660,8 @@ class Server:
     async def playground(self, request: web.Request) -> web.FileResponse:
         """The web playground (`UI_DIR`): a static page that talks to this server by relative URLs,
         so it works under any root path."""
-        return web.FileResponse(UI_DIR / UI_ASSETS[self._unrooted(request.match_info.route.resource.canonical)], headers=UI_HEADERS)
+        name, kind = UI_ASSETS[self._unrooted(request.match_info.route.resource.canonical)]
+        return web.FileResponse(UI_DIR / name, headers={**UI_HEADERS, "Content-Type": f"{kind}; charset=utf-8"})
 
     async def _to_root(self, request: web.Request) -> web.Response:
         """The root path without its slash: the playground's relative URLs need it."""
