@@ -119,19 +119,19 @@ class Server:
         traced = [self._trace] if self.tracing is not None else []
         app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[*traced, self._errors, self._cors, self._auth])
         routes = [
-                web.post("/v1/completions", self.completions),
-                web.post("/v1/chat/completions", self.chat),
-                web.post("/v1/responses", self.responses),
-                web.get(STREAM_PATH, self.stream_socket),
-                web.get("/v1/models", self.models),
-                web.get("/v1/models/{model}", self.model),
-                web.post("/tokenize", self.tokenize),
-                web.post("/detokenize", self.detokenize),
-                web.get("/health", self.health),
-                web.get("/ready", self.ready_probe),
-                web.get("/metrics", self.metrics_page),
-                web.get("/version", self.version),
-                web.get("/v1/usage", self.usage_page),
+            web.post("/v1/completions", self.completions),
+            web.post("/v1/chat/completions", self.chat),
+            web.post("/v1/responses", self.responses),
+            web.get(STREAM_PATH, self.stream_socket),
+            web.get("/v1/models", self.models),
+            web.get("/v1/models/{model}", self.model),
+            web.post("/tokenize", self.tokenize),
+            web.post("/detokenize", self.detokenize),
+            web.get("/health", self.health),
+            web.get("/ready", self.ready_probe),
+            web.get("/metrics", self.metrics_page),
+            web.get("/version", self.version),
+            web.get("/v1/usage", self.usage_page),
         ]
         if self.cfg.ui:
             routes += [web.get(path, self.playground) for path in UI_ASSETS]
@@ -146,11 +146,8 @@ class Server:
         app.on_response_prepare.append(self._rate_headers)
         return app
 
-    def _path(self, request: web.Request) -> str:
-        """The request's path without the root path (`--root-path`), as the routes name it."""
-        return self._unrooted(request.path)
-
     def _unrooted(self, path: str) -> str:
+        """A path without the root path (`--root-path`), as the routes name it."""
         root = self.cfg.root_path
         return path[len(root):] if root and path.startswith(root + "/") else path
 
@@ -266,7 +263,7 @@ class Server:
     @web.middleware
     async def _trace(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         """A server span for each inference request (tracing on); its logs carry the trace id."""
-        path = self._path(request)
+        path = self._unrooted(request.path)
         if path not in _TRACED:
             return await handler(request)
         assert self.tracing is not None
@@ -300,7 +297,7 @@ class Server:
     async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         """Find the key's tenant before anything reads the body: an unknown key costs no more than its
         headers. Without keys, every request is the one anonymous tenant's."""
-        keys, path = self.keys, self._path(request)
+        keys, path = self.keys, self._unrooted(request.path)
         open_paths = _OPEN_PATHS | (UI_ASSETS.keys() if self.cfg.ui else set())
         if keys is None:
             request[TENANT] = ANONYMOUS
