@@ -640,15 +640,19 @@ class Server:
         except ApiError as e:
             outcome = "refused"
             await self._socket_refusal(ws, request, tag, e)
-        except asyncio.CancelledError:  # a cancel message, or the socket closed: the request was aborted
-            outcome = "cancelled"
         except ConnectionResetError:  # the socket closed while sending
             return
+        except Exception as e:  # a bug in one request: a 500 for it, the socket and the server carry on
+            log.exception("unhandled error", extra={"path": STREAM_PATH})
+            outcome = "failed"
+            await self._socket_refusal(ws, request, tag, ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"))
+        except asyncio.CancelledError:  # a cancel message, or the socket closed: the request was aborted
+            outcome = "cancelled"
         if not ws.closed:
             await ws.send_json({"type": "done", "id": tag, "outcome": outcome})
 
     async def _socket_refusal(self, ws: web.WebSocketResponse, request: web.Request, tag, e: ApiError) -> None:
-        """A request the socket refused: counted as its HTTP answer would be, and its error sent."""
+        """A request the socket refused (or that failed before streaming): counted as its HTTP answer would be, and its error sent."""
         self._count(STREAM_PATH, e.status, request[TENANT])
         await ws.send_json({"type": "error", "id": tag, "status": e.status, **e.body()})
 
