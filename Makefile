@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=15 -n $(PYTEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
-	$(VENV)/bin/python scripts/bench_generate.py
+	$(VENV)/bin/jaxserve bench generate
 
 clean:
 	rm -rf $(VENV) build *.egg-info

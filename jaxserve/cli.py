@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Sequence
 
+from jaxserve.bench.cli import add_commands as add_bench_commands
 from jaxserve.checkpoint.registry import DEFAULT_MODEL, cache_dir
 from jaxserve.config import INT4_GROUP, KV_CACHE_DTYPES, PREEMPTION_MODES, QUANTIZATIONS, SCHEDULING_POLICIES, FinetuneConfig, TrainDraftConfig, load_yaml
 from jaxserve.errors import UserError
@@ -249,14 +250,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         act.add_argument("model", metavar=target)
         act.set_defaults(func=func)
 
-    bench = sub.add_parser("bench", help="short offline benchmark; figures recorded in a stored version's metadata")
-    bench.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"NAME[@VERSION] or any model path (default: {DEFAULT_MODEL})")
-    bench.add_argument("--num-prompts", type=int, default=8, help="prompts decoded together (default: 8)")
-    bench.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default: 32)")
-    bench.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU/TPU)")
-    bench.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
-                       help="layer layout, as for serving (default: unrolled on one device; --no-unroll-layers compiles ~9x faster)")
-    bench.set_defaults(func=_cmd_bench)
+    bench = sub.add_parser("bench", help="benchmarks: a server under load, single-stream decode, offline throughput, a stored version")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    add_bench_commands(bench_sub)  # serve, generate, throughput: jaxserve/bench/cli.py
+    stored = bench_sub.add_parser("model", help="short offline benchmark; figures recorded in a stored version's metadata "
+                                  "(`jaxserve bench [NAME]` for short)")
+    stored.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"NAME[@VERSION] or any model path (default: {DEFAULT_MODEL})")
+    stored.add_argument("--num-prompts", type=int, default=8, help="prompts decoded together (default: 8)")
+    stored.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default: 32)")
+    stored.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    stored.add_argument("--unroll-layers", action=argparse.BooleanOptionalAction, default=None,
+                        help="layer layout, as for serving (default: unrolled on one device; --no-unroll-layers compiles ~9x faster)")
+    stored.set_defaults(func=_cmd_bench)
 
     td = sub.add_parser("train-draft", help='train draft heads for a model from its own answers (serve them with {"method": "medusa", "model": OUT})')
     td.add_argument("model", help="registry name, GGUF file, HF folder or jaxserve checkpoint")
@@ -744,10 +749,21 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = ("serve", "generate", "throughput", "model", "-h", "--help")
+
+
+def _bench_shorthand(argv: list[str]) -> list[str]:
+    """`jaxserve bench [NAME] [flags]`, as before `bench` had sub-commands, is `jaxserve bench model ...`."""
+    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1] not in BENCHMARKS):
+        return ["bench", "model", *argv[1:]]
+    return argv
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse flags. Precedence, highest first: flags, JAXSERVE_* environment variables (for `serve`),
     the --config YAML file, built-in defaults."""
     parser, commands = build_parser()
+    argv = _bench_shorthand(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     command = commands[args.command]
     if getattr(args, "config", None):

@@ -32,7 +32,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tiny random models of the tests
 
 from bench_preemption import Server  # noqa: E402
-from bench_report import save_report  # noqa: E402
+from jaxserve.bench.report import save_report  # noqa: E402
 
 from jaxserve.rollout import AdminClient, RolloutPlan, run_rollout  # noqa: E402
 from jaxserve.server.traffic import TrafficSplit  # noqa: E402

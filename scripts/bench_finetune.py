@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import save_report  # noqa: E402
+from jaxserve.bench.report import save_report  # noqa: E402
 
 import openai  # noqa: E402
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_report import save_report  # noqa: E402
+from jaxserve.bench.report import save_report  # noqa: E402
 
 from jaxserve.checkpoint.loader import load_model  # noqa: E402
 from jaxserve.checkpoint.peft import save_peft  # noqa: E402

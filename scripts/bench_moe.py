@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bench_report import save_report
+from jaxserve.bench.report import save_report
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.models import moe

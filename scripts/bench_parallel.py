@@ -30,7 +30,7 @@ from jaxserve.parallel.mesh import make_mesh  # noqa: E402
 from jaxserve.parallel.report import bytes_per_device, decode_batch, step_collectives, time_step  # noqa: E402
 from jaxserve.parallel.sharding import check_tensor_parallel, replicate_kv_heads  # noqa: E402
 
-from bench_report import save_report
+from jaxserve.bench.report import save_report  # noqa: E402
 
 MODELS = {
     # small enough for fake CPU devices; 8 query / 8 KV heads split any power of two up to 8 ways

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench_report import save_report
+from jaxserve.bench.report import save_report
 
 PROMPT = "Write a short story about a lighthouse keeper and the sea. " * 5
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench_report import save_report
+from jaxserve.bench.report import save_report
 
 # Runs past any output length: the array needs 40 items before the object can close.
 LONG_SCHEMA = {

@@ -1,4 +1,4 @@
-"""Random LoRA adapters in PEFT's format for a model, for serving benchmarks (`bench_serving.py --mix`).
+"""Random LoRA adapters in PEFT's format for a model, for serving benchmarks (`jaxserve bench serve --mix`).
 
     python scripts/random_lora.py --rank 16 --count 4 --out /tmp/adapters    # /tmp/adapters/a0 ... a3
     jaxserve serve --lora-modules a0=/tmp/adapters/a0 a1=/tmp/adapters/a1 a2=/tmp/adapters/a2 a3=/tmp/adapters/a3
