@@ -62,8 +62,9 @@ def serve_throughput(report: dict, path: Path) -> Path:
         goodput = [level["goodput"] and level["goodput"]["request_throughput"] for level in target["levels"]]
         if any(g is not None for g in goodput):
             requests.plot(x, goodput, marker="x", linestyle="--", color=line.get_color(), label="goodput")
-    tokens.set_title("output tokens/s")
-    requests.set_title("requests/s" + (" (dashed: within the SLO)" if report.get("slo_ms") else ""))
+    tokens.set_title("output tokens/s", fontsize=10)
+    slo = ", ".join(f"{metric} ≤ {ms:g}" for metric, ms in (report["slo_ms"] or {}).items())
+    requests.set_title("requests/s" + (f"\ndashed: goodput ({slo} ms)" if slo else ""), fontsize=10)
     for ax in (tokens, requests):
         _level_axis(ax, report)
         ax.set_ylim(bottom=0)
