@@ -97,15 +97,15 @@ def test_serve_against_two_servers_writes_json_table_and_plots(servers, tmp_path
 
 
 def test_rate_chat_dataset_and_model_mixes(servers, capsys, tmp_path: Path) -> None:
-    """Poisson arrivals to the chat endpoint, prompts and output lengths from a JSONL file, and two
-    model mixes on one server compared."""
+    """Poisson arrivals to the chat endpoint, texts and chats from a JSONL file, and two model mixes on
+    one server compared."""
     server = servers[0]
     model = json.loads(get(server.url + "/v1/models")[1])["data"][0]["id"]
     dataset = tmp_path / "prompts.jsonl"
-    dataset.write_text("".join(json.dumps({"prompt": f"the theme {i}", "output_tokens": 3}) + "\n" for i in range(3)))
+    dataset.write_text('{"prompt": "the theme"}\n{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}\n')
     code, out, err = _run(capsys, "bench", "serve", "--base-url", server.url, "--rate", "50", "--num-requests", "4", "--endpoint", "chat",
-                          "--dataset", str(dataset), "--mix", model, "--mix", f"{model},{model}", "--warmup-requests", "1",
-                          "--out-dir", str(tmp_path / "out"))
+                          "--dataset", str(dataset), "--output-tokens", "3", "--mix", model, "--mix", f"{model},{model}",
+                          "--warmup-requests", "1", "--out-dir", str(tmp_path / "out"))
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "serve.json").read_text())
     assert report["mode"] == "rate" and report["endpoint"] == "chat" and report["slo_ms"] is None
@@ -117,10 +117,12 @@ def test_rate_chat_dataset_and_model_mixes(servers, capsys, tmp_path: Path) -> N
     assert "rate" in out.splitlines()[0] and f"[{model},{model}]" in out
 
 
-def test_datasets_jsonl_and_sharegpt(tmp_path: Path) -> None:
+def test_datasets_jsonl_and_sharegpt(capsys, tmp_path: Path) -> None:
     jsonl = tmp_path / "p.jsonl"
-    jsonl.write_text('{"prompt": "a"}\n\n{"prompt": "b", "output_tokens": 7}\n')
-    assert read_dataset(jsonl) == [("a", None), ("b", 7)]
+    jsonl.write_text('{"prompt": "a"}\n\n{"messages": [{"role": "user", "content": "b"}]}\n')
+    assert read_dataset(jsonl) == [("a", None), ([{"role": "user", "content": "b"}], None)]
+    code, _, err = _run(capsys, "bench", "serve", "--base-url", "http://127.0.0.1:1", "--dataset", str(jsonl))
+    assert code == 2 and "holds chats" in err and "--endpoint chat" in err  # before any request
     sharegpt = tmp_path / "sharegpt.json"
     sharegpt.write_text(json.dumps([
         {"conversations": [{"from": "human", "value": "first question"}, {"from": "gpt", "value": "x" * 41}, {"from": "human", "value": "more"}]},
@@ -137,8 +139,8 @@ def test_datasets_jsonl_and_sharegpt(tmp_path: Path) -> None:
     assert {s.output_tokens for s in build_requests(5, rng, Lengths("fixed", 3), None, entries)} == {3}
     random_specs = build_requests(50, rng, parse_lengths("uniform:2:4"), parse_lengths("normal:5:2"), None)
     assert {s.output_tokens for s in random_specs} == {2, 3, 4} and len({s.prompt for s in random_specs}) == 50
-    for bad, message in (('{"text": "a"}\n', "line 1 must be"), ('{"prompt": "a", "output_tokens": 0}\n', "line 1 must be"),
-                         ("not json\n", "line 1 is not JSON"), ('[{"x": 1}]', '"conversations"'), ("", "no prompts")):
+    for bad, message in (('{"text": "a"}\n', "--dataset: .* line 1 needs"), ("not json\n", "line 1 is not JSON"), ("", "holds no prompts"),
+                         ('[{"x": 1}]', '"conversations"'), ('[{"conversations": [{"from": "gpt", "value": "a"}]}]', "no chat with a human turn")):
         (tmp_path / "bad").write_text(bad)
         with pytest.raises(UserError, match=message):
             read_dataset(tmp_path / "bad")

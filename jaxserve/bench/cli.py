@@ -10,6 +10,7 @@ import os
 import random
 import sys
 from pathlib import Path
+from typing import Callable
 
 from jaxserve.bench import plots
 from jaxserve.bench.datasets import LENGTHS_HELP, parse_lengths
@@ -38,9 +39,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add serve, generate and throughput to `jaxserve bench`'s sub-commands."""
     from jaxserve.bench.stats import SLO_METRICS, parse_slo
 
-    s = sub.add_parser("serve", help="load-test an OpenAI-compatible server: TTFT, ITL, E2E, tok/s, goodput",
-                       description="Streams requests to an OpenAI-compatible server (ours, vLLM, llama-server...) at each concurrency "
-                       "(closed loop) or Poisson rate, and reports throughput, latency percentiles and goodput as JSON, a table and PNG plots.")
+    s = _command(sub, serve, "serve.json, throughput.png and latency.png", "load-test an OpenAI-compatible server: TTFT, ITL, E2E, tok/s, goodput",
+                 "Streams requests to an OpenAI-compatible server (ours, vLLM, llama-server...) at each concurrency (closed loop) or "
+                 "Poisson rate, and reports throughput, latency percentiles and goodput as JSON, a table and PNG plots.")
     s.add_argument("--base-url", nargs="+", default=["http://127.0.0.1:8000"], metavar="URL",
                    help="server(s), with or without /v1 (default: http://127.0.0.1:8000); with several, each level runs against each "
                    "in turn and the report gives the others' figures against the first's")
@@ -62,9 +63,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--prompt-tokens", type=parse_lengths, default=None, metavar="DIST",
                         help=f"random prompts of about this many tokens (one common word each): {LENGTHS_HELP} (default: 100)")
     source.add_argument("--dataset", type=Path, default=None, metavar="FILE",
-                        help='prompts from a file: JSONL of {"prompt": ..., "output_tokens": N (optional)}, or a JSON list of '
-                        'ShareGPT chats ({"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}: the first human '
-                        "turn, and the reply's length at 4 characters a token)")
+                        help='prompts from a file: JSONL of {"prompt": TEXT} or {"messages": [...]} (chats: --endpoint chat), as '
+                        'train-draft --prompts reads, or a JSON list of ShareGPT chats ({"conversations": [{"from": "human", '
+                        "\"value\": ...}, {\"from\": \"gpt\", ...}]}: the first human turn, and the reply's length at 4 characters a token)")
     s.add_argument("--output-tokens", type=parse_lengths, default=None, metavar="DIST",
                    help=f"tokens to generate per request: {LENGTHS_HELP} (default: the dataset's lengths, else 64)")
     s.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
@@ -76,13 +77,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--warmup-requests", type=_positive(int, zero=True), default=4, help="untimed requests per target before measuring (default: 4)")
     s.add_argument("--seed", type=int, default=0, help="seeds prompts, lengths and arrivals (default: 0)")
     s.add_argument("--timeout", type=_positive(float), default=600.0, help="seconds one request may take (default: 600)")
-    s.add_argument("--out-dir", type=Path, default=Path("bench_results/serve"),
-                   help="where serve.json, throughput.png and latency.png go (default: bench_results/serve)")
-    s.set_defaults(func=serve)
 
-    g = sub.add_parser("generate", help="single-stream decode in this process: set-up, load, compile, prefill and decode tok/s",
-                       description="One request alone from a cold start: download and conversion into an empty folder, load, compile, "
-                       "prefill and decode tokens/s, with float weights and each --quantizations, and other engines on the same GGUF.")
+    g = _command(sub, generate, "generate.json and generate.png", "single-stream decode in this process: set-up, load, compile, prefill and decode tok/s",
+                 "One request alone from a cold start: download and conversion into an empty folder, load, compile, prefill and decode "
+                 "tokens/s, with float weights and each --quantizations, and other engines on the same GGUF.")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or .gguf file (default: {DEFAULT_MODEL})")
     g.add_argument("--decode-tokens", type=_positive(int), default=128, help="tokens to decode (default: 128)")
     g.add_argument("--quantizations", nargs="*", default=list(QUANTIZATIONS), choices=QUANTIZATIONS,
@@ -90,13 +88,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--reference-python", default=None,
                    help="a Python with torch and transformers, for transformers' float32 decode (default: this one, if it has them)")
     g.add_argument("--llama-cpp-python", default=None, help="a Python with llama-cpp-python, for llama.cpp's decode of the GGUF in F32")
-    g.add_argument("--out-dir", type=Path, default=Path("bench_results/generate"),
-                   help="where generate.json and generate.png go (default: bench_results/generate)")
-    g.set_defaults(func=generate)
 
-    t = sub.add_parser("throughput", help="offline batched throughput against one at a time; chunked prefill's stall",
-                       description="Requests through the offline engine batched, against one at a time; and the worst inter-token gap "
-                       "of decoding streams while a long prompt prefills, with and without chunked prefill.")
+    t = _command(sub, throughput, "throughput.json and throughput.png", "offline batched throughput against one at a time; chunked prefill's stall",
+                 "Requests through the offline engine batched, against one at a time; and the worst inter-token gap of decoding streams "
+                 "while a long prompt prefills, with and without chunked prefill.")
     t.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, GGUF file, HF folder or jaxserve checkpoint (default: {DEFAULT_MODEL})")
     t.add_argument("--requests", type=_positive(int), default=64, help="requests batched (default: 64)")
     t.add_argument("--sequential-sample", type=_positive(int), default=8, help="of them, how many run one at a time (default: 8)")
@@ -105,9 +100,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--streams", type=_positive(int), default=16, help="streams decoding when the long prompt arrives (default: 16)")
     t.add_argument("--long-prompt-tokens", type=_positive(int), default=1000, help="the long prompt's tokens (default: 1000)")
     t.add_argument("--prefill-chunk", type=_positive(int), default=256, help="tokens per step with chunked prefill (default: 256)")
-    t.add_argument("--out-dir", type=Path, default=Path("bench_results/throughput"),
-                   help="where throughput.json and throughput.png go (default: bench_results/throughput)")
-    t.set_defaults(func=throughput)
+
+
+def _command(sub: argparse._SubParsersAction, run: Callable[[argparse.Namespace], int], files: str, summary: str,
+             description: str) -> argparse.ArgumentParser:
+    """`jaxserve bench NAME`, which runs `run` (named NAME) and writes `files` to --out-dir (default bench_results/NAME)."""
+    p = sub.add_parser(run.__name__, help=summary, description=description)
+    folder = f"bench_results/{run.__name__}"
+    p.add_argument("--out-dir", type=Path, default=Path(folder), help=f"where {files} go (default: {folder})")
+    p.set_defaults(func=run)
+    return p
 
 
 def _header(args: argparse.Namespace) -> dict:
@@ -115,22 +117,22 @@ def _header(args: argparse.Namespace) -> dict:
     from jaxserve.checkpoint.store import utc_now
 
     return {"command": f"jaxserve bench {args.benchmark}", "date": utc_now(),
-            "args": {k: v for k, v in vars(args).items() if k not in ("func", "api_key")}}
+            "args": {k: v for k, v in vars(args).items() if k not in ("command", "benchmark", "func", "api_key")}}
 
 
-def _finish(report: dict, args: argparse.Namespace, name: str, table: str, drawn: list[Path]) -> int:
-    out = args.out_dir / f"{name}.json"
+def _finish(report: dict, args: argparse.Namespace, table: str, drawn: list[Path]) -> None:
+    """Save the JSON beside the plots, print the table, and say where the files went."""
+    out = args.out_dir / f"{args.benchmark}.json"
     save_report(report, out, echo=False)
     print(table)
     print("wrote " + ", ".join(str(p) for p in [out, *drawn]), file=sys.stderr)
-    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
     plots.require_matplotlib()
     report = asyncio.run(_serve(args))
     drawn = [plots.serve_throughput(report, args.out_dir / "throughput.png"), plots.serve_latency(report, args.out_dir / "latency.png")]
-    _finish(report, args, "serve", serve_table(report), drawn)
+    _finish(report, args, serve_table(report), drawn)
     return 0 if any(level["completed"] for t in report["targets"] for level in t["levels"]) else 1
 
 
@@ -142,6 +144,8 @@ async def _serve(args: argparse.Namespace) -> dict:
 
     mode, levels = ("rate", args.rate) if args.rate else ("concurrency", args.concurrency or [1, 4, 16])
     dataset = read_dataset(args.dataset) if args.dataset else None
+    if args.endpoint == "completions" and any(isinstance(prompt, list) for prompt, _ in dataset or []):
+        raise UserError(f'--dataset {args.dataset} holds chats ({{"messages": [...]}}): send them with --endpoint chat')
     rng = random.Random(args.seed)
     requests = [build_requests(args.num_requests or (64 if mode == "rate" else max(8, 3 * level)), rng, args.output_tokens, args.prompt_tokens, dataset)
                 for level in levels]
@@ -151,10 +155,9 @@ async def _serve(args: argparse.Namespace) -> dict:
         targets = await resolve_targets(client, [api_root(u) for u in args.base_url], args.model, args.mix)
         measured = await run_levels(client, targets, mode, levels, requests, args.rounds, warmup, args.seed)
     slo = dict(args.goodput)
-    report = {**_header(args), "mode": mode, "endpoint": args.endpoint,
-              "slo_ms": slo or None, "targets": []}
-    for target in targets:
-        figures = [{mode: level, **summarise(m.outcomes, m.duration, slo)} for level, m in zip(levels, measured[target])]
+    report = {**_header(args), "mode": mode, "endpoint": args.endpoint, "slo_ms": slo or None, "targets": []}
+    for target, per_level in zip(targets, measured):
+        figures = [{mode: level, **summarise(m.outcomes, m.duration, slo)} for level, m in zip(levels, per_level)]
         report["targets"].append({"label": target.label, "base_url": target.root, "model": ",".join(target.models), "levels": figures})
     for target in report["targets"][1:]:
         for level, first in zip(target["levels"], report["targets"][0]["levels"]):
@@ -168,7 +171,8 @@ def generate(args: argparse.Namespace) -> int:
     plots.require_matplotlib()
     report = {**_header(args),
               **offline.generate(args.model, args.decode_tokens, args.quantizations, args.reference_python, args.llama_cpp_python)}
-    return _finish(report, args, "generate", generate_table(report), [plots.generate(report, args.out_dir / "generate.png")])
+    _finish(report, args, generate_table(report), [plots.generate(report, args.out_dir / "generate.png")])
+    return 0
 
 
 def throughput(args: argparse.Namespace) -> int:
@@ -180,4 +184,5 @@ def throughput(args: argparse.Namespace) -> int:
     report = {**_header(args),
               **offline.throughput(args.model, args.requests, args.sequential_sample, args.prompt_tokens, args.output_tokens,
                                    args.streams, args.long_prompt_tokens, args.prefill_chunk)}
-    return _finish(report, args, "throughput", throughput_table(report), [plots.throughput(report, args.out_dir / "throughput.png")])
+    _finish(report, args, throughput_table(report), [plots.throughput(report, args.out_dir / "throughput.png")])
+    return 0

@@ -71,13 +71,14 @@ class Client:
             raise UserError(f"cannot reach {url}: no answer within the timeout") from None
 
     def body(self, model: str, spec: RequestSpec) -> dict:
-        """A streaming, greedy request for spec.output_tokens tokens (all of them, with ignore_eos)."""
+        """A streaming, greedy request for spec.output_tokens tokens (all of them, with ignore_eos); text
+        goes to chat as one user message."""
         body = {"model": model, "max_tokens": spec.output_tokens, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}}
         if self.ignore_eos:
             body["ignore_eos"] = True
         if self.chat:
-            return {**body, "messages": [{"role": "user", "content": spec.prompt}]}
+            return {**body, "messages": spec.prompt if isinstance(spec.prompt, list) else [{"role": "user", "content": spec.prompt}]}
         return {**body, "prompt": spec.prompt}
 
     async def send(self, root: str, model: str, spec: RequestSpec) -> Outcome:

@@ -1,5 +1,6 @@
-"""What `bench serve` sends: random prompts of a length distribution, or prompts from a file (a JSONL of
-prompts, or the ShareGPT-style chats vLLM's benchmark reads), each with the output length to ask for.
+"""What `bench serve` sends: random prompts of a length distribution, or prompts from a file (the JSONL
+of prompts and chats `jaxserve train-draft --prompts` reads, or the ShareGPT-style chats vLLM's
+benchmark reads), each with the output length to ask for.
 
 Lengths are counted client-side without the server's tokenizer, so they are approximate: a random
 prompt has one common English word per token asked for (about one token each in BPE vocabularies),
@@ -68,42 +69,33 @@ def parse_lengths(text: str) -> Lengths:
     return lengths
 
 
+Prompt = str | list[dict[str, str]]  # raw text, or a chat's messages
+
+
 @dataclass(frozen=True)
 class RequestSpec:
-    prompt: str
+    prompt: Prompt
     output_tokens: int  # max_tokens asked for (with ignore_eos, what is generated)
 
 
-Entry = tuple[str, int | None]  # a prompt and the output length its source gives (None: none)
+Entry = tuple[Prompt, int | None]  # a prompt and the output length its source gives (None: none)
 
 
 def read_dataset(path: Path) -> list[Entry]:
     """The prompts of a file: a JSON list of ShareGPT-style chats (`{"conversations": [{"from": "human",
     "value": ...}, {"from": "gpt", ...}, ...]}`: the first human turn is the prompt, the reply after it
-    gives the output length), or JSONL of `{"prompt": ..., "output_tokens": N (optional)}` per line."""
+    gives the output length), or JSONL of `{"prompt": TEXT}` or `{"messages": [...]}` per line."""
+    from jaxserve.training.prompts import read_prompts
+
     try:
         text = path.read_text()
     except OSError as e:
-        raise UserError(f"--dataset {path}: {e.strerror}") from None
-    entries = _sharegpt(text, path) if text.lstrip().startswith("[") else _jsonl(text, path)
+        raise UserError(f"--dataset: cannot read {path}: {e.strerror}") from None
+    if not text.lstrip().startswith("["):
+        return [(prompt, None) for prompt in read_prompts(path, "--dataset")]
+    entries = _sharegpt(text, path)
     if not entries:
-        raise UserError(f"--dataset {path}: no prompts in it")
-    return entries
-
-
-def _jsonl(text: str, path: Path) -> list[Entry]:
-    entries = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"--dataset {path}: line {number} is not JSON ({e.msg})") from None
-        prompt, output = (row.get("prompt"), row.get("output_tokens")) if isinstance(row, dict) else (None, None)
-        if not isinstance(prompt, str) or not (output is None or isinstance(output, int) and output >= 1):
-            raise UserError(f'--dataset {path}: line {number} must be {{"prompt": TEXT}} with an optional "output_tokens": N >= 1')
-        entries.append((prompt, output))
+        raise UserError(f"--dataset: {path} holds no chat with a human turn")
     return entries
 
 
@@ -111,12 +103,12 @@ def _sharegpt(text: str, path: Path) -> list[Entry]:
     try:
         chats = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"--dataset {path}: not JSON ({e.msg} at line {e.lineno})") from None
+        raise UserError(f"--dataset: {path} is not JSON ({e.msg} at line {e.lineno})") from None
     entries = []
     for chat in chats:
         turns = chat.get("conversations") if isinstance(chat, dict) else None
         if not isinstance(turns, list):
-            raise UserError(f'--dataset {path}: each item of a JSON list must hold "conversations": [{{"from": ..., "value": ...}}, ...]')
+            raise UserError(f'--dataset: {path}: each item of a JSON list must hold "conversations": [{{"from": ..., "value": ...}}, ...]')
         first = next((i for i, t in enumerate(turns) if isinstance(t, dict) and t.get("from") in HUMAN), None)
         if first is None:
             continue  # a chat without a human turn has no prompt

@@ -73,7 +73,10 @@ async def resolve_targets(client: Client, roots: list[str], model: str | None, m
     server. Every server is asked for its models first, so a wrong URL fails before any load."""
     listed = {root: await client.models(root) for root in roots}
     if mixes:
-        return [Target(roots[0], tuple(m.strip() for m in mix.split(",") if m.strip()), mix=True) for mix in mixes]
+        targets = [Target(roots[0], tuple(m.strip() for m in mix.split(",") if m.strip()), mix=True) for mix in mixes]
+        if not all(t.models for t in targets):
+            raise UserError("--mix takes comma-separated model ids, e.g. --mix a0,a1")
+        return targets
     targets = []
     for root in roots:
         if model is None and not listed[root]:
@@ -83,19 +86,21 @@ async def resolve_targets(client: Client, roots: list[str], model: str | None, m
 
 
 async def run_levels(client: Client, targets: list[Target], mode: str, levels: list[float], requests: list[list[RequestSpec]],
-                     rounds: int, warmup: list[RequestSpec], seed: int) -> dict[Target, list[Measured]]:
-    """Each target's measurements at each level (`mode` "concurrency" or "rate"). Before measuring, each
+                     rounds: int, warmup: list[RequestSpec], seed: int) -> list[list[Measured]]:
+    """Each target's measurements at each level (`mode` "concurrency" or "rate"), in the targets' order
+    (the same target may be given twice, to see the noise between turns). Before measuring, each
     target gets the `warmup` requests (compiles, first-request effects); a target none of whose
     warm-up requests completes is a UserError naming the first failure."""
     for target in targets:
-        sender = _sender(client, target)
-        failed = [o.error for o in await closed_loop(sender, warmup, len(warmup)) if not o.ok]
+        failed = [o.error for o in await closed_loop(_sender(client, target), warmup, len(warmup)) if not o.ok]
         if warmup and len(failed) == len(warmup):
             raise UserError(f"{target.label}: every warm-up request failed: {failed[0]}")
-    measured: dict[Target, list[Measured]] = {t: [Measured() for _ in levels] for t in targets}
+    measured = [[Measured() for _ in levels] for _ in targets]
+    order = list(range(len(targets)))
     for li, (level, specs) in enumerate(zip(levels, requests)):
         for r in range(rounds):
-            for target in targets if r % 2 == 0 else targets[::-1]:
+            for t in order if r % 2 == 0 else order[::-1]:
+                target = targets[t]
                 name = f"{mode} {level:g}" + (f" {target.label}" if len(targets) > 1 else "") + (f" round {r + 1}" if rounds > 1 else "")
                 with tqdm(total=len(specs), desc=name, unit="req", file=sys.stderr) as bar:
                     send = _sender(client, target, bar)
@@ -104,7 +109,7 @@ async def run_levels(client: Client, targets: list[Target], mode: str, levels: l
                         outcomes = await open_loop(send, specs, level, random.Random(f"{seed}-{li}-{r}"))
                     else:
                         outcomes = await closed_loop(send, specs, int(level))
-                    m = measured[target][li]
+                    m = measured[t][li]
                     m.outcomes += outcomes
                     m.duration += time.perf_counter() - start
     return measured

@@ -40,28 +40,28 @@ def builtin_prompts() -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": task.format(topic)}] for task in TASKS for topic in TOPICS]
 
 
-def read_prompts(path: Path) -> list[str | list[dict[str, str]]]:
-    """A JSONL file's prompts: raw text or chats. A bad line is a UserError naming it."""
+def read_prompts(path: Path, flag: str = "--prompts") -> list[str | list[dict[str, str]]]:
+    """A JSONL file's prompts: raw text or chats. A bad line is a UserError naming it (and the `flag` that gave the file)."""
     items: list[str | list[dict[str, str]]] = []
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
-        raise UserError(f"--prompts: cannot read {path}: {e.strerror}") from None
+        raise UserError(f"{flag}: cannot read {path}: {e.strerror}") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"--prompts: {path} line {number} is not JSON: {e}") from None
+            raise UserError(f"{flag}: {path} line {number} is not JSON: {e}") from None
         if isinstance(item, dict) and isinstance(item.get("prompt"), str):
             items.append(item["prompt"])
         elif isinstance(item, dict) and isinstance(item.get("messages"), list) and all(isinstance(m, dict) for m in item["messages"]):
             items.append(item["messages"])
         else:
-            raise UserError(f'--prompts: {path} line {number} needs {{"prompt": "..."}} or {{"messages": [...]}}')
+            raise UserError(f'{flag}: {path} line {number} needs {{"prompt": "..."}} or {{"messages": [...]}}')
     if not items:
-        raise UserError(f"--prompts: {path} holds no prompts")
+        raise UserError(f"{flag}: {path} holds no prompts")
     return items
 
 
