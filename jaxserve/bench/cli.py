@@ -82,7 +82,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                  "One request alone from a cold start: download and conversion into an empty folder, load, compile, prefill and decode "
                  "tokens/s, with float weights and each --quantizations, and other engines on the same GGUF.")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or .gguf file (default: {DEFAULT_MODEL})")
-    g.add_argument("--decode-tokens", type=_positive(int), default=128, help="tokens to decode (default: 128)")
+    g.add_argument("--decode-tokens", type=_positive(int), default=128, help="tokens to generate, at least 2 (default: 128)")
     g.add_argument("--quantizations", nargs="*", default=list(QUANTIZATIONS), choices=QUANTIZATIONS,
                    help="also decode with these weight formats in the same run (default: int8 int4; none: skip)")
     g.add_argument("--reference-python", default=None,
@@ -169,6 +169,8 @@ def generate(args: argparse.Namespace) -> int:
     from jaxserve.bench import offline
 
     plots.require_matplotlib()
+    if args.decode_tokens < 2:
+        raise UserError("--decode-tokens must be at least 2: the first token comes from the prefill, decode steps after it")
     report = {**_header(args),
               **offline.generate(args.model, args.decode_tokens, args.quantizations, args.reference_python, args.llama_cpp_python)}
     _finish(report, args, generate_table(report), [plots.generate(report, args.out_dir / "generate.png")])

@@ -18,6 +18,7 @@ from jaxserve.bench.datasets import RequestSpec
 from jaxserve.errors import UserError
 
 ENDPOINTS = {"completions": "/completions", "chat": "/chat/completions"}
+PROBE_TIMEOUT = 60.0  # seconds GET /models may take: a URL that never answers fails before the load, not after --timeout
 
 
 def api_root(url: str) -> str:
@@ -54,7 +55,7 @@ class Client:
         wrong URL is one clear error before any load is sent."""
         url = root + "/models"
         try:
-            async with self.session.get(url) as r:
+            async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as r:
                 body = await r.text()
                 # What came back, in a few words: a JSON body as it is (it says why), else only its type (a page of HTML says little).
                 shown = _one_line(body, 120) if r.content_type == "application/json" else f"{r.content_type}, {len(body)} characters"
@@ -68,7 +69,7 @@ class Client:
         except aiohttp.ClientError as e:
             raise UserError(f"cannot reach {url}: {_one_line(str(e)) or type(e).__name__}") from None
         except asyncio.TimeoutError:
-            raise UserError(f"cannot reach {url}: no answer within the timeout") from None
+            raise UserError(f"cannot reach {url}: no answer within {PROBE_TIMEOUT:g} s") from None
 
     def body(self, model: str, spec: RequestSpec) -> dict:
         """A streaming, greedy request for spec.output_tokens tokens (all of them, with ignore_eos); text

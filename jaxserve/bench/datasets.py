@@ -109,13 +109,18 @@ def _sharegpt(text: str, path: Path) -> list[Entry]:
         turns = chat.get("conversations") if isinstance(chat, dict) else None
         if not isinstance(turns, list):
             raise UserError(f'--dataset: {path}: each item of a JSON list must hold "conversations": [{{"from": ..., "value": ...}}, ...]')
-        first = next((i for i, t in enumerate(turns) if isinstance(t, dict) and t.get("from") in HUMAN), None)
+        first = next((i for i, t in enumerate(turns) if _turn(t, HUMAN)), None)
         if first is None:
             continue  # a chat without a human turn has no prompt
-        reply = turns[first + 1] if first + 1 < len(turns) else {}
-        output = max(1, round(len(reply["value"]) / CHARS_PER_TOKEN)) if reply.get("from") in ASSISTANT else None
+        reply = turns[first + 1] if first + 1 < len(turns) else None
+        output = max(1, round(len(reply["value"]) / CHARS_PER_TOKEN)) if _turn(reply, ASSISTANT) else None
         entries.append((turns[first]["value"], output))
     return entries
+
+
+def _turn(turn: object, speakers: tuple[str, ...]) -> bool:
+    """Whether a ShareGPT turn is text from one of `speakers`."""
+    return isinstance(turn, dict) and turn.get("from") in speakers and isinstance(turn.get("value"), str)
 
 
 def random_prompt(index: int, words: int, rng: random.Random) -> str:
