@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from urllib.parse import urlsplit
 
 import jax
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -61,11 +62,13 @@ UI_HEADERS = {
 STREAM_PATH = "/v1/stream"  # the WebSocket stream
 SOCKET_PROTOCOL = "jaxserve.v1"  # the subprotocol the stream answers with
 KEY_PROTOCOL = "openai-insecure-api-key."  # a browser's API key, sent as a subprotocol (as OpenAI's Realtime API takes it)
+SOCKET_CLOSE_TIMEOUT = 2.0  # seconds a closing socket waits for the client's close frame
 ENDPOINTS = {"completions": "/v1/completions", "chat.completions": "/v1/chat/completions", "responses": "/v1/responses"}
 _OPEN_PATHS = {"/health", "/ready"}  # answered without an API key (probes)
 _TRACED = set(ENDPOINTS.values())
 TENANT = web.RequestKey("tenant", Tenant)  # whose request it is (set by the auth middleware)
 KEY_ID = web.RequestKey("key_id", str)  # how logs name the key it came with
+KEY_DIGEST = web.RequestKey("key_digest", bytes)  # the key's digest (a socket checks it again for each request)
 SPAN = web.RequestKey("span", object)  # its server span (tracing on)
 SESSION_HEADER = "X-Session-Id"  # a sticky key for the traffic split, before the body's `user`
 VERSION_HEADER = "X-Model-Version"  # on every routed answer: the version that served it
@@ -146,6 +149,12 @@ class Server:
         app.on_response_prepare.append(self._rate_headers)
         return app
 
+    def _endpoint(self, request: web.Request) -> str | None:
+        """The route the request matched, as `app` names it (without the root path); None: no route.
+        Auth, tracing and metrics go by it, never by the path's text."""
+        resource = request.match_info.route.resource
+        return self._unrooted(resource.canonical) if resource is not None else None
+
     def _unrooted(self, path: str) -> str:
         """A path without the root path (`--root-path`), as the routes name it."""
         root = self.cfg.root_path
@@ -199,8 +208,7 @@ class Server:
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         log.info("drained", extra={"unfinished": self.in_flight})
-        for ws in list(self._sockets):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the server is shutting down")
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"the server is shutting down") for ws in list(self._sockets)))
         await self.shutdown()
 
     async def shutdown(self) -> None:
@@ -250,8 +258,7 @@ class Server:
         except Exception as e:  # a bug in one request: a 500 for it, the server carries on
             log.exception("unhandled error", extra={"path": request.path})
             response = self._error(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"))
-        resource = request.match_info.route.resource
-        self._count(self._unrooted(resource.canonical) if resource is not None else "unmatched", response.status, request.get(TENANT))
+        self._count(self._endpoint(request) or "unmatched", response.status, request.get(TENANT))
         return response
 
     def _count(self, endpoint: str, status: int, tenant: Tenant | None) -> None:
@@ -263,7 +270,7 @@ class Server:
     @web.middleware
     async def _trace(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         """A server span for each inference request (tracing on); its logs carry the trace id."""
-        path = self._unrooted(request.path)
+        path = self._endpoint(request)
         if path not in _TRACED:
             return await handler(request)
         assert self.tracing is not None
@@ -297,7 +304,7 @@ class Server:
     async def _auth(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         """Find the key's tenant before anything reads the body: an unknown key costs no more than its
         headers. Without keys, every request is the one anonymous tenant's."""
-        keys, path = self.keys, self._unrooted(request.path)
+        keys, path = self.keys, self._endpoint(request) or request.path
         open_paths = _OPEN_PATHS | (UI_ASSETS.keys() if self.cfg.ui else set())
         if keys is None:
             request[TENANT] = ANONYMOUS
@@ -308,7 +315,7 @@ class Server:
                 found = next((keys.find(p[len(KEY_PROTOCOL):]) for p in self._protocols(request) if p.startswith(KEY_PROTOCOL)), None)
             if found is None:
                 raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", type="authentication_error", code="invalid_api_key")
-            request[KEY_ID], request[TENANT] = key_id(found[0]), found[1]
+            request[KEY_ID], request[KEY_DIGEST], request[TENANT] = key_id(found[0]), found[0], found[1]
         return await handler(request)
 
     async def _rate_headers(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -435,8 +442,8 @@ class Server:
         quota.admit(req.prompt_tokens, now)
         return quota, Admission(priority=with_priority(tenant, req.priority), tenant=tenant.name, weight=tenant.weight, adapter=route.adapter)
 
-    async def _serve(self, request: web.Request, req: Request, route: Route, deliver: Callable[..., Awaitable]) -> web.StreamResponse | None:
-        """Admit, check and run one request; `deliver(req, outputs, call)` sends its outputs."""
+    async def _serve(self, request: web.Request, req: Request, route: Route, deliver: Callable[..., Awaitable[Any]]) -> Any:
+        """Admit, check and run one request; `deliver(req, outputs, call)` sends its outputs, and what it returns is returned."""
         # Counted from here (no await since the routing), so a burst cannot overshoot max_waiting and
         # an unloading version sees every request routed to it.
         quota, admission = self._grant(request, req, route)
@@ -467,7 +474,7 @@ class Server:
             error = f"ApiError: {e}"
             raise
         except BaseException as e:
-            call.failed = call.failed or not isinstance(e, asyncio.CancelledError)  # a hang-up is not the version's fault
+            call.failed = call.failed or not isinstance(e, (asyncio.CancelledError, ConnectionResetError))  # a hang-up is not the version's fault
             error = f"{type(e).__name__}: {e}"
             raise
         finally:
@@ -581,34 +588,38 @@ class Server:
         SSE stream would carry (one message each) and then a `done` message. A client message is
         `{"type": "completions" | "chat.completions" | "responses", "id": ANY, "body": {...}}` or
         `{"type": "cancel"}`; cancelling, or closing the socket, aborts the running request."""
-        ws = web.WebSocketResponse(protocols=(SOCKET_PROTOCOL,), max_msg_size=self.cfg.max_body_bytes)
+        ws = web.WebSocketResponse(protocols=(SOCKET_PROTOCOL,), max_msg_size=self.cfg.max_body_bytes, timeout=SOCKET_CLOSE_TIMEOUT)
         if not ws.can_prepare(request).ok:
             raise ApiError(400, f"{STREAM_PATH} is a WebSocket: open it with a WebSocket client")
+        self._check_handshake(request)
         await ws.prepare(request)
         self._sockets.add(ws)
         running: asyncio.Task | None = None
         try:
             async for message in ws:
+                if message.type == WSMsgType.ERROR:  # a frame over the limit (closed with 1009) or a broken one
+                    break
                 try:
                     if message.type != WSMsgType.TEXT:
                         raise ApiError(400, "send each request as a JSON text message")
                     sent = _json_object(message.data.encode(), "the message")
-                    kind = sent.get("type")
-                    if kind == "cancel":
-                        if running is not None:
-                            running.cancel()
-                        continue
-                    if kind not in ENDPOINTS:
-                        raise ApiError(400, f"'type' must be one of {sorted(ENDPOINTS)} or 'cancel', got {kind!r}", "type")
                 except ApiError as e:
-                    await ws.send_json({"type": "error", "status": e.status, **e.body()})
+                    await self._socket_error(ws, request, None, e)
                     continue
+                if sent.get("type") == "cancel":
+                    if running is not None:
+                        running.cancel()
+                    continue
+                if running is not None and running.cancelling():  # cancelled just before: its `done` comes first
+                    await asyncio.wait({running})
                 if running is not None and not running.done():
-                    await self._socket_refusal(ws, request, sent.get("id"), ApiError(
+                    await self._socket_error(ws, request, sent.get("id"), ApiError(
                         409, "a request is running on this socket: wait for its 'done' message or send {\"type\": \"cancel\"}", "type"))
                     await ws.send_json({"type": "done", "id": sent.get("id"), "outcome": "refused"})
                     continue
-                running = asyncio.create_task(self._socket_request(ws, request, kind, sent))
+                running = asyncio.create_task(self._socket_request(ws, request, sent))
+        except ConnectionResetError:  # the socket closed while answering
+            pass
         finally:
             if running is not None:
                 running.cancel()
@@ -616,13 +627,40 @@ class Server:
             self._sockets.discard(ws)
         return ws
 
-    async def _socket_request(self, ws: web.WebSocketResponse, request: web.Request, endpoint: str, sent: dict) -> None:
-        """One request from the socket, to its `done` message (`outcome`: finished, failed, refused or cancelled)."""
-        tag, outcome = sent.get("id"), "finished"
+    def _check_handshake(self, request: web.Request) -> None:
+        """Refuse a socket while draining, one that does not offer our subprotocol (a client offering
+        only its key would see no subprotocol chosen), and one opened by a web page of another origin
+        that `--cors-origin` does not allow (browsers apply no CORS to WebSockets)."""
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", type="service_unavailable")
+        offered = self._protocols(request)
+        if offered and SOCKET_PROTOCOL not in offered:
+            raise ApiError(400, f"offer the subprotocol '{SOCKET_PROTOCOL}' (beside '{KEY_PROTOCOL}<key>', if the key goes that way)")
+        origin = request.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc != request.host and not ("*" in self.cfg.cors_origins or origin in self.cfg.cors_origins):
+            raise ApiError(403, f"WebSocket connections from the origin {origin} are not allowed (see --cors-origin)", type="permission_error")
+
+    async def _socket_request(self, ws: web.WebSocketResponse, request: web.Request, sent: dict) -> None:
+        """One request from the socket, to its `done` message."""
         try:
-            body = sent.get("body")
+            outcome = await self._socket_answer(ws, request, sent)
+        except asyncio.CancelledError:  # a cancel message, or the socket closed: the request was aborted
+            outcome = "cancelled"
+        except ConnectionResetError:  # the socket closed while sending
+            return
+        if not ws.closed:
+            with contextlib.suppress(ConnectionResetError):
+                await ws.send_json({"type": "done", "id": sent.get("id"), "outcome": outcome})
+
+    async def _socket_answer(self, ws: web.WebSocketResponse, request: web.Request, sent: dict) -> str:
+        """Stream one request's events, or its error; its outcome: finished, failed or refused."""
+        try:
+            endpoint, body = sent.get("type"), sent.get("body")
+            if endpoint not in ENDPOINTS:
+                raise ApiError(400, f"'type' must be one of {sorted(ENDPOINTS)} or 'cancel', got {endpoint!r}", "type")
             if not isinstance(body, dict):
                 raise ApiError(400, "'body' must be the request object of the endpoint 'type' names", "body")
+            self._recheck_key(request)
             body = {**self._with_defaults(body), "stream": True}
             route = self._route(body, request)
 
@@ -635,24 +673,31 @@ class Server:
                 return call.failed
 
             failed = await self._serve(request, self._parse(endpoint, body, route), route, deliver)
-            outcome = "failed" if failed else "finished"
             self._count(STREAM_PATH, 200, request[TENANT])
+            return "failed" if failed else "finished"
         except ApiError as e:
-            outcome = "refused"
-            await self._socket_refusal(ws, request, tag, e)
-        except ConnectionResetError:  # the socket closed while sending
-            return
+            await self._socket_error(ws, request, sent.get("id"), e)
+            return "refused"
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
         except Exception as e:  # a bug in one request: a 500 for it, the socket and the server carry on
             log.exception("unhandled error", extra={"path": STREAM_PATH})
-            outcome = "failed"
-            await self._socket_refusal(ws, request, tag, ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"))
-        except asyncio.CancelledError:  # a cancel message, or the socket closed: the request was aborted
-            outcome = "cancelled"
-        if not ws.closed:
-            await ws.send_json({"type": "done", "id": tag, "outcome": outcome})
+            await self._socket_error(ws, request, sent.get("id"), ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"))
+            return "failed"
 
-    async def _socket_refusal(self, ws: web.WebSocketResponse, request: web.Request, tag, e: ApiError) -> None:
-        """A request the socket refused (or that failed before streaming): counted as its HTTP answer would be, and its error sent."""
+    def _recheck_key(self, request: web.Request) -> None:
+        """A socket's key is checked again for each request: a keys file reloaded since may have
+        revoked it or changed its tenant."""
+        entry = request.get(KEY_DIGEST)
+        if self.keys is None or entry is None:
+            return
+        found = self.keys.by_digest(entry)
+        if found is None:
+            raise ApiError(401, "the API key this socket was opened with is no longer valid", type="authentication_error", code="invalid_api_key")
+        request[TENANT] = found[1]
+
+    async def _socket_error(self, ws: web.WebSocketResponse, request: web.Request, tag, e: ApiError) -> None:
+        """An error on the socket, counted as its HTTP answer would be."""
         self._count(STREAM_PATH, e.status, request[TENANT])
         await ws.send_json({"type": "error", "id": tag, "status": e.status, **e.body()})
 
@@ -661,7 +706,7 @@ class Server:
     async def playground(self, request: web.Request) -> web.FileResponse:
         """The web playground (`UI_DIR`): a static page that talks to this server by relative URLs,
         so it works under any root path."""
-        name, kind = UI_ASSETS[self._unrooted(request.match_info.route.resource.canonical)]
+        name, kind = UI_ASSETS[self._endpoint(request)]
         return web.FileResponse(UI_DIR / name, headers={**UI_HEADERS, "Content-Type": f"{kind}; charset=utf-8"})
 
     async def _to_root(self, request: web.Request) -> web.Response:

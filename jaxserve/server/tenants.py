@@ -105,8 +105,12 @@ class KeyTable:
         return cls([(digest(k), tenant) for k in keys])
 
     def find(self, key: str) -> tuple[bytes, Tenant] | None:
-        """The presented key's digest and tenant, None for an unknown key. Every digest is compared."""
-        presented = digest(key)
+        """The presented key's digest and tenant, None for an unknown key."""
+        return self.by_digest(digest(key))
+
+    def by_digest(self, presented: bytes) -> tuple[bytes, Tenant] | None:
+        """A key digest's entry and tenant (None: not in the table); every digest is compared, so the
+        time taken says nothing about which one matched."""
         found = None
         for entry_digest, tenant in self.entries:
             if hmac.compare_digest(presented, entry_digest):
