@@ -56,9 +56,11 @@ class Client:
         url = root + "/models"
         try:
             async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT)) as r:
-                body = await r.text()
+                body = (await r.read()).decode("utf-8", errors="replace")
                 # What came back, in a few words: a JSON body as it is (it says why), else only its type (a page of HTML says little).
                 shown = _one_line(body, 120) if r.content_type == "application/json" else f"{r.content_type}, {len(body)} characters"
+                if r.status == 401:
+                    raise UserError(f"GET {url} answered HTTP 401 ({shown}): give the server's key with --api-key (or OPENAI_API_KEY)")
                 if r.status != 200:
                     raise UserError(f"GET {url} answered HTTP {r.status} ({shown}): is it an OpenAI-compatible server?")
                 try:
@@ -94,6 +96,9 @@ class Client:
                     if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                         continue
                     chunk = json.loads(line[6:])
+                    if not isinstance(chunk, dict):
+                        outcome.error = f"a stream event that is not a JSON object: {_one_line(line.decode(errors='replace'))}"
+                        return outcome
                     if "error" in chunk:
                         outcome.error = f"error in stream: {_one_line(json.dumps(chunk['error']))}"
                         return outcome
@@ -113,7 +118,7 @@ class Client:
                 outcome.error = "the stream ended without text"
             elif not outcome.output_tokens:  # no usage: one token per text chunk
                 outcome.output_tokens = len(outcome.itls) + 1
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:  # a malformed chunk too
             outcome.error = f"{type(e).__name__}: {_one_line(str(e))}"
         return outcome
 

@@ -77,6 +77,14 @@ class RequestSpec:
     prompt: Prompt
     output_tokens: int  # max_tokens asked for (with ignore_eos, what is generated)
 
+    def tagged(self, tag: str) -> RequestSpec:
+        """The request with `tag` opening its prompt (its first message's, for a chat), so a server's
+        prefix cache cannot carry it over from another turn that sent the same prompts."""
+        if isinstance(self.prompt, str):
+            return RequestSpec(f"{tag} {self.prompt}", self.output_tokens)
+        first, *rest = self.prompt
+        return RequestSpec([{**first, "content": f"{tag} {first['content']}"}, *rest], self.output_tokens)
+
 
 Entry = tuple[Prompt, int | None]  # a prompt and the output length its source gives (None: none)
 

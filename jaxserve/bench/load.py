@@ -103,7 +103,7 @@ async def run_levels(client: Client, targets: list[Target], mode: str, levels: l
                 target = targets[t]
                 name = f"{mode} {level:g}" + (f" {target.label}" if len(targets) > 1 else "") + (f" round {r + 1}" if rounds > 1 else "")
                 with tqdm(total=len(specs), desc=name, unit="req", file=sys.stderr) as bar:
-                    send = _sender(client, target, bar)
+                    send = _sender(client, target, bar, f"[{li}.{r}.{t}]")
                     start = time.perf_counter()
                     if mode == "rate":
                         outcomes = await open_loop(send, specs, level, random.Random(f"{seed}-{li}-{r}"))
@@ -115,10 +115,12 @@ async def run_levels(client: Client, targets: list[Target], mode: str, levels: l
     return measured
 
 
-def _sender(client: Client, target: Target, bar: tqdm | None = None) -> Send:
-    """Sends request i to the target with its model i, ticking the progress bar when it ends."""
+def _sender(client: Client, target: Target, bar: tqdm | None = None, tag: str = "[warm-up]") -> Send:
+    """Sends request i, its prompt opened by the turn's `tag` (level, round, target: no turn finds
+    another's prompts in a prefix cache), to the target with its model i, ticking the progress bar
+    when it ends."""
     async def send(i: int, spec: RequestSpec) -> Outcome:
-        outcome = await client.send(target.root, target.models[i % len(target.models)], spec)
+        outcome = await client.send(target.root, target.models[i % len(target.models)], spec.tagged(tag))
         if bar is not None:
             bar.update()
         return outcome

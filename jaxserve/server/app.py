@@ -337,7 +337,6 @@ class Server:
     def _with_defaults(self, body: dict) -> dict:
         return {**dict(self.cfg.default_sampling), **{k: v for k, v in body.items() if v is not None}}
 
-
     def _route(self, body: dict, request: web.Request) -> Route:
         """Where the request goes, and the refusals that come before parsing: draining or warming up,
         an unknown model or one the tenant may not use, a version still loading, queue full."""

@@ -115,10 +115,6 @@ class Renderer:
             out.append(entry)
         return out
 
-    def start(self) -> list[dict]:
-        """Streamed chunks due before any output."""
-        return []
-
     def _new_choice(self) -> Choice:
         return Choice()
 
@@ -128,7 +124,8 @@ class Renderer:
     # ---- the stream: events (the objects sent), each as one SSE frame or one WebSocket message ----
 
     def opening(self) -> list[dict]:
-        return self.start()
+        """Events due before any output."""
+        return []
 
     def frames(self, prompt_index: int, out: StepOutput) -> list[dict]:
         choice = self.add(prompt_index, out)
@@ -138,7 +135,7 @@ class Renderer:
         return [self.usage_chunk()] if self.req.include_usage else []
 
     def failure(self, message: str) -> list[dict]:
-        """What a stream sends when its request fails midway (then `closing`)."""
+        """What a stream sends when its request fails midway (instead of `closing`)."""
         return [{"error": {"message": message, "type": "internal_server_error", "param": None, "code": None}}]
 
     def sse(self, event: dict) -> str:
@@ -238,7 +235,7 @@ class ChatRenderer(Renderer):
         parser = self.reasoning_parser(constrained=self.req.params.guide is not None) if self.reasoning_parser is not None else None
         return Choice(text=self.req.echo_text, tools=ToolCallParser(self.req.tools) if self.req.tools is not None else None, reasoning=parser)
 
-    def start(self) -> list[dict]:
+    def opening(self) -> list[dict]:
         """A role-only chunk per choice, before any text (what OpenAI's clients expect first), then the
         echoed final message, if any."""
         req, chunks = self.req, []

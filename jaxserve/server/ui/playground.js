@@ -236,6 +236,10 @@ async function answer() {
   busy(true);
   scrollDown(true);
   const run = { start: performance.now(), first: null, end: null, usage: null, chunks: 0, finish: null };
+  const failed = (text) => {  // shown, and left out of the conversation sent next
+    fail(view, text);
+    turn.content = "";
+  };
   const arrived = () => {
     if (run.first === null) run.first = performance.now();
     run.chunks += 1;
@@ -245,13 +249,13 @@ async function answer() {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
     });
     if (!response.ok) {
-      fail(view, await responseError(response));
+      failed(await responseError(response));
       return;
     }
     const version = response.headers.get("X-Model-Version");
     for await (const event of events(response)) {
       if (event.error) {
-        fail(view, describe(null, event.error));
+        failed(describe(null, event.error));
         break;
       }
       const named = version && version !== "default" && !String(event.model).includes("@");  // NAME@VERSION names its own
@@ -275,7 +279,7 @@ async function answer() {
     }
   } catch (e) {
     if (e.name === "AbortError") run.finish = "stopped";
-    else fail(view, `The connection failed: ${e.message}`);
+    else failed(`The connection failed: ${e.message}`);
   } finally {
     run.end = performance.now();
     view.stats.textContent = stats(run);
