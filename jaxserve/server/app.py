@@ -115,6 +115,8 @@ class Server:
         self.created = int(time.time())
         self.response_store = ResponseStore()  # conversations behind previous_response_id
         self._sockets: set[web.WebSocketResponse] = set()  # open WebSocket streams, closed when draining ends
+        # Routes answered without an API key: the probes, the playground, and the root path's redirect.
+        self._open_paths = _OPEN_PATHS | (UI_ASSETS.keys() if cfg.ui else set()) | ({cfg.root_path} if cfg.root_path else set())
 
     # ---- application ---------------------------------------------------------------------
 
@@ -286,10 +288,14 @@ class Server:
             finish_server_span(span, status)
             TRACE_ID.reset(token)
 
+    def _origin_allowed(self, origin: str) -> bool:
+        """Whether `--cors-origin` lets pages of `origin` use the API."""
+        return "*" in self.cfg.cors_origins or origin in self.cfg.cors_origins
+
     @web.middleware
     async def _cors(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         origin = request.headers.get("Origin")
-        allowed = origin is not None and ("*" in self.cfg.cors_origins or origin in self.cfg.cors_origins)
+        allowed = origin is not None and self._origin_allowed(origin)
         if allowed and request.method == "OPTIONS":
             response: web.StreamResponse = web.Response(status=204)
         else:
@@ -305,10 +311,9 @@ class Server:
         """Find the key's tenant before anything reads the body: an unknown key costs no more than its
         headers. Without keys, every request is the one anonymous tenant's."""
         keys, path = self.keys, self._endpoint(request) or request.path
-        open_paths = _OPEN_PATHS | (UI_ASSETS.keys() if self.cfg.ui else set())
         if keys is None:
             request[TENANT] = ANONYMOUS
-        elif path not in open_paths and path != self.cfg.root_path and not path.startswith("/admin/") and path not in LORA_ROUTES:  # admin routes check their own key
+        elif path not in self._open_paths and not path.startswith("/admin/") and path not in LORA_ROUTES:  # admin routes check their own key
             header = request.headers.get("Authorization", "")
             found = keys.find(header[7:]) if header.startswith("Bearer ") else None
             if found is None and path == STREAM_PATH:  # a browser cannot set headers on a WebSocket
@@ -337,11 +342,14 @@ class Server:
     def _with_defaults(self, body: dict) -> dict:
         return {**dict(self.cfg.default_sampling), **{k: v for k, v in body.items() if v is not None}}
 
+    def _refuse_while_draining(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", type="service_unavailable")
+
     def _route(self, body: dict, request: web.Request) -> Route:
         """Where the request goes, and the refusals that come before parsing: draining or warming up,
         an unknown model or one the tenant may not use, a version still loading, queue full."""
-        if self.draining:
-            raise ApiError(503, "the server is shutting down", type="service_unavailable")
+        self._refuse_while_draining()
         if not self.ready:
             raise ApiError(503, "the model is still warming up; retry when /ready answers 200", type="service_unavailable")
         route = self._target(body, request, inference=True)
@@ -630,13 +638,12 @@ class Server:
         """Refuse a socket while draining, one that does not offer our subprotocol (a client offering
         only its key would see no subprotocol chosen), and one opened by a web page of another origin
         that `--cors-origin` does not allow (browsers apply no CORS to WebSockets)."""
-        if self.draining:
-            raise ApiError(503, "the server is shutting down", type="service_unavailable")
+        self._refuse_while_draining()
         offered = self._protocols(request)
         if offered and SOCKET_PROTOCOL not in offered:
             raise ApiError(400, f"offer the subprotocol '{SOCKET_PROTOCOL}' (beside '{KEY_PROTOCOL}<key>', if the key goes that way)")
         origin = request.headers.get("Origin")
-        if origin is not None and urlsplit(origin).netloc != request.host and not ("*" in self.cfg.cors_origins or origin in self.cfg.cors_origins):
+        if origin is not None and urlsplit(origin).netloc != request.host and not self._origin_allowed(origin):
             raise ApiError(403, f"WebSocket connections from the origin {origin} are not allowed (see --cors-origin)", type="permission_error")
 
     async def _socket_request(self, ws: web.WebSocketResponse, request: web.Request, sent: dict) -> None:
