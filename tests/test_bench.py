@@ -21,6 +21,7 @@ import pytest
 from jaxserve.bench.datasets import Lengths, build_requests, parse_lengths, read_dataset
 from jaxserve.cli import _parse, main
 from jaxserve.errors import UserError
+from tests.cli_run import run_cli as _run
 from tests.server_process import ServerProcess, free_port, get
 from tests.tiny_models import tiny_config, tiny_params, write_gguf
 
@@ -45,12 +46,6 @@ def servers(tiny_gguf: Path, tmp_path_factory):
         for proc in procs:
             stack.enter_context(proc)
         yield procs
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _assert_png(path: Path) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxserve.cli import main
+from tests.cli_run import run_cli as _run
 from tests.tiny_models import tiny_config, tiny_params, write_gguf
 
 Q = gguf.GGMLQuantizationType
@@ -22,12 +23,6 @@ Q = gguf.GGMLQuantizationType
 def tiny_gguf(tmp_path_factory) -> Path:
     cfg = tiny_config("llama", tie_word_embeddings=True)
     return write_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", cfg, tiny_params(cfg))
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_help_lists_every_command() -> None:

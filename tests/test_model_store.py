@@ -18,8 +18,8 @@ import pytest
 import jaxserve
 from jaxserve.checkpoint import loader, registry, store
 from jaxserve.checkpoint.native import folder_bytes
-from jaxserve.cli import main
 from jaxserve.errors import UserError
+from tests.cli_run import run_cli as _run
 from tests.tiny_models import tiny_config, tiny_params, write_gguf, write_hf_folder
 
 DEFAULT = registry.DEFAULT_MODEL
@@ -41,12 +41,6 @@ def cache(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("JAXSERVE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("jaxserve.engine.runner.enable_compilation_cache", lambda folder: None)
     return tmp_path / "cache"
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _error(capsys, *argv: str) -> str:
