@@ -68,6 +68,7 @@ from jaxserve.ops.attention import decode_attention, paged_attention, table_widt
 from jaxserve.parallel.mesh import make_mesh  # noqa: E402
 from jaxserve.parallel.report import (  # noqa: E402
     LLAMA3_8B, TINY_BENCH, bytes_read, copy_bandwidth, decode_batch, device_params, param_structs, step_collectives, time_step,
+    time_swap_overlap,
 )
 from jaxserve.sampling_params import SamplingParams  # noqa: E402
 
@@ -334,6 +335,10 @@ def benchmark(plan: Plan, context: int) -> dict[str, Any]:
             roofline = bytes_read(cfg, runner.params, b, context) / bandwidth
             decode.append({"layout": layout, "batch": b, "step_ms": round(seconds * 1e3, 3), "tokens_per_s": round(b / seconds, 1),
                            "roofline_ms": round(roofline * 1e3, 3), "roofline_ratio": round(roofline / seconds, 3)})
+        if layout == "stacked":  # swap-outs of 4 chunks of pages beside the largest batch's step
+            overlap = time_swap_overlap(runner, decode_batch(runner, batches[-1], context), chunks=4)
+            result["swap_overlap"] = {"batch": batches[-1], "chunks": 4, "hidden": round(overlap.pop("hidden"), 3),
+                                      **{f"{k}_ms": round(v * 1e3, 3) for k, v in overlap.items()}}
         del params, runner  # free the device before the next layout
     return {**result, "decode": decode}
 

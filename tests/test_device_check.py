@@ -52,6 +52,8 @@ def test_smoke_run_reports_every_check_ok(tmp_path: Path) -> None:
     for row in report["decode"]:
         assert set(row) >= {"batch", "step_ms", "tokens_per_s", "roofline_ratio"}
         assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["roofline_ratio"] > 0
+    overlap = next(c for c in report["checks"] if c["name"] == "decode_benchmark")["swap_overlap"]
+    assert overlap["batch"] == 4 and all(overlap[f"{k}_ms"] > 0 for k in ("step", "serial", "overlapped"))
 
 
 def test_full_mode_refuses_cpu(tmp_path: Path) -> None:

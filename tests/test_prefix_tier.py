@@ -14,7 +14,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
-from tests.tiny_models import SMALL_PAGES, tiny_config, tiny_params
+from tests.tiny_models import SMALL_PAGES, break_first_read, tiny_config, tiny_params
 
 TIER = dataclasses.replace(SMALL_PAGES, host_prefix_cache=0.01)  # 47 device pages of 4 tokens; the host tier holds thousands
 
@@ -129,3 +129,19 @@ def test_bad_host_prefix_settings_are_refused(tiny) -> None:
         EngineConfig(prefix_cache_dir="/tmp/x")
     with pytest.raises(UserError, match="prefix_cache_dir: cannot create /proc/jaxserve"):
         _engine(tiny, prefix_cache_dir="/proc/jaxserve")
+
+
+def test_blocks_whose_copy_fails_in_flight_are_forgotten(tiny, monkeypatch, caplog) -> None:
+    """The first blocks evicted to host memory never arrive (the transfer fails after it was started):
+    the tier forgets them, their tenant recomputes its prefix, and no output changes."""
+    tenants = _tenants(tiny[0].vocab_size)
+    reference = _rotation(_engine(tiny, host_prefix_cache=0.0), tenants, 2)
+    engine = _engine(tiny)
+    break_first_read(engine.runner, monkeypatch)
+    with caplog.at_level(logging.ERROR, logger="jaxserve.prefix_tier"):
+        tiered = _rotation(engine, tenants, 2)
+    assert [t for t, _ in tiered] == [t for t, _ in reference] and "failed in flight" in caplog.text
+    later = [c for _, c in tiered[len(tenants):]]
+    assert min(later) < 40 == max(later)  # one tenant's prefix was lost on the way; the others came back whole
+    assert engine.stats().prefix_tier.fallbacks == 0
+    _all_free(engine)

@@ -17,7 +17,7 @@ from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.runner import SWAP_CHUNK
 from jaxserve.errors import UserError
 from jaxserve.sampling_params import SamplingParams
-from tests.tiny_models import SMALL_PAGES, run_with_aborts, tiny_config, tiny_params
+from tests.tiny_models import SMALL_PAGES, break_first_read, run_with_aborts, tiny_config, tiny_params
 
 SWAP = dataclasses.replace(SMALL_PAGES, swap_space=0.01, preemption_mode="swap")  # 10 MiB: thousands of tiny pages
 ROOMY = dataclasses.replace(SMALL_PAGES, num_pages=400)  # no preemption (one compiled set for every test here)
@@ -71,9 +71,9 @@ def test_swapped_outputs_equal_a_roomy_cache_and_recompute(tiny) -> None:
     assert recompute.stats().swap is None and recompute.stats().preemptions > 0
     assert c.swap_outs > 0 and c.swap_ins == c.swap_outs and c.fallbacks == 0
     assert c.swap_out_bytes == c.swap_in_bytes > 0 and c.swap_out_bytes % swap.swapper.pool.page_bytes() == 0
-    # The copy programs read pages out into, and write them back from, page-locked host memory.
+    # Pages are read out into, and written back from, page-locked host memory.
     pages = np.zeros(SWAP_CHUNK, np.int32)
-    assert {x.sharding.memory_kind for x in swap.runner._read(swap.runner.cache, pages).values()} == {"pinned_host"}
+    assert {x.sharding.memory_kind for x in swap.runner.read_pages(pages).values()} == {"pinned_host"}
     _all_free(swap)
 
 
@@ -174,6 +174,35 @@ def test_a_failed_copy_falls_back_to_recompute_and_is_counted(tiny, monkeypatch)
     assert _tokens(engine.run(requests)) == want
     c = engine.stats().swap
     assert c.fallbacks == 1 and c.swap_ins == c.swap_outs - 1
+    _all_free(engine)
+
+
+def test_swap_outs_run_beside_the_step_and_one_failing_in_flight_recomputes(tiny, monkeypatch, caplog) -> None:
+    """Copies to host memory are only started before the step: it is dispatched while they are in
+    flight, and they have landed in the pool when it returns. The first one fails in flight: its
+    sequence recomputes instead (a counted fallback) and no output changes."""
+    requests = _requests(tiny[0].vocab_size, 16, seed=1)
+    want = _tokens(_engine(tiny, ROOMY).run(requests))
+    engine = _engine(tiny, SWAP)
+    forward, step, in_flight = engine.runner.forward, engine.step, []
+
+    def forward_seeing_copies(groups) -> None:
+        in_flight.append(len(engine.copier.in_flight))
+        forward(groups)
+
+    def step_then_check():
+        outputs = step()
+        assert engine.copier.in_flight == []
+        return outputs
+
+    monkeypatch.setattr(engine.runner, "forward", forward_seeing_copies)
+    monkeypatch.setattr(engine, "step", step_then_check)
+    break_first_read(engine.runner, monkeypatch)
+    with caplog.at_level(logging.ERROR, logger="jaxserve.swap"):
+        assert _tokens(engine.run(requests)) == want
+    assert sum(n > 0 for n in in_flight) > 1
+    c = engine.stats().swap
+    assert c.fallbacks == 1 and c.swap_ins == c.swap_outs - 1 and "failed in flight" in caplog.text
     _all_free(engine)
 
 

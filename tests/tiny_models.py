@@ -241,3 +241,21 @@ def run_with_aborts(engine, requests: dict, rng: random.Random, priority=lambda 
     while engine.has_unfinished():
         step()
     return results, aborted
+
+
+class BrokenTransfer:
+    """Stands for a transfer to host memory that fails when waited for."""
+
+    def __array__(self, *args, **kwargs):
+        raise RuntimeError("simulated transfer failure")
+
+
+def break_first_read(runner, monkeypatch) -> None:
+    """The runner's first page read to host memory fails in flight, after the copy was started."""
+    read, calls = runner.read_pages, []
+
+    def flaky(pages: np.ndarray) -> dict:
+        calls.append(1)
+        return {name: BrokenTransfer() for name in read(pages)} if len(calls) == 1 else read(pages)
+
+    monkeypatch.setattr(runner, "read_pages", flaky)

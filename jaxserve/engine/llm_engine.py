@@ -321,6 +321,16 @@ class LLMEngine:
             self.scheduler.recompute(seq)
         return [c for c in chunks if c.seq not in failed]
 
+    def _settle_copies(self) -> None:
+        """Wait for this step's copies to host memory (dispatched before the step, they ran beside it);
+        a sequence whose swap-out failed in flight recomputes."""
+        if self.copier is None:
+            return
+        self.copier.settle()
+        for seq in self.swapper.take_failed() if self.swapper is not None else ():
+            if seq.status is not Status.FINISHED:
+                self.scheduler.recompute(seq)
+
     def close(self) -> None:
         """Save what outlives the process: with `prefix_cache_dir`, the host prefix tier, the blocks the
         device still caches copied into it first (the hottest prefixes are those nobody evicted)."""
@@ -377,6 +387,7 @@ class LLMEngine:
             chunks = self._speculate(chunks)
         self.last_step = StepReport(len(chunks), sum(c.length for c in chunks), None)
         if not chunks:
+            self._settle_copies()
             return []
         groups, last_row, prompt_slots = self._batch(chunks, self._place_adapters(chunks))
         self.runner.forward(groups)
@@ -391,6 +402,7 @@ class LLMEngine:
         want_top = any(c.seq.params.logprobs is not None or c.seq.beam is not None for c in sampled)
         tokens, logprobs, *top = self.runner.sample(sampling, positions, adjust, want_top)
         ended = time.perf_counter()
+        self._settle_copies()
         if tuned and groups[-1].tokens.shape[1] == 1 and self._num_compiles() == compiles:  # decode rows only, nothing compiled
             self.speculator.observe(groups[0].tokens.shape[0], time.perf_counter() - started)
         if prompt_slots:

@@ -1,14 +1,37 @@
 """Copies of KV-cache pages between the device caches and a host pool, in fixed-size chunks (one
-compiled program each way): what swapping and the host prefix tier share."""
+compiled program each way): what swapping and the host prefix tier share.
+
+Copies to the host overlap the step: `to_host` only dispatches them (a gather on the device, then a
+transfer into pinned host memory that the device's copy engine runs beside the next program), and
+the data lands in the pool when `settle` waits for it: after the step, or before a copy back that
+needs those pages. A transfer that fails there is reported through the `on_fail` its copy was given.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
 from jaxserve.cache.host_pool import HostPool
 from jaxserve.engine.runner import SWAP_CHUNK, ModelRunner
+
+
+class CopyError(RuntimeError):
+    """Pages asked for hold nothing usable: their copy to host memory failed."""
+
+
+@dataclass(frozen=True, eq=False)
+class _InFlight:
+    """One chunk's transfer to host pages of `pool` (cache number `cache`), not yet waited for."""
+
+    pool: HostPool
+    cache: int
+    host: Sequence[int]
+    data: dict[str, jax.Array]  # per array [Hkv, L, SWAP_CHUNK, ...], in host memory once ready
+    on_fail: Callable[[], None]
 
 
 class PageCopier:
@@ -17,18 +40,37 @@ class PageCopier:
 
     def __init__(self, runners: Sequence[ModelRunner]) -> None:
         self.runners = list(runners)
+        self.in_flight: list[_InFlight] = []  # in dispatch order: a page written twice lands in that order
         for runner in self.runners:
             runner.host_copies = True  # warm-up compiles the copies
 
-    def to_host(self, pool: HostPool, device: Sequence[int], host: Sequence[int]) -> None:
-        """Copy device pages into the paired host pages of `pool`."""
+    def to_host(self, pool: HostPool, device: Sequence[int], host: Sequence[int], on_fail: Callable[[], None]) -> None:
+        """Start copying device pages into the paired host pages of `pool`; `on_fail()` runs if a
+        transfer fails after this returns (see `settle`)."""
         for i, runner in enumerate(self.runners):
             for dev, hst in _chunks(device, host):
-                data = runner.read_pages(_padded(dev))
-                pool.store(i, hst, {name: x[:, :, : len(hst)] for name, x in data.items()})
+                self.in_flight.append(_InFlight(pool, i, hst, runner.read_pages(_padded(dev)), on_fail))
+
+    def settle(self, pool: HostPool | None = None, host: Sequence[int] = ()) -> int:
+        """Wait for the copies in flight to `host` pages of `pool` (all of them, without arguments)
+        and store their data; returns how many failed, each reported to its `on_fail`."""
+        wanted = set(host)
+        due = [c for c in self.in_flight if pool is None or (c.pool is pool and wanted.intersection(c.host))]
+        self.in_flight = [c for c in self.in_flight if c not in due]
+        failed = 0
+        for copy in due:
+            try:
+                copy.pool.store(copy.cache, copy.host, {name: np.asarray(x)[:, :, : len(copy.host)] for name, x in copy.data.items()})
+            except Exception:  # noqa: BLE001 - the owner falls back (recompute, or forget the blocks)
+                failed += 1
+                copy.on_fail()
+        return failed
 
     def to_device(self, pool: HostPool, device: Sequence[int], host: Sequence[int]) -> None:
-        """Copy host pages of `pool` into the paired device pages."""
+        """Copy host pages of `pool` into the paired device pages (waiting first for copies to them still
+        in flight); a CopyError when one of those failed."""
+        if self.settle(pool, host):
+            raise CopyError(f"host pages {list(host)} hold no data: their copy to host memory failed")
         for i, runner in enumerate(self.runners):
             for dev, hst in _chunks(device, host):
                 pad = SWAP_CHUNK - len(hst)

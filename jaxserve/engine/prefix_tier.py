@@ -68,12 +68,17 @@ class PrefixTier:
         if not pairs:
             return
         try:
-            self.copier.to_host(self.cache.pool, [page for page, _ in pairs.values()], list(pairs))
+            self.copier.to_host(self.cache.pool, [page for page, _ in pairs.values()], list(pairs), on_fail=lambda: self._lose(list(pairs)))
         except Exception:  # noqa: BLE001 - the blocks are only forgotten, as without a host tier
             log.exception("copying %d evicted prefix blocks to host memory failed; they are forgotten", len(pairs))
             self.cache.forget(list(pairs))
             return
         self.stored_bytes += len(pairs) * self.cache.pool.page_bytes()
+
+    def _lose(self, pages: list[int]) -> None:
+        """A copy of blocks to host `pages` failed in flight: forget what they were to hold."""
+        log.error("copying %d evicted prefix blocks to host memory failed in flight; they are forgotten", len(pages))
+        self.cache.forget(pages)
 
     def fetch(self, copies: Seq[HostCopy]) -> list[Sequence]:
         """Copy host hits back into their sequences' fresh device pages; returns the sequences whose copy
@@ -97,6 +102,7 @@ class PrefixTier:
         """Save the tier to its folder, if it has one; a failure is logged (the next start finds the
         previous save, or nothing)."""
         if self.folder is not None:
+            self.copier.settle()
             try:
                 self.cache.save(self.folder, self.fingerprint)
             except OSError:

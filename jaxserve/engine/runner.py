@@ -132,8 +132,8 @@ def prompt_logprobs(params: Params, hidden: jnp.ndarray, targets: jnp.ndarray, c
 
 def _pinned_host(sharding: NamedSharding) -> NamedSharding:
     """`sharding` in page-locked host memory where the devices have it (GPU, TPU, and XLA:CPU, where
-    it is the same RAM): the copy programs then move pages by DMA between device and host buffers,
-    with no staging copy through pageable memory."""
+    it is the same RAM): page copies then move by DMA between device and host buffers, with no
+    staging copy through pageable memory."""
     kinds = {m.kind for m in sharding.mesh.devices.flat[0].addressable_memories()}
     return sharding.with_memory_kind("pinned_host") if "pinned_host" in kinds else sharding
 
@@ -203,8 +203,8 @@ class ModelRunner:
         )
         self._sample = jax.jit(sample, static_argnums=4, in_shardings=replicated, out_shardings=replicated)  # 4: num_top
         self._copy = jax.jit(KVCache.copy_pages, in_shardings=(cache_sh, replicated, replicated), out_shardings=cache_sh, donate_argnums=(0,))
-        host_sh = _pinned_host(cache_sh)  # page copies to and from host memory
-        self._read = jax.jit(KVCache.take, in_shardings=(cache_sh, replicated), out_shardings=host_sh)
+        self._host_sh = host_sh = _pinned_host(cache_sh)  # page copies to and from host memory
+        self._read = jax.jit(KVCache.take, in_shardings=(cache_sh, replicated), out_shardings=cache_sh)
         self._write = jax.jit(  # copies the pages to the device first: no compute runs in host memory
             lambda cache, pages, data: KVCache.put(cache, pages, jax.device_put(data, cache_sh)),
             in_shardings=(cache_sh, replicated, host_sh), out_shardings=cache_sh, donate_argnums=(0,),
@@ -282,13 +282,15 @@ class ModelRunner:
         self._call("copy_pages", src, dst)
         self.cache = self._copy(self.cache, *self._global((src, dst)))
 
-    def read_pages(self, pages: np.ndarray) -> dict[str, np.ndarray]:
-        """Device pages [SWAP_CHUNK] (padding: 0) of every cache array, on the host: `[Hkv, L, SWAP_CHUNK, ...]`."""
+    def read_pages(self, pages: np.ndarray) -> dict[str, jax.Array]:
+        """Device pages [SWAP_CHUNK] (padding: 0) of every cache array, `[Hkv, L, SWAP_CHUNK, ...]`, on their
+        way to pinned host memory: gathered by a program, then moved by a transfer that is only started
+        here, so the device's copy engine runs it beside the programs dispatched next (np.asarray waits)."""
         if self.channel is not None:
             raise RuntimeError("host copies of the KV cache need a single-process engine")
-        return {name: np.asarray(x) for name, x in self._read(self.cache, pages).items()}
+        return jax.device_put(self._read(self.cache, pages), self._host_sh)
 
-    def write_pages(self, pages: np.ndarray, data: dict[str, np.ndarray]) -> None:
+    def write_pages(self, pages: np.ndarray, data: dict[str, np.ndarray | jax.Array]) -> None:
         """Write `data` (as `read_pages` returns it) into device pages [SWAP_CHUNK] (padding: 0, the null page)."""
         if self.channel is not None:
             raise RuntimeError("host copies of the KV cache need a single-process engine")
@@ -321,5 +323,10 @@ class ModelRunner:
         if self.lora is not None:
             self.write_lora(0, None)  # the engine forgets what slot 0 held
         if self.host_copies:
-            null = np.zeros(SWAP_CHUNK, np.int32)
-            self.write_pages(null, self.read_pages(null))
+            self.round_trip_null_pages()
+
+    def round_trip_null_pages(self) -> None:
+        """Copy a chunk of null pages to host memory and back, as swapping does (warm-up compiles it,
+        `swap_min_tokens` times it)."""
+        null = np.zeros(SWAP_CHUNK, np.int32)
+        self.write_pages(null, {name: np.asarray(x) for name, x in self.read_pages(null).items()})

@@ -44,14 +44,15 @@ class Swapper:
         self.copier = copier
         self.pool = pool
         self.counters = SwapCounters()
+        self._lost: list[Sequence] = []  # swapped out, but their copy failed once in flight
 
     def run(self, outs: Seq[HostCopy], ins: Seq[HostCopy]) -> list[Sequence]:
-        """Copy `outs` to host memory, then `ins` back to the device (releasing their host pages);
-        returns the sequences whose copy failed, which must recompute."""
+        """Start copying `outs` to host memory, then copy `ins` back to the device (releasing their host
+        pages); returns the sequences whose copy failed, which must recompute."""
         failed = []
         for copy in outs:
             try:
-                self.copier.to_host(self.pool, copy.device_pages, copy.host_pages)
+                self.copier.to_host(self.pool, copy.device_pages, copy.host_pages, on_fail=lambda seq=copy.seq: self._lose(seq))
             except Exception:  # noqa: BLE001 - any failure: the sequence recomputes instead
                 log.exception("swap-out of request %s failed; it will recompute", copy.seq.request_id)
                 failed.append(copy.seq)
@@ -72,28 +73,34 @@ class Swapper:
                 self.counters.swap_in_bytes += len(copy.host_pages) * self.pool.page_bytes()
             finally:
                 self.pool.release(copy.host_pages)
-        self.counters.fallbacks += len(failed)
-        return failed
+        return self.take_failed(failed)
+
+    def _lose(self, seq: Sequence) -> None:
+        log.error("swap-out of request %s failed in flight; it will recompute", seq.request_id)
+        self._lost.append(seq)
+
+    def take_failed(self, failed: Seq[Sequence] = ()) -> list[Sequence]:
+        """`failed` and the sequences whose swap-out failed in flight (found by `PageCopier.settle`),
+        each once and counted as a fallback: they must recompute."""
+        out, self._lost = list(dict.fromkeys([*failed, *self._lost])), []
+        self.counters.fallbacks += len(out)
+        return out
 
 
 def swap_min_tokens(runner: ModelRunner, page_size: int, repeats: int = 3) -> int | None:
     """The context length from which swapping a sequence out and back costs less than recomputing it,
     measured here: one chunk's round trip against a prefill row's time per token (compiled first,
     timed after). None when copying never pays (a chunk costs more than recomputing its tokens)."""
-    null = np.zeros(SWAP_CHUNK, np.int32)
     row_len, width = runner.shapes.row_len, runner.shapes.table_width
     zeros = np.zeros((1, row_len), np.int32)
     row = ForwardBatch(zeros, zeros, np.zeros((1, width), np.int32), np.zeros(1, np.int32))  # writes only the null page
-
-    def round_trip() -> None:
-        runner.write_pages(null, runner.read_pages(null))
 
     def prefill_row() -> None:
         runner.forward([row])
         np.asarray(runner.logits)
 
     seconds = []
-    for fn in (round_trip, prefill_row):
+    for fn in (runner.round_trip_null_pages, prefill_row):
         fn()  # compile
         start = time.perf_counter()
         for _ in range(repeats):
