@@ -18,6 +18,7 @@ import pytest
 
 from jaxserve.errors import UserError
 from jaxserve.server.quota import TokenBucket, duration
+from jaxserve.server.responses import ResponseStore
 from jaxserve.server.tenants import load_keys
 from tests.server_process import DEADLINE, SERVER_ARGS, ServerProcess, get, until, wait_for
 
@@ -254,6 +255,26 @@ def _metric(text: str, name: str, **labels: str) -> float:
             if all(f'{k}="{v}"' in line for k, v in labels.items()):
                 total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def test_stored_responses_belong_to_their_tenant(server) -> None:
+    """`previous_response_id` continues only the caller's own stored responses: another tenant's id is
+    a 404, as an unknown one is, and a tenant filling its store evicts only its own."""
+    free, small = (openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0) for key in ("sk-free", "sk-small"))
+    first = free.responses.create(model=MODEL, input="Name a colour.", max_output_tokens=4, temperature=0)
+    with pytest.raises(openai.NotFoundError) as refused:
+        small.responses.create(model=MODEL, previous_response_id=first.id, input="And another?", max_output_tokens=4)
+    assert refused.value.body["code"] == "response_not_found"
+    assert free.responses.create(model=MODEL, previous_response_id=first.id, input="And another?", max_output_tokens=4).previous_response_id == first.id
+
+    store = ResponseStore(capacity=2)
+    store.put("small", "resp_s", [{"role": "user", "content": "kept"}])
+    for i in range(3):
+        store.put("free", f"resp_{i}", [])
+    assert store.get("small", "resp_s") == [{"role": "user", "content": "kept"}] and store.get("free", "resp_2") == []
+    for tenant, rid in (("free", "resp_0"), ("free", "resp_s"), ("small", "resp_2")):
+        with pytest.raises(Exception, match="no stored response"):
+            store.get(tenant, rid)
 
 
 def test_usage_and_tenant_metrics_agree_with_the_responses(server) -> None:

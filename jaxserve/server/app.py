@@ -420,18 +420,18 @@ class Server:
         async def deliver(req: Request, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call) -> web.StreamResponse:
             return await (self._stream(request, req, outputs, call) if req.stream else self._whole(req, outputs, call))
 
-        return await self._serve(request, self._parse(endpoint, body, route), route, deliver)
+        return await self._serve(request, self._parse(endpoint, body, route, request[TENANT]), route, deliver)
 
-    def _parse(self, endpoint: str, body: dict, route: Route) -> Request:
+    def _parse(self, endpoint: str, body: dict, route: Route, tenant: Tenant) -> Request:
         """The request a body makes for an endpoint (`ENDPOINTS`); the Responses API's is the chat
-        request it amounts to."""
+        request it amounts to (continuing and stored in `tenant`'s conversations)."""
         info = route.deployment.info
         model = body.get("model") or route.model
         if endpoint == "completions":
             return parse_completion(body, info.tokenizer, model, info.max_model_len)
         if endpoint == "chat.completions":
             return parse_chat(body, info.tokenizer, model, info.max_model_len)
-        chat, extra = chat_body(body, self.response_store)
+        chat, extra = chat_body(body, self.response_store, tenant.name)
         return dataclasses.replace(parse_chat(chat, info.tokenizer, model, info.max_model_len), responses=extra)
 
     def _grant(self, request: web.Request, req: Request, route: Route) -> tuple[TenantQuota, Admission]:
@@ -678,7 +678,7 @@ class Server:
                 await self._relay(self._renderer(req, call), outputs, call, send)
                 return call.failed
 
-            failed = await self._serve(request, self._parse(endpoint, body, route), route, deliver)
+            failed = await self._serve(request, self._parse(endpoint, body, route, request[TENANT]), route, deliver)
             self._count(STREAM_PATH, 200, request[TENANT])
             return "failed" if failed else "finished"
         except ApiError as e:

@@ -5,7 +5,7 @@ messages (text, earlier function calls and their outputs), `text.format` a `resp
 function `tools` the chat's nested ones. Parsing, checks, the engine and the per-choice state are the
 chat endpoint's; `ResponsesRenderer` turns that state into a Response object and its typed stream
 events. `previous_response_id` continues a stored conversation: `ResponseStore` keeps each stored
-response's messages (input and output), bounded by count and age; `store: false` keeps nothing.
+response's messages (input and output) per tenant, bounded by count and age; `store: false` keeps nothing.
 """
 
 from __future__ import annotations
@@ -25,28 +25,32 @@ from jaxserve.tokenizer import Tokenizer
 
 
 class ResponseStore:
-    """Conversations of stored responses by id, the oldest dropped beyond `capacity` or `max_age` seconds."""
+    """Conversations of stored responses by tenant and id: the oldest of a tenant's dropped beyond
+    `capacity`, any beyond `max_age` seconds. A tenant neither reads another's nor evicts them."""
 
     def __init__(self, capacity: int = 1024, max_age: float = 3600.0) -> None:
         self.capacity, self.max_age = capacity, max_age
-        self._items: OrderedDict[str, tuple[float, list[dict]]] = OrderedDict()
+        self._items: dict[str, OrderedDict[str, tuple[float, list[dict]]]] = {}
         self._lock = threading.Lock()
 
     def _expire(self, now: float) -> None:
-        while self._items and (len(self._items) > self.capacity or now - next(iter(self._items.values()))[0] > self.max_age):
-            self._items.popitem(last=False)
+        for tenant, items in list(self._items.items()):
+            while items and (len(items) > self.capacity or now - next(iter(items.values()))[0] > self.max_age):
+                items.popitem(last=False)
+            if not items:
+                del self._items[tenant]
 
-    def put(self, response_id: str, messages: list[dict]) -> None:
+    def put(self, tenant: str, response_id: str, messages: list[dict]) -> None:
         with self._lock:
             now = time.monotonic()
-            self._items[response_id] = (now, messages)
+            self._items.setdefault(tenant, OrderedDict())[response_id] = (now, messages)
             self._expire(now)
 
-    def get(self, response_id: str) -> list[dict]:
-        """The stored conversation; a 404 for an unknown or expired id (as OpenAI answers)."""
+    def get(self, tenant: str, response_id: str) -> list[dict]:
+        """The tenant's stored conversation; a 404 for an id unknown to it or expired (as OpenAI answers)."""
         with self._lock:
             self._expire(time.monotonic())
-            item = self._items.get(response_id)
+            item = self._items.get(tenant, {}).get(response_id)
         if item is None:
             raise ApiError(404, f"no stored response '{response_id}' (unknown, expired, or created with store: false)", "previous_response_id", "not_found_error", "response_not_found")
         return item[1]
@@ -60,6 +64,7 @@ class ResponsesRequest:
     body: dict  # the fields a Response object echoes back
     messages: list[dict]  # the conversation so far (previous turns, then this input), for the store
     store: ResponseStore | None  # None: `store: false`
+    tenant: str  # whose store entry it is
     tools: list[dict] = field(default_factory=list)
 
 
@@ -110,14 +115,14 @@ def _tools(body: dict) -> tuple[list[dict], Any]:
     return nested, choice
 
 
-def chat_body(body: dict, store: ResponseStore) -> tuple[dict, ResponsesRequest]:
-    """The chat body that computes a Responses request, and what the response adds to it."""
+def chat_body(body: dict, store: ResponseStore, tenant: str) -> tuple[dict, ResponsesRequest]:
+    """The chat body that computes a Responses request of `tenant`, and what the response adds to it."""
     if "input" not in body:
         raise ApiError(400, "'input' is required", "input")
     previous = body.get("previous_response_id")
     if previous is not None and not isinstance(previous, str):
         raise ApiError(400, "'previous_response_id' must be a string", "previous_response_id")
-    history = list(store.get(previous)) if previous else []
+    history = list(store.get(tenant, previous)) if previous else []
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise ApiError(400, "'instructions' must be a string", "instructions")
@@ -155,7 +160,7 @@ def chat_body(body: dict, store: ResponseStore) -> tuple[dict, ResponsesRequest]
         "parallel_tool_calls": body.get("parallel_tool_calls", True),
         "metadata": body.get("metadata") or {},
     }
-    return chat, ResponsesRequest(f"resp_{uuid.uuid4().hex}", echoed, messages, store if keep else None, body.get("tools") or [])
+    return chat, ResponsesRequest(f"resp_{uuid.uuid4().hex}", echoed, messages, store if keep else None, tenant, body.get("tools") or [])
 
 
 class ResponsesRenderer(ChatRenderer):
@@ -222,7 +227,7 @@ class ResponsesRenderer(ChatRenderer):
         reply: dict[str, Any] = {"role": "assistant", "content": choice.text or None}
         if choice.calls:
             reply["tool_calls"] = [{"id": c["id"], "type": "function", "function": c["function"]} for c in choice.calls]
-        self.resp.store.put(self.resp.id, [*self.resp.messages, reply])
+        self.resp.store.put(self.resp.tenant, self.resp.id, [*self.resp.messages, reply])
 
     def opening(self) -> list[dict]:
         shell = self._object("in_progress", [])
