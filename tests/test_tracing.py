@@ -7,12 +7,13 @@ import asyncio
 import json
 import threading
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.server_process import SERVER_ARGS, SERVER_KEY, ServerProcess, free_port, wait_for
+from tests.server_process import DEADLINE, SERVER_ARGS, SERVER_KEY, ServerProcess, free_port, wait_for
 
 MODEL = "smollm2-135m-instruct"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -116,3 +117,37 @@ def test_a_bad_traceparent_starts_a_new_trace_and_grammar_compiles_are_spans(tra
     assert trace.hex() not in (TRACE_ID, "0" * 32)
     roots = wait_for(lambda: [s for s in receiver.spans if s.trace_id == trace and s.name == "POST /v1/chat/completions"], "its server span")
     assert roots[0].parent_span_id == b""  # a new trace: the malformed parent was ignored
+
+
+def test_each_websocket_request_is_a_server_span_of_its_own(traced) -> None:
+    """Requests on `/v1/stream` are traced one by one under the handshake's `traceparent`: a finished
+    one is a 200 with its `generate_response` child, a refused one its 4xx, a cancelled one 499."""
+    server, receiver = traced
+    trace = "5cf92f3577b34da6a3ce929d0e0e4737"
+
+    async def run() -> list[dict]:
+        headers = {"Authorization": f"Bearer {SERVER_KEY}", "traceparent": f"00-{trace}-{PARENT_ID}-01"}
+        done = []
+        async with aiohttp.ClientSession(headers=headers) as s, s.ws_connect(server.url + "/v1/stream") as ws:
+            for message in (
+                {"type": "completions", "id": "ok", "body": {"model": MODEL, "prompt": "Hello", "max_tokens": 4}},
+                {"type": "completions", "id": "bad", "body": {"model": MODEL, "prompt": "Hello", "max_tokens": -1}},
+                {"type": "completions", "id": "cut", "body": {"model": MODEL, "prompt": "Hello", "max_tokens": 200, "ignore_eos": True}},
+            ):
+                await ws.send_json(message)
+                while (event := await ws.receive_json(timeout=DEADLINE)).get("type") != "done":
+                    if message["id"] == "cut" and event.get("choices"):
+                        await ws.send_json({"type": "cancel"})
+                done.append(event)
+        return done
+
+    assert [d["outcome"] for d in asyncio.run(run())] == ["finished", "refused", "cancelled"]
+    roots = wait_for(lambda: (r := [s for s in receiver.spans if s.trace_id.hex() == trace and s.name == "GET /v1/stream"]) and len(r) == 3 and r,
+                     "a server span for each socket request")
+    assert all(r.parent_span_id.hex() == PARENT_ID and _attrs(r)["jaxserve.stream.type"] == "completions" for r in roots)
+    by_status = {_attrs(r)["http.response.status_code"]: r for r in roots}
+    assert set(by_status) == {200, 400, 499} and all(r.status.code != r.status.STATUS_CODE_ERROR for r in roots)
+    children = wait_for(lambda: [s for s in receiver.spans if s.name == "generate_response" and s.trace_id.hex() == trace and len(s.parent_span_id)],
+                        "the requests' generate_response spans")
+    parents = {c.parent_span_id for c in children}
+    assert by_status[200].span_id in parents and parents <= {by_status[200].span_id, by_status[499].span_id}

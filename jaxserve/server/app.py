@@ -70,6 +70,7 @@ TENANT = web.RequestKey("tenant", Tenant)  # whose request it is (set by the aut
 KEY_ID = web.RequestKey("key_id", str)  # how logs name the key it came with
 KEY_DIGEST = web.RequestKey("key_digest", bytes)  # the key's digest (a socket checks it again for each request)
 SPAN = web.RequestKey("span", object)  # its server span (tracing on)
+CLIENT_CLOSED = 499  # a traced request's status when its client went away first (nginx's code): not a server error
 SESSION_HEADER = "X-Session-Id"  # a sticky key for the traffic split, before the body's `user`
 VERSION_HEADER = "X-Model-Version"  # on every routed answer: the version that served it
 
@@ -284,6 +285,9 @@ class Server:
             response = await handler(request)
             status = response.status
             return response
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = CLIENT_CLOSED
+            raise
         finally:
             finish_server_span(span, status)
             TRACE_ID.reset(token)
@@ -420,7 +424,7 @@ class Server:
         async def deliver(req: Request, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call) -> web.StreamResponse:
             return await (self._stream(request, req, outputs, call) if req.stream else self._whole(req, outputs, call))
 
-        return await self._serve(request, self._parse(endpoint, body, route, request[TENANT]), route, deliver)
+        return await self._serve(request, self._parse(endpoint, body, route, request[TENANT]), route, deliver, request.get(SPAN))
 
     def _parse(self, endpoint: str, body: dict, route: Route, tenant: Tenant) -> Request:
         """The request a body makes for an endpoint (`ENDPOINTS`); the Responses API's is the chat
@@ -449,12 +453,12 @@ class Server:
         quota.admit(req.prompt_tokens, now)
         return quota, Admission(priority=with_priority(tenant, req.priority), tenant=tenant.name, weight=tenant.weight, adapter=route.adapter)
 
-    async def _serve(self, request: web.Request, req: Request, route: Route, deliver: Callable[..., Awaitable[Any]]) -> Any:
-        """Admit, check and run one request; `deliver(req, outputs, call)` sends its outputs, and what it returns is returned."""
+    async def _serve(self, request: web.Request, req: Request, route: Route, deliver: Callable[..., Awaitable[Any]], span: Any) -> Any:
+        """Admit, check and run one request, traced under its server `span` (None: tracing off);
+        `deliver(req, outputs, call)` sends its outputs, and what it returns is returned."""
         # Counted from here (no await since the routing), so a burst cannot overshoot max_waiting and
         # an unloading version sees every request routed to it.
         quota, admission = self._grant(request, req, route)
-        span = request.get(SPAN)
         admission = dataclasses.replace(admission, timeline=span is not None and span.is_recording())
         deployment, call = route.deployment, _Call(route)
         replica = deployment.replica()
@@ -463,7 +467,7 @@ class Server:
         self.metrics.routed.labels(*call.labels).inc()
         trace = error = None
         try:
-            trace = self._request_trace(request, req, admission, route)
+            trace = self._request_trace(span, req, admission, route)
             try:
                 checked = await self._check(req, engine, trace, call)
             except ApiError:  # the engine refused it: it costs its tenant nothing
@@ -493,8 +497,7 @@ class Server:
             if trace is not None:
                 trace.end(error)
 
-    def _request_trace(self, request: web.Request, req: Request, admission: Admission, route: Route) -> RequestTrace | None:
-        span = request.get(SPAN)
+    def _request_trace(self, span: Any, req: Request, admission: Admission, route: Route) -> RequestTrace | None:
         if span is None:
             return None
         p = req.params
@@ -659,7 +662,23 @@ class Server:
                 await ws.send_json({"type": "done", "id": sent.get("id"), "outcome": outcome})
 
     async def _socket_answer(self, ws: web.WebSocketResponse, request: web.Request, sent: dict) -> str:
-        """Stream one request's events, or its error; its outcome: finished, failed or refused."""
+        """Stream one request's events, or its error; its outcome: finished, failed or refused. With
+        tracing on, each request is a server span of its own, continuing the handshake's `traceparent`."""
+        if self.tracing is None:
+            return (await self._socket_outcome(ws, request, sent, None))[0]
+        span = self.tracing.server_span(request.method, STREAM_PATH, request.headers)
+        span.set_attribute("jaxserve.stream.type", str(sent.get("type")))
+        token = TRACE_ID.set(trace_id(span))
+        status = CLIENT_CLOSED  # unless it ends: cancelled, or the socket closed
+        try:
+            outcome, status = await self._socket_outcome(ws, request, sent, span)
+            return outcome
+        finally:
+            finish_server_span(span, status)
+            TRACE_ID.reset(token)
+
+    async def _socket_outcome(self, ws: web.WebSocketResponse, request: web.Request, sent: dict, span: Any) -> tuple[str, int]:
+        """`_socket_answer`'s outcome, and the HTTP status it amounts to (a failure inside the stream: 500)."""
         try:
             endpoint, body = sent.get("type"), sent.get("body")
             if endpoint not in ENDPOINTS:
@@ -678,18 +697,18 @@ class Server:
                 await self._relay(self._renderer(req, call), outputs, call, send)
                 return call.failed
 
-            failed = await self._serve(request, self._parse(endpoint, body, route, request[TENANT]), route, deliver)
+            failed = await self._serve(request, self._parse(endpoint, body, route, request[TENANT]), route, deliver, span)
             self._count(STREAM_PATH, 200, request[TENANT])
-            return "failed" if failed else "finished"
+            return ("failed", 500) if failed else ("finished", 200)
         except ApiError as e:
             await self._socket_error(ws, request, sent.get("id"), e)
-            return "refused"
+            return "refused", e.status
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception as e:  # a bug in one request: a 500 for it, the socket and the server carry on
             log.exception("unhandled error", extra={"path": STREAM_PATH})
             await self._socket_error(ws, request, sent.get("id"), ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"))
-            return "failed"
+            return "failed", 500
 
     def _recheck_key(self, request: web.Request) -> None:
         """A socket's key is checked again for each request: a keys file reloaded since may have
