@@ -298,11 +298,19 @@ def test_usage_and_tenant_metrics_agree_with_the_responses(server) -> None:
     # 4 admitted requests; the bad one is an error, and the two 403s above two more
     assert (row["requests"], row["prompt_tokens"], row["completion_tokens"], row["errors"]) == (4, prompt_tokens, completion_tokens, 3)
     assert row["cost_usd"] > 0
+    # per model: the two 403s were refused before any model was chosen
+    by_model = row["models"][MODEL]
+    assert list(row["models"]) == [MODEL] and (by_model["requests"], by_model["completion_tokens"], by_model["errors"]) == (4, completion_tokens, 1)
     metrics = get(server.url + "/metrics", "sk-admin")[1]
-    assert _metric(metrics, "jaxserve:tenant_requests_total", tenant="counted") == 4
+    assert _metric(metrics, "jaxserve:tenant_requests_total", tenant="counted", model_name=MODEL) == 4
     assert _metric(metrics, "jaxserve:tenant_prompt_tokens_total", tenant="counted") == prompt_tokens
     assert _metric(metrics, "jaxserve:tenant_generation_tokens_total", tenant="counted") == completion_tokens
     assert _metric(metrics, "jaxserve:tenant_errors_total", tenant="counted") == 3
+    assert _metric(metrics, "jaxserve:tenant_errors_total", tenant="counted", model_name=MODEL) == 1
+    # TTFT per prompt (the chat's n=2 samples share one), latency per sample; a first token that is EOS counts too
+    counts = {name: _metric(metrics, f"jaxserve:tenant_{name}_count", tenant="counted", model_name=MODEL)
+              for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds")}
+    assert counts == {"time_to_first_token_seconds": 4, "e2e_request_latency_seconds": 5}
     assert _metric(metrics, "jaxserve:cost_per_million_tokens") > 0
     assert _metric(metrics, "jaxserve:tenant_cost_usd", tenant="counted") == pytest.approx(row["cost_usd"], rel=0.2)
     status, body = get(server.url + "/v1/usage?window=-5", "sk-admin")

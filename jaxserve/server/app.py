@@ -41,7 +41,7 @@ from jaxserve.server.metrics import Metrics, RequestMetrics
 from jaxserve.server.quota import Quotas, TenantQuota
 from jaxserve.server.tenants import ANONYMOUS, KeyTable, Tenant, digest, key_id, load_keys, with_priority
 from jaxserve.server.tracing import RequestTrace, Tracing, finish_server_span, trace_id
-from jaxserve.server.usage import UsageLedger
+from jaxserve.server.usage import Tally, UsageLedger
 from jaxserve.server.protocol import ApiError, Request, chat_prompt, parse_chat, parse_completion
 from jaxserve.server import reasoning
 from jaxserve.server.render import Renderer, renderer
@@ -70,6 +70,7 @@ TENANT = web.RequestKey("tenant", Tenant)  # whose request it is (set by the aut
 KEY_ID = web.RequestKey("key_id", str)  # how logs name the key it came with
 KEY_DIGEST = web.RequestKey("key_digest", bytes)  # the key's digest (a socket checks it again for each request)
 SPAN = web.RequestKey("span", object)  # its server span (tracing on)
+ROUTED = web.RequestKey("routed", str)  # the model an HTTP request was routed to (its errors count in the tenant's usage of it)
 CLIENT_CLOSED = 499  # a traced request's status when its client went away first (nginx's code): not a server error
 SESSION_HEADER = "X-Session-Id"  # a sticky key for the traffic split, before the body's `user`
 VERSION_HEADER = "X-Model-Version"  # on every routed answer: the version that served it
@@ -106,7 +107,7 @@ class Server:
             self._check_admin_key(self.keys)
         self.quotas = Quotas()
         self.usage = UsageLedger(cfg.cost_per_hour)
-        self.metrics = Metrics(self.router.deployments, self.usage, self.router.default)
+        self.metrics = Metrics(self.router.deployments, self.usage)
         self.router.on_loaded = self.metrics.attach  # each version's steps, from when its engines run
         self.admin = AdminApi(self.router, cfg.admin_api_key) if cfg.admin_api_key else None
         self.adapters = AdapterRegistry(self.router, cfg.enable_lora)
@@ -261,14 +262,15 @@ class Server:
         except Exception as e:  # a bug in one request: a 500 for it, the server carries on
             log.exception("unhandled error", extra={"path": request.path})
             response = self._error(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"))
-        self._count(self._endpoint(request) or "unmatched", response.status, request.get(TENANT))
+        self._count(self._endpoint(request) or "unmatched", response.status, request.get(TENANT), request.get(ROUTED, ""))
         return response
 
-    def _count(self, endpoint: str, status: int, tenant: Tenant | None) -> None:
-        """One answer in the HTTP metrics and, if it is an error, in its tenant's usage."""
+    def _count(self, endpoint: str, status: int, tenant: Tenant | None, model: str = "") -> None:
+        """One answer in the HTTP metrics and, if it is an error, in its tenant's usage of `model`
+        ("": refused before it was routed)."""
         self.metrics.http.labels(endpoint, str(status)).inc()
         if tenant is not None and status >= 400 and status != 429:  # a tenant's 429s are counted where its quota refused
-            self.usage.record(tenant.name, errors=1)
+            self.usage.record(tenant.name, model, errors=1)
 
     @web.middleware
     async def _trace(self, request: web.Request, handler: Callable) -> web.StreamResponse:
@@ -374,6 +376,7 @@ class Server:
         user = body.get("user")
         key = request.headers.get(SESSION_HEADER) or (user if isinstance(user, str) and user else None)
         route = self.router.route(model, key, tenant.may_use)
+        request[ROUTED] = route.deployment.spec.name
         if not tenant.may_use(route.model):
             raise ApiError(403, f"this API key may not use the model '{route.model}'", "model", "permission_error", "model_not_allowed")
         try:
@@ -448,7 +451,7 @@ class Server:
         if refusal is not None and refusal.status == 400:
             raise ApiError(400, refusal.message, "prompt", code="exceeds_tenant_limit")
         if refusal is not None:
-            self.usage.record(tenant.name, rate_limited=1)
+            self.usage.record(tenant.name, route.deployment.spec.name, rate_limited=1)
             raise ApiError(429, refusal.message, type="rate_limit_error", code="rate_limit_exceeded", retry_after=refusal.retry_after)
         quota.admit(req.prompt_tokens, now)
         return quota, Admission(priority=with_priority(tenant, req.priority), tenant=tenant.name, weight=tenant.weight, adapter=route.adapter)
@@ -473,7 +476,7 @@ class Server:
             except ApiError:  # the engine refused it: it costs its tenant nothing
                 quota.refund(req.prompt_tokens, self.quotas.clock())
                 raise
-            self.usage.record(admission.tenant, requests=1, prompt_tokens=req.prompt_tokens)
+            self.usage.record(admission.tenant, call.labels[0], requests=1, prompt_tokens=req.prompt_tokens)
             if req.params.guide is not None:
                 self.metrics.structured.labels(*call.labels, req.guide_param).inc()
             log.info("request", extra={"request_id": req.request_id, "kind": req.kind, "prompts": len(req.prompts), "n": req.params.n,
@@ -525,7 +528,7 @@ class Server:
         and token metrics, and spends the tenant's generated tokens as they come: when its bucket runs
         dry, every unfinished sample ends with `length` (after its last whole token). Leaving early
         aborts every prompt's request."""
-        record = call.record = RequestMetrics(self.metrics, call.labels, req.prompts, req.params.n, req.params.max_tokens)
+        record = call.record = RequestMetrics(self.metrics, call.labels, admission.tenant, req.prompts, req.params.n, req.params.max_tokens)
         unfinished = {(i, k) for i in range(len(req.prompts)) for k in range(req.params.n)}
         generated = 0  # delivered, recorded in the usage ledger once at the end
 
@@ -551,7 +554,7 @@ class Server:
         finally:
             if unfinished:
                 record.aborted(len(unfinished))
-            self.usage.record(admission.tenant, generated_tokens=generated)
+            self.usage.record(admission.tenant, call.labels[0], generated_tokens=generated)
 
     async def _stream(self, request: web.Request, req: Request, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call) -> web.StreamResponse:
         """Server-sent events: the request's events, then [DONE] (the Responses API has none)."""
@@ -679,6 +682,7 @@ class Server:
 
     async def _socket_outcome(self, ws: web.WebSocketResponse, request: web.Request, sent: dict, span: Any) -> tuple[str, int]:
         """`_socket_answer`'s outcome, and the HTTP status it amounts to (a failure inside the stream: 500)."""
+        route: Route | None = None
         try:
             endpoint, body = sent.get("type"), sent.get("body")
             if endpoint not in ENDPOINTS:
@@ -701,13 +705,13 @@ class Server:
             self._count(STREAM_PATH, 200, request[TENANT])
             return ("failed", 500) if failed else ("finished", 200)
         except ApiError as e:
-            await self._socket_error(ws, request, sent.get("id"), e)
+            await self._socket_error(ws, request, sent.get("id"), e, route)
             return "refused", e.status
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception as e:  # a bug in one request: a 500 for it, the socket and the server carry on
             log.exception("unhandled error", extra={"path": STREAM_PATH})
-            await self._socket_error(ws, request, sent.get("id"), ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"))
+            await self._socket_error(ws, request, sent.get("id"), ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"), route)
             return "failed", 500
 
     def _recheck_key(self, request: web.Request) -> None:
@@ -721,9 +725,9 @@ class Server:
             raise ApiError(401, "the API key this socket was opened with is no longer valid", type="authentication_error", code="invalid_api_key")
         request[TENANT] = found[1]
 
-    async def _socket_error(self, ws: web.WebSocketResponse, request: web.Request, tag, e: ApiError) -> None:
-        """An error on the socket, counted as its HTTP answer would be."""
-        self._count(STREAM_PATH, e.status, request[TENANT])
+    async def _socket_error(self, ws: web.WebSocketResponse, request: web.Request, tag, e: ApiError, route: Route | None = None) -> None:
+        """An error on the socket (of a request routed by `route`, if it was), counted as its HTTP answer would be."""
+        self._count(STREAM_PATH, e.status, request[TENANT], route.deployment.spec.name if route is not None else "")
         await ws.send_json({"type": "error", "id": tag, "status": e.status, **e.body()})
 
     # ---- the playground ------------------------------------------------------------------
@@ -833,16 +837,26 @@ class Server:
             raise ApiError(400, "'start', 'end' and 'window' must be numbers (Unix seconds; window in seconds)") from None
         if not (math.isfinite(start) and math.isfinite(end)) or start > end or (window is not None and window <= 0):
             raise ApiError(400, "the window must have start <= end (and a positive 'window')")
-        tallies = self.usage.window(start, end)
+        tenants: dict[str, dict[str, Tally]] = {}
+        for (name, model), tally in sorted(self.usage.window(start, end).items()):
+            tenants.setdefault(name, {})[model] = tally
         if "tenant" in q:
-            if q["tenant"] not in tallies:
+            if q["tenant"] not in tenants:
                 raise ApiError(404, f"no usage recorded for tenant '{q['tenant']}'", "tenant", "not_found_error")
-            tallies = {q["tenant"]: tallies[q["tenant"]]}
-        data = [{"tenant": name, "requests": t.requests, "prompt_tokens": t.prompt_tokens, "completion_tokens": t.generated_tokens,
-                 "total_tokens": t.tokens, "errors": t.errors, "rate_limited": t.rate_limited, "cost_usd": self.usage.cost(t)}
-                for name, t in sorted(tallies.items())]
+            tenants = {q["tenant"]: tenants[q["tenant"]]}
+        data = []
+        for name, models in tenants.items():
+            total = Tally()
+            for tally in models.values():
+                total.add(tally)
+            by_model = {model: self._usage_row(t) for model, t in models.items() if model}  # "": refused before routing
+            data.append({"tenant": name, **self._usage_row(total), "models": by_model})
         return web.json_response({"object": "usage", "start": start, "end": end, "granularity_seconds": 60,
                                   "cost_per_million_tokens": self.usage.cost_per_million_tokens(), "data": data})
+
+    def _usage_row(self, t: Tally) -> dict:
+        return {"requests": t.requests, "prompt_tokens": t.prompt_tokens, "completion_tokens": t.generated_tokens, "total_tokens": t.tokens,
+                "errors": t.errors, "rate_limited": t.rate_limited, "cost_usd": self.usage.cost(t)}
 
 
 def _json_object(raw: bytes, what: str) -> dict:

@@ -134,10 +134,11 @@ class _EngineCollector(Collector):
 
 
 class _TenantCollector(Collector):
-    """Per-tenant usage from the server's ledger (the same one `/v1/usage` reads), and cost."""
+    """Per-tenant usage of each model from the server's ledger (the same one `/v1/usage` reads), and
+    cost; `model_name` is "" for answers refused before a model was chosen."""
 
-    def __init__(self, usage: UsageLedger, model: str) -> None:
-        self.usage, self.model = usage, model
+    def __init__(self, usage: UsageLedger) -> None:
+        self.usage = usage
 
     def collect(self) -> Iterator:
         totals = sorted(self.usage.totals.items())
@@ -149,8 +150,8 @@ class _TenantCollector(Collector):
             ("rate_limited", "Requests refused with 429 per tenant.", lambda t: t.rate_limited),
         ):
             family = CounterMetricFamily(f"jaxserve:tenant_{name}", doc, labels=["model_name", "tenant"])
-            for tenant, tally in totals:
-                family.add_metric([self.model, tenant], read(tally))
+            for (tenant, model), tally in totals:
+                family.add_metric([model, tenant], read(tally))
             yield family
         per_million = self.usage.cost_per_million_tokens()
         if per_million is None:
@@ -159,15 +160,14 @@ class _TenantCollector(Collector):
                                 "measured since start, from --cost-per-hour.", value=per_million, labels=None)
         share = GaugeMetricFamily("jaxserve:tenant_cost_usd", "Each tenant's share of the machine's cost since start, by its tokens.",
                                   labels=["model_name", "tenant"])
-        for tenant, tally in totals:
-            share.add_metric([self.model, tenant], self.usage.cost(tally))
+        for (tenant, model), tally in totals:
+            share.add_metric([model, tenant], self.usage.cost(tally))
         yield share
 
 
 class Metrics:
-    def __init__(self, deployments: Callable[[], Iterable[Deployment]], usage: UsageLedger, tenant_model: str) -> None:
-        """`deployments`: every model version (read at scrape time); `tenant_model`: the `model_name`
-        label of the per-tenant families (the default model)."""
+    def __init__(self, deployments: Callable[[], Iterable[Deployment]], usage: UsageLedger) -> None:
+        """`deployments`: every model version (read at scrape time)."""
         self.registry = CollectorRegistry()
         r, m = self.registry, ["model_name", "version"]  # request figures per version, so a canary compares with production
         self.requests = Counter("jaxserve:request_success", "Finished samples by finish reason; \"abort\": ended without one (the client "
@@ -180,6 +180,10 @@ class Metrics:
         self.ttft = Histogram("jaxserve:time_to_first_token_seconds", "Time to first token.", m, buckets=_LATENCY, registry=r)
         self.itl = Histogram("jaxserve:inter_token_latency_seconds", "Time between tokens of one stream.", m, buckets=_LATENCY, registry=r)
         self.e2e = Histogram("jaxserve:e2e_request_latency_seconds", "Request latency, arrival to last token.", m, buckets=_LATENCY, registry=r)
+        t = ["model_name", "tenant"]  # the same latencies per tenant (its service, whichever version served it)
+        self.tenant_ttft = Histogram("jaxserve:tenant_time_to_first_token_seconds", "Time to first token, per tenant.", t, buckets=_LATENCY, registry=r)
+        self.tenant_e2e = Histogram("jaxserve:tenant_e2e_request_latency_seconds", "Request latency, arrival to last token, per tenant.", t,
+                                    buckets=_LATENCY, registry=r)
         self.prompt_tokens = Counter("jaxserve:prompt_tokens", "Prompt tokens of admitted requests.", m, registry=r)
         self.generation_tokens = Counter("jaxserve:generation_tokens", "Generated tokens.", m, registry=r)
         self.batch_size = Histogram("jaxserve:batch_size", "Sequences per engine step.", m, buckets=_BATCH, registry=r)
@@ -202,7 +206,7 @@ class Metrics:
             k: Histogram(f"jaxserve:request_{k}_time_seconds", doc, m, buckets=_REQUEST_TIME, registry=r) for k, doc in seconds.items()
         }
         r.register(_EngineCollector(deployments))
-        r.register(_TenantCollector(usage, tenant_model))
+        r.register(_TenantCollector(usage))
 
     def attach(self, deployment: Deployment) -> None:
         """Observe the steps of a version's engines (once they are loaded)."""
@@ -237,9 +241,9 @@ class _Prompt:
 class RequestMetrics:
     """Token, latency and outcome metrics of one HTTP request to one model version, fed its outputs in order."""
 
-    def __init__(self, metrics: Metrics, labels: tuple[str, str], prompts: Sequence[Sequence[int]], n: int, max_tokens: int) -> None:
-        """`labels`: the model's name and version."""
-        self.m, self.n, self.labels = metrics, n, labels
+    def __init__(self, metrics: Metrics, labels: tuple[str, str], tenant: str, prompts: Sequence[Sequence[int]], n: int, max_tokens: int) -> None:
+        """`labels`: the model's name and version; `tenant`: whose request it is."""
+        self.m, self.n, self.labels, self.tenant_labels = metrics, n, labels, (labels[0], tenant)
         now = time.perf_counter()
         self.prompts = [_Prompt(now) for _ in prompts]
         metrics.prompt_tokens.labels(*labels).inc(sum(map(len, prompts)))
@@ -267,8 +271,12 @@ class RequestMetrics:
         if generated:
             m.generation_tokens.labels(*name).inc(generated)
             p.tokens += generated
-        if out.token_id is not None:
-            (m.ttft if p.last is None else m.itl).labels(*name).observe(now - (p.last or p.arrival))
+        if generated:  # a stop token counts: it came when it came, though it is not part of the text
+            if p.last is None:
+                m.ttft.labels(*name).observe(now - p.arrival)
+                m.tenant_ttft.labels(*self.tenant_labels).observe(now - p.arrival)
+            else:
+                m.itl.labels(*name).observe(now - p.last)
             p.last = now
         if p.first_token is None and generated:
             p.first_token = now
@@ -276,6 +284,7 @@ class RequestMetrics:
         if out.finish_reason:
             m.requests.labels(*name, out.finish_reason).inc()
             m.e2e.labels(*name).observe(now - p.arrival)
+            m.tenant_e2e.labels(*self.tenant_labels).observe(now - p.arrival)
             p.finished += 1
             if p.finished == self.n:  # the prompt's last sample
                 m.request_generation_tokens.labels(*name).observe(p.tokens)

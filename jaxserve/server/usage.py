@@ -35,36 +35,39 @@ class Tally:
 
 
 class UsageLedger:
+    """Tallies by tenant and model (the model its requests were routed to; "" for answers refused
+    before routing)."""
+
     def __init__(self, cost_per_hour: float | None = None, clock: Callable[[], float] = time.time) -> None:
         self.cost_per_hour = cost_per_hour
         self.clock = clock
         self.since = clock()  # reset by `start` when the server becomes ready
-        self.totals: dict[str, Tally] = {}
-        self._minutes: dict[str, OrderedDict[int, Tally]] = {}
+        self.totals: dict[tuple[str, str], Tally] = {}  # (tenant, model) -> since start
+        self._minutes: dict[tuple[str, str], OrderedDict[int, Tally]] = {}
 
     def start(self) -> None:
         self.since = self.clock()
 
-    def record(self, tenant: str, **counts: int) -> None:
-        """Add counts (Tally's fields) for `tenant` now."""
+    def record(self, tenant: str, model: str, **counts: int) -> None:
+        """Add counts (Tally's fields) for `tenant`'s use of `model` now."""
         event = Tally(**counts)
-        self.totals.setdefault(tenant, Tally()).add(event)
-        minutes = self._minutes.setdefault(tenant, OrderedDict())
+        self.totals.setdefault((tenant, model), Tally()).add(event)
+        minutes = self._minutes.setdefault((tenant, model), OrderedDict())
         minute = int(self.clock() // 60)
         minutes.setdefault(minute, Tally()).add(event)
         while next(iter(minutes)) < minute - KEEP_MINUTES:
             minutes.popitem(last=False)
 
-    def window(self, start: float, end: float) -> dict[str, Tally]:
-        """Each tenant's tally over the minutes that overlap [start, end) (Unix seconds)."""
+    def window(self, start: float, end: float) -> dict[tuple[str, str], Tally]:
+        """Each (tenant, model)'s tally over the minutes that overlap [start, end) (Unix seconds)."""
         first, last = int(start // 60), int(end // 60)
-        out: dict[str, Tally] = {}
-        for tenant, minutes in self._minutes.items():
+        out: dict[tuple[str, str], Tally] = {}
+        for key, minutes in self._minutes.items():
             tally = Tally()
             for minute, t in minutes.items():
                 if first <= minute <= last:
                     tally.add(t)
-            out[tenant] = tally
+            out[key] = tally
         return out
 
     def cost_per_million_tokens(self) -> float | None:
