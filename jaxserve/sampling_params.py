@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -11,6 +12,8 @@ from jaxserve.structured.guide import Guide
 
 MAX_LOGPROBS = 20  # most top log-probs a request may ask for (OpenAI's limit for top_logprobs)
 MAX_BEAMS = MAX_LOGPROBS // 2  # each beam's candidates are its 2 * width likeliest tokens, from the sampler's top ones
+MAX_N = 128  # most samples one request may ask for (OpenAI's limit): each is a sequence the engine holds
+INT32_MAX = (1 << 31) - 1  # what the device's int32 sampling arrays hold
 _GOLDEN = 0x9E3779B9  # spreads the seeds of a request's n samples
 
 
@@ -19,7 +22,8 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite number (JSON's Infinity and NaN are not)."""
+    return _is_int(x) or (isinstance(x, float) and math.isfinite(x))
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,10 @@ class SamplingParams:
         check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
         check(_is_num(self.temperature) and self.temperature >= 0, "temperature", "must be a number >= 0")
         check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        check(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k", "must be -1 (off) or an integer >= 1")
+        check(_is_int(self.top_k) and (self.top_k == -1 or 1 <= self.top_k <= INT32_MAX), "top_k", f"must be -1 (off) or an integer in [1, {INT32_MAX}]")
         check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
         check(self.seed is None or (_is_int(self.seed) and -(1 << 63) <= self.seed < 1 << 63), "seed", "must be a signed 64-bit integer")
-        check(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
+        check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}]")
         for name in ("presence_penalty", "frequency_penalty"):
             check(_is_num(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name, "must be in [-2, 2]")
         check(_is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty", "must be in (0, 10]")

@@ -238,6 +238,15 @@ BAD_REQUESTS = [
     ("tool message without id", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "21 C"}]}, 400, "messages"),
     ("unknown route", "/v1/engines", {"prompt": "hi"}, 404, None),
     ("detokenize bad ids", "/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    # each of these once stopped the engine, took the process down, or answered 500
+    ("top_k beyond int32", "/v1/completions", {"prompt": "hi", "top_k": 2**31}, 400, "top_k"),
+    ("n beyond the limit", "/v1/completions", {"prompt": "hi", "n": 2**70}, 400, "n"),
+    ("temperature infinite", "/v1/completions", b'{"prompt": "hi", "temperature": Infinity}', 400, "temperature"),
+    ("lone surrogate prompt", "/v1/completions", b'{"prompt": "\\ud800"}', 400, None),
+    ("lone surrogate in a message", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00x"}]}', 400, None),
+    ("lone surrogate to tokenize", "/tokenize", b'{"prompt": "\\ud800"}', 400, None),
+    ("chat_template_kwargs self", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"self": 1}},
+     400, "chat_template_kwargs"),
 ]
 
 

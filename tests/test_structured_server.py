@@ -266,6 +266,9 @@ BAD = [
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "integr"}}}], "tool_choice": "required"}, "tools", "Invalid type"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$defs": "x"}}}], "tool_choice": "required"}, "tools", "$defs"),
+    # compiles, but outgrows the matcher's limits at the first token: the request's fault, said without the matcher's state
+    ({"guided_choice": ["a"] * 10000}, "guided_choice", "could not be followed"),
 ]
 
 

@@ -33,6 +33,14 @@ async def _request(ws: aiohttp.ClientWebSocketResponse, kind: str, body: dict, t
     return events, event
 
 
+async def _request_rest(ws: aiohttp.ClientWebSocketResponse) -> tuple[list[dict], dict]:
+    """The messages of a request already sent, up to its `done`, and the `done`."""
+    events = []
+    while (event := await ws.receive_json(timeout=600)).get("type") != "done":
+        events.append(event)
+    return events, event
+
+
 async def _sse(session: aiohttp.ClientSession, url: str, path: str, body: dict) -> list[dict]:
     """The data events of an SSE stream, up to [DONE]."""
     events = []
@@ -124,6 +132,16 @@ def test_cancel_and_closing_the_socket_abort_and_free_the_pages(server) -> None:
             values = await until(lambda: _idle(s, server.url), "the abandoned request's pages free")
             assert _aborted(values) == before + 3
 
+            async with s.ws_connect(server.url + "/v1/stream") as ws:  # cancelled right behind its request, before it began
+                for attempt in range(3):
+                    await ws.send_json({"type": "completions", "id": f"at-once-{attempt}", "body": LONG})
+                    await ws.send_json({"type": "cancel"})
+                    _, done = await _request(ws, "completions", COMPLETION, "after")
+                    assert done == {"type": "done", "id": f"at-once-{attempt}", "outcome": "cancelled"}  # before the next request's
+                    events, done = await _request_rest(ws)
+                    assert done == {"type": "done", "id": "after", "outcome": "finished"}
+                    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
     asyncio.run(run())
 
 
@@ -137,6 +155,7 @@ def test_socket_auth_validation_and_limits_are_http_s(server) -> None:
                 (("jaxserve.v1", "openai-insecure-api-key.wrong"), None, 401),
                 ((f"openai-insecure-api-key.{SERVER_KEY}",), None, 400),  # ours not offered: the key would go unanswered
                 (("jaxserve.v1", f"openai-insecure-api-key.{SERVER_KEY}"), "http://elsewhere.example", 403),  # another site's page
+                (("jaxserve.v1", f"openai-insecure-api-key.{SERVER_KEY}"), "http://[", 403),  # not a URL: no page of ours
             ):
                 with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                     await s.ws_connect(server.url + "/v1/stream", protocols=protocols, origin=origin)

@@ -45,6 +45,11 @@ class RequestFailedError(RuntimeError):
     """One request failed inside the engine; the engine and every other request carry on."""
 
 
+class RequestRejectedError(RequestFailedError):
+    """What one request asked for could not go on (its constraint outgrew the matcher's limits): the
+    request's fault, not the engine's."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self._engine = engine
@@ -184,9 +189,9 @@ class AsyncEngine:
                 if isinstance(out, BaseException):
                     unfinished.clear()
                     raise out
-                if out.finish_reason == "error":
+                if out.finish_reason in ("error", "rejected"):
                     unfinished.clear()
-                    raise RequestFailedError(out.text)
+                    raise (RequestRejectedError if out.finish_reason == "rejected" else RequestFailedError)(out.text)
                 if out.finish_reason:
                     unfinished.discard(out.index)
                 yield dataclasses.replace(out, request_id=request_id)

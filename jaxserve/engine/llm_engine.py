@@ -253,12 +253,12 @@ class LLMEngine:
 
     def abort(self, request_id: str, reason: str = "abort", message: str = "") -> list[StepOutput]:
         """Stop a request's unfinished samples and free their pages; returns their final outputs (with
-        `message` as text when the reason is "error")."""
+        `message` as text when the reason is "error", or "rejected": the request's own input cannot go on)."""
         outputs = []
         for seq in self.seqs.pop(request_id, []):
             if seq.status is not Status.FINISHED:
                 self.scheduler.finish(seq, reason)
-                text = message if reason == "error" else seq.text[seq.sent :]
+                text = message if reason in ("error", "rejected") else seq.text[seq.sent :]
                 outputs.append(StepOutput(request_id, seq.index, None, 0.0, reason, text))
         return outputs
 
@@ -435,6 +435,9 @@ class LLMEngine:
         """`emit()`'s outputs; a host-side failure (say, detokenizing) fails only its own request."""
         try:
             return emit()
+        except UserError as e:  # what the request asked for cannot go on (its grammar outgrew the matcher's limits)
+            log.warning("request %s rejected: %s", seq.request_id, e)
+            return self.abort(seq.request_id, "rejected", str(e))
         except Exception as e:
             log.exception("request %s failed", seq.request_id)
             return self.abort(seq.request_id, "error", f"{type(e).__name__}: {e}")
@@ -585,7 +588,8 @@ class LLMEngine:
         first = not seq.output_ids
         reason, token_out, stop_token, stopped_by_string = None, None, None, False
         if seq.matcher is not None and not seq.matcher.consume_token(token):
-            raise RuntimeError(f"the grammar rejected token {token}: {seq.matcher.get_error()}")
+            why = seq.matcher.get_error().strip().splitlines()[0] if seq.matcher.get_error().strip() else "no reason given"
+            raise UserError(f"the {p.guide.description} could not be followed past {len(seq.output_ids)} output tokens: {why}")
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             reason, stop_token = "stop", token  # min_tokens banned these until it was reached
         else:

@@ -19,7 +19,6 @@ key is kept as a SHA-256 digest and compared in constant time; it is never logge
 from __future__ import annotations
 
 import hmac
-import json
 import math
 from typing import Awaitable, Callable
 
@@ -27,7 +26,7 @@ from aiohttp import web
 
 from jaxserve.errors import UserError
 from jaxserve.server.model_spec import ModelSpec
-from jaxserve.server.protocol import ApiError
+from jaxserve.server.protocol import ApiError, parse_json
 from jaxserve.server.router import ModelRouter
 from jaxserve.server.tenants import digest
 
@@ -36,10 +35,7 @@ Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 async def read_json(request: web.Request) -> object:
     """An admin request's JSON body (an empty body is {}); 400 when it is not JSON."""
-    try:
-        return json.loads(await request.read() or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ApiError(400, "the request body is not valid JSON") from None
+    return parse_json(await request.read() or b"{}", "the request body")
 
 
 class AdminApi:

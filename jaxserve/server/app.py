@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import json
 import logging
 import math
 import signal
@@ -27,7 +26,7 @@ import jax
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from jaxserve.config import ServerConfig
-from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError
+from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, RequestFailedError, RequestRejectedError
 from jaxserve.engine.interface import Admission, CheckedRequest
 from jaxserve.engine.outputs import StepOutput
 from jaxserve.errors import UserError
@@ -42,7 +41,7 @@ from jaxserve.server.quota import Quotas, TenantQuota
 from jaxserve.server.tenants import ANONYMOUS, KeyTable, Tenant, digest, key_id, load_keys, with_priority
 from jaxserve.server.tracing import RequestTrace, Tracing, finish_server_span, trace_id
 from jaxserve.server.usage import Tally, UsageLedger
-from jaxserve.server.protocol import ApiError, Request, chat_prompt, parse_chat, parse_completion
+from jaxserve.server.protocol import ApiError, Request, chat_prompt, parse_chat, parse_completion, parse_json
 from jaxserve.server import reasoning
 from jaxserve.server.render import Renderer, renderer
 from jaxserve.server.responses import ResponsesRenderer, ResponseStore, chat_body
@@ -514,12 +513,8 @@ class Server:
             async with asyncio.timeout(self.cfg.request_timeout), contextlib.aclosing(outputs):
                 async for i, out in outputs:
                     render.add(i, out)
-        except TimeoutError:
-            raise ApiError(504, f"the request took longer than {self.cfg.request_timeout} s", type="timeout_error") from None
-        except RequestFailedError as e:
-            raise ApiError(500, f"the request failed: {e}", type="internal_server_error") from None
-        except EngineDeadError as e:
-            raise ApiError(503, str(e), type="service_unavailable") from None
+        except (TimeoutError, RequestFailedError, EngineDeadError) as e:
+            raise self._failed(e, req) from None
         return web.json_response(render.response(), headers={VERSION_HEADER: call.route.deployment.version})
 
     async def _outputs(self, req: Request, checked: CheckedRequest, engine: AsyncEngine, admission: Admission,
@@ -573,9 +568,10 @@ class Server:
         return response
 
     async def _relay(self, render: Renderer, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call,
-                     send: Callable[[list[dict]], Awaitable[None]]) -> None:
+                     send: Callable[[list[dict]], Awaitable[None]]) -> bool:
         """Send a streamed request's events as they come: the renderer's opening, its events for each
-        step output, then its closing (usage if asked; the Responses API's own events), or a failure."""
+        step output, then its closing (usage if asked; the Responses API's own events), or a failure;
+        whether it ended without one."""
         await send(render.opening())
         try:
             async with asyncio.timeout(self.cfg.request_timeout), contextlib.aclosing(outputs):
@@ -583,8 +579,21 @@ class Server:
                     await send(render.frames(i, out))
             await send(render.closing())
         except (TimeoutError, RequestFailedError, EngineDeadError) as e:
-            call.failed = True
-            await send(render.failure(f"the request took longer than {self.cfg.request_timeout} s" if isinstance(e, TimeoutError) else str(e)))
+            error = self._failed(e, render.req)
+            call.failed = error.status >= 500  # a request's own fault is not its version's
+            await send(render.failure(error))
+            return False
+        return True
+
+    def _failed(self, e: Exception, req: Request) -> ApiError:
+        """The error of a request that failed after it was admitted."""
+        if isinstance(e, TimeoutError):
+            return ApiError(504, f"the request took longer than {self.cfg.request_timeout} s", type="timeout_error")
+        if isinstance(e, RequestRejectedError):
+            return ApiError(400, str(e), req.guide_param)
+        if isinstance(e, EngineDeadError):
+            return ApiError(503, str(e), type="service_unavailable")
+        return ApiError(500, f"the request failed: {e}", type="internal_server_error")
 
     def _renderer(self, req: Request, call: _Call) -> Renderer:
         tokenizer = call.route.deployment.info.tokenizer
@@ -620,17 +629,17 @@ class Server:
                     await self._socket_error(ws, request, None, e)
                     continue
                 if sent.get("type") == "cancel":
-                    if running is not None:
+                    if running is not None and not running.done():
                         running.cancel()
+                        await asyncio.wait({running})  # its `done` comes before anything sent after the cancel
                     continue
-                if running is not None and running.cancelling():  # cancelled just before: its `done` comes first
-                    await asyncio.wait({running})
                 if running is not None and not running.done():
                     await self._socket_error(ws, request, sent.get("id"), ApiError(
                         409, "a request is running on this socket: wait for its 'done' message or send {\"type\": \"cancel\"}", "type"))
                     await ws.send_json({"type": "done", "id": sent.get("id"), "outcome": "refused"})
                     continue
                 running = asyncio.create_task(self._socket_request(ws, request, sent))
+                await asyncio.sleep(0)  # let it begin: a task cancelled before its first step never runs, so never sends its `done`
         except ConnectionResetError:  # the socket closed while answering
             pass
         finally:
@@ -649,7 +658,11 @@ class Server:
         if offered and SOCKET_PROTOCOL not in offered:
             raise ApiError(400, f"offer the subprotocol '{SOCKET_PROTOCOL}' (beside '{KEY_PROTOCOL}<key>', if the key goes that way)")
         origin = request.headers.get("Origin")
-        if origin is not None and urlsplit(origin).netloc != request.host and not self._origin_allowed(origin):
+        try:
+            same_host = origin is not None and urlsplit(origin).netloc == request.host
+        except ValueError:  # not a URL (say, "http://["): no site of ours
+            same_host = False
+        if origin is not None and not same_host and not self._origin_allowed(origin):
             raise ApiError(403, f"WebSocket connections from the origin {origin} are not allowed (see --cors-origin)", type="permission_error")
 
     async def _socket_request(self, ws: web.WebSocketResponse, request: web.Request, sent: dict) -> None:
@@ -698,8 +711,7 @@ class Server:
                     for event in events:
                         await ws.send_json(event)
 
-                await self._relay(self._renderer(req, call), outputs, call, send)
-                return call.failed
+                return not await self._relay(self._renderer(req, call), outputs, call, send)
 
             failed = await self._serve(request, self._parse(endpoint, body, route, request[TENANT]), route, deliver, span)
             self._count(STREAM_PATH, 200, request[TENANT])
@@ -861,14 +873,7 @@ class Server:
 
 def _json_object(raw: bytes, what: str) -> dict:
     """A JSON object sent by a client; a 400 naming what is wrong with it."""
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ApiError(400, f"{what} is not valid UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"{what} is not valid JSON: {e}") from None
-    except RecursionError:
-        raise ApiError(400, f"{what} is nested too deeply") from None
+    body = parse_json(raw, what)
     if not isinstance(body, dict):
         raise ApiError(400, f"{what} must be a JSON object")
     return body

@@ -8,6 +8,7 @@ know are ignored, as OpenAI's own server does.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +32,34 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's \uD800-\uDFFF: halves of a pair, or lone
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_json(raw: bytes, what: str) -> Any:
+    """JSON a client sent; a 400 naming what is wrong with it. Text must be Unicode: an escaped lone
+    surrogate ("\\ud800") decodes to a str that no encoder (the tokenizer's, UTF-8) accepts."""
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ApiError(400, f"{what} is not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, f"{what} is nested too deeply") from None
+    if _ESCAPED_SURROGATE.search(raw):  # rare: walk the strings only then
+        stack = [value]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, dict):
+                stack += [*x.keys(), *x.values()]
+            elif isinstance(x, list):
+                stack += x
+            elif isinstance(x, str) and _SURROGATE.search(x):
+                raise ApiError(400, f"{what} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair), which is not text")
+    return value
 
 
 _MISSING = object()
@@ -359,7 +388,7 @@ def chat_prompt(body: dict, tok: Tokenizer) -> tuple[list[int], ToolPlan | None]
     rendered = _chat_messages(messages, plan, native_tools)
     extra = {"tools": [template_tool(t) for t in plan.tools]} if plan is not None and native_tools else {}
     kwargs = _field(body, "chat_template_kwargs", dict, {})
-    reserved = sorted({"messages", "tools", "add_generation_prompt", "continue_final_message", "bos_token", "eos_token"} & set(kwargs))
+    reserved = sorted({"self", "messages", "tools", "add_generation_prompt", "continue_final_message", "bos_token", "eos_token"} & set(kwargs))
     if reserved:
         raise ApiError(400, f"'chat_template_kwargs' must not set {', '.join(reserved)} (send them as request fields)", "chat_template_kwargs")
     add_generation_prompt = _field(body, "add_generation_prompt", bool, True)

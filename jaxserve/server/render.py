@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jaxserve.engine.outputs import StepOutput, TopLogprobs
-from jaxserve.server.protocol import Request
+from jaxserve.server.protocol import ApiError, Request
 from jaxserve.server.reasoning import ReasoningParser
 from jaxserve.server.tools import ToolCallParser
 from jaxserve.tokenizer import Tokenizer
@@ -134,9 +134,9 @@ class Renderer:
     def closing(self) -> list[dict]:
         return [self.usage_chunk()] if self.req.include_usage else []
 
-    def failure(self, message: str) -> list[dict]:
+    def failure(self, error: ApiError) -> list[dict]:
         """What a stream sends when its request fails midway (instead of `closing`)."""
-        return [{"error": {"message": message, "type": "internal_server_error", "param": None, "code": None}}]
+        return [error.body()]
 
     def sse(self, event: dict) -> str:
         """One event as a server-sent event."""

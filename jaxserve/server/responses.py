@@ -277,5 +277,6 @@ class ResponsesRenderer(ChatRenderer):
         self._store()
         return events
 
-    def failure(self, message: str) -> list[dict]:
-        return [self._event("error", code="server_error", message=message, param=None)]
+    def failure(self, error: ApiError) -> list[dict]:
+        return [self._event("error", code=error.code or ("server_error" if error.status >= 500 else "invalid_request"), message=error.message,
+                            param=error.param)]

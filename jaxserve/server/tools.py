@@ -135,6 +135,9 @@ def parse_tools(body: dict) -> ToolPlan | None:
         parameters = fn.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
             raise ToolError(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+        for kind in ("$defs", "definitions"):
+            if not isinstance(parameters.get(kind, {}), dict):
+                raise ToolError(f"tools[{i}].function.parameters.{kind} must be an object of named schemas", "tools")
         description = fn.get("description", "")
         if not isinstance(description, str):
             raise ToolError(f"tools[{i}].function.description must be a string", "tools")
