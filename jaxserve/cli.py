@@ -350,6 +350,8 @@ def _token_ids(value: str) -> list[int]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from jaxserve.engine.outputs import FAILED
+
     ids = None if args.prompt_token_ids is None else _token_ids(args.prompt_token_ids)
     if ids is not None and args.chat:
         raise UserError("--chat renders --prompt through the chat template; give --prompt, not --prompt-token-ids")
@@ -379,7 +381,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if out.token_id is not None:
             token_ids.append(out.token_id)
             logprobs.append(out.logprob)
-        if finish == "error":  # the engine failed the request (say, a token the tokenizer cannot decode): out.text says why
+        if finish in FAILED:  # the engine failed the request (say, a token the tokenizer cannot decode): out.text says why
             text, error = None, out.text
             break
         text += out.text

@@ -4,6 +4,7 @@ client and raw aiohttp requests, against SmolLM2."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 
@@ -247,6 +248,12 @@ BAD_REQUESTS = [
     ("lone surrogate to tokenize", "/tokenize", b'{"prompt": "\\ud800"}', 400, None),
     ("chat_template_kwargs self", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"self": 1}},
      400, "chat_template_kwargs"),
+    ("temperature of 400 digits", "/v1/completions", b'{"prompt": "hi", "temperature": 1' + b"0" * 400 + b"}", 400, "temperature"),
+    ("prompts times n beyond the limit", "/v1/completions", {"prompt": [[5]] * 600, "n": 2}, 400, "n"),
+    ("lone surrogate in tool call arguments", "/v1/chat/completions", {"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": "\\ud800"}'}}]}]}, 400, "messages"),
+    ("tool schema nested past the recursion limit", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+     "tools": [{"type": "function", "function": {"name": "f", "parameters": functools.reduce(lambda inner, _: {"items": inner}, range(900), {})}}]}, 400, None),
 ]
 
 

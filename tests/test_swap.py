@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxserve.config import EngineConfig
+from jaxserve.engine import page_copier
 from jaxserve.engine.interface import Admission
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.runner import SWAP_CHUNK
@@ -203,6 +204,25 @@ def test_swap_outs_run_beside_the_step_and_one_failing_in_flight_recomputes(tiny
     assert sum(n > 0 for n in in_flight) > 1
     c = engine.stats().swap
     assert c.fallbacks == 1 and c.swap_ins == c.swap_outs - 1 and "failed in flight" in caplog.text
+    _all_free(engine)
+
+
+def test_copies_in_flight_are_capped_by_their_device_bytes(tiny, monkeypatch) -> None:
+    """With room for one chunk on its way, each further copy lands the oldest first: outputs are
+    unchanged and no step ever has more than one chunk in flight."""
+    monkeypatch.setattr(page_copier, "MAX_IN_FLIGHT_BYTES", 1)
+    requests = _requests(tiny[0].vocab_size, 16, seed=1)
+    want = _tokens(_engine(tiny, ROOMY).run(requests))
+    engine = _engine(tiny, SWAP)
+    forward, in_flight = engine.runner.forward, []
+
+    def forward_seeing_copies(groups) -> None:
+        in_flight.append(len(engine.copier.in_flight))
+        forward(groups)
+
+    monkeypatch.setattr(engine.runner, "forward", forward_seeing_copies)
+    assert _tokens(engine.run(requests)) == want
+    assert max(in_flight) == 1 and engine.stats().swap.swap_outs > 0
     _all_free(engine)
 
 

@@ -246,6 +246,8 @@ def run_with_aborts(engine, requests: dict, rng: random.Random, priority=lambda 
 class BrokenTransfer:
     """Stands for a transfer to host memory that fails when waited for."""
 
+    nbytes = 0
+
     def __array__(self, *args, **kwargs):
         raise RuntimeError("simulated transfer failure")
 

@@ -27,7 +27,7 @@ from jaxserve.checkpoint.loader import LoadedModel, load_draft
 from jaxserve.config import EngineConfig
 from jaxserve.engine.interface import Admission, CheckedRequest, EngineLimits, EngineStats, ModelInfo, StepReport
 from jaxserve.engine.llm_engine import LLMEngine
-from jaxserve.engine.outputs import StepOutput
+from jaxserve.engine.outputs import FAILED, StepOutput
 from jaxserve.parallel.distributed import StepChannel
 from jaxserve.errors import UserError
 from jaxserve.models.lora import LoraAdapter
@@ -189,7 +189,7 @@ class AsyncEngine:
                 if isinstance(out, BaseException):
                     unfinished.clear()
                     raise out
-                if out.finish_reason in ("error", "rejected"):
+                if out.finish_reason in FAILED:
                     unfinished.clear()
                     raise (RequestRejectedError if out.finish_reason == "rejected" else RequestFailedError)(out.text)
                 if out.finish_reason:

@@ -20,7 +20,7 @@ from jaxserve.cache.kv_cache import check_kv_dtype, is_quantized, kv_dtype_name,
 from jaxserve.engine.beam import BeamSearch, Hypothesis
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.engine.interface import Admission, EngineLimits, EngineStats, ModelInfo, StepReport
-from jaxserve.engine.outputs import RequestOutput, StepOutput, TopLogprobs
+from jaxserve.engine.outputs import FAILED, RequestOutput, StepOutput, TopLogprobs
 from jaxserve.engine.page_copier import PageCopier
 from jaxserve.engine.prefix_tier import PrefixTier
 from jaxserve.engine.runner import ModelRunner, StepShapes, decode_group
@@ -258,7 +258,7 @@ class LLMEngine:
         for seq in self.seqs.pop(request_id, []):
             if seq.status is not Status.FINISHED:
                 self.scheduler.finish(seq, reason)
-                text = message if reason in ("error", "rejected") else seq.text[seq.sent :]
+                text = message if reason in FAILED else seq.text[seq.sent :]
                 outputs.append(StepOutput(request_id, seq.index, None, 0.0, reason, text))
         return outputs
 
@@ -588,7 +588,7 @@ class LLMEngine:
         first = not seq.output_ids
         reason, token_out, stop_token, stopped_by_string = None, None, None, False
         if seq.matcher is not None and not seq.matcher.consume_token(token):
-            why = seq.matcher.get_error().strip().splitlines()[0] if seq.matcher.get_error().strip() else "no reason given"
+            why = (seq.matcher.get_error().strip() or "no reason given").splitlines()[0]
             raise UserError(f"the {p.guide.description} could not be followed past {len(seq.output_ids)} output tokens: {why}")
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             reason, stop_token = "stop", token  # min_tokens banned these until it was reached

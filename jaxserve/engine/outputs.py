@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from jaxserve.engine.timeline import Timeline
 
 TopLogprobs = tuple[tuple[int, float], ...]  # (token id, log-prob), most likely first
+FAILED = ("error", "rejected")  # finish reasons of a failed sample: the engine's fault, or the request's (a constraint it cannot follow)
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class StepOutput:
     index: int  # which of the request's n samples
     token_id: int | None  # None when the step sampled a stop token, which is not part of the output
     logprob: float
-    finish_reason: str | None  # None while running; "stop", "length" or "abort"
+    finish_reason: str | None  # None while running; "stop", "length", "abort", or one of FAILED (`text` says why)
     text: str = ""  # newly released text (held back while it may be the start of a stop string)
     top_logprobs: TopLogprobs = ()  # when the request asked for logprobs
     # On a sample's first output when the request asked for prompt_logprobs: for each prompt token
@@ -49,6 +50,7 @@ class CompletionOutput:
     text: str = ""
     finish_reason: str | None = None
     stop_token_id: int | None = None  # the EOS or stop token that ended it (generated, not in token_ids)
+    error: str | None = None  # why it failed (finish_reason in FAILED)
 
     @property
     def num_generated(self) -> int:
@@ -77,7 +79,10 @@ class RequestOutput:
             sample.logprobs.append(out.logprob)
             if out.top_logprobs:
                 sample.top_logprobs.append(out.top_logprobs)
-        sample.text += out.text
+        if out.finish_reason in FAILED:
+            sample.error = out.text
+        else:
+            sample.text += out.text
         sample.finish_reason = out.finish_reason
         sample.stop_token_id = out.stop_token_id
         if out.prompt_logprobs is not None:

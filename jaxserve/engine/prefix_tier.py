@@ -1,5 +1,6 @@
-"""The host prefix tier's copies: blocks the device prefix cache evicts go to host memory before the
-step overwrites their pages, and host hits come back before the step reads them. Counts, bytes and
+"""The host prefix tier's copies: blocks the device prefix cache evicts are read out before the step
+overwrites their pages (their transfer to host memory runs beside the step), and host hits come back
+before the step reads them. Counts, bytes and
 fallbacks; saved to and loaded from `--prefix-cache-dir`.
 
 A failed copy never corrupts output: a block that fails to reach host memory is forgotten, and a
@@ -68,14 +69,14 @@ class PrefixTier:
         if not pairs:
             return
         try:
-            self.copier.to_host(self.cache.pool, [page for page, _ in pairs.values()], list(pairs), on_fail=lambda: self._lose(list(pairs)))
+            self.copier.to_host(self.cache.pool, [page for page, _ in pairs.values()], list(pairs), on_fail=self._lose)
         except Exception:  # noqa: BLE001 - the blocks are only forgotten, as without a host tier
             log.exception("copying %d evicted prefix blocks to host memory failed; they are forgotten", len(pairs))
             self.cache.forget(list(pairs))
             return
         self.stored_bytes += len(pairs) * self.cache.pool.page_bytes()
 
-    def _lose(self, pages: list[int]) -> None:
+    def _lose(self, pages: Seq[int]) -> None:
         """A copy of blocks to host `pages` failed in flight: forget what they were to hold."""
         log.error("copying %d evicted prefix blocks to host memory failed in flight; they are forgotten", len(pages))
         self.cache.forget(pages)

@@ -290,7 +290,7 @@ class ModelRunner:
             raise RuntimeError("host copies of the KV cache need a single-process engine")
         return jax.device_put(self._read(self.cache, pages), self._host_sh)
 
-    def write_pages(self, pages: np.ndarray, data: dict[str, np.ndarray | jax.Array]) -> None:
+    def write_pages(self, pages: np.ndarray, data: dict[str, np.ndarray]) -> None:
         """Write `data` (as `read_pages` returns it) into device pages [SWAP_CHUNK] (padding: 0, the null page)."""
         if self.channel is not None:
             raise RuntimeError("host copies of the KV cache need a single-process engine")

@@ -93,8 +93,9 @@ class HostCopy:
 
 @dataclass
 class HostCopies:
-    """One step's copies between device and host memory, run before the step in this order: reads
-    first (a page given up in this schedule may be refilled in the same step), then writes."""
+    """One step's copies between device and host memory, dispatched before the step in this order:
+    reads first (a page given up in this schedule may be refilled in the same step), then writes.
+    Reads land in host memory beside the step (`jaxserve.engine.page_copier`)."""
 
     swap_outs: list[HostCopy]
     swap_ins: list[HostCopy]

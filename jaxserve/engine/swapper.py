@@ -52,7 +52,7 @@ class Swapper:
         failed = []
         for copy in outs:
             try:
-                self.copier.to_host(self.pool, copy.device_pages, copy.host_pages, on_fail=lambda seq=copy.seq: self._lose(seq))
+                self.copier.to_host(self.pool, copy.device_pages, copy.host_pages, on_fail=lambda _, seq=copy.seq: self._lose(seq))
             except Exception:  # noqa: BLE001 - any failure: the sequence recomputes instead
                 log.exception("swap-out of request %s failed; it will recompute", copy.seq.request_id)
                 failed.append(copy.seq)

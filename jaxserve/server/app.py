@@ -69,7 +69,7 @@ TENANT = web.RequestKey("tenant", Tenant)  # whose request it is (set by the aut
 KEY_ID = web.RequestKey("key_id", str)  # how logs name the key it came with
 KEY_DIGEST = web.RequestKey("key_digest", bytes)  # the key's digest (a socket checks it again for each request)
 SPAN = web.RequestKey("span", object)  # its server span (tracing on)
-ROUTED = web.RequestKey("routed", str)  # the model an HTTP request was routed to (its errors count in the tenant's usage of it)
+ROUTED = web.RequestKey("routed", str)  # the model a request was routed to (its errors count in the tenant's usage of it)
 CLIENT_CLOSED = 499  # a traced request's status when its client went away first (nginx's code): not a server error
 SESSION_HEADER = "X-Session-Id"  # a sticky key for the traffic split, before the body's `user`
 VERSION_HEADER = "X-Model-Version"  # on every routed answer: the version that served it
@@ -258,9 +258,11 @@ class Server:
             if e.status == 413:
                 message = f"request body larger than {self.cfg.max_body_bytes} bytes"
             response = self._error(ApiError(e.status, message, type=kind))
-        except Exception as e:  # a bug in one request: a 500 for it, the server carries on
-            log.exception("unhandled error", extra={"path": request.path})
-            response = self._error(ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"))
+        except ConnectionResetError:  # the client went away while we answered: nothing to send, nothing failed
+            self._count(self._endpoint(request) or "unmatched", CLIENT_CLOSED, request.get(TENANT))
+            raise
+        except Exception as e:
+            response = self._error(_unexpected(e, request.path))
         self._count(self._endpoint(request) or "unmatched", response.status, request.get(TENANT), request.get(ROUTED, ""))
         return response
 
@@ -268,7 +270,7 @@ class Server:
         """One answer in the HTTP metrics and, if it is an error, in its tenant's usage of `model`
         ("": refused before it was routed)."""
         self.metrics.http.labels(endpoint, str(status)).inc()
-        if tenant is not None and status >= 400 and status != 429:  # a tenant's 429s are counted where its quota refused
+        if tenant is not None and status >= 400 and status not in (429, CLIENT_CLOSED):  # a tenant's 429s are counted where its quota refused
             self.usage.record(tenant.name, model, errors=1)
 
     @web.middleware
@@ -487,8 +489,9 @@ class Server:
             error = f"ApiError: {e}"
             raise
         except BaseException as e:
-            call.failed = call.failed or not isinstance(e, (asyncio.CancelledError, ConnectionResetError))  # a hang-up is not the version's fault
-            error = f"{type(e).__name__}: {e}"
+            hang_up = isinstance(e, (asyncio.CancelledError, ConnectionResetError))  # not the version's fault, nor an error of the request
+            call.failed = call.failed or not hang_up
+            error = None if hang_up else f"{type(e).__name__}: {e}"
             raise
         finally:
             deployment.load[replica] -= len(req.prompts)
@@ -568,10 +571,10 @@ class Server:
         return response
 
     async def _relay(self, render: Renderer, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call,
-                     send: Callable[[list[dict]], Awaitable[None]]) -> bool:
+                     send: Callable[[list[dict]], Awaitable[None]]) -> ApiError | None:
         """Send a streamed request's events as they come: the renderer's opening, its events for each
-        step output, then its closing (usage if asked; the Responses API's own events), or a failure;
-        whether it ended without one."""
+        step output, then its closing (usage if asked; the Responses API's own events), or a failure:
+        the error it sent, if it did."""
         await send(render.opening())
         try:
             async with asyncio.timeout(self.cfg.request_timeout), contextlib.aclosing(outputs):
@@ -582,8 +585,8 @@ class Server:
             error = self._failed(e, render.req)
             call.failed = error.status >= 500  # a request's own fault is not its version's
             await send(render.failure(error))
-            return False
-        return True
+            return error
+        return None
 
     def _failed(self, e: Exception, req: Request) -> ApiError:
         """The error of a request that failed after it was admitted."""
@@ -683,7 +686,7 @@ class Server:
         if self.tracing is None:
             return (await self._socket_outcome(ws, request, sent, None))[0]
         span = self.tracing.server_span(request.method, STREAM_PATH, request.headers)
-        span.set_attribute("jaxserve.stream.type", str(sent.get("type")))
+        span.set_attribute("jaxserve.stream.type", sent["type"] if sent.get("type") in ENDPOINTS else "invalid")
         token = TRACE_ID.set(trace_id(span))
         status = CLIENT_CLOSED  # unless it ends: cancelled, or the socket closed
         try:
@@ -694,8 +697,8 @@ class Server:
             TRACE_ID.reset(token)
 
     async def _socket_outcome(self, ws: web.WebSocketResponse, request: web.Request, sent: dict, span: Any) -> tuple[str, int]:
-        """`_socket_answer`'s outcome, and the HTTP status it amounts to (a failure inside the stream: 500)."""
-        route: Route | None = None
+        """`_socket_answer`'s outcome, and the HTTP status it amounts to (a failure inside the stream: its error's)."""
+        request.pop(ROUTED, None)  # the socket's previous request's
         try:
             endpoint, body = sent.get("type"), sent.get("body")
             if endpoint not in ENDPOINTS:
@@ -706,25 +709,25 @@ class Server:
             body = {**self._with_defaults(body), "stream": True}
             route = self._route(body, request)
 
-            async def deliver(req: Request, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call) -> bool:
+            async def deliver(req: Request, outputs: AsyncIterator[tuple[int, StepOutput]], call: _Call) -> ApiError | None:
                 async def send(events: list[dict]) -> None:
                     for event in events:
                         await ws.send_json(event)
 
-                return not await self._relay(self._renderer(req, call), outputs, call, send)
+                return await self._relay(self._renderer(req, call), outputs, call, send)
 
-            failed = await self._serve(request, self._parse(endpoint, body, route, request[TENANT]), route, deliver, span)
+            failure = await self._serve(request, self._parse(endpoint, body, route, request[TENANT]), route, deliver, span)
             self._count(STREAM_PATH, 200, request[TENANT])
-            return ("failed", 500) if failed else ("finished", 200)
+            return ("failed", failure.status) if failure is not None else ("finished", 200)
         except ApiError as e:
-            await self._socket_error(ws, request, sent.get("id"), e, route)
+            await self._socket_error(ws, request, sent.get("id"), e, request.get(ROUTED, ""))
             return "refused", e.status
         except (ConnectionResetError, asyncio.CancelledError):
             raise
-        except Exception as e:  # a bug in one request: a 500 for it, the socket and the server carry on
-            log.exception("unhandled error", extra={"path": STREAM_PATH})
-            await self._socket_error(ws, request, sent.get("id"), ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error"), route)
-            return "failed", 500
+        except Exception as e:  # the socket carries on
+            error = _unexpected(e, STREAM_PATH)
+            await self._socket_error(ws, request, sent.get("id"), error, request.get(ROUTED, ""))
+            return ("refused", error.status) if error.status < 500 else ("failed", 500)
 
     def _recheck_key(self, request: web.Request) -> None:
         """A socket's key is checked again for each request: a keys file reloaded since may have
@@ -737,9 +740,9 @@ class Server:
             raise ApiError(401, "the API key this socket was opened with is no longer valid", type="authentication_error", code="invalid_api_key")
         request[TENANT] = found[1]
 
-    async def _socket_error(self, ws: web.WebSocketResponse, request: web.Request, tag, e: ApiError, route: Route | None = None) -> None:
-        """An error on the socket (of a request routed by `route`, if it was), counted as its HTTP answer would be."""
-        self._count(STREAM_PATH, e.status, request[TENANT], route.deployment.spec.name if route is not None else "")
+    async def _socket_error(self, ws: web.WebSocketResponse, request: web.Request, tag, e: ApiError, model: str = "") -> None:
+        """An error on the socket (of a request routed to `model`, if it was), counted as its HTTP answer would be."""
+        self._count(STREAM_PATH, e.status, request[TENANT], model)
         await ws.send_json({"type": "error", "id": tag, "status": e.status, **e.body()})
 
     # ---- the playground ------------------------------------------------------------------
@@ -869,6 +872,16 @@ class Server:
     def _usage_row(self, t: Tally) -> dict:
         return {"requests": t.requests, "prompt_tokens": t.prompt_tokens, "completion_tokens": t.generated_tokens, "total_tokens": t.tokens,
                 "errors": t.errors, "rate_limited": t.rate_limited, "cost_usd": self.usage.cost(t)}
+
+
+def _unexpected(e: Exception, path: str) -> ApiError:
+    """The answer to an exception no handler expected: a 400 for input nested past Python's recursion
+    limit (a schema walked recursively), else a 500 for a bug in one request (logged); the server
+    carries on."""
+    if isinstance(e, RecursionError):
+        return ApiError(400, "the request is nested too deeply")
+    log.exception("unhandled error", extra={"path": path})
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="internal_server_error")
 
 
 def _json_object(raw: bytes, what: str) -> dict:

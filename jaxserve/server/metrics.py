@@ -268,19 +268,17 @@ class RequestMetrics:
             p.scheduled = p.arrival + out.queue_seconds
             m.request_time["queue"].labels(*name).observe(out.queue_seconds)
         generated = out.num_generated
-        if generated:
+        if generated:  # a stop token counts too: it came when it came, though it is not part of the text
             m.generation_tokens.labels(*name).inc(generated)
             p.tokens += generated
-        if generated:  # a stop token counts: it came when it came, though it is not part of the text
             if p.last is None:
                 m.ttft.labels(*name).observe(now - p.arrival)
                 m.tenant_ttft.labels(*self.tenant_labels).observe(now - p.arrival)
+                p.first_token = now
+                m.request_time["prefill"].labels(*name).observe(now - (p.scheduled or p.arrival))
             else:
                 m.itl.labels(*name).observe(now - p.last)
             p.last = now
-        if p.first_token is None and generated:
-            p.first_token = now
-            m.request_time["prefill"].labels(*name).observe(now - (p.scheduled or p.arrival))
         if out.finish_reason:
             m.requests.labels(*name, out.finish_reason).inc()
             m.e2e.labels(*name).observe(now - p.arrival)

@@ -62,6 +62,8 @@ def parse_json(raw: bytes, what: str) -> Any:
     return value
 
 
+MAX_SAMPLES = 1024  # prompts x n of one request: each sample is a sequence the engine holds
+
 _MISSING = object()
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array", dict: "an object"}
 
@@ -79,7 +81,12 @@ def _field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = 
     )
     if not ok:
         raise ApiError(400, f"'{name}' must be {' or '.join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)}", name)
-    return float(value) if kinds == (float,) else value
+    if kinds != (float,):
+        return value
+    try:
+        return float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise ApiError(400, f"'{name}' is out of range", name) from None
 
 
 @dataclass(frozen=True)
@@ -270,6 +277,8 @@ def parse_completion(body: dict, tok: Tokenizer, model: str, max_model_len: int)
     prompt = body.get("prompt", _MISSING)
     if prompt is _MISSING or prompt is None:
         raise ApiError(400, "'prompt' is required", "prompt")
+    if isinstance(prompt, list) and len(prompt) > MAX_SAMPLES and not all(isinstance(t, int) for t in prompt):
+        raise ApiError(400, f"'prompt' holds {len(prompt)} prompts; at most {MAX_SAMPLES} per request", "prompt")
     if isinstance(prompt, str):
         prompts = [tok.encode(prompt)]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -296,6 +305,8 @@ def parse_completion(body: dict, tok: Tokenizer, model: str, max_model_len: int)
     guide, guide_param = _guide(body)
     scored = [k for k in (common.prompt_logprobs, logprobs if echo else None) if k is not None]
     params = _sampling(body, max(max_tokens, 1), logprobs, max(scored) if scored else None, guide)
+    if len(prompts) * params.n > MAX_SAMPLES:
+        raise ApiError(400, f"{len(prompts)} prompts with n={params.n} are {len(prompts) * params.n} samples; at most {MAX_SAMPLES} per request", "n")
     return Request(
         "completion", model, prompts, params, common.stream, common.include_usage, echo, logprobs, drop, guide_param,
         continuous_usage=common.continuous_usage, return_token_ids=common.return_token_ids, prompt_logprobs=common.prompt_logprobs,
@@ -334,9 +345,9 @@ def _tool_calls(message: dict, index: int) -> list[dict]:
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments", ""), str):
             raise ApiError(400, f"messages[{index}].tool_calls entries must be {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}", "messages")
         try:
-            arguments = json.loads(fn.get("arguments") or "{}")
-        except json.JSONDecodeError:
-            arguments = None
+            arguments = parse_json((fn.get("arguments") or "{}").encode(), f"messages[{index}].tool_calls arguments")
+        except ApiError as e:
+            raise ApiError(400, e.message, "messages") from None
         if not isinstance(arguments, dict):
             raise ApiError(400, f"messages[{index}].tool_calls arguments must be a JSON object, as a string", "messages")
         out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
