@@ -279,15 +279,25 @@ class Server:
         path = self._endpoint(request)
         if path not in _TRACED:
             return await handler(request)
+
+        async def answer(span: Any) -> tuple[web.StreamResponse, int]:
+            request[SPAN] = span
+            response = await handler(request)
+            return response, response.status
+
+        return await self._in_span(request.method, path, request.headers, answer)
+
+    async def _in_span(self, method: str, route: str, headers: Any, run: Callable[[Any], Awaitable[tuple[Any, int]]]) -> Any:
+        """What `run(span)` returns first, run under a server span that its logs name by trace id;
+        `run` also returns the HTTP status the span ends with. A client that went away first makes it
+        499, anything else raised 500."""
         assert self.tracing is not None
-        span = self.tracing.server_span(request.method, path, request.headers)
-        request[SPAN] = span
+        span = self.tracing.server_span(method, route, headers)
         token = TRACE_ID.set(trace_id(span))
         status = 500
         try:
-            response = await handler(request)
-            status = response.status
-            return response
+            result, status = await run(span)
+            return result
         except (asyncio.CancelledError, ConnectionResetError):
             status = CLIENT_CLOSED
             raise
@@ -685,16 +695,12 @@ class Server:
         tracing on, each request is a server span of its own, continuing the handshake's `traceparent`."""
         if self.tracing is None:
             return (await self._socket_outcome(ws, request, sent, None))[0]
-        span = self.tracing.server_span(request.method, STREAM_PATH, request.headers)
-        span.set_attribute("jaxserve.stream.type", sent["type"] if sent.get("type") in ENDPOINTS else "invalid")
-        token = TRACE_ID.set(trace_id(span))
-        status = CLIENT_CLOSED  # unless it ends: cancelled, or the socket closed
-        try:
-            outcome, status = await self._socket_outcome(ws, request, sent, span)
-            return outcome
-        finally:
-            finish_server_span(span, status)
-            TRACE_ID.reset(token)
+
+        async def answer(span: Any) -> tuple[str, int]:
+            span.set_attribute("jaxserve.stream.type", sent["type"] if sent.get("type") in ENDPOINTS else "invalid")
+            return await self._socket_outcome(ws, request, sent, span)
+
+        return await self._in_span(request.method, STREAM_PATH, request.headers, answer)
 
     async def _socket_outcome(self, ws: web.WebSocketResponse, request: web.Request, sent: dict, span: Any) -> tuple[str, int]:
         """`_socket_answer`'s outcome, and the HTTP status it amounts to (a failure inside the stream: its error's)."""
