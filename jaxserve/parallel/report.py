@@ -8,6 +8,7 @@ import collections
 import functools
 import re
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -68,17 +69,26 @@ def step_collectives(runner: ModelRunner, batch: ForwardBatch) -> collections.Co
     return collections.Counter(ops)
 
 
-def time_step(runner: ModelRunner, batch: ForwardBatch, iters: int = 10) -> float:
-    """Median seconds of one model step on `batch` (compiled first)."""
-    runner.forward([batch])
-    jax.block_until_ready(runner.logits)
+def median_seconds(fn: Callable[[], None], iters: int) -> float:
+    """Median seconds of `fn()` (which waits for its device work) over `iters` calls, after one call
+    that compiles."""
+    fn()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        runner.forward([batch])
-        jax.block_until_ready(runner.logits)
+        fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def time_step(runner: ModelRunner, batch: ForwardBatch, iters: int = 10) -> float:
+    """Median seconds of one model step on `batch` (compiled first)."""
+
+    def step() -> None:
+        runner.forward([batch])
+        jax.block_until_ready(runner.logits)
+
+    return median_seconds(step, iters)
 
 
 def time_swap_overlap(runner: ModelRunner, batch: ForwardBatch, chunks: int, iters: int = 10) -> dict[str, float]:
@@ -97,15 +107,7 @@ def time_swap_overlap(runner: ModelRunner, batch: ForwardBatch, chunks: int, ite
         runner.forward([batch])
         jax.block_until_ready((runner.logits, copies))
 
-    out = {"step": time_step(runner, batch, iters)}
-    for name, fn in (("serial", serial), ("overlapped", overlapped)):
-        fn()  # compile
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        out[name] = float(np.median(times))
+    out = {"step": time_step(runner, batch, iters), "serial": median_seconds(serial, iters), "overlapped": median_seconds(overlapped, iters)}
     cost = out["serial"] - out["step"]
     return {**out, "hidden": (out["serial"] - out["overlapped"]) / cost if cost > 0 else 0.0}
 
@@ -114,13 +116,7 @@ def copy_bandwidth(nbytes: int) -> float:
     """Bytes/s of a device-to-device copy of an `nbytes` array (read + write), median of 20."""
     x = jax.jit(lambda: jnp.zeros(nbytes // 4, jnp.float32))()
     copy = jax.jit(lambda x: x.copy())
-    jax.block_until_ready(copy(x))
-    times = []
-    for _ in range(20):
-        start = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / float(np.median(times))
+    return 2 * nbytes / median_seconds(lambda: jax.block_until_ready(copy(x)), 20)
 
 
 def device_params(cfg: ModelConfig, mesh: Mesh, dtype: jnp.dtype) -> Params:
