@@ -178,6 +178,18 @@ def test_a_failed_copy_falls_back_to_recompute_and_is_counted(tiny, monkeypatch)
     _all_free(engine)
 
 
+def _in_flight_at_each_step(engine: LLMEngine, monkeypatch) -> list[int]:
+    """Filled as the engine runs: the chunks in flight to host memory when each step is dispatched."""
+    forward, counts = engine.runner.forward, []
+
+    def forward_seeing_copies(groups) -> None:
+        counts.append(len(engine.copier.in_flight))
+        forward(groups)
+
+    monkeypatch.setattr(engine.runner, "forward", forward_seeing_copies)
+    return counts
+
+
 def test_swap_outs_run_beside_the_step_and_one_failing_in_flight_recomputes(tiny, monkeypatch, caplog) -> None:
     """Copies to host memory are only started before the step: it is dispatched while they are in
     flight, and they have landed in the pool when it returns. The first one fails in flight: its
@@ -185,18 +197,13 @@ def test_swap_outs_run_beside_the_step_and_one_failing_in_flight_recomputes(tiny
     requests = _requests(tiny[0].vocab_size, 16, seed=1)
     want = _tokens(_engine(tiny, ROOMY).run(requests))
     engine = _engine(tiny, SWAP)
-    forward, step, in_flight = engine.runner.forward, engine.step, []
-
-    def forward_seeing_copies(groups) -> None:
-        in_flight.append(len(engine.copier.in_flight))
-        forward(groups)
+    in_flight, step = _in_flight_at_each_step(engine, monkeypatch), engine.step
 
     def step_then_check():
         outputs = step()
         assert engine.copier.in_flight == []
         return outputs
 
-    monkeypatch.setattr(engine.runner, "forward", forward_seeing_copies)
     monkeypatch.setattr(engine, "step", step_then_check)
     break_first_read(engine.runner, monkeypatch)
     with caplog.at_level(logging.ERROR, logger="jaxserve.swap"):
@@ -214,13 +221,7 @@ def test_copies_in_flight_are_capped_by_their_device_bytes(tiny, monkeypatch) ->
     requests = _requests(tiny[0].vocab_size, 16, seed=1)
     want = _tokens(_engine(tiny, ROOMY).run(requests))
     engine = _engine(tiny, SWAP)
-    forward, in_flight = engine.runner.forward, []
-
-    def forward_seeing_copies(groups) -> None:
-        in_flight.append(len(engine.copier.in_flight))
-        forward(groups)
-
-    monkeypatch.setattr(engine.runner, "forward", forward_seeing_copies)
+    in_flight = _in_flight_at_each_step(engine, monkeypatch)
     assert _tokens(engine.run(requests)) == want
     assert max(in_flight) == 1 and engine.stats().swap.swap_outs > 0
     _all_free(engine)

@@ -27,10 +27,7 @@ def server(smollm2_server):
 async def _request(ws: aiohttp.ClientWebSocketResponse, kind: str, body: dict, tag: str = "r") -> tuple[list[dict], dict]:
     """Send one request; every message up to its `done`, and the `done`."""
     await ws.send_json({"type": kind, "id": tag, "body": body})
-    events = []
-    while (event := await ws.receive_json(timeout=600)).get("type") != "done":
-        events.append(event)
-    return events, event
+    return await _request_rest(ws)
 
 
 async def _request_rest(ws: aiohttp.ClientWebSocketResponse) -> tuple[list[dict], dict]:
